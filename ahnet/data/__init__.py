@@ -1,0 +1,1 @@
+"""Data: readers and writers, the phantom, LIDC annotations, the 12-type rule, cache and sampling."""

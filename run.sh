@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The one entry point for people. Usage: bash run.sh <command> [args...]
+#   setup      create .venv (unless an environment is active) and install the package with its test extras
+#   test       run the test suite (sets up first)
+#   data       generate the phantom dataset            (python -m ahnet.data.phantom --help)
+#   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
+#   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
+#   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
+#   demo       the whole job end to end on a small phantom, on a CPU in minutes
+#   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$(pwd)
+TORCH_PIN="torch==2.13.0"
+
+choose_python() {
+  if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" || -n "${AHNET_NO_VENV:-}" ]]; then
+    PY=$(command -v python || command -v python3)
+  else
+    if [[ ! -x "$ROOT/.venv/bin/python" ]]; then
+      echo "[setup] creating .venv"
+      python3 -m venv "$ROOT/.venv"
+    fi
+    PY="$ROOT/.venv/bin/python"
+  fi
+}
+
+setup() {
+  local extras="${1:-test}"
+  choose_python
+  # Re-install only when the package metadata changed (or the extras asked for are new).
+  local stamp="$ROOT/.venv/.ahnet-setup-$extras"
+  [[ -d "$ROOT/.venv" ]] || stamp="$ROOT/.ahnet-setup-$extras"
+  local want
+  want=$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-16)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$PY" -c "import ahnet, torch" 2>/dev/null; then
+    return 0
+  fi
+  echo "[setup] installing into $("$PY" -c 'import sys; print(sys.prefix)')"
+  "$PY" -m pip install -q --upgrade pip
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    # The pinned CPU build; an unpinned torch would pull a multi-GB CUDA build.
+    "$PY" -m pip install -q "$TORCH_PIN"
+  fi
+  "$PY" -m pip install -q -e ".[$extras]"
+  echo "$want" > "$stamp"
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup)    setup test ;;
+  test)     setup test; exec "$PY" -m pytest -q "$@" ;;
+  data)     setup test; exec "$PY" -m ahnet.data.phantom "$@" ;;
+  train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
+  transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
+  evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
+  demo)     setup test; exec "$PY" -m ahnet.demo "$@" ;;
+  bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
+  help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
+esac

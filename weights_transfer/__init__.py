@@ -1,0 +1,1 @@
+"""2D -> 3D weight transfer: `python -m weights_transfer` (behind `bash run.sh transfer`)."""
