@@ -254,7 +254,8 @@ def load_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPars
     out = given.get("out", file_d.get("out", cfg.out))
     if resume:
         saved = read_run_config(out)
-        if saved is not None:
+        if saved is not None:   # a stop by --max-steps is not inherited: a resumed run goes on to the end
+            saved = {k: v for k, v in saved.items() if k not in ("max_steps", "resume", "all_folds")}
             cfg = cfg.updated(saved, f"{out}/config.json")
     if file_d:
         cfg = cfg.updated(file_d, f"config file {ns.config}")
