@@ -199,6 +199,7 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
     for case in bar:
         cid = case["case_id"]
         path = cache_dir / f"{cid}.h5"
+        err = None
         try:
             src = file_sha1([case["image"], case.get("label")]).hexdigest()
         except OSError as e:
@@ -214,7 +215,6 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
                 continue
             try:
                 img, label, nodules = prepare_case(case, target_spacing, rows, annotations_csv, nan_policy)
-                err = None
             except DataError as e:
                 err = e
         if err is not None:

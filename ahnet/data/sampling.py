@@ -53,7 +53,8 @@ class PatchDataset(Dataset):
         self.pos_fraction = float(pos_fraction)
         self.augment = augment
         self.seed = int(seed)
-        self.epoch = 0
+        # shared memory: set_epoch in the main process reaches persistent DataLoader workers too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.jitter_max = np.array([int(jitter * ((s - 1) // 2)) for s in self.patch_size])
         self.shapes, self.spacings, self.nodules = [], [], []
         self._fg, self._inst = [], []  # per case: fg rows (n,4) sorted by label; [(start, stop)] per instance
@@ -79,9 +80,13 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; with a DataLoader, call before creating its iterator (persistent_workers=False)."""
-        self.epoch = int(epoch)
+        """Select the epoch; with a DataLoader, call before iterating it (works with persistent workers)."""
+        self._epoch.fill_(int(epoch))
 
     def __getstate__(self):
         state = self.__dict__.copy()

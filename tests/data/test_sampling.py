@@ -115,3 +115,12 @@ def test_split_filter_and_bad_arguments(cache, tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(ValueError, match="x.h5: not a readable cache file"):
         PatchDataset([bad])
+
+
+def test_set_epoch_reaches_persistent_workers(cache):
+    ds = PatchDataset(cache, patch_size=(4, 16, 16), samples_per_epoch=6, seed=2)
+    dl = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        got = torch.cat([b["image"] for b in dl])
+        assert torch.equal(got, torch.stack([ds[i]["image"] for i in range(6)])), epoch
