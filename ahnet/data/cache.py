@@ -235,3 +235,31 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
         out.append(path)
     log.info("cache %s: %d built, %d unchanged, %d bad", cache_dir, n_built, n_skipped, len(bad))
     return out
+
+
+def main(argv=None) -> int:
+    """CLI: python -m ahnet.data.cache --dataset data/phantom/dataset.json --out data/cache/phantom"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ahnet.data.cache", description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", required=True, help="Decathlon-style dataset.json")
+    ap.add_argument("--out", required=True, help="cache folder (one <case_id>.h5 per case)")
+    ap.add_argument("--annotations", default=None, help="LUNA16-style annotations CSV (world LPS mm)")
+    ap.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"),
+                    help="in-plane target spacing in mm (z is kept)")
+    ap.add_argument("--nan-policy", choices=["raise", "repair"], default="raise")
+    ap.add_argument("--skip-bad", action="store_true", help="log bad cases and go on instead of stopping")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        paths = build_cache(a.dataset, a.out, target_spacing=a.spacing, annotations_csv=a.annotations,
+                            nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise")
+    except DataError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"{len(paths)} cases cached in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

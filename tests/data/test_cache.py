@@ -196,3 +196,12 @@ def test_nan_repair_policy_builds(tmp_path):
     paths = build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False, nan_policy="repair")
     with h5py.File(paths[1], "r") as f:
         assert np.isfinite(f["image"][...]).all()
+
+
+def test_cli_builds_and_reports_bad_input(tmp_path, capsys):
+    js, csv = make_dataset(tmp_path / "ds", n_cases=2)
+    assert cache_mod.main(["--dataset", str(js), "--out", str(tmp_path / "c"), "--annotations", str(csv)]) == 0
+    assert "2 cases cached" in capsys.readouterr().out
+    _break(tmp_path / "ds", "nan")
+    assert cache_mod.main(["--dataset", str(js), "--out", str(tmp_path / "c")]) == 2
+    assert "case_001.nii.gz: 1 voxels are NaN" in capsys.readouterr().out
