@@ -1,0 +1,76 @@
+"""Preprocessing: HU clip and scale, and resampling to a target spacing (in-plane only unless asked).
+
+The resampled grid keeps voxel (0, 0, 0)'s centre at the same world point (origin unchanged) and the same
+direction; the new spacing is exactly the target, and the new size is round(old_size * old_spacing / target).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .io import DataError, Volume
+
+HU_MIN, HU_MAX = -1000.0, 400.0
+
+
+def clip_and_scale(hu: np.ndarray, lo: float = HU_MIN, hi: float = HU_MAX) -> np.ndarray:
+    """HU array -> float32 clipped to [lo, hi] and mapped linearly to [0, 1] (lo -> 0, hi -> 1)."""
+    a = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def target_grid(shape, spacing, target_spacing):
+    """New (shape, spacing) for target_spacing (sz, sy, sx); an entry None keeps that axis as it is.
+
+    A 2-tuple (sy, sx) means in-plane only (z kept).
+    """
+    t = list(target_spacing)
+    if len(t) == 2:
+        t = [None] + t
+    if len(t) != 3:
+        raise ValueError(f"target_spacing {target_spacing}: expected (sy, sx) or (sz, sy, sx) in mm.")
+    new_shape, new_spacing = [], []
+    for n, s, ts in zip(shape, spacing, t):
+        if ts is None or np.isclose(ts, s, rtol=1e-6):
+            new_shape.append(int(n))
+            new_spacing.append(float(s))
+        else:
+            if ts <= 0:
+                raise ValueError(f"target_spacing {target_spacing}: expected values > 0 mm.")
+            new_shape.append(max(1, int(round(n * s / ts))))
+            new_spacing.append(float(ts))
+    return tuple(new_shape), tuple(new_spacing)
+
+
+def resample(vol: Volume, target_spacing, order: int = 1) -> Volume:
+    """Resample a Volume to target_spacing ((sy, sx) in-plane only, or (sz, sy, sx) with None = keep).
+
+    order=1 (linear) for images, order=0 (nearest) for label masks (dtype kept). Samples outside the old grid
+    take the nearest edge value. Returns a new Volume with the same origin and direction.
+    """
+    new_shape, new_spacing = target_grid(vol.shape, vol.spacing, target_spacing)
+    if new_shape == vol.shape and np.allclose(new_spacing, vol.spacing):
+        return Volume(vol.array, vol.spacing, vol.origin, vol.direction)
+    scale = np.asarray(new_spacing) / np.asarray(vol.spacing)  # old index per new index
+    src = vol.array
+    if order == 0:
+        out = np.empty(new_shape, dtype=src.dtype)
+        idx = [np.clip(np.rint(np.arange(n) * f), 0, m - 1).astype(np.intp)
+               for n, f, m in zip(new_shape, scale, src.shape)]
+        out[...] = src[np.ix_(*idx)]
+    else:
+        a = src.astype(np.float32, copy=False)
+        out = ndimage.affine_transform(a, scale, offset=0.0, output_shape=new_shape, order=order,
+                                       mode="nearest", prefilter=order > 1).astype(np.float32)
+    return Volume(out, new_spacing, vol.origin, vol.direction)
+
+
+def check_label(label: np.ndarray, path) -> np.ndarray:
+    """An instance mask must be integer-valued and >= 0; returns it as int16."""
+    a = np.asarray(label)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise DataError(f"{path}: mask has non-integer values; expected an integer instance mask.")
+    if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int16).max):
+        raise DataError(f"{path}: mask values span [{a.min()}, {a.max()}]; expected labels in [0, 32767].")
+    return a.astype(np.int16)

@@ -1,0 +1,167 @@
+"""Patch sampling from the HDF5 cache with a positive / negative balance.
+
+``ds[i]`` is a pure function of (seed, epoch, i): the random generator is ``np.random.default_rng([seed, epoch,
+i])`` and it decides, in order, positive or negative, the case, the centre, then the augmentation.
+
+- positive (probability pos_fraction, when any case has nodule voxels): a case with nodules, one of its nodule
+  instances (uniform, so small nodules count as much as large ones), one voxel of it (uniform), and the patch
+  centre = that voxel + an integer jitter of at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
+  always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
+- negative: any case (uniform), centre uniform over the volume's voxels. It may touch a nodule by chance.
+- the patch is read from the chunked ``image`` / ``label`` datasets and padded with 0 (air after scaling) where
+  it passes a border.
+
+HDF5 files are opened lazily, once per process (keyed by pid), so no h5py handle crosses a DataLoader fork.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .cache import foreground_index
+
+
+class PatchDataset(Dataset):
+    """Patches (1, D, H, W) from cached cases.
+
+    cache_paths: .h5 files from build_cache. patch_size: (D, H, W) voxels, D along the slice axis.
+    samples_per_epoch: len(ds). pos_fraction: probability that a sample is centred near a nodule voxel.
+    augment: None or callable(image (D,H,W) float32, label (D,H,W) int16, rng) -> (image, label).
+    ``ds[i]`` -> {"image": float32 (1, D, H, W), "label": float32 (1, D, H, W) in {0, 1}}.
+    For the 2D stage use patch_size (3, H, W): take image[0] as 3 channels and label[:, 1] as the target.
+    """
+
+    def __init__(self, cache_paths: Sequence, patch_size=(16, 96, 96), samples_per_epoch: int = 1000,
+                 pos_fraction: float = 0.5, augment: Callable | None = None, seed: int = 0, jitter: float = 0.5):
+        import h5py
+
+        self.paths = [str(p) for p in cache_paths]
+        if not self.paths:
+            raise ValueError("PatchDataset: cache_paths is empty; expected at least one .h5 file from build_cache.")
+        self.patch_size = tuple(int(s) for s in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"PatchDataset: patch_size {patch_size}; expected (D, H, W) positive ints.")
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise ValueError(f"PatchDataset: pos_fraction {pos_fraction}; expected a value in [0, 1].")
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.pos_fraction = float(pos_fraction)
+        self.augment = augment
+        self.seed = int(seed)
+        # shared memory: set_epoch in the main process reaches persistent DataLoader workers too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.jitter_max = np.array([int(jitter * ((s - 1) // 2)) for s in self.patch_size])
+        self.shapes, self.spacings, self.nodules = [], [], []
+        self._fg, self._inst = [], []  # per case: fg rows (n,4) sorted by label; [(start, stop)] per instance
+        for p in self.paths:
+            try:
+                with h5py.File(p, "r") as f:
+                    self.shapes.append(tuple(f["image"].shape))
+                    self.spacings.append(tuple(np.asarray(f.attrs.get("spacing", (1.0, 1.0, 1.0)), float)))
+                    self.nodules.append(json.loads(f.attrs.get("nodules", "[]")))
+                    fg = f["fg_voxels"][...] if "fg_voxels" in f else foreground_index(f["label"][...])
+            except (OSError, KeyError) as e:
+                raise ValueError(f"{p}: not a readable cache file ({e}); rebuild it with build_cache.") from e
+            fg = fg[np.argsort(fg[:, 3], kind="stable")] if len(fg) else fg
+            labs, starts = np.unique(fg[:, 3], return_index=True) if len(fg) else ([], [])
+            bounds = list(zip(starts, list(starts[1:]) + [len(fg)])) if len(fg) else []
+            self._fg.append(fg[:, :3].astype(np.int64))
+            self._inst.append(bounds)
+        self.pos_cases = [k for k, b in enumerate(self._inst) if b]
+        self._pid = None
+        self._files: dict = {}
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; with a DataLoader, call before iterating it (works with persistent workers)."""
+        self._epoch.fill_(int(epoch))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def _file(self, k: int):
+        import h5py
+
+        pid = os.getpid()
+        if self._pid != pid:  # a forked worker: never reuse the parent's handles
+            self._files, self._pid = {}, pid
+        f = self._files.get(k)
+        if f is None:
+            f = h5py.File(self.paths[k], "r", rdcc_nbytes=8 << 20)
+            self._files[k] = f
+        return f
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files = {}
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def plan(self, index: int):
+        """(rng, case k, centre (z, y, x), positive) for sample ``index`` of the current epoch."""
+        if not 0 <= index < self.samples_per_epoch:
+            raise IndexError(f"PatchDataset index {index} out of range [0, {self.samples_per_epoch}).")
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        positive = bool(rng.random() < self.pos_fraction) and bool(self.pos_cases)
+        if positive:
+            k = self.pos_cases[int(rng.integers(len(self.pos_cases)))]
+            a, b = self._inst[k][int(rng.integers(len(self._inst[k])))]
+            voxel = self._fg[k][int(rng.integers(a, b))]
+            centre = voxel + rng.integers(-self.jitter_max, self.jitter_max + 1)
+        else:
+            k = int(rng.integers(len(self.paths)))
+            centre = rng.integers(0, np.asarray(self.shapes[k]))
+        return rng, k, tuple(int(c) for c in centre), positive
+
+    def read_patch(self, k: int, centre) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32 (D,H,W), label int16 (D,H,W)) of case k around centre, zero-padded at borders."""
+        f = self._file(k)
+        size = np.asarray(self.patch_size)
+        start = np.asarray(centre) - size // 2
+        shape = np.asarray(self.shapes[k])
+        lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
+        img = np.zeros(self.patch_size, np.float32)
+        lab = np.zeros(self.patch_size, np.int16)
+        if np.all(hi > lo):
+            src = tuple(slice(a, b) for a, b in zip(lo, hi))
+            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+            img[dst] = f["image"][src]
+            lab[dst] = f["label"][src]
+        return img, lab
+
+    def __getitem__(self, index: int) -> dict:
+        rng, k, centre, _ = self.plan(index)
+        img, lab = self.read_patch(k, centre)
+        if self.augment is not None:
+            img, lab = self.augment(img, lab, rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
+                "label": torch.from_numpy((np.asarray(lab) > 0).astype(np.float32))[None]}
+
+
+def cache_paths_for_split(cache_paths: Sequence, split: str) -> list[Path]:
+    """The cache files whose ``split`` attr equals split ("train", "validation", "test")."""
+    import h5py
+
+    out = []
+    for p in cache_paths:
+        with h5py.File(p, "r") as f:
+            s = f.attrs.get("split", "train")
+            s = s.decode() if isinstance(s, bytes) else s
+        if s == split:
+            out.append(Path(p))
+    return out

@@ -1,0 +1,118 @@
+"""Decoder blocks of the 3D AH-Net: anisotropic convolution (AC) dense blocks, the pyramid pooling module,
+projections with upsampling, and the output head. Tensors are (N, C, D, H, W).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
+
+
+def check_upsample(mode: str) -> str:
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {mode!r}")
+    return mode
+
+
+def make_upsample(mode: str, channels: int, scale: Tuple[int, int, int]) -> nn.Module:
+    """x `scale` over (D, H, W): trilinear / nearest interpolation, or a transposed conv (kernel = stride)."""
+    if scale == (1, 1, 1):
+        return nn.Identity()
+    if mode == "transpose":
+        return nn.ConvTranspose3d(channels, channels, scale, scale, bias=False)
+    if mode == "trilinear":
+        return nn.Upsample(scale_factor=scale, mode="trilinear", align_corners=False)
+    return nn.Upsample(scale_factor=scale, mode="nearest")
+
+
+class BNReLUConv(nn.Sequential):
+    """BN -> ReLU -> conv (no bias): the pre-activation unit of the decoder."""
+
+    def __init__(self, cin: int, cout: int, kernel: Tuple[int, int, int] = (1, 1, 1)):
+        pad = tuple(k // 2 for k in kernel)
+        super().__init__(nn.BatchNorm3d(cin), nn.ReLU(inplace=True), nn.Conv3d(cin, cout, kernel, 1, pad, bias=False))
+
+
+class ACLayer(nn.Module):
+    """One anisotropic convolution layer of a dense block (the authors' "Pseudo3D" layer).
+
+    x -> BN-ReLU-1x1x1 (to bn_size*g) -> BN-ReLU-(1,3,3) (to g) = a; BN-ReLU-(3,1,1) on a (to g) = b;
+    BN-ReLU-1x1x1 on a + b (to g) = new; output concat(x, new): (N, C + g, D, H, W).
+    """
+
+    def __init__(self, cin: int, growth: int, bn_size: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.reduce = BNReLUConv(cin, bn_size * growth)
+        self.inplane = BNReLUConv(bn_size * growth, growth, (1, 3, 3))
+        self.through = BNReLUConv(growth, growth, (3, 1, 1))
+        self.fuse = BNReLUConv(growth, growth)
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        a = self.inplane(self.reduce(x))
+        new = self.dropout(self.fuse(a + self.through(a)))
+        return torch.cat([x, new], 1)
+
+
+class ACDenseBlock(nn.Sequential):
+    """`layers` densely connected AC layers: (N, C, ...) -> (N, C + layers * growth, ...)."""
+
+    def __init__(self, cin: int, layers: int = 3, growth: int = 20, bn_size: int = 4, dropout: float = 0.0):
+        super().__init__(*[ACLayer(cin + i * growth, growth, bn_size, dropout) for i in range(layers)])
+        self.out_channels = cin + layers * growth
+
+
+class UpProjection(nn.Sequential):
+    """BN-ReLU-1x1x1 conv to `cout`, then upsample by `scale` (identity when scale is 1)."""
+
+    def __init__(self, cin: int, cout: int, mode: str, scale: Tuple[int, int, int]):
+        super().__init__(BNReLUConv(cin, cout), make_upsample(mode, cout, scale))
+
+
+class PyramidPooling(nn.Module):
+    """Pyramid volumetric pooling ("PFN" here), `depth` levels.
+
+    Level i max-pools the in-plane map to a 2^i x 2^i grid (z kept), projects to one channel with a 1x1x1
+    conv (with bias), and resizes back to (D, H, W). Output: concat(level maps, x): (N, depth + C, D, H, W).
+    At a 64 x 64 map (a 128 x 128 input) this equals the paper's fixed windows 64, 32, 16, 8.
+    """
+
+    def __init__(self, cin: int, depth: int = 4, mode: str = "trilinear"):
+        super().__init__()
+        if depth < 0:
+            raise ValueError(f"pyramid depth must be >= 0; got {depth}")
+        self.depth = depth
+        self.grids = tuple(2 ** i for i in range(depth))
+        self.project = nn.ModuleList([nn.Conv3d(cin, 1, 1) for _ in range(depth)])
+        # A transposed conv cannot undo an adaptive pool of any size: interpolate instead.
+        self.mode = "nearest" if mode == "nearest" else "trilinear"
+
+    def forward(self, x):
+        size = x.shape[2:]
+        maps = []
+        for grid, project in zip(self.grids, self.project):
+            pooled = F.adaptive_max_pool3d(x, (size[0], grid, grid))
+            up = F.interpolate(project(pooled), size=size, mode=self.mode,
+                               **({"align_corners": False} if self.mode == "trilinear" else {}))
+            maps.append(up)
+        return torch.cat(maps + [x], 1)
+
+
+class OutputHead(nn.Sequential):
+    """BN-ReLU-(1,3,3) conv to the output channels, then upsample by `scale` to full resolution."""
+
+    def __init__(self, cin: int, cout: int, mode: str, scale: Tuple[int, int, int]):
+        super().__init__(BNReLUConv(cin, cout, (1, 3, 3)), make_upsample(mode, cout, scale))
+
+
+def level_scale(pool_z: bool) -> Tuple[int, int, int]:
+    return (2 if pool_z else 1, 2, 2)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

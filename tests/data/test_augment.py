@@ -1,0 +1,97 @@
+"""Augmentation: exact flips/rot90, label follows image, z never touched, shapes kept, deterministic."""
+import numpy as np
+import pytest
+
+from ahnet.data.augment import RANDAUG_OPS, Augment, affine_inplane, flip, rand_augment, rot90
+
+
+def marker(shape=(5, 24, 24), at=(2, 5, 17), r=2):
+    """Image: slice k has a base value 0.1 * k, plus a bright square (value 1) at `at`; label 3 on the square."""
+    img = np.zeros(shape, np.float32) + 0.1 * np.arange(shape[0], dtype=np.float32)[:, None, None]
+    lab = np.zeros(shape, np.int16)
+    z, y, x = at
+    img[z, y - r:y + r + 1, x - r:x + r + 1] = 1.0
+    lab[z, y - r:y + r + 1, x - r:x + r + 1] = 3
+    return img, lab
+
+
+def test_flips_and_rot90_are_exact():
+    img, lab = marker()
+    fi, fl = flip(img, lab, 2)
+    np.testing.assert_array_equal(fi, img[:, :, ::-1])
+    np.testing.assert_array_equal(fl, lab[:, :, ::-1])
+    fi, fl = flip(img, lab, 1)
+    np.testing.assert_array_equal(fi, img[:, ::-1, :])
+    ri, rl = rot90(img, lab, 1)
+    # one quarter turn in (y, x): new[z, y, x] = old[z, x, W-1-y]
+    np.testing.assert_array_equal(ri, np.stack([s.T[::-1] for s in img]))
+    np.testing.assert_array_equal(rl, np.stack([s.T[::-1] for s in lab]))
+    ri4, _ = rot90(*rot90(*rot90(ri, rl, 1), 1), 1)
+    np.testing.assert_array_equal(ri4, img)
+    with pytest.raises(ValueError, match="slice axis 0 is never flipped"):
+        flip(img, lab, 0)
+    with pytest.raises(ValueError, match="expected H == W"):
+        rot90(img[:, :20], lab[:, :20], 1)
+
+
+def test_affine_keeps_label_on_image_and_z():
+    img, lab = marker(shape=(5, 32, 32), at=(3, 9, 20), r=3)
+    for ang, sc in [(15, 1.0), (-12, 1.1), (0, 0.85), (30, 1.2)]:
+        ai, al = affine_inplane(img, lab, ang, sc)
+        assert ai.shape == img.shape and al.dtype == lab.dtype
+        assert set(np.unique(al)) <= {0, 3}
+        assert np.all(al[[0, 1, 2, 4]] == 0)  # the label stays in its slice
+        bright = ai[3] > 0.65
+        # the bright square of the image and the label overlap almost exactly
+        dice = 2 * (bright & (al[3] == 3)).sum() / (bright.sum() + (al[3] == 3).sum())
+        assert dice > 0.8, (ang, sc, dice)
+        # slices keep their own base value (no mixing along z): centre pixel of each slice
+        np.testing.assert_allclose(ai[[0, 1, 2, 4], 16, 16], [0.0, 0.1, 0.2, 0.4], atol=1e-6)
+    # the rotation moves the marker where the rotation matrix says (about the centre (15.5, 15.5))
+    ai, al = affine_inplane(img, lab, 90, 1.0)
+    cy, cx = np.argwhere(al[3] == 3).mean(0)
+    v = np.array([9 - 15.5, 20 - 15.5])
+    np.testing.assert_allclose([cy - 15.5, cx - 15.5], [-v[1], v[0]], atol=0.6)
+
+
+@pytest.mark.parametrize("policy", [Augment(p_flip=0.5, p_rot90=1.0, p_affine=1.0, p_intensity=1.0, p_noise=1.0),
+                                    Augment(randaugment=(3, 9))])
+def test_policy_shapes_alignment_determinism(policy):
+    img, lab = marker(shape=(3, 24, 24), at=(1, 6, 15), r=3)
+    outs = []
+    for seed in range(20):
+        ai, al = policy(img, lab, np.random.default_rng(seed))
+        assert ai.shape == img.shape and al.shape == lab.shape and ai.dtype == np.float32
+        assert np.all(al[[0, 2]] == 0) and (al[1] == 3).sum() > 15
+        ai2, al2 = policy(img, lab, np.random.default_rng(seed))
+        np.testing.assert_array_equal(ai, ai2)
+        np.testing.assert_array_equal(al, al2)
+        outs.append(ai)
+    assert not all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_geometric_only_policy_label_under_bright_marker():
+    # no intensity change: the label's voxels are where the image is bright, through every composition
+    pol = Augment(p_flip=0.5, p_rot90=0.7, p_affine=0.7, p_intensity=0.0, p_noise=0.0)
+    img, lab = marker(shape=(4, 28, 28), at=(2, 8, 19), r=3)
+    for seed in range(15):
+        ai, al = pol(img, lab, np.random.default_rng(seed))
+        m = al[2] == 3
+        bright = ai[2] > 0.65
+        assert ai[2][m].mean() > 0.8
+        assert 2 * (bright & m).sum() / (bright.sum() + m.sum()) > 0.8
+        assert not np.any(al[[0, 1, 3]])
+
+
+def test_randaugment_every_op_runs_and_magnitude_checked():
+    img, lab = marker(shape=(3, 16, 16), at=(1, 8, 8), r=2)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ai, al = rand_augment(img, lab, rng, n=2, m=10)
+        assert ai.shape == img.shape and set(np.unique(al)) <= {0, 3}
+    assert len(RANDAUG_OPS) >= 10
+    with pytest.raises(ValueError, match="magnitude 11"):
+        rand_augment(img, lab, rng, 1, 11)
+    # m = 0: geometric ops are flips/rot90 (exact) or identities; intensity ops are identities except noise sd 0
+    ai, al = rand_augment(img, lab, np.random.default_rng(1), n=4, m=0)
+    assert sorted(ai.ravel().round(6)) == sorted(img.ravel().round(6))
