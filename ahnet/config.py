@@ -56,6 +56,10 @@ class TrainConfig:
     patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
                                        "32 128 128 for --stage 3d")
     pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
+    augment: str = _f("standard", "training augmentation (ahnet.data.augment): standard = in-plane flips, "
+                                  "rot90, rotate/zoom, intensity, noise; randaugment = N ops at magnitude M; "
+                                  "none", ["standard", "randaugment", "none"])
+    randaugment: list = _f([2, 5], "--augment randaugment: N ops per patch and magnitude M (0..10)")
     batch_size: int = _f(2, "patches per optimiser step")
     num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process)")
     # optimisation
@@ -202,6 +206,8 @@ def build_parser(prog: str = "python -m ahnet.train", description: str | None = 
         t = f.type if isinstance(f.type, str) else str(f.type)
         if t == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif t.startswith("list") and f.name == "randaugment":
+            p.add_argument(flag, nargs=2, type=float, metavar=("N", "M"), help=help_)
         elif t.startswith("list"):
             p.add_argument(flag, nargs=3, type=int, metavar=("D", "H", "W"), help=help_)
         elif t == "dict":

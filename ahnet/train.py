@@ -247,7 +247,7 @@ def build_network(cfg: TrainConfig, builder: Callable[..., nn.Module] | None = N
                              f"checkout does not have yet ({e}); train with --init scratch meanwhile.") from None
         model = transfer_2d_to_3d(str(ck_path), **kw)
         info.update({"from": str(ck_path), "from_step": int(ck.get("step", -1))})
-        return model, kw, info
+        return model, _rebuild_kwargs(model, kw), info
     model = (builder or _default_builder())(cfg.model, **kw)
     if cfg.imagenet_weights:
         try:
@@ -259,7 +259,13 @@ def build_network(cfg: TrainConfig, builder: Callable[..., nn.Module] | None = N
             raise TrainError(f"--imagenet-weights: model {cfg.model} has no .encoder to load into.")
         load_torchvision_weights(model.encoder, cfg.imagenet_weights)
         info["imagenet_weights"] = str(cfg.imagenet_weights)
-    return model, kw, info
+    return model, _rebuild_kwargs(model, kw), info
+
+
+def _rebuild_kwargs(model: nn.Module, kw: dict) -> dict:
+    """The model's own ``config`` (every kwarg that rebuilds it, plain values) when it has one, else kw."""
+    conf = getattr(model, "config", None)
+    return dict(conf) if isinstance(conf, dict) else dict(kw)
 
 
 def check_patch_size(model: nn.Module, cfg: TrainConfig) -> None:
@@ -317,6 +323,17 @@ def split_cases(cfg: TrainConfig, cases: list[dict]) -> tuple[list[str], list[st
     return train, val
 
 
+def make_augment(cfg: TrainConfig):
+    """The training augmentation callable (image, label, rng) -> (image, label), or None."""
+    if cfg.augment == "none":
+        return None
+    from ahnet.data.augment import Augment
+    if cfg.augment == "randaugment":
+        n, m = cfg.randaugment
+        return Augment(randaugment=(int(n), float(m)))
+    return Augment()
+
+
 def make_datasets(cfg: TrainConfig):
     """(train PatchDataset, validation PatchDataset or None) from dataset.json via the HDF5 cache."""
     try:
@@ -331,7 +348,7 @@ def make_datasets(cfg: TrainConfig):
                          f"python -m ahnet.data.phantom --out data/phantom).")
     cases = load_dataset_json(cfg.data)
     train_ids, val_ids = split_cases(cfg, cases)
-    by_case = _cache_paths_by_case(build_cache(cfg.data, cfg.cache_dir))
+    by_case = _cache_paths_by_case(build_cache(cfg.data, cfg.cache_dir, progress=not _quiet()))
     missing = [c for c in train_ids + val_ids if c not in by_case]
     if missing:
         raise TrainError(f"the cache {cfg.cache_dir} lacks cases {missing[:5]} listed in {cfg.data}.")
@@ -339,7 +356,7 @@ def make_datasets(cfg: TrainConfig):
         raise TrainError(f"{cfg.data} has no training cases (split 'train').")
     train_ds = PatchDataset([by_case[c] for c in train_ids], patch_size=tuple(cfg.patch_size),
                             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
-                            pos_fraction=cfg.pos_fraction, seed=cfg.seed)
+                            pos_fraction=cfg.pos_fraction, augment=make_augment(cfg), seed=cfg.seed)
     val_ds = None
     if val_ids and cfg.val_patches > 0:
         val_ds = PatchDataset([by_case[c] for c in val_ids], patch_size=tuple(cfg.patch_size),
