@@ -588,12 +588,11 @@ def generate_case(case_id: str, seed, opts: Optional[PhantomOptions] = None, n_n
         sl = tuple(slice(c, c + s) for c, s in zip(c0, m.shape))
         allowed = _lut(LUNG, VESSEL, FISSURE)[lab[sl]]
         mm = m & allowed
-        comp_code = code
         vol = float(mm.sum()) * float(np.prod(anat.grid))
         d = volume_equivalent_diameter(vol)
         calcified = int(ratings["calcification"]) != 6
         code_final = nodule_type(d, ratings["texture"], ratings["spiculation"], ratings["lobulation"], calcified)
-        nhu = _composition_hu(rng, mm, code_final if code_final else comp_code, ratings, anat.grid)
+        nhu = _composition_hu(rng, mm, code_final, ratings, anat.grid)
         hu[sl][mm] = nhu[mm]
         lab[sl][mm] = NODULE
         inst[sl][mm] = k
