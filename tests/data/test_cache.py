@@ -5,7 +5,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from _pipeline_synth import make_dataset
+from ._pipeline_synth import make_dataset
 
 import ahnet.data.cache as cache_mod
 from ahnet.data.cache import build_cache

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _pipeline_synth import make_dataset
+from ._pipeline_synth import make_dataset
 
 from ahnet.data.cache import build_cache
 from ahnet.data.sampling import PatchDataset, cache_paths_for_split
