@@ -59,8 +59,10 @@ def test_2d_stage_then_transfer_then_3d_stage(dataset):
 @pytest.mark.slow
 def test_exact_resume_with_real_networks_and_data(dataset):
     root, js = dataset
-    kw = dict(stage="2d", patch_size=[3, 32, 32], epochs=2, steps_per_epoch=2, augment="standard", batch_size=2,
-              val_patches=1)
+    # a small real 3D U-Net keeps the checkpoints light; the data are the real cache + PatchDataset + Augment
+    kw = dict(stage="3d", model="unet3d", patch_size=[4, 32, 32], epochs=2, steps_per_epoch=2, augment="standard",
+              batch_size=2, val_patches=2,
+              model_kwargs={"base_channels": 4, "max_channels": 16, "z_pool": "none"})
     train(_common(root, js, "ref", **kw))
     train(_common(root, js, "cut", max_steps=3, **kw))
     train(_common(root, js, "cut", resume=True, **kw))
