@@ -183,7 +183,7 @@ def sliding_window_predict(models, image, window=None, overlap: float = 0.5, bat
     starts = list(itertools.product(*(window_starts(L, w, overlap) for L, w in zip(padded, window))))
     flips = FLIPS if flip_tta else ((),)
     acc = wsum = None
-    with torch.inference_mode(), _eval_mode(models):
+    with torch.no_grad(), _eval_mode(models):
         for b in range(0, len(starts), batch_size):
             chunk = starts[b:b + batch_size]
             sls = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in chunk]
@@ -197,9 +197,9 @@ def sliding_window_predict(models, image, window=None, overlap: float = 0.5, bat
             for i, sl in enumerate(sls):
                 acc[(slice(None),) + sl] += pb[i]
                 wsum[(slice(None),) + sl] += w_out
-    out = acc / wsum
+    acc /= wsum                                            # in place: no second full-size buffer
     crop = (slice(None),) + tuple(slice(0, s) for s in shape)
-    return out[crop].unsqueeze(0).contiguous()
+    return acc[crop].unsqueeze(0).contiguous()
 
 
 def slicewise_predict(models, image, in_slices: int = 3, batch_size: int = 8, flip_tta: bool = False,
@@ -227,7 +227,7 @@ def slicewise_predict(models, image, in_slices: int = 3, batch_size: int = 8, fl
     out_device = torch.device(out_device)
     half = in_slices // 2
     out = None
-    with torch.inference_mode(), _eval_mode(models):
+    with torch.no_grad(), _eval_mode(models):
         for z0 in range(0, D, batch_size):
             zs = range(z0, min(z0 + batch_size, D))
             idx = torch.tensor([[min(max(z + o, 0), D - 1) for o in range(-half, half + 1)] for z in zs])

@@ -39,6 +39,8 @@ def test_whole_window_equals_direct_forward():
     got = sliding_window_predict(net, x, window=None)
     want = torch.sigmoid(net(x))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    got.mul_(1.0)                        # an ordinary tensor (not an inference-mode one): in-place ops work
 
 
 def test_odd_size_is_padded_to_multiple_and_cropped():
