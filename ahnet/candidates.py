@@ -8,14 +8,15 @@ Two ways to turn a (z, y, x) probability map into scored points:
   centroid; score = the maximum's probability.
 
 Geometry follows SimpleITK: world (x, y, z) = origin + direction @ ((i, j, k) * (sx, sy, sz)), with (i, j, k) =
-(x, y, z) voxel indices, i.e. the reverse of the array's (z, y, x) order. ``voxel_to_world`` here is a stand-in
-written to that contract; when a geometry object has its own ``voxel_to_world`` (ahnet.data.io.Volume), that one
-is used, so the two must agree (the tests check this one against SimpleITK).
+(x, y, z) voxel indices, i.e. the reverse of the array's (z, y, x) order: ahnet.data.io's conversion, used
+here with input checks (the tests check it against SimpleITK).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+from .data import io
 
 
 class CandidateInputError(ValueError):
@@ -36,19 +37,15 @@ def _geom(spacing, origin, direction):
 
 
 def voxel_to_world(zyx, spacing, origin=(0, 0, 0), direction=np.eye(3)) -> np.ndarray:
-    """(n, 3) continuous voxel coordinates (z, y, x) -> (n, 3) world LPS mm (x, y, z)."""
+    """(n, 3) continuous voxel coordinates (z, y, x) -> (n, 3) world LPS mm (x, y, z); checked inputs."""
     sp, org, d = _geom(spacing, origin, direction)
-    zyx = np.atleast_2d(np.asarray(zyx, np.float64))
-    ijk = zyx[:, ::-1] * sp[::-1]
-    return org + ijk @ d.T
+    return np.atleast_2d(io.voxel_to_world(zyx, sp, org, d))
 
 
 def world_to_voxel(xyz, spacing, origin=(0, 0, 0), direction=np.eye(3)) -> np.ndarray:
-    """(n, 3) world LPS mm (x, y, z) -> (n, 3) continuous voxel coordinates (z, y, x)."""
+    """(n, 3) world LPS mm (x, y, z) -> (n, 3) continuous voxel coordinates (z, y, x); checked inputs."""
     sp, org, d = _geom(spacing, origin, direction)
-    xyz = np.atleast_2d(np.asarray(xyz, np.float64))
-    ijk = np.linalg.solve(d, (xyz - org).T).T / sp[::-1]
-    return ijk[:, ::-1]
+    return np.atleast_2d(io.world_to_voxel(xyz, sp, org, d))
 
 
 def find_peaks(prob, spacing=(1, 1, 1), threshold: float = 0.5, method: str = "components",

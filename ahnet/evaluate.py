@@ -20,22 +20,16 @@ import numpy as np
 import torch
 
 from .candidates import extract_candidates
+from .data.preprocess import clip_and_scale
 from .froc import evaluate_detection
 from .infer import sliding_window_predict, slicewise_predict
 from .report import build_report
 from .segmetrics import aggregate_seg, nodule_seg_metrics
 
-HU_MIN, HU_MAX = -1000.0, 400.0
 
 
 class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
-
-
-def scale_hu(hu: np.ndarray) -> np.ndarray:
-    """HU -> float32 in [0, 1] (clip to [-1000, 400], linear), the cache's intensity mapping."""
-    a = np.clip(np.asarray(hu, np.float32), HU_MIN, HU_MAX)
-    return ((a - HU_MIN) / (HU_MAX - HU_MIN)).astype(np.float32)
 
 
 def _build_model(name, kwargs):
@@ -140,7 +134,7 @@ def main(argv=None) -> int:
     for e in entries:
         vol = read_image(e["image"])
         lab = read_image(e["label"]).array.astype(np.int32) if e.get("label") else None
-        images[e["case_id"]] = scale_hu(vol.array)
+        images[e["case_id"]] = clip_and_scale(vol.array)
         cases.append({"case_id": e["case_id"], "geometry": vol, "label": lab})
     probs = {}
     names = []

@@ -62,7 +62,7 @@ def test_predict_case_3d_and_slicewise():
     z = 0
     stack = torch.from_numpy(img[[0, 0, 1]])[None]
     np.testing.assert_allclose(p2[z], torch.sigmoid(c2(stack))[0, 0].detach().numpy(), atol=1e-6)
-    assert ev.scale_hu(np.array([-2000, -1000, 400, 1000])).tolist() == [0, 0, 1, 1]
+    assert ev.clip_and_scale(np.array([-2000, -1000, 400, 1000])).tolist() == [0, 0, 1, 1]
 
 
 def test_cli_end_to_end(tmp_path, monkeypatch):
