@@ -42,6 +42,31 @@ class DataError(ValueError):
     """A data file is unusable; the message names the file and the problem."""
 
 
+def index_to_world_matrix(spacing, direction=np.eye(3)) -> np.ndarray:
+    """3x3 matrix M with world_xyz = origin + M @ index_xyz, for spacing (sz, sy, sx) and a 3x3 direction."""
+    sz, sy, sx = (float(v) for v in np.asarray(spacing, dtype=float).reshape(3))
+    return np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag([sx, sy, sz])
+
+
+def voxel_to_world(zyx, spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3)) -> np.ndarray:
+    """(n, 3) or (3,) voxel coordinates (z, y, x), fractional allowed -> world (x, y, z) LPS mm."""
+    zyx = np.asarray(zyx, dtype=float)
+    single = zyx.ndim == 1
+    ijk = np.atleast_2d(zyx)[:, ::-1]
+    xyz = ijk @ index_to_world_matrix(spacing, direction).T + np.asarray(origin, dtype=float).reshape(3)
+    return xyz[0] if single else xyz
+
+
+def world_to_voxel(xyz, spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3)) -> np.ndarray:
+    """(n, 3) or (3,) world (x, y, z) LPS mm -> fractional voxel coordinates (z, y, x)."""
+    xyz = np.asarray(xyz, dtype=float)
+    single = xyz.ndim == 1
+    rel = np.atleast_2d(xyz) - np.asarray(origin, dtype=float).reshape(3)
+    ijk = np.linalg.solve(index_to_world_matrix(spacing, direction), rel.T).T
+    zyx = ijk[:, ::-1]
+    return zyx[0] if single else zyx
+
+
 @dataclass
 class Volume:
     """A 3D scan or mask with its geometry.
@@ -66,25 +91,15 @@ class Volume:
 
     def index_to_world_matrix(self) -> np.ndarray:
         """3x3 matrix M with world_xyz = origin + M @ index_xyz."""
-        sz, sy, sx = self.spacing
-        return self.direction @ np.diag([sx, sy, sz])
+        return index_to_world_matrix(self.spacing, self.direction)
 
     def voxel_to_world(self, zyx) -> np.ndarray:
         """(n, 3) or (3,) voxel coordinates (z, y, x), fractional allowed -> world (x, y, z) LPS mm."""
-        zyx = np.asarray(zyx, dtype=float)
-        single = zyx.ndim == 1
-        ijk = np.atleast_2d(zyx)[:, ::-1]
-        xyz = ijk @ self.index_to_world_matrix().T + np.asarray(self.origin)
-        return xyz[0] if single else xyz
+        return voxel_to_world(zyx, self.spacing, self.origin, self.direction)
 
     def world_to_voxel(self, xyz) -> np.ndarray:
         """(n, 3) or (3,) world (x, y, z) LPS mm -> fractional voxel coordinates (z, y, x)."""
-        xyz = np.asarray(xyz, dtype=float)
-        single = xyz.ndim == 1
-        rel = np.atleast_2d(xyz) - np.asarray(self.origin)
-        ijk = np.linalg.solve(self.index_to_world_matrix(), rel.T).T
-        zyx = ijk[:, ::-1]
-        return zyx[0] if single else zyx
+        return world_to_voxel(xyz, self.spacing, self.origin, self.direction)
 
     def contains_voxel(self, zyx, margin: float = 0.5) -> np.ndarray:
         """True where fractional voxel coordinates lie inside the volume (voxel centres +- margin)."""

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from .io import voxel_to_world
 from .nodule_types import TYPE_CODES, nodule_type, volume_equivalent_diameter
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,8 @@ class Case:
     vessel_segments: List[tuple] = field(default_factory=list)
 
     def voxel_to_world(self, zyx: np.ndarray) -> np.ndarray:
-        zyx = np.asarray(zyx, float).reshape(-1, 3)
-        return np.c_[self.origin[0] + zyx[:, 2] * self.spacing[2], self.origin[1] + zyx[:, 1] * self.spacing[1],
-                     self.origin[2] + zyx[:, 0] * self.spacing[0]]
+        """(n, 3) voxel (z, y, x) -> (n, 3) world LPS mm (identity direction)."""
+        return np.atleast_2d(voxel_to_world(np.asarray(zyx, float).reshape(-1, 3), self.spacing, self.origin))
 
 
 # ----------------------------------------------------------------------------- geometry helpers
