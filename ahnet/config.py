@@ -226,7 +226,7 @@ def read_json_config(path: str | os.PathLike) -> dict:
     """The settings of a JSON config file (a run's config.json works too: its "config" entry is used)."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist.") from None
     except json.JSONDecodeError as e:
@@ -314,6 +314,6 @@ def save_run_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict | 
         doc.update(extra)
     path = run_dir / "config.json"
     tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path

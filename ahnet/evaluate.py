@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .candidates import extract_candidates
+from .checkpoint import load_checkpoint
 from .data.preprocess import clip_and_scale
 from .froc import evaluate_detection
 from .infer import sliding_window_predict, slicewise_predict
@@ -42,10 +43,7 @@ def load_run(run_dir, device="cpu"):
     path = Path(run_dir) / "checkpoints" / "best.pt"
     if not path.is_file():
         raise EvaluateInputError(f"{path} not found; expected a run folder with checkpoints/best.pt")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "model_name", "model_kwargs"):
-        if k not in ck:
-            raise EvaluateInputError(f"{path} has no '{k}'; expected a checkpoint in the contracts' format")
+    ck = load_checkpoint(path)
     model = _build_model(ck["model_name"], dict(ck["model_kwargs"]))
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), ck["model_name"], dict(ck.get("config") or {}), dict(ck["model_kwargs"])

@@ -397,7 +397,7 @@ def _quiet() -> bool:
 
 def write_log(history: list[dict], path: Path) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         w.writeheader()
         for row in history:

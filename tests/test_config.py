@@ -67,7 +67,7 @@ def test_unknown_keys_and_bad_files(tmp_path):
 def test_config_json_has_versions_and_round_trips(tmp_path):
     cfg = TrainConfig(lr=1e-3, patch_size=[3, 32, 32]).resolved()
     p = save_run_config(cfg, tmp_path / "run")
-    doc = json.loads(p.read_text())
+    doc = json.loads(p.read_text(encoding="utf-8"))
     for k in ("python", "torch", "cuda", "ahnet", "git"):
         assert k in doc["versions"]
     assert doc["config"]["lr"] == 1e-3

@@ -99,7 +99,7 @@ def test_run_folder_contents(tmp_path):
     res = train(cfg, datasets=_data(cfg), builder=builder)
     run = tmp_path / "run"
     assert res["step"] == 4 and res["epoch"] == 2
-    doc = json.loads((run / "config.json").read_text())
+    doc = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert doc["config"]["patch_size"] == [4, 16, 16] and "torch" in doc["versions"]
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
