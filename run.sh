@@ -6,7 +6,7 @@
 #   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
-#   demo       the whole job end to end on a small phantom, on a CPU in minutes
+#   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -62,7 +62,7 @@ case "$cmd" in
   train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
-  demo)     setup test; exec "$PY" -m ahnet.demo "$@" ;;
+  demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
   bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
   help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
