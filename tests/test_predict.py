@@ -288,3 +288,20 @@ def test_case_window_rounds_up_and_caps_at_the_volume():
     assert pr.case_window(ens, (300, 512, 512)) == pr.DEFAULT_WINDOW == (64, 192, 192)
     with pytest.raises(pr.PredictInputError, match="divisible"):
         pr.case_window(ens, (300, 512, 512), window=(8, 32, 32))
+
+
+def test_dicom_series_folder(world):
+    from .data.test_io import write_dicom_series
+    d = world["d"] / "dcm_in" / "patient7"
+    d.parent.mkdir()
+    direction = _rotation((0, 0, 1), 20.0)                              # axial, rotated in-plane
+    write_dicom_series(d, np.rint(_hu(2)), SP, (-100.0, -50.0, 20.0), direction)
+    out = world["d"] / "out_dcm"
+    assert [c.case_id for c in pr.find_cases(d)] == ["patient7"]
+    assert pr.main(["--input", str(d), "--runs", str(world["runs"]["a"]), "--out", str(out)]) == 0
+    prob = sitk.ReadImage(str(out / "patient7_prob.nii.gz"))
+    src = io.read_image(d)
+    for zyx in [(0, 0, 0), (15, 31, 63), (4, 9, 50)]:
+        np.testing.assert_allclose(_sitk_world(prob, zyx), src.voxel_to_world(zyx), atol=1e-3)
+    np.testing.assert_allclose(io.read_image(out / "patient7_prob.nii.gz").array,
+                               _direct(world["runs"]["a"], d, window=SHAPE), atol=1e-6)
