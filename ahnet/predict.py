@@ -239,6 +239,16 @@ def predict_probability(ens: Ensemble, image01: np.ndarray, window=None, overlap
 
 # ----------------------------------------------------------------------------------------------------- driver
 
+def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
+    """HU (z, y, x) float32 -> [0, 1] in place by ahnet.data.preprocess.clip_and_scale, ``slab`` slices at a time
+    (its temporaries stay slab-sized instead of four full-size copies). Returns ``hu``."""
+    if hu.dtype != np.float32 or not hu.flags.writeable:
+        raise PredictInputError(f"scale_in_place needs a writeable float32 array; got {hu.dtype}")
+    for z in range(0, hu.shape[0], slab):
+        hu[z:z + slab] = clip_and_scale(hu[z:z + slab])
+    return hu
+
+
 def _progress(items, **kw):
     from tqdm import tqdm
     quiet = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -264,7 +274,7 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
     rows, done = [], []
     for case in _progress(cases, desc="predict", unit="case"):
         vol = io.read_image(case.image)
-        vol.array = clip_and_scale(vol.array)               # the HU array is dropped here
+        scale_in_place(vol.array)
         prob = predict_probability(ens, vol.array, window=window, overlap=overlap, batch=batch, tta=tta, amp=amp)
         vol.array = None
         io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
