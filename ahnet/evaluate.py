@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .candidates import extract_candidates
+from .checkpoint import load_checkpoint
 from .data.preprocess import clip_and_scale
 from .froc import evaluate_detection
 from .infer import sliding_window_predict, slicewise_predict
@@ -41,31 +42,22 @@ def load_run(run_dir, device="cpu"):
     """(model in eval mode, model_name, checkpoint config, model_kwargs) from a checkpoint.
 
     run_dir: a run folder (its ``checkpoints/best.pt`` is read) or a checkpoint file given directly.
-    Raises EvaluateInputError naming the file when it is missing, not a checkpoint, or cannot rebuild its model.
+    Raises EvaluateInputError when the file is missing or cannot rebuild its model, CheckpointError (ahnet.checkpoint)
+    when it is not a checkpoint.
     """
     path = Path(run_dir)
     if not path.is_file():
         path = path / "checkpoints" / "best.pt"
     if not path.is_file():
         raise EvaluateInputError(f"{path} not found; expected a run folder with checkpoints/best.pt")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean the same to the user
-        raise EvaluateInputError(f"{path} is not a checkpoint torch.load can read ({type(e).__name__}); "
-                                 f"expected a .pt file written by ahnet.train") from e
-    if not isinstance(ck, dict):
-        raise EvaluateInputError(f"{path} holds a {type(ck).__name__}; expected a checkpoint dict in the "
-                                 f"contracts' format")
-    for k in ("model", "model_name", "model_kwargs"):
-        if k not in ck:
-            raise EvaluateInputError(f"{path} has no '{k}'; expected a checkpoint in the contracts' format")
+    ck = load_checkpoint(path)
     try:
         model = _build_model(ck["model_name"], dict(ck["model_kwargs"]))
         model.load_state_dict(ck["model"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvaluateInputError(f"{path}: cannot rebuild model {ck['model_name']!r} from its model_kwargs and "
-                                 f"state dict ({first})") from e
+                                 f"state dict ({first[:160]})") from e
     return model.to(device).eval(), ck["model_name"], dict(ck.get("config") or {}), dict(ck["model_kwargs"])
 
 

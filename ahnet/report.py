@@ -310,7 +310,7 @@ def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluatio
     figs = _figures(rep)
     for name, data in figs.items():
         (out / name).write_bytes(data)
-    (out / "report.json").write_text(json.dumps(rep, indent=1, allow_nan=False))
-    (out / "report.md").write_text(_markdown(rep, figs, title))
-    (out / "report.html").write_text(_html(rep, figs, title))
+    (out / "report.json").write_text(json.dumps(rep, indent=1, allow_nan=False), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(rep, figs, title), encoding="utf-8")
+    (out / "report.html").write_text(_html(rep, figs, title), encoding="utf-8")
     return rep

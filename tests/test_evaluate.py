@@ -94,7 +94,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "report"
     assert ev.main(["--runs", str(run), "--data", str(data / "dataset.json"), "--out", str(out),
                     "--bootstrap", "50"]) == 0
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["models"]["ahnet_a"]["cpm"] == 1.0
     assert rep["models"]["ahnet_a"]["types"]["T01"]["dice"]["mean"] == pytest.approx(1.0)
-    assert (out / "candidates" / "ahnet_a.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
+    assert (out / "candidates" / "ahnet_a.csv").read_text(encoding="utf-8").startswith("seriesuid,coordX,coordY,coordZ,probability")

@@ -84,7 +84,7 @@ def test_build_report_writes_self_contained_files_with_stable_keys(tmp_path):
     for f in ["report.json", "report.md", "report.html", "froc.png", "type_cpm.png", "type_sensitivity.png",
               "type_dice.png", "location_cpm.png"]:
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
-    j = json.loads((d / "report.json").read_text())
+    j = json.loads((d / "report.json").read_text(encoding="utf-8"))
     assert j == json.loads(json.dumps(rep))
     assert {"version", "fp_rates", "types", "type_names", "models", "winners", "wins", "wins_outright",
             "overall_winner", "rules", "model_order"} <= set(j)
@@ -103,9 +103,9 @@ def test_build_report_writes_self_contained_files_with_stable_keys(tmp_path):
         a, b = m["types"][ty]["cpm"], j["models"]["unet3d"]["types"][ty]["cpm"]
         if a is not None and b is not None and a != b:
             assert j["winners"][ty]["models"] == (["ahnet"] if a > b else ["unet3d"])
-    html = (d / "report.html").read_text()
+    html = (d / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 5 and "src='http" not in html and "src='froc" not in html
-    md = (d / "report.md").read_text()
+    md = (d / "report.md").read_text(encoding="utf-8")
     assert "## CPM per type" in md and "![froc.png](froc.png)" in md
     assert re.search(r"\| T01 solid < 6 mm \|", md)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import logging
 import os
 from dataclasses import dataclass, field
@@ -265,6 +266,16 @@ def _read_itk(path: Path) -> Volume:
 
 
 def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:
+    """GDCM sets the process locale to "C" while it reads a series, which would turn Python's default text
+    encoding into ASCII for the rest of the process; the locale is put back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _read_dicom_series(path, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -400,7 +411,7 @@ def _read_csv(path, required: Sequence[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found.")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
@@ -437,7 +448,7 @@ def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = list(CANDIDATE_COLUMNS) + [c for c in extra_columns if c not in CANDIDATE_COLUMNS]
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -460,7 +471,7 @@ def write_annotations_csv(path, rows: Iterable[dict], columns: Sequence[str] | N
         for r in rows:
             extra += [k for k in r if k not in ANNOTATION_COLUMNS and k not in extra]
         columns = list(ANNOTATION_COLUMNS) + extra
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -478,7 +489,7 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: dataset.json not found.") from None

@@ -749,7 +749,7 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
         if i < previews:
             save_preview(case, out / "preview" / f"{cid}.png")
         log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)
-    with open(out / "annotations.csv", "w", newline="") as f:
+    with open(out / "annotations.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
@@ -763,7 +763,7 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
           "training": entries, "test": []}
     p = out / "dataset.json"
     tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ds, indent=1))
+    tmp.write_text(json.dumps(ds, indent=1), encoding="utf-8")
     tmp.replace(p)
     return p
 

@@ -109,7 +109,7 @@ def test_vessel_confounder(quiet_case):
 
 def test_outputs_readable_affine_and_annotations(dataset):
     out, p = dataset
-    ds = json.loads(p.read_text())
+    ds = json.loads(p.read_text(encoding="utf-8"))
     assert ds["numTraining"] == 7 and len(ds["training"]) == 7
     assert {e["split"] for e in ds["training"]} == {"train", "validation", "test"}
     rows = list(csv.DictReader(open(out / "annotations.csv")))
