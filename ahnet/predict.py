@@ -6,8 +6,9 @@ Inputs (``--input``): one image file (.nii, .nii.gz, .mha, .mhd, .nrrd), a DICOM
 files (not recursive; other files are ignored), or a Decathlon ``dataset.json`` (``--split`` picks cases; default
 all). case_id = the file name without its suffix, the DICOM folder's name, or the dataset's ``case_id``.
 
-Models (``--runs``): run folders (their ``checkpoints/best.pt``), checkpoint files, or a folder holding
-``fold*/checkpoints/best.pt`` (every fold model). Several models form an ensemble: the mean of their sigmoid
+Models (``--runs``): run folders (their ``checkpoints/best.pt``), checkpoint files, a folder holding
+``fold*/checkpoints/best.pt``, or the name ``runs/X`` of a cross-validation that ``ahnet.train --all-folds``
+wrote as sibling folders ``runs/X-fold0 .. runs/X-fold<K-1>`` (every fold model). Several models form an ensemble: the mean of their sigmoid
 probabilities. 3D models (ahnet, unet3d) run by Gaussian-blended sliding windows (ahnet.infer); 2D "mcgcn" models
 run slice by slice on ``in_slices``-slice stacks. Mixing 2D and 3D models is refused unless ``--allow-mixed``,
 which then averages the 2D and 3D probabilities, each model weighted equally.
@@ -27,7 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from .candidates import CandidateInputError, extract_candidates
+from .checkpoint import CheckpointError
 from .data import io
 from .data.preprocess import clip_and_scale
 from .evaluate import EvaluateInputError, load_run, predict_case
@@ -50,7 +54,8 @@ class PredictInputError(ValueError):
     """An input, run or option that prediction cannot use; the message is one sentence naming it."""
 
 
-INPUT_ERRORS = (PredictInputError, EvaluateInputError, io.DataError, InferenceInputError, CandidateInputError)
+INPUT_ERRORS = (PredictInputError, EvaluateInputError, CheckpointError, io.DataError, InferenceInputError,
+                CandidateInputError)
 
 
 # ----------------------------------------------------------------------------------------------------- cases
@@ -121,9 +126,18 @@ def find_cases(input_path, split=None) -> list:
 
 # ----------------------------------------------------------------------------------------------------- runs
 
+def _fold_sort(files) -> list:
+    """Checkpoint paths sorted by the number in their run folder's name (fold2 before fold10)."""
+    def key(f):
+        m = re.search(r"(\d+)$", f.parents[1].name)
+        return (int(m.group(1)) if m else -1, f.parents[1].name)
+    return sorted(files, key=key)
+
+
 def resolve_runs(runs) -> list:
-    """Checkpoint files for ``runs``: each a checkpoint file, a run folder (checkpoints/best.pt) or a folder of
-    fold*/checkpoints/best.pt (all folds, sorted by name). Raises PredictInputError naming a bad entry."""
+    """Checkpoint files for ``runs``: each a checkpoint file, a run folder (checkpoints/best.pt), a folder of
+    fold*/checkpoints/best.pt, or a missing path P whose siblings P-fold<k>/checkpoints/best.pt exist (the
+    trainer's --all-folds layout); folds sorted by fold number. Raises PredictInputError naming a bad entry."""
     out = []
     for r in runs:
         p = Path(r)
@@ -133,12 +147,16 @@ def resolve_runs(runs) -> list:
             if (p / "checkpoints" / "best.pt").is_file():
                 found = [p / "checkpoints" / "best.pt"]
             else:
-                found = sorted(f for f in p.glob("fold*/checkpoints/best.pt") if f.is_file())
+                found = _fold_sort(f for f in p.glob("fold*/checkpoints/best.pt") if f.is_file())
                 if not found:
                     raise PredictInputError(f"run folder {p} holds neither checkpoints/best.pt nor "
                                             f"fold*/checkpoints/best.pt")
         else:
-            raise PredictInputError(f"run {p} not found; expected a run folder or a checkpoint file")
+            found = _fold_sort(f for f in p.parent.glob(f"{glob_escape(p.name)}-fold*/checkpoints/best.pt")
+                               if re.fullmatch(re.escape(p.name) + r"-fold\d+", f.parents[1].name))
+            if not found:
+                raise PredictInputError(f"run {p} not found; expected a run folder, a checkpoint file or the "
+                                        f"name of {p.name}-fold<k> folders")
         for f in found:
             if any(f.resolve() == o.resolve() for o in out):
                 raise PredictInputError(f"checkpoint {f} is given twice; an ensemble takes each model once")

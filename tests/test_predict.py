@@ -86,6 +86,9 @@ def world(tmp_path_factory):
     for k, r in (("fold0", runs["a"]), ("fold1", runs["b"])):
         (cv / k / "checkpoints").mkdir(parents=True)
         os.link(r / "checkpoints" / "best.pt", cv / k / "checkpoints" / "best.pt")
+        sib = d / "runs" / f"xv-{k}" / "checkpoints"                       # ahnet.train --all-folds layout
+        sib.mkdir(parents=True)
+        os.link(r / "checkpoints" / "best.pt", sib / "best.pt")
     img = io.write_image(d / "in" / "case1.nii.gz", io.Volume(_hu(0), SP, ORIGIN, DIRECTION))
     return {"d": d, "runs": runs, "cv": cv, "img": img}
 
@@ -157,7 +160,7 @@ def test_ensemble_of_two_runs_and_a_fold_folder_are_the_mean(world, whole):
     pa, pb = whole["a"], whole["b"]
     assert np.abs(pa - pb).max() > 1e-3                               # two different models
     for name, runs in (("two", [str(world["runs"]["a"]), str(world["runs"]["b"] / "checkpoints" / "best.pt")]),
-                       ("cv", [str(world["cv"])])):
+                       ("cv", [str(world["cv"])]), ("siblings", [str(world["d"] / "runs" / "xv")])):
         out = world["d"] / f"out_{name}"
         assert pr.main(["--input", str(world["img"]), "--runs", *runs, "--out", str(out)]) == 0
         prob = io.read_image(out / "case1_prob.nii.gz").array
@@ -245,10 +248,10 @@ def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
         args["input"], want = str(tmp_path / "scan.png"), "is not an image file"
     elif case == "not_a_checkpoint":
         (tmp_path / "model.pt").write_bytes(b"these are not weights")
-        args["runs"], want = [str(tmp_path / "model.pt")], "is not a checkpoint"
+        args["runs"], want = [str(tmp_path / "model.pt")], "model.pt is not a"
     elif case == "foreign_dict":
         torch.save({"weights": torch.zeros(2)}, tmp_path / "model.pt")
-        args["runs"], want = [str(tmp_path / "model.pt")], "has no 'model'"
+        args["runs"], want = [str(tmp_path / "model.pt")], "lacks the keys ['model', 'model_name'"
     elif case == "no_best":
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
         args["runs"], want = [str(tmp_path / "run")], "holds neither checkpoints/best.pt"
@@ -305,3 +308,14 @@ def test_dicom_series_folder(world):
         np.testing.assert_allclose(_sitk_world(prob, zyx), src.voxel_to_world(zyx), atol=1e-3)
     np.testing.assert_allclose(io.read_image(out / "patient7_prob.nii.gz").array,
                                _direct(world["runs"]["a"], d, window=SHAPE), atol=1e-6)
+
+
+def test_resolve_runs_orders_folds_by_number(tmp_path):
+    for k in (10, 2, 0):
+        for folder in (tmp_path / "cv" / f"fold{k}", tmp_path / f"m-fold{k}"):
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "checkpoints" / "best.pt").write_bytes(b"")
+    (tmp_path / "m-foldx" / "checkpoints").mkdir(parents=True)               # not a fold number: ignored
+    (tmp_path / "m-foldx" / "checkpoints" / "best.pt").write_bytes(b"")
+    assert [f.parents[1].name for f in pr.resolve_runs([tmp_path / "cv"])] == ["fold0", "fold2", "fold10"]
+    assert [f.parents[1].name for f in pr.resolve_runs([tmp_path / "m"])] == ["m-fold0", "m-fold2", "m-fold10"]
