@@ -82,15 +82,12 @@ def _read_rows(path):
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("predict")
     runs = {"a": _save_run(d / "runs" / "a", 1), "b": _save_run(d / "runs" / "b", 2)}
-    cv = d / "runs" / "cv"
     for k, r in (("fold0", runs["a"]), ("fold1", runs["b"])):
-        (cv / k / "checkpoints").mkdir(parents=True)
-        os.link(r / "checkpoints" / "best.pt", cv / k / "checkpoints" / "best.pt")
         sib = d / "runs" / f"xv-{k}" / "checkpoints"                       # ahnet.train --all-folds layout
         sib.mkdir(parents=True)
         os.link(r / "checkpoints" / "best.pt", sib / "best.pt")
     img = io.write_image(d / "in" / "case1.nii.gz", io.Volume(_hu(0), SP, ORIGIN, DIRECTION))
-    return {"d": d, "runs": runs, "cv": cv, "img": img}
+    return {"d": d, "runs": runs, "img": img}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +157,7 @@ def test_ensemble_of_two_runs_and_a_fold_folder_are_the_mean(world, whole):
     pa, pb = whole["a"], whole["b"]
     assert np.abs(pa - pb).max() > 1e-3                               # two different models
     for name, runs in (("two", [str(world["runs"]["a"]), str(world["runs"]["b"] / "checkpoints" / "best.pt")]),
-                       ("cv", [str(world["cv"])]), ("siblings", [str(world["d"] / "runs" / "xv")])):
+                       ("siblings", [str(world["d"] / "runs" / "xv")])):     # fold*/ layout: resolve_runs test
         out = world["d"] / f"out_{name}"
         assert pr.main(["--input", str(world["img"]), "--runs", *runs, "--out", str(out)]) == 0
         prob = io.read_image(out / "case1_prob.nii.gz").array
