@@ -39,13 +39,25 @@ def _build_model(name, kwargs):
 
 
 def load_run(run_dir, device="cpu"):
-    """(model in eval mode, model_name, checkpoint config) from <run_dir>/checkpoints/best.pt."""
-    path = Path(run_dir) / "checkpoints" / "best.pt"
+    """(model in eval mode, model_name, checkpoint config, model_kwargs) from a checkpoint.
+
+    run_dir: a run folder (its ``checkpoints/best.pt`` is read) or a checkpoint file given directly.
+    Raises EvaluateInputError when the file is missing or cannot rebuild its model, CheckpointError (ahnet.checkpoint)
+    when it is not a checkpoint.
+    """
+    path = Path(run_dir)
+    if not path.is_file():
+        path = path / "checkpoints" / "best.pt"
     if not path.is_file():
         raise EvaluateInputError(f"{path} not found; expected a run folder with checkpoints/best.pt")
     ck = load_checkpoint(path)
-    model = _build_model(ck["model_name"], dict(ck["model_kwargs"]))
-    model.load_state_dict(ck["model"])
+    try:
+        model = _build_model(ck["model_name"], dict(ck["model_kwargs"]))
+        model.load_state_dict(ck["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvaluateInputError(f"{path}: cannot rebuild model {ck['model_name']!r} from its model_kwargs and "
+                                 f"state dict ({first[:160]})") from e
     return model.to(device).eval(), ck["model_name"], dict(ck.get("config") or {}), dict(ck["model_kwargs"])
 
 
