@@ -48,11 +48,11 @@ ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
 PRESETS: Dict[str, Preset] = {
-    "demo": Preset(cases=12, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=2,
-                   steps_2d=25, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=2, steps_3d=40, lr=1e-3,
+    "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
+                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
                    variants=["mcgcn-2d", "ahnet-transfer"], window=[32, 128, 128]),
-    "cpu": Preset(cases=36, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=4,
-                  steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=4, steps_3d=50, lr=1e-3,
+    "cpu": Preset(cases=32, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=4,
+                  steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
                   variants=ALL_VARIANTS, window=[32, 128, 128]),
     "paper": Preset(cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
