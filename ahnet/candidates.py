@@ -32,7 +32,7 @@ def _geom(spacing, origin, direction):
     if org.size != 3:
         raise CandidateInputError(f"origin {origin} must be three world mm values (x, y, z)")
     if d.size != 9:
-        raise CandidateInputError(f"direction must be a 3x3 matrix (or 9 values, row-major as SimpleITK gives)")
+        raise CandidateInputError("direction must be a 3x3 matrix (or 9 values, row-major as SimpleITK gives)")
     return sp, org, d.reshape(3, 3)
 
 

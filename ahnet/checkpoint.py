@@ -18,6 +18,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 __all__ = [
     "CheckpointError", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "capture_rng_state",
     "restore_rng_state",
@@ -31,37 +33,14 @@ class CheckpointError(ValueError):
     """A file that is not a checkpoint this project can load."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace.
 
     A reader (or a crash) sees either the old file or the new one, never half a file. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)
     return path
 
 

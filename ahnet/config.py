@@ -19,6 +19,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .atomic import write_text_atomic
+
 __all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
            "read_run_config"]
 
@@ -313,7 +315,4 @@ def save_run_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict | 
     if extra:
         doc.update(extra)
     path = run_dir / "config.json"
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")

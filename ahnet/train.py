@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
+from ahnet.atomic import atomic_path
 from ahnet.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                               save_checkpoint)
 from ahnet.config import TrainConfig, build_parser, load_config, save_run_config
@@ -396,13 +397,11 @@ def _quiet() -> bool:
 
 
 def write_log(history: list[dict], path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
-    os.replace(tmp, path)
 
 
 def plot_progress(history: list[dict], path: Path, title: str = "") -> None:
@@ -428,10 +427,9 @@ def plot_progress(history: list[dict], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(".progress.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _group_lrs(opt: torch.optim.Optimizer) -> tuple[float, float | None]:

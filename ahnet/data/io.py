@@ -16,12 +16,13 @@ import csv
 import json
 import locale
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -445,10 +446,8 @@ def read_candidates_csv(path) -> list[dict]:
 def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
     """Write candidates: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = list(CANDIDATE_COLUMNS) + [c for c in extra_columns if c not in CANDIDATE_COLUMNS]
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -457,7 +456,6 @@ def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str
                 if c in out and out[c] is not None:
                     out[c] = repr(float(out[c]))
             w.writerow(out)
-    os.replace(tmp, path)
     return path
 
 

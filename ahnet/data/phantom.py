@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..atomic import atomic_path, write_text_atomic
 from .io import voxel_to_world
 from .nodule_types import TYPE_CODES, nodule_type, volume_equivalent_diameter
 
@@ -673,9 +674,8 @@ def write_case(case: Case, out: Path) -> Tuple[Path, Path]:
         img.header.set_xyzt_units("mm", "sec")
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
-        tmp = p.with_name(p.name.replace(".nii.gz", ".tmp.nii.gz"))
-        nib.save(img, str(tmp))
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            nib.save(img, str(tmp))
     return ip, lp
 
 
@@ -762,9 +762,7 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
           "shapes_used": "procedural" if pool == "procedural" else opts.shapes,
           "training": entries, "test": []}
     p = out / "dataset.json"
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ds, indent=1), encoding="utf-8")
-    tmp.replace(p)
+    write_text_atomic(p, json.dumps(ds, indent=1))
     return p
 
 
