@@ -113,6 +113,15 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
 
 
 def main(argv=None) -> int:
+    """The CLI; a bad run folder, dataset or option is one `error:` line and exit code 2."""
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError) as exc:   # EvaluateInputError, DataError, CheckpointError, ...
+        print(f"ahnet.evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ahnet.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="run folders, each with checkpoints/best.pt")
     ap.add_argument("--data", required=True, help="dataset.json (Decathlon style, with split per case)")

@@ -98,3 +98,12 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     assert rep["models"]["ahnet_a"]["cpm"] == 1.0
     assert rep["models"]["ahnet_a"]["types"]["T01"]["dice"]["mean"] == pytest.approx(1.0)
     assert (out / "candidates" / "ahnet_a.csv").read_text(encoding="utf-8").startswith("seriesuid,coordX,coordY,coordZ,probability")
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from ahnet import evaluate as ev_mod
+    ds = tmp_path / "dataset.json"
+    ds.write_text('{"training": []}', encoding="utf-8")
+    assert ev_mod.main(["--runs", str(tmp_path / "absent"), "--data", str(ds)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ahnet.evaluate: error:") and len(err.splitlines()) == 1
