@@ -54,14 +54,16 @@ def _sync(device):
 def _timed(fn, device, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
-    ts = []
+    ts, cpu = [], []
     for _ in range(repeats):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         ts.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts}
+        cpu.append(time.process_time() - c)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts,
+            "cpu_median_s": statistics.median(cpu), "cpu_all_s": cpu}
 
 
 def _autocast(device, dtype: str):
@@ -453,6 +455,8 @@ def summarise(results: list) -> list:
             rows.append((f"{phase} median {tag}", a, b, _ratio(a, b), "s"))
             a, b = res[phase]["min_s"], m and m[phase]["min_s"]
             rows.append((f"{phase} min {tag}", a, b, _ratio(a, b), "s"))
+            a, b = res[phase]["cpu_median_s"], m and m[phase]["cpu_median_s"]
+            rows.append((f"{phase} CPU-time median {tag}", a, b, _ratio(a, b), "s"))
             a, b = res[phase]["peak_mb"], m and m[phase]["peak_mb"]
             rows.append((f"{phase} peak mem {tag}", a, b, _ratio(a, b), "MiB"))
     infers = [r for r in results if r["spec"]["kind"] == "infer" and "error" not in r["result"]]
@@ -465,6 +469,8 @@ def summarise(results: list) -> list:
         lv = dict(r["spec"]["levers"])
         tag = f"{r['spec']['mode']}/{r['spec']['dtype']}/{lever_name(lv)} {'x'.join(map(str, res['volume']))}"
         rows.append((f"infer time {tag}", res["median_s"], m and m["median_s"], _ratio(res["median_s"], m and m["median_s"]), "s"))
+        rows.append((f"infer CPU time {tag}", res["cpu_median_s"], m and m["cpu_median_s"],
+                     _ratio(res["cpu_median_s"], m and m["cpu_median_s"]), "s"))
         rows.append((f"infer peak mem {tag}", res["peak_mb"], m and m["peak_mb"], _ratio(res["peak_mb"], m and m["peak_mb"]), "MiB"))
     for r in results:
         res = r["result"]
@@ -533,6 +539,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--skip-2d", action="store_true")
     p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in every worker (1 on a shared CPU: process CPU time then measures the work)")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -562,6 +570,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
         res = WORKERS[spec["kind"]](spec)
         print("BENCH_RESULT " + json.dumps(res), flush=True)
         return 0
@@ -578,6 +588,7 @@ def main(argv=None) -> int:
         label = f"{kind} {spec.get('impl', '')} {spec.get('mode', '')} {spec.get('dtype', '')} " \
                 f"{lever_name(spec.get('levers', {}))}"
         print(f"[bench {i + 1}/{len(plan)}] {label}", flush=True)
+        spec["threads"] = args.threads
         res = run_worker(spec, args.timeout)
         if "error" in res:
             print(f"    error: {res['error']}", flush=True)

@@ -45,7 +45,7 @@ class AHNet3d(nn.Module):
     Eval mode uses the BatchNorm running statistics (the authors' code ran inference in training mode).
     checkpoint: activation checkpointing in training, a memory / time trade with the same outputs, gradients
         and BN statistics: "none" (paper, default), "encoder" (stem and layer1..4), "decoder" (each level's
-        projection + skip add + dense block, and pyramid + head), "all" (both); True = "all", False = "none".
+        projection + skip add, each AC layer, the pyramid, the head), "all" (both); True = "all", False = "none".
     """
 
     def __init__(self, encoder: str = "resnet50", in_channels: int = 1, out_channels: int = 1, pfn_depth: int = 4,
@@ -103,22 +103,23 @@ class AHNet3d(nn.Module):
                 (self.proj, self.dense3), (self.up3, self.dense4))
 
     @staticmethod
-    def _level(up, dense, d, skip):
-        return dense(up(d) + skip)
-
-    def _top(self, d):
-        if self.pyramid is not None:
-            d = self.pyramid(d)
-        return self.head(d)
+    def _up_add(up, d, skip):
+        return up(d) + skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_multiple, self.in_channels, type(self).__name__)
         stem, pooled, f1, f2, f3, f4 = self.encoder(x)
         if self._ckpt_decoder and self.training:
+            # one segment per projection + skip, per AC layer, for the pyramid and for the head: only the
+            # segment outputs are kept, and backward recomputes one segment at a time
             d = f4
             for (up, dense), skip in zip(self._levels(), (f3, f2, f1, pooled, stem)):
-                d = checkpointed(self._level, [up, dense], up, dense, d, skip)
-            return checkpointed(self._top, [m for m in (self.pyramid, self.head) if m is not None], d)
+                d = checkpointed(self._up_add, [up], up, d, skip)
+                for layer in dense:
+                    d = checkpointed(layer, [layer], d)
+            if self.pyramid is not None:
+                d = checkpointed(self.pyramid, [self.pyramid], d)
+            return checkpointed(self.head, [self.head], d)
         d = self.dense0(self.up0(f4) + f3)
         d = self.dense1(self.up1(d) + f2)
         d = self.dense2(self.up2(d) + f1)

@@ -64,8 +64,8 @@ def test_compile_and_channels_last_are_wired(monkeypatch):
 
 def test_summary_ratios_and_table():
     def model(impl, t, mem, levers=None):
-        r = {"params": 10, "forward": {"median_s": t / 2, "min_s": t / 3, "peak_mb": mem},
-             "train": {"median_s": t, "min_s": t / 2, "peak_mb": 2 * mem}}
+        r = {"params": 10, "forward": {"median_s": t / 2, "min_s": t / 3, "cpu_median_s": t, "peak_mb": mem},
+             "train": {"median_s": t, "min_s": t / 2, "cpu_median_s": t, "peak_mb": 2 * mem}}
         return {"spec": {"kind": "model", "impl": impl, "mode": "trilinear", "dtype": "fp32", "batch": 2,
                          "levers": levers or {}}, "result": r}
     results = [model("ours", 2.0, 100.0), model("monai", 4.0, 200.0), model("ours", 3.0, 50.0, {"checkpoint": "all"})]
