@@ -2,11 +2,11 @@
 # The one entry point for people. Usage: bash run.sh <command> [args...]
 #   setup      create .venv (unless an environment is active) and install the package with its test extras
 #   test       run the test suite (sets up first)
-#   data       generate the phantom dataset            (python -m ahnet.data.phantom --help)
+#   data       generate the phantom dataset + its cache (python -m ahnet.data.phantom --help)
 #   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
-#   demo       the whole job end to end on a small phantom, on a CPU in minutes
+#   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -51,11 +51,18 @@ shift || true
 case "$cmd" in
   setup)    setup test ;;
   test)     setup test; exec "$PY" -m pytest -q "$@" ;;
-  data)     setup test; exec "$PY" -m ahnet.data.phantom "$@" ;;
+  data)     # generate the phantom (default data/phantom), then its HDF5 cache (data/cache/<name>)
+            setup test
+            out=""; prev=""
+            for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
+            if [[ -z "$out" ]]; then out="data/phantom"; set -- --out "$out" "$@"; fi
+            "$PY" -m ahnet.data.phantom "$@"
+            exec "$PY" -m ahnet.data.cache --dataset "$out/dataset.json" --annotations "$out/annotations.csv" \
+              --out "data/cache/$(basename "$out")" ;;
   train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
-  demo)     setup test; exec "$PY" -m ahnet.demo "$@" ;;
+  demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
   bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
   help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ahnet.checkpoint import save_checkpoint
 from ahnet.nets.blocks import UPSAMPLE_MODES
 from ahnet.nets.resnet import ResNet2d, parse_encoder
 
@@ -109,11 +110,11 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print(f"verified in {time.time() - t0:.1f} s")
     out = args.out or default_out(source)
-    save_checkpoint(out, {"model": model.state_dict(), "model_name": "ahnet", "model_kwargs": model.config,
-                          "transfer": {"source": source.origin, "source_depth": source.depth,
-                                       "max_abs_err_float32": max(r.err_float32 for r in rows),
-                                       "max_abs_err_float64": max(r.err_float64 for r in rows),
-                                       "ok": all(r.ok for r in rows)}})
+    save_checkpoint({"model": model.state_dict(), "model_name": "ahnet", "model_kwargs": model.config,
+                     "transfer": {"source": source.origin, "source_depth": source.depth,
+                                  "max_abs_err_float32": max(r.err_float32 for r in rows),
+                                  "max_abs_err_float64": max(r.err_float64 for r in rows),
+                                  "ok": all(r.ok for r in rows)}}, out)
     counts = model.parameter_counts()
     print(f"3D AH-Net ({model.config['encoder']}, pfn_depth {model.config['pfn_depth']}, {model.config['upsample']}): "
           f"{counts['total']:,} parameters ({counts['encoder']:,} transferred) -> {out}")
@@ -121,14 +122,6 @@ def main(argv=None) -> int:
         print("error: the transferred encoder does not reproduce the 2D encoder (see FAIL rows above)", file=sys.stderr)
         return 1
     return 0
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename (a kill never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
 
 
 def default_out(source: Source2d) -> Path:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image
 from .preprocess import HU_MAX, HU_MIN, check_label, clip_and_scale, resample
 
@@ -48,19 +48,6 @@ def file_sha1(paths: Sequence, h=None) -> "hashlib._Hash":
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
     return h
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _nodules_from_annotations(rows, vol: Volume, csv_path, case_id, label: np.ndarray) -> list[dict]:
@@ -133,23 +120,14 @@ def prepare_case(case: dict, target_spacing=None, annotation_rows=None, annotati
 def _write_h5(path: Path, img: Volume, label: np.ndarray, attrs: dict, chunks, compression) -> None:
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        ch = tuple(int(min(c, n)) for c, n in zip(chunks, img.shape)) if chunks else None
+    ch = tuple(int(min(c, n)) for c, n in zip(chunks, img.shape)) if chunks else None
+    with atomic_path(path, durable=True) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image", data=img.array.astype(np.float32), chunks=ch, compression=compression)
             f.create_dataset("label", data=label.astype(np.int16), chunks=ch, compression=compression)
             f.create_dataset("fg_voxels", data=foreground_index(label))
             for k, v in attrs.items():
                 f.attrs[k] = v
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_cache_attrs(path) -> dict | None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,31 @@ _FLOAT_COLUMNS = {"coordX", "coordY", "coordZ", "diameter_mm", "probability", "v
 
 class DataError(ValueError):
     """A data file is unusable; the message names the file and the problem."""
+
+
+def index_to_world_matrix(spacing, direction=np.eye(3)) -> np.ndarray:
+    """3x3 matrix M with world_xyz = origin + M @ index_xyz, for spacing (sz, sy, sx) and a 3x3 direction."""
+    sz, sy, sx = (float(v) for v in np.asarray(spacing, dtype=float).reshape(3))
+    return np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag([sx, sy, sz])
+
+
+def voxel_to_world(zyx, spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3)) -> np.ndarray:
+    """(n, 3) or (3,) voxel coordinates (z, y, x), fractional allowed -> world (x, y, z) LPS mm."""
+    zyx = np.asarray(zyx, dtype=float)
+    single = zyx.ndim == 1
+    ijk = np.atleast_2d(zyx)[:, ::-1]
+    xyz = ijk @ index_to_world_matrix(spacing, direction).T + np.asarray(origin, dtype=float).reshape(3)
+    return xyz[0] if single else xyz
+
+
+def world_to_voxel(xyz, spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3)) -> np.ndarray:
+    """(n, 3) or (3,) world (x, y, z) LPS mm -> fractional voxel coordinates (z, y, x)."""
+    xyz = np.asarray(xyz, dtype=float)
+    single = xyz.ndim == 1
+    rel = np.atleast_2d(xyz) - np.asarray(origin, dtype=float).reshape(3)
+    ijk = np.linalg.solve(index_to_world_matrix(spacing, direction), rel.T).T
+    zyx = ijk[:, ::-1]
+    return zyx[0] if single else zyx
 
 
 @dataclass
@@ -66,25 +93,15 @@ class Volume:
 
     def index_to_world_matrix(self) -> np.ndarray:
         """3x3 matrix M with world_xyz = origin + M @ index_xyz."""
-        sz, sy, sx = self.spacing
-        return self.direction @ np.diag([sx, sy, sz])
+        return index_to_world_matrix(self.spacing, self.direction)
 
     def voxel_to_world(self, zyx) -> np.ndarray:
         """(n, 3) or (3,) voxel coordinates (z, y, x), fractional allowed -> world (x, y, z) LPS mm."""
-        zyx = np.asarray(zyx, dtype=float)
-        single = zyx.ndim == 1
-        ijk = np.atleast_2d(zyx)[:, ::-1]
-        xyz = ijk @ self.index_to_world_matrix().T + np.asarray(self.origin)
-        return xyz[0] if single else xyz
+        return voxel_to_world(zyx, self.spacing, self.origin, self.direction)
 
     def world_to_voxel(self, xyz) -> np.ndarray:
         """(n, 3) or (3,) world (x, y, z) LPS mm -> fractional voxel coordinates (z, y, x)."""
-        xyz = np.asarray(xyz, dtype=float)
-        single = xyz.ndim == 1
-        rel = np.atleast_2d(xyz) - np.asarray(self.origin)
-        ijk = np.linalg.solve(self.index_to_world_matrix(), rel.T).T
-        zyx = ijk[:, ::-1]
-        return zyx[0] if single else zyx
+        return world_to_voxel(xyz, self.spacing, self.origin, self.direction)
 
     def contains_voxel(self, zyx, margin: float = 0.5) -> np.ndarray:
         """True where fractional voxel coordinates lie inside the volume (voxel centres +- margin)."""
@@ -250,6 +267,16 @@ def _read_itk(path: Path) -> Volume:
 
 
 def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:
+    """GDCM sets the process locale to "C" while it reads a series, which would turn Python's default text
+    encoding into ASCII for the rest of the process; the locale is put back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _read_dicom_series(path, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -385,7 +412,7 @@ def _read_csv(path, required: Sequence[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found.")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
@@ -419,10 +446,8 @@ def read_candidates_csv(path) -> list[dict]:
 def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
     """Write candidates: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = list(CANDIDATE_COLUMNS) + [c for c in extra_columns if c not in CANDIDATE_COLUMNS]
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -431,7 +456,6 @@ def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str
                 if c in out and out[c] is not None:
                     out[c] = repr(float(out[c]))
             w.writerow(out)
-    os.replace(tmp, path)
     return path
 
 
@@ -445,7 +469,7 @@ def write_annotations_csv(path, rows: Iterable[dict], columns: Sequence[str] | N
         for r in rows:
             extra += [k for k in r if k not in ANNOTATION_COLUMNS and k not in extra]
         columns = list(ANNOTATION_COLUMNS) + extra
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -463,7 +487,7 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: dataset.json not found.") from None

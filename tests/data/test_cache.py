@@ -158,7 +158,7 @@ def _break(root, how):
         raw[312:328] = np.array([0, 0, 0, -100], "<f4").tobytes()  # srow_z: z spacing 0
         raw[252:254] = np.array([0], "<i2").tobytes()                  # qform_code 0: sform is used
         p.write_bytes(bytes(raw))
-        js = json.loads((root / "dataset.json").read_text())
+        js = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         js["training"][1]["image"] = "./imagesTr/case_001.nii"
         (root / "dataset.json").write_text(json.dumps(js))
     elif how == "outside":

@@ -169,7 +169,7 @@ def test_candidates_csv_roundtrip(tmp_path):
     rows = [dict(seriesuid="s1", coordX=-1.123456789, coordY=2.5, coordZ=-300.0, probability=0.875),
             dict(seriesuid="s2", coordX=0.0, coordY=0.0, coordZ=0.0, probability=1e-7)]
     p = write_candidates_csv(tmp_path / "c.csv", rows)
-    assert p.read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,probability"
+    assert p.read_text(encoding="utf-8").splitlines()[0] == "seriesuid,coordX,coordY,coordZ,probability"
     back = read_candidates_csv(p)
     for a, b in zip(rows, back):
         assert a == {k: b[k] for k in a}
@@ -284,3 +284,11 @@ def test_empty_dicom_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: folder holds no DICOM series"):
         read_image(tmp_path / "empty")
+
+
+def test_dicom_read_keeps_the_text_encoding(tmp_path):
+    """GDCM switches the locale to "C"; after a DICOM read, Python must still write UTF-8 text by default."""
+    import locale
+    before = locale.getpreferredencoding(False)
+    test_dicom_series_read(tmp_path)
+    assert locale.getpreferredencoding(False) == before

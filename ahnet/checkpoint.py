@@ -1,0 +1,121 @@
+"""Checkpoints: atomic save, safe load (``torch.load(weights_only=True)``), RNG state capture and restore.
+
+A checkpoint is a dict of tensors and plain values only (contracts.md), with keys
+``model`` (state dict), ``model_name``, ``model_kwargs``, ``optimizer``, ``scaler``, ``scheduler``, ``epoch``,
+``step``, ``rng``, ``config``, ``metrics``. Files that are not such a dict (a pickle carrying code, a truncated
+or random file, a bare tensor) are refused with a ``CheckpointError`` that says so in one sentence.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+
+__all__ = [
+    "CheckpointError", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "capture_rng_state",
+    "restore_rng_state",
+]
+
+#: keys every training checkpoint of this project carries (the rest are optional for foreign files).
+REQUIRED_KEYS = ("model", "model_name", "model_kwargs")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this project can load."""
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    A reader (or a crash) sees either the old file or the new one, never half a file. Returns the path.
+    """
+    path = Path(path)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                    required_keys: Iterable[str] = REQUIRED_KEYS) -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and check it is a dict with ``required_keys``.
+
+    Raises CheckpointError (a ValueError) naming the file and what is wrong: missing, not a torch file,
+    truncated, holding code or objects other than tensors and plain values, or missing keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by ahnet.train).")
+    try:
+        with warnings.catch_warnings():   # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a safe checkpoint: it holds objects other than tensors and plain values, which "
+            f"weights_only loading refuses ({first[:160]}).") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            UnicodeDecodeError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (truncated, corrupt or another format: "
+            f"{first[:160]}).") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict with keys "
+                              f"{list(required_keys)}.")
+    missing = [k for k in required_keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is a dict but not a training checkpoint: it lacks the keys {missing}.")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict:
+    """The torch (CPU and CUDA), numpy-global and python ``random`` states as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what ``capture_rng_state`` captured (CUDA states only when CUDA is available)."""
+    try:
+        torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+        npd = state["numpy"]
+        np.random.set_state((npd["kind"], npd["keys"].cpu().numpy().astype(np.uint32), int(npd["pos"]),
+                             int(npd["has_gauss"]), float(npd["cached_gaussian"])))
+        pyd = state["python"]
+        random.setstate((int(pyd["version"]), tuple(int(v) for v in pyd["state"].tolist()), pyd["gauss_next"]))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"the checkpoint's rng entry is not one written by capture_rng_state ({e}).") \
+            from None
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.to(torch.uint8).cpu() for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)

@@ -1,0 +1,318 @@
+"""One training configuration per run: defaults, then a JSON file (``--config FILE``), then CLI flags.
+
+``TrainConfig`` is a dataclass whose fields carry their own help text; ``build_parser`` turns them into the
+flags of ``python -m ahnet.train`` (``--pfn-depth`` for ``pfn_depth``), and ``load_config(argv)`` applies
+the three layers in order. ``save_run_config`` writes ``config.json`` into the run folder with the versions
+of python, torch, CUDA / cuDNN and the package, and the git commit when the source is a git checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import write_text_atomic
+
+__all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
+           "read_run_config"]
+
+
+def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run (one stage). Saved verbatim in runs/<name>/config.json."""
+
+    # what to train
+    stage: str = _f("3d", "training stage: 2d = MC-GCN on 3-slice stacks (slices as channels), "
+                          "3d = AH-Net or the 3D U-Net on volumes", ["2d", "3d"])
+    model: str | None = _f(None, "network; default mcgcn for --stage 2d, ahnet for --stage 3d "
+                                 "(unet3d = the from-scratch 3D baseline)", ["ahnet", "mcgcn", "unet3d"])
+    encoder: str = _f("resnet50", "ResNet encoder of MC-GCN / AH-Net (resnet50 is the paper's)",
+                      ["resnet18", "resnet34", "resnet50"])
+    pfn_depth: int = _f(4, "AH-Net pyramid pooling (PVP) levels in the decoder: 0 = off, 4 = the paper")
+    init: str = _f("scratch", "3D stage start: transfer = encoder from a 2D run (--init-from) via "
+                              "weights_transfer, scratch = random init", ["transfer", "scratch"])
+    init_from: str | None = _f(None, "the 2D run folder (or its .pt checkpoint) to transfer from with "
+                                     "--init transfer; a folder means <folder>/checkpoints/best.pt")
+    imagenet_weights: str | None = _f(None, "2D stage: torchvision ResNet state-dict file to start the "
+                                            "encoder from (optional; no download happens)")
+    model_kwargs: dict = _f({}, "extra keyword arguments for build_model as JSON, e.g. "
+                                "'{\"upsample\": \"transpose\", \"z_pool\": \"spacing\"}'")
+    # data
+    data: str = _f("data/phantom/dataset.json", "dataset.json (Decathlon style) listing the cases")
+    cache_dir: str | None = _f(None, "HDF5 cache folder; default data/cache/<dataset folder name>")
+    patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
+                                       "32 128 128 for --stage 3d")
+    pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
+    augment: str = _f("standard", "training augmentation (ahnet.data.augment): standard = in-plane flips, "
+                                  "rot90, rotate/zoom, intensity, noise; randaugment = N ops at magnitude M; "
+                                  "none", ["standard", "randaugment", "none"])
+    randaugment: list = _f([2, 5], "--augment randaugment: N ops per patch and magnitude M (0..10)")
+    batch_size: int = _f(2, "patches per optimiser step")
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process)")
+    # optimisation
+    epochs: int = _f(20, "number of epochs")
+    steps_per_epoch: int = _f(100, "optimiser steps per epoch (patches per epoch = this x batch size)")
+    max_steps: int | None = _f(None, "stop after this many optimiser steps in total (the run stays "
+                                     "resumable); default: epochs x steps-per-epoch")
+    lr: float = _f(3e-4, "Adam learning rate of the decoder and any new layer")
+    lr_encoder: float | None = _f(None, "Adam learning rate of parameters named encoder.* (the transferred "
+                                        "encoder); default: --lr")
+    weight_decay: float = _f(0.0, "Adam weight decay (L2, coupled as in torch.optim.Adam)")
+    schedule: str = _f("cosine", "learning-rate schedule per step after warm-up: cosine to "
+                                 "lr x min-lr-ratio, poly (1 - t/T)^poly-power, or constant",
+                       ["cosine", "poly", "constant"])
+    warmup_steps: int = _f(0, "linear warm-up steps from lr/100 (0 = none)")
+    min_lr_ratio: float = _f(0.01, "cosine: final learning rate as a fraction of the initial one")
+    poly_power: float = _f(0.9, "poly: exponent of (1 - t/T)")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = no clipping)")
+    loss: str = _f("dice_focal", "loss on the logits: focal (the paper's), dice, ce, dice_focal",
+                   ["focal", "dice", "ce", "dice_focal"])
+    focal_alpha: float = _f(0.25, "focal loss foreground weight alpha (background gets 1 - alpha)")
+    focal_gamma: float = _f(2.0, "focal loss focusing exponent gamma")
+    dice_smooth: float = _f(1e-5, "soft Dice smoothing added to numerator and denominator")
+    # numerics and device
+    amp: str = _f("auto", "mixed precision: auto = fp16 + GradScaler on CUDA, off on CPU; bf16 = bfloat16 "
+                          "autocast (CUDA or CPU); fp16 = float16 + GradScaler (CUDA); off = float32",
+                  ["auto", "fp16", "bf16", "off"])
+    max_bad_steps: int = _f(20, "stop the run after this many non-finite losses in a row (each one skips "
+                                "its step)")
+    device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    seed: int = _f(0, "seed of the sampler, the DataLoader order, the weights and the fold split")
+    # validation, checkpoints, output
+    val_patches: int = _f(16, "validation patches per epoch (fixed set, half on nodules): patch-level "
+                              "Dice, CPU-cheap")
+    ckpt_every: int = _f(0, "also write last.pt every N optimiser steps (0 = at the end of each epoch only)")
+    out: str = _f("runs/ahnet", "run folder: config.json, log.csv, checkpoints/{last,best}.pt, progress.png")
+    resume: bool = _f(False, "continue the run in --out from checkpoints/last.pt exactly where it stopped")
+    folds: int = _f(0, "K-fold cross-validation by case over the train + validation cases (0 = use the "
+                       "split column of dataset.json)")
+    fold: int | None = _f(None, "which fold (0 .. K-1) is the validation set")
+    all_folds: bool = _f(False, "train every fold 0 .. K-1 one after another into <out>-fold<F>")
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """A config from defaults overlaid with ``d``; unknown keys raise ValueError naming them."""
+        return cls().updated(d, source)
+
+    def updated(self, d: dict, source: str = "config") -> "TrainConfig":
+        """A copy with the entries of ``d`` applied (flag spellings with dashes are accepted)."""
+        names = {f.name for f in fields(self)}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}; valid settings are the fields of "
+                             f"TrainConfig (see python -m ahnet.train --help).")
+        return dataclasses.replace(self, **d)
+
+    def resolved(self) -> "TrainConfig":
+        """Fill stage-dependent defaults and check the combination; ValueError names what is wrong."""
+        c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
+        for f in fields(c):
+            ch = f.metadata.get("choices")
+            v = getattr(c, f.name)
+            if ch and v is not None and v not in ch:
+                raise ValueError(f"{f.name} must be one of {list(ch)}, got {v!r}.")
+        if c.model is None:
+            c.model = "mcgcn" if c.stage == "2d" else "ahnet"
+        if c.stage == "2d" and c.model != "mcgcn":
+            raise ValueError(f"--stage 2d trains the 2D MC-GCN; got --model {c.model} (use --stage 3d).")
+        if c.stage == "3d" and c.model == "mcgcn":
+            raise ValueError("--model mcgcn is the 2D network; use --stage 2d for it.")
+        if c.patch_size is None:
+            c.patch_size = [3, 128, 128] if c.stage == "2d" else [32, 128, 128]
+        c.patch_size = [int(v) for v in c.patch_size]
+        if len(c.patch_size) != 3 or min(c.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints D H W, got {c.patch_size}.")
+        if c.stage == "2d" and c.patch_size[0] % 2 != 1:
+            raise ValueError(f"--stage 2d needs an odd number of slices (3 = the paper), got patch "
+                             f"D = {c.patch_size[0]}.")
+        if c.init == "transfer":
+            if c.stage != "3d" or c.model != "ahnet":
+                raise ValueError("--init transfer makes an AH-Net from a 2D run; it needs --stage 3d "
+                                 "--model ahnet.")
+            if not c.init_from:
+                raise ValueError("--init transfer needs --init-from RUN_OR_CKPT (the 2D run).")
+        if c.imagenet_weights and c.stage != "2d":
+            raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
+                             "--init transfer.")
+        for name in ("batch_size", "epochs", "steps_per_epoch"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}.")
+        if c.lr <= 0 or (c.lr_encoder is not None and c.lr_encoder < 0):
+            raise ValueError(f"learning rates must be positive, got lr={c.lr}, lr_encoder={c.lr_encoder}.")
+        if c.folds < 0 or c.folds == 1:
+            raise ValueError(f"folds must be 0 (use the dataset split) or >= 2, got {c.folds}.")
+        if c.fold is not None:
+            if c.folds < 2:
+                raise ValueError("--fold F needs --folds K (K >= 2).")
+            if not 0 <= c.fold < c.folds:
+                raise ValueError(f"--fold must lie in 0 .. {c.folds - 1}, got {c.fold}.")
+        if c.cache_dir is None:
+            c.cache_dir = str(Path("data/cache") / (Path(c.data).parent.name or "dataset"))
+        return c
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _opt(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null", "") else conv(s)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _json_dict(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({e.msg})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
+
+
+def build_parser(prog: str = "python -m ahnet.train", description: str | None = None) -> argparse.ArgumentParser:
+    """The CLI: one flag per TrainConfig field (dashes for underscores) plus --config FILE.
+
+    Flags not given are absent from the namespace (argparse.SUPPRESS), so they do not override the file.
+    """
+    p = argparse.ArgumentParser(
+        prog=prog, argument_default=argparse.SUPPRESS,
+        description=description or (
+            "Train one stage of AH-Net for lung nodules. Settings come from defaults, then --config FILE "
+            "(JSON with TrainConfig field names), then these flags."))
+    p.add_argument("--config", metavar="FILE", help="JSON file of settings (applied before the flags)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{f.metadata['help']} (default: {json.dumps(default)})"
+        choices = f.metadata.get("choices")
+        t = f.type if isinstance(f.type, str) else str(f.type)
+        if t == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif t.startswith("list") and f.name == "randaugment":
+            p.add_argument(flag, nargs=2, type=float, metavar=("N", "M"), help=help_)
+        elif t.startswith("list"):
+            p.add_argument(flag, nargs=3, type=int, metavar=("D", "H", "W"), help=help_)
+        elif t == "dict":
+            p.add_argument(flag, type=_json_dict, metavar="JSON", help=help_)
+        else:
+            base = t.split("|")[0].strip()
+            conv = {"int": int, "float": float, "str": str}[base]
+            if "None" in t:
+                conv = _opt(conv)
+            p.add_argument(flag, type=conv, choices=choices, help=help_,
+                           metavar=None if choices else base.upper())
+    return p
+
+
+def read_json_config(path: str | os.PathLike) -> dict:
+    """The settings of a JSON config file (a run's config.json works too: its "config" entry is used)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of settings.")
+    if "config" in d and isinstance(d["config"], dict) and "versions" in d:
+        d = d["config"]
+    return d
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict | None:
+    """The saved settings of a run folder, or None when it has no config.json."""
+    p = Path(run_dir) / "config.json"
+    return read_json_config(p) if p.is_file() else None
+
+
+def load_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+                base: TrainConfig | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Defaults (or ``base``) -> --config FILE -> flags. Returns (config, the namespace of given flags).
+
+    With --resume and an existing <out>/config.json, the saved settings sit between the defaults and the
+    file, so a resumed run trains what it trained before unless a flag says otherwise (e.g. more --epochs).
+    """
+    parser = parser or build_parser()
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if k != "config"}
+    cfg = base or TrainConfig()
+    file_d = read_json_config(ns.config) if getattr(ns, "config", None) else {}
+    resume = given.get("resume", file_d.get("resume", cfg.resume))
+    out = given.get("out", file_d.get("out", cfg.out))
+    if resume:
+        saved = read_run_config(out)
+        if saved is not None:   # a stop by --max-steps is not inherited: a resumed run goes on to the end
+            saved = {k: v for k, v in saved.items() if k not in ("max_steps", "resume", "all_folds")}
+            cfg = cfg.updated(saved, f"{out}/config.json")
+    if file_d:
+        cfg = cfg.updated(file_d, f"config file {ns.config}")
+    cfg = cfg.updated(given, "command line")
+    return cfg, ns
+
+
+# ----------------------------------------------------------------------------------------- environment
+def _git_commit() -> dict | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict:
+    """Versions of python, torch, CUDA, cuDNN, numpy and the package; the device; the git commit if any."""
+    import numpy
+    import torch
+
+    import ahnet
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "numpy": numpy.__version__,
+        "ahnet": getattr(ahnet, "__version__", None),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    info["git"] = _git_commit()
+    return info
+
+
+def save_run_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write <run_dir>/config.json: {"config": settings, "versions": environment_info(), "argv", "created"}."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"config": cfg.to_dict(), "versions": environment_info(), "argv": list(sys.argv),
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if extra:
+        doc.update(extra)
+    path = run_dir / "config.json"
+    return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")

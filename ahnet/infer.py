@@ -1,0 +1,240 @@
+"""Sliding-window inference over whole volumes: padding, Gaussian blending, flip TTA, model ensembles.
+
+``sliding_window_predict(models, image)`` returns foreground probabilities (sigmoid of the models' logits) for a
+(1, C, D, H, W) volume of any size:
+- Sizes: each model's ``input_multiple`` (one int per spatial axis; 1 when a model has none) sets what a window
+  must divide by (the least common multiple over the ensemble). ``window=None`` means one window covering the
+  whole volume rounded up to that multiple. A given window must already be a multiple (ValueError otherwise).
+  The volume is padded at the high end of each axis with ``pad_value`` (0 = air after the cache's [0, 1]
+  scaling) to at least the window, and the output is cropped back to the input's size.
+- Windows: per axis, ceil((L - w) / (w (1 - overlap))) + 1 starts spread evenly from 0 to L - w (the last
+  window ends flush with the volume). They are streamed in batches of ``batch_size`` windows.
+- Blending: each window's probabilities are weighted by a Gaussian importance map (sigma = window / 8 per
+  axis, centred, max 1, clamped below at 1e-6 so no voxel has zero weight; nnU-Net's choice) or uniformly
+  (``blend="constant"``), summed into one float32 accumulator plus one weight map of the padded size on
+  ``out_device``, and divided once at the end. Memory: the accumulator, the weight map and one batch.
+- TTA (``flip_tta=True``): the mean of the probabilities over the 4 in-plane flips (none, H, W, H and W), each
+  flipped back. Ensemble: the mean of the probabilities over all models (and flips), each model in eval mode
+  (its previous mode is restored afterwards).
+- Device: ``device=None`` uses the first model's parameter device. Autocast (float16) only on CUDA and only when
+  ``amp=True``; probabilities are computed and accumulated in float32.
+
+``slicewise_predict(models, image)`` applies 2D models (input (N, S, H, W) slice stacks, e.g. MC-GCN) slice by
+slice with S-slice stacks centred on each slice (edge slices repeated at the volume's ends).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+FLIPS = ((), (-2,), (-1,), (-2, -1))   # in-plane flips of (..., H, W)
+
+
+class InferenceInputError(ValueError):
+    """A volume, window or option that sliding-window inference cannot use."""
+
+
+def _as_models(models):
+    if isinstance(models, nn.Module):
+        return [models]
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise InferenceInputError("models must be an nn.Module or a non-empty list of nn.Modules")
+    return models
+
+
+def input_multiple(models, ndim: int = 3) -> tuple:
+    """Per-axis least common multiple of the models' ``input_multiple`` (1 for a model without one)."""
+    mult = [1] * ndim
+    for m in _as_models(models):
+        mm = getattr(m, "input_multiple", None)
+        if mm is None:
+            continue
+        mm = tuple(int(v) for v in mm)
+        if len(mm) != ndim:
+            raise InferenceInputError(f"{type(m).__name__}.input_multiple {mm} has {len(mm)} axes; expected {ndim}")
+        mult = [math.lcm(a, b) for a, b in zip(mult, mm)]
+    return tuple(mult)
+
+
+def gaussian_importance(window, sigma_scale: float = 1 / 8, min_value: float = 1e-6) -> torch.Tensor:
+    """(D, H, W) float32 Gaussian weights, max 1, sigma = window * sigma_scale per axis, centred at (w - 1) / 2."""
+    axes = []
+    for w in window:
+        t = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
+        s = max(w * sigma_scale, 1e-6)
+        axes.append(np.exp(-0.5 * (t / s) ** 2))
+    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    g = g / g.max()
+    return torch.from_numpy(np.maximum(g, min_value).astype(np.float32))
+
+
+def window_starts(length: int, window: int, overlap: float) -> list:
+    """Start indices of windows of size ``window`` covering [0, length) (length >= window) with ``overlap``."""
+    if length <= window:
+        return [0]
+    step = max(window * (1.0 - overlap), 1.0)
+    n = int(math.ceil((length - window) / step)) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, length - window, n)})
+
+
+def _device_of(model, device):
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _autocast(device, amp):
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_mode(models):
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, t in zip(models, modes):
+            m.train(t)
+
+
+def _activate(logits, activation):
+    logits = logits.float()
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if activation == "softmax":
+        return torch.softmax(logits, dim=1)
+    if activation is None or activation == "none":
+        return logits
+    raise InferenceInputError(f"activation {activation!r} is not known; expected 'sigmoid', 'softmax' or None")
+
+
+def _predict_batch(models, x, flips, device, amp, activation):
+    """Mean probability over models x flips for a batch x (B, C, *spatial) already on ``device``."""
+    total = None
+    for m in models:
+        for f in flips:
+            xi = torch.flip(x, f) if f else x
+            with _autocast(device, amp):
+                y = m(xi)
+            if y.shape[2:] != xi.shape[2:]:
+                raise InferenceInputError(f"{type(m).__name__} returned spatial size {tuple(y.shape[2:])} for "
+                                          f"input {tuple(xi.shape[2:])}; expected the same size")
+            p = _activate(y, activation)
+            if f:
+                p = torch.flip(p, f)
+            total = p if total is None else total + p
+    return total / (len(models) * len(flips))
+
+
+def _as_volume(image, ndim_spatial):
+    x = torch.as_tensor(image)
+    if x.ndim != ndim_spatial + 2 or x.shape[0] != 1:
+        want = "(1, C, D, H, W)" if ndim_spatial == 3 else "(1, C, H, W)"
+        raise InferenceInputError(f"image has shape {tuple(x.shape)}; expected {want} (one volume, N = 1)")
+    return x.float()
+
+
+def sliding_window_predict(models, image, window=None, overlap: float = 0.5, batch_size: int = 4,
+                           flip_tta: bool = False, amp: bool = True, device=None, out_device="cpu",
+                           activation="sigmoid", blend: str = "gaussian", pad_value: float = 0.0) -> torch.Tensor:
+    """Probabilities (1, C_out, D, H, W) float32 on ``out_device`` for a (1, C, D, H, W) volume.
+
+    models: one nn.Module or a list (ensemble, mean probability); window: (D, H, W) or None (whole volume).
+    """
+    models = _as_models(models)
+    x = _as_volume(image, 3)
+    if not 0 <= overlap < 1:
+        raise InferenceInputError(f"overlap {overlap} must be in [0, 1)")
+    if batch_size < 1:
+        raise InferenceInputError(f"batch_size {batch_size} must be >= 1")
+    if blend not in ("gaussian", "constant"):
+        raise InferenceInputError(f"blend {blend!r} is not known; expected 'gaussian' or 'constant'")
+    shape = tuple(x.shape[2:])
+    mult = input_multiple(models, 3)
+    if window is None:
+        window = tuple(int(math.ceil(s / m)) * m for s, m in zip(shape, mult))
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1:
+        raise InferenceInputError(f"window {window} must be three positive sizes (D, H, W)")
+    bad = [(w, m) for w, m in zip(window, mult) if w % m]
+    if bad:
+        raise InferenceInputError(f"window {window} must divide by the models' input_multiple {mult} on every axis")
+    padded = tuple(max(s, w) for s, w in zip(shape, window))
+    pad = [0, 0] * 3
+    for ax in range(3):                                    # F.pad order: last axis first
+        pad[2 * (2 - ax) + 1] = padded[ax] - shape[ax]
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, value=pad_value)
+    dev = _device_of(models[0], device)
+    out_device = torch.device(out_device)
+    imp = gaussian_importance(window) if blend == "gaussian" else torch.ones(window)
+    imp_dev = imp.to(dev)
+    starts = list(itertools.product(*(window_starts(L, w, overlap) for L, w in zip(padded, window))))
+    flips = FLIPS if flip_tta else ((),)
+    acc = wsum = None
+    with torch.no_grad(), _eval_mode(models):
+        for b in range(0, len(starts), batch_size):
+            chunk = starts[b:b + batch_size]
+            sls = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in chunk]
+            xb = torch.cat([x[(slice(None), slice(None)) + sl] for sl in sls], 0).to(dev)
+            pb = _predict_batch(models, xb, flips, dev, amp, activation) * imp_dev
+            if acc is None:
+                acc = torch.zeros((pb.shape[1],) + padded, dtype=torch.float32, device=out_device)
+                wsum = torch.zeros((1,) + padded, dtype=torch.float32, device=out_device)
+            pb = pb.to(out_device)
+            w_out = imp.to(out_device)
+            for i, sl in enumerate(sls):
+                acc[(slice(None),) + sl] += pb[i]
+                wsum[(slice(None),) + sl] += w_out
+    acc /= wsum                                            # in place: no second full-size buffer
+    crop = (slice(None),) + tuple(slice(0, s) for s in shape)
+    return acc[crop].unsqueeze(0).contiguous()
+
+
+def slicewise_predict(models, image, in_slices: int = 3, batch_size: int = 8, flip_tta: bool = False,
+                      amp: bool = True, device=None, out_device="cpu", activation="sigmoid",
+                      pad_value: float = 0.0) -> torch.Tensor:
+    """Apply 2D models slice by slice: (1, 1, D, H, W) -> probabilities (1, C_out, D, H, W) float32.
+
+    Each slice z is predicted from the stack of slices z - in_slices//2 .. z + in_slices//2 (indices clamped to
+    the volume, so end slices repeat) given as channels (N, in_slices, H, W). In-plane sizes are padded at the
+    high end to the models' 2-axis input_multiple and cropped back.
+    """
+    models = _as_models(models)
+    x = _as_volume(image, 3)
+    if x.shape[1] != 1:
+        raise InferenceInputError(f"image has {x.shape[1]} channels; slice-by-slice inference expects 1")
+    if in_slices < 1 or in_slices % 2 == 0:
+        raise InferenceInputError(f"in_slices {in_slices} must be odd and >= 1 (a stack centred on each slice)")
+    D, H, W = x.shape[2:]
+    mh, mw = input_multiple(models, 2)
+    Hp, Wp = int(math.ceil(H / mh)) * mh, int(math.ceil(W / mw)) * mw
+    vol = x[0, 0]
+    if (Hp, Wp) != (H, W):
+        vol = torch.nn.functional.pad(vol, [0, Wp - W, 0, Hp - H], value=pad_value)
+    dev = _device_of(models[0], device)
+    out_device = torch.device(out_device)
+    half = in_slices // 2
+    out = None
+    with torch.no_grad(), _eval_mode(models):
+        for z0 in range(0, D, batch_size):
+            zs = range(z0, min(z0 + batch_size, D))
+            idx = torch.tensor([[min(max(z + o, 0), D - 1) for o in range(-half, half + 1)] for z in zs])
+            xb = vol[idx].to(dev)                                    # (B, S, Hp, Wp)
+            pb = _predict_batch(models, xb, flips=FLIPS if flip_tta else ((),), device=dev, amp=amp,
+                                activation=activation).to(out_device)
+            if out is None:
+                out = torch.zeros((pb.shape[1], D, H, W), dtype=torch.float32, device=out_device)
+            out[:, z0:z0 + len(zs)] = pb[:, :, :H, :W].permute(1, 0, 2, 3)
+    return out.unsqueeze(0)

@@ -1,0 +1,316 @@
+"""The per-type comparison report: report.json (stable keys), report.md and a self-contained report.html.
+
+Input: ``results = {model_name: {"detection": <ahnet.froc.evaluate_detection dict>,
+"segmentation": <ahnet.segmetrics.aggregate_seg dict or None>}}`` (all models on the same test scans).
+
+Winners: on each type the best model is the one with the highest per-type CPM (point estimate). Models whose
+CPM is within ``tie_tol`` (1e-9) of the best are tied: all of them are listed as winners of that type and each
+one's ``wins`` count includes it (``wins_outright`` counts only types won alone). A type with no nodules (or no
+model with a defined CPM on it) has no winner and counts for nobody. ``margin`` = best CPM minus the best CPM of
+the models not among the winners (None when there is no such model). The same rule gives the overall winner.
+Note that winners are point estimates; the intervals in the tables say whether a difference is resolved.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+try:  # the project's type table, when the data part is present
+    from ahnet.data.nodule_types import TYPE_CODES, TYPE_NAMES  # type: ignore
+except Exception:  # pragma: no cover - stand-in with the names of shared/design/nodule_types.md
+    TYPE_NAMES = {"T01": "solid < 6 mm", "T02": "solid 6 to < 8 mm", "T03": "solid 8 to < 15 mm",
+                  "T04": "solid >= 15 mm", "T05": "solid lobulated", "T06": "solid spiculated",
+                  "T07": "part-solid < 6 mm", "T08": "part-solid >= 6 mm", "T09": "ground-glass < 6 mm",
+                  "T10": "ground-glass >= 6 mm", "T11": "calcified < 6 mm", "T12": "calcified >= 6 mm"}
+    TYPE_CODES = tuple(sorted(TYPE_NAMES))
+
+LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
+TIE_TOL = 1e-9
+
+
+class ReportInputError(ValueError):
+    """Results that the report cannot be built from."""
+
+
+def _seg(seg, group_key, label):
+    if not seg:
+        return None, None
+    s = seg["overall"] if label is None else seg.get("groups", {}).get(group_key, {}).get(label)
+    if not s:
+        return None, None
+    return s.get("dice"), s.get("hd95_mm")
+
+
+def _group_entry(det_group, seg, key, label):
+    g = det_group or {}
+    dice, hd = _seg(seg, key, label)
+    return {"n": int(g.get("n", 0)), "sensitivity": g.get("sensitivity"), "sensitivity_ci": g.get("sensitivity_ci"),
+            "cpm": g.get("cpm"), "cpm_ci": g.get("cpm_ci"), "dice": dice, "hd95_mm": hd}
+
+
+def pick_winners(scores: dict, tie_tol: float = TIE_TOL) -> dict:
+    """{model: score or None} -> {"models": [best, tied...], "score", "tie", "margin"} by the module's rule."""
+    valid = {m: s for m, s in scores.items() if s is not None and np.isfinite(s)}
+    if not valid:
+        return {"models": [], "score": None, "tie": False, "margin": None}
+    best = max(valid.values())
+    win = sorted(m for m, s in valid.items() if best - s <= tie_tol)
+    rest = [s for m, s in valid.items() if m not in win]
+    return {"models": win, "score": float(best), "tie": len(win) > 1,
+            "margin": float(best - max(rest)) if rest else None}
+
+
+def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: float = TIE_TOL) -> dict:
+    """The report.json content (see the module docstring for the winner and tie rules)."""
+    if not results:
+        raise ReportInputError("results is empty; give {model_name: {'detection': ..., 'segmentation': ...}}")
+    fp_rates = None
+    models = {}
+    for name, r in results.items():
+        det = r.get("detection") if isinstance(r, dict) else None
+        if not det or "cpm" not in det:
+            raise ReportInputError(f"results[{name!r}] needs a 'detection' dict from ahnet.froc.evaluate_detection")
+        if fp_rates is None:
+            fp_rates = det["fp_rates"]
+        elif list(det["fp_rates"]) != list(fp_rates):
+            raise ReportInputError(f"results[{name!r}] uses fp_rates {det['fp_rates']}; the others use {fp_rates}")
+        seg = r.get("segmentation")
+        dice, hd = _seg(seg, None, None)
+        groups = det.get("groups", {})
+        present_locs = [l for l in locations if l in groups.get("location", {})]
+        present_locs += sorted(set(groups.get("location", {})) - set(locations))
+        models[name] = {
+            "n_scans": det["n_scans"], "n_nodules": det["n_nodules"], "cpm": det["cpm"], "cpm_ci": det["cpm_ci"],
+            "sensitivity": det["sensitivity"], "sensitivity_ci": det["sensitivity_ci"], "dice": dice, "hd95_mm": hd,
+            "counts": det.get("counts"),
+            "types": {t: _group_entry(groups.get("type", {}).get(t), seg, "type", t) for t in types},
+            "locations": {l: _group_entry(groups.get("location", {}).get(l), seg, "location", l)
+                          for l in present_locs},
+            "froc": det.get("froc"), "froc_band": det.get("froc_band")}
+    names = list(models)
+    n_scans = {models[m]["n_scans"] for m in names}
+    winners = {t: pick_winners({m: models[m]["types"][t]["cpm"] for m in names}, tie_tol) for t in types}
+    wins = {m: sum(m in w["models"] for w in winners.values()) for m in names}
+    outright = {m: sum(w["models"] == [m] for w in winners.values()) for m in names}
+    return {"version": 1, "fp_rates": list(fp_rates), "types": list(types),
+            "type_names": {t: TYPE_NAMES.get(t, t) for t in types}, "model_order": names,
+            "same_scan_count": len(n_scans) == 1, "models": models, "winners": winners, "wins": wins,
+            "wins_outright": outright, "n_types_with_winner": sum(bool(w["models"]) for w in winners.values()),
+            "overall_winner": pick_winners({m: models[m]["cpm"] for m in names}, tie_tol),
+            "rules": {"winner": "highest per-type CPM (point estimate); ties within %g share the type and each "
+                                "counts it in wins; no nodules -> no winner" % tie_tol,
+                      "ci": "percentile bootstrap over scans (detection) / nodules (Dice)"}}
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _f(x, nd=3):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _ci(ci, nd=3):
+    return "" if not ci else f" [{_f(ci[0], nd)}, {_f(ci[1], nd)}]"
+
+
+def _fr(f):
+    return {0.125: "1/8", 0.25: "1/4", 0.5: "1/2"}.get(f, f"{f:g}")
+
+
+def _tables(rep) -> list:
+    """[(title, header, rows)] shared by the Markdown and HTML writers."""
+    names, types = rep["model_order"], rep["types"]
+    out = []
+    rows = []
+    for m in names:
+        r = rep["models"][m]
+        d = r["dice"] or {}
+        rows.append([m, str(r["n_scans"]), str(r["n_nodules"]), _f(r["cpm"]) + _ci(r["cpm_ci"]),
+                     _f(d.get("mean")) + _ci(d.get("ci")), str(rep["wins"][m]), str(rep["wins_outright"][m])])
+    out.append(("Overall", ["model", "scans", "nodules", "CPM [95% CI]", "Dice [95% CI]",
+                            f"types won (of {len(types)})", "won alone"], rows))
+    rows = []
+    for t in types:
+        n = max(rep["models"][m]["types"][t]["n"] for m in names)
+        cells = [f"{t} {rep['type_names'][t]}", str(n)]
+        for m in names:
+            g = rep["models"][m]["types"][t]
+            cells.append(_f(g["cpm"]) + _ci(g["cpm_ci"]))
+        w = rep["winners"][t]
+        cells.append(", ".join(w["models"]) + (" (tie)" if w["tie"] else "") if w["models"] else "no winner")
+        rows.append(cells)
+    out.append(("CPM per type (best model per type)", ["type", "n"] + names + ["best"], rows))
+    rows = []
+    for t in types:
+        cells = [t]
+        for m in names:
+            d = rep["models"][m]["types"][t]["dice"] or {}
+            cells.append(_f(d.get("mean")) + _ci(d.get("ci")))
+        rows.append(cells)
+    out.append(("Dice per type", ["type"] + names, rows))
+    for m in names:
+        r = rep["models"][m]
+        head = ["group", "n"] + [f"sens@{_fr(f)}" for f in rep["fp_rates"]] + ["CPM [95% CI]"]
+        rows = [["all", str(r["n_nodules"])] + [_f(s) for s in (r["sensitivity"] or [None] * 7)]
+                + [_f(r["cpm"]) + _ci(r["cpm_ci"])]]
+        for label, g in list(r["types"].items()) + list(r["locations"].items()):
+            sens = g["sensitivity"] or [None] * len(rep["fp_rates"])
+            rows.append([label, str(g["n"])] + [_f(s) for s in sens] + [_f(g["cpm"]) + _ci(g["cpm_ci"])])
+        out.append((f"Sensitivity per FP/scan: {m}", head, rows))
+    return out
+
+
+def _md_table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- figures
+def _figures(rep) -> dict:
+    """{file name: PNG bytes} made with matplotlib (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names, types = rep["model_order"], rep["types"]
+    figs = {}
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        figs[name] = buf.getvalue()
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(names):
+        r = rep["models"][m]
+        c = f"C{i % 10}"
+        fr = r.get("froc") or {}
+        fps = np.asarray(fr.get("fps", []), float)
+        sens = np.array([np.nan if s is None else s for s in fr.get("sensitivity", [])], float)
+        if fps.size:
+            # step curve up to the last vertex, then held (as the interpolation does)
+            fps_p = np.maximum(np.append(fps, 8.0), 1 / 16)
+            ax.plot(fps_p, np.append(sens, sens[-1]), color=c, drawstyle="steps-post",
+                    label=f"{m} (CPM {_f(r['cpm'])})")
+        band = r.get("froc_band") or {}
+        if band.get("lower"):
+            lo = np.array([np.nan if v is None else v for v in band["lower"]], float)
+            hi = np.array([np.nan if v is None else v for v in band["upper"]], float)
+            ax.fill_between(band["fps"], lo, hi, color=c, alpha=0.15, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, 8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(rep["fp_rates"], [_fr(f) for f in rep["fp_rates"]])
+    ax.set_xlabel("mean false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("FROC (shaded: 95% bootstrap band)")
+    save(fig, "froc.png")
+
+    def bars(get, ylabel, title, fname, groups, group_labels):
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(names)) / 2 + 3), 4.2))
+        width = 0.8 / max(1, len(names))
+        x = np.arange(len(groups))
+        for i, m in enumerate(names):
+            vals, lo, hi = [], [], []
+            for g in groups:
+                v, ci = get(m, g)
+                vals.append(np.nan if v is None else v)
+                lo.append(0 if (v is None or not ci) else max(v - ci[0], 0))
+                hi.append(0 if (v is None or not ci) else max(ci[1] - v, 0))
+            ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[lo, hi], capsize=2, label=m,
+                   color=f"C{i % 10}", error_kw={"elinewidth": 0.8})
+        ax.set_xticks(x, group_labels, rotation=0 if len(groups) <= 12 else 45, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=min(len(names), 4))
+        save(fig, fname)
+
+    tl = [f"{t}\nn={max(rep['models'][m]['types'][t]['n'] for m in names)}" for t in types]
+    bars(lambda m, t: (rep["models"][m]["types"][t]["cpm"], rep["models"][m]["types"][t]["cpm_ci"]),
+         "CPM (mean sensitivity 1/8..8 FP/scan)", "Per-type detection (95% CI)", "type_cpm.png", types, tl)
+    j1 = rep["fp_rates"].index(1.0) if 1.0 in rep["fp_rates"] else len(rep["fp_rates"]) // 2
+
+    def sens_at(m, t):
+        g = rep["models"][m]["types"][t]
+        if not g["sensitivity"]:
+            return None, None
+        return g["sensitivity"][j1], (g["sensitivity_ci"][j1] if g["sensitivity_ci"] else None)
+    bars(sens_at, f"sensitivity at {_fr(rep['fp_rates'][j1])} FP/scan", "Per-type sensitivity (95% CI)",
+         "type_sensitivity.png", types, tl)
+
+    def dice_of(m, t):
+        d = rep["models"][m]["types"][t]["dice"]
+        return (d["mean"], d["ci"]) if d else (None, None)
+    bars(dice_of, "Dice", "Dice per type (95% CI)", "type_dice.png", types, tl)
+    locs = sorted({l for m in names for l in rep["models"][m]["locations"]})
+    if locs:
+        bars(lambda m, l: ((rep["models"][m]["locations"].get(l) or {}).get("cpm"),
+                           (rep["models"][m]["locations"].get(l) or {}).get("cpm_ci")),
+             "CPM", "Detection by location (95% CI)", "location_cpm.png", locs, locs)
+    return figs
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def _markdown(rep, figs, title) -> str:
+    lines = [f"# {title}", ""]
+    ow = rep["overall_winner"]
+    lines.append(f"Best overall CPM: {', '.join(ow['models']) or 'none'}"
+                 + (" (tie)" if ow["tie"] else "") + f" ({_f(ow['score'])}).")
+    lines.append("Types won (of %d): " % len(rep["types"])
+                 + ", ".join(f"{m} {rep['wins'][m]}" for m in rep["model_order"]) + ".")
+    lines.append("")
+    lines.append("Rules: " + rep["rules"]["winner"] + "; intervals: " + rep["rules"]["ci"] + ".")
+    for t, head, rows in _tables(rep):
+        lines += ["", f"## {t}", "", _md_table(head, rows)]
+    lines += ["", "## Figures", ""] + [f"![{n}]({n})" for n in figs]
+    return "\n".join(lines) + "\n"
+
+
+def _html(rep, figs, title) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:0.5em 0;font-size:13px}"
+             "td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
+             "th{background:#eee}img{max-width:100%}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    ow = rep["overall_winner"]
+    parts.append(f"<p>Best overall CPM: <b>{esc(', '.join(ow['models']) or 'none')}</b>"
+                 f"{' (tie)' if ow['tie'] else ''} ({_f(ow['score'])}). Types won (of {len(rep['types'])}): "
+                 + esc(", ".join(f"{m} {rep['wins'][m]}" for m in rep["model_order"])) + ".</p>")
+    parts.append(f"<p><small>Rules: {esc(rep['rules']['winner'])}; intervals: {esc(rep['rules']['ci'])}."
+                 "</small></p>")
+    for name, data in figs.items():
+        parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+    for t, head, rows in _tables(rep):
+        parts.append(f"<h2>{esc(t)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluation", types=TYPE_CODES,
+                 tie_tol: float = TIE_TOL) -> dict:
+    """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir.
+
+    Returns the report.json content. See the module docstring for the input and the winner rule.
+    """
+    rep = summarize(results, types=types, tie_tol=tie_tol)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = _figures(rep)
+    for name, data in figs.items():
+        (out / name).write_bytes(data)
+    (out / "report.json").write_text(json.dumps(rep, indent=1, allow_nan=False), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(rep, figs, title), encoding="utf-8")
+    (out / "report.html").write_text(_html(rep, figs, title), encoding="utf-8")
+    return rep

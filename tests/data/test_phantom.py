@@ -1,0 +1,186 @@
+"""The chest phantom: determinism, tissue HU, the vessel confounder, outputs, types, reserved LIDC scans."""
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from ahnet.data import phantom as ph
+from ahnet.data.nodule_types import TYPE_CODES
+
+SMALL = dict(size=96, slices=12, thickness=2.5, spacing=1.2)
+
+
+def small_opts(**kw):
+    return ph.PhantomOptions(**{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def quiet_case():
+    types = ["T10", "T08", "T03", "T12"]
+    return ph.generate_case("q", 7, small_opts(noise=(0.0, 0.0)), n_nodules=4, types=types,
+                            locations=list(ph.LOCATIONS))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    p = ph.generate_dataset(out, 7, seed=3, previews=1, nodules_per_case=(2, 2), negatives=0.15, **SMALL)
+    return out, p
+
+
+def test_deterministic_from_seed():
+    a = ph.generate_case("a", 11, small_opts(), n_nodules=2)
+    b = ph.generate_case("a", 11, small_opts(), n_nodules=2)
+    c = ph.generate_case("a", 12, small_opts(), n_nodules=2)
+    assert a.image.tobytes() == b.image.tobytes() and a.label.tobytes() == b.label.tobytes()
+    assert a.nodules == b.nodules
+    assert a.image.tobytes() != c.image.tobytes()
+
+
+def test_grid_and_acquisition(quiet_case):
+    c = quiet_case
+    assert c.image.shape == (12, 96, 96) and c.image.dtype == np.float32 and c.label.dtype == np.int16
+    assert c.fine_dz <= 1.2 + 1e-9 and c.fine_tissue.shape[0] * c.fine_dz == pytest.approx(12 * 2.5)
+    k = c.fine_tissue.shape[0] // 12
+    # with noise off, an output voxel far from edges equals the mean of its fine slices (slice profile)
+    z, y, x = 5, 48, 2          # outside the body: air
+    assert c.image[z, y, x] == -1000
+    box = c.fine_hu.reshape(12, k, 96, 96).mean(1)                  # box slice profile over k fine slices
+    expect = np.round(ndi.gaussian_filter(box, sigma=(0, 0.5, 0.5), mode="nearest"))
+    assert np.abs(c.image - expect).max() <= 1.0
+    # a thin structure loses contrast: the thick-slice image is not just one fine slice
+    assert np.abs(c.image - c.fine_hu[k // 2::k]).max() > 100
+
+
+def test_tissue_hu(quiet_case):
+    t, hu = quiet_case.fine_tissue, quiet_case.fine_hu
+    T = ph.TISSUE
+    for name, lo, hi in [("air", -1000, -1000), ("fat", -115, -85), ("muscle", 30, 50), ("cortical", 700, 1000),
+                         ("marrow", 200, 300), ("vessel", 40, 40), ("airway_lumen", -1000, -1000),
+                         ("airway_wall", 40, 40), ("fissure", -700, -700), ("lung", -900, -800)]:
+        v = hu[t == T[name]]
+        assert v.size > 0, name
+        assert lo - 1e-3 <= v.min() and v.max() <= hi + 1e-3, (name, v.min(), v.max())
+    lung = hu[t == T["lung"]]
+    assert abs(lung.mean() + 850) < 15 and 3 < lung.std() < 40      # smooth variation of a few tens of HU
+    nod = hu[t == T["nodule"]]
+    assert nod.size > 0
+    for nd in quiet_case.nodules:
+        assert nd["type"] in TYPE_CODES
+
+
+def test_nodule_compositions():
+    cases = {code: ph.generate_case("c", 21, small_opts(noise=(0.0, 0.0)), n_nodules=1, types=[code],
+                                    locations=["isolated"]) for code in ("T10", "T08", "T03", "T12")}
+    for code, c in cases.items():
+        assert len(c.nodules) == 1
+        fine_nod = c.fine_hu[c.fine_tissue == ph.TISSUE["nodule"]]
+        typ = c.nodules[0]["type"]
+        if typ in ("T09", "T10"):
+            assert -720 <= np.median(fine_nod) <= -380
+        elif typ in ("T07", "T08"):
+            assert fine_nod.min() < -380 and fine_nod.max() > 10            # GGO with a solid core
+        elif typ in ("T11", "T12"):
+            assert fine_nod.max() >= 190
+        else:
+            assert 5 <= np.median(fine_nod) <= 75
+
+
+def test_vessel_confounder(quiet_case):
+    """Per case, vessel cross-sections of nodule-like in-plane diameter (3-10 mm) in the output slices."""
+    c = quiet_case
+    k = c.fine_tissue.shape[0] // c.image.shape[0]
+    n = 0
+    for z in range(c.image.shape[0]):
+        lab, nl = ndi.label(c.fine_tissue[z * k + k // 2] == ph.TISSUE["vessel"])
+        if nl:
+            d = np.sqrt(4 * np.bincount(lab.ravel())[1:] * c.spacing[1] * c.spacing[2] / np.pi)
+            n += int(((d >= 3) & (d <= 10)).sum())
+    assert n >= 10
+    # and the vessels run in all directions: many segments have a large through-plane component
+    dirs = np.array([(b - a) / (np.linalg.norm(b - a) + 1e-9) for a, b, _, _ in c.vessel_segments])
+    assert (np.abs(dirs[:, 0]) > 0.7).mean() > 0.1 and (np.abs(dirs[:, 0]) < 0.3).mean() > 0.1
+
+
+def test_outputs_readable_affine_and_annotations(dataset):
+    out, p = dataset
+    ds = json.loads(p.read_text(encoding="utf-8"))
+    assert ds["numTraining"] == 7 and len(ds["training"]) == 7
+    assert {e["split"] for e in ds["training"]} == {"train", "validation", "test"}
+    rows = list(csv.DictReader(open(out / "annotations.csv")))
+    assert list(rows[0].keys()) == ph.CSV_COLUMNS
+    per_case = {}
+    for r in rows:
+        per_case.setdefault(r["seriesuid"], []).append(r)
+    assert len(per_case) == 6                                                 # negatives present
+    for e in ds["training"]:
+        img = nib.load(out / e["image"])
+        lab = nib.load(out / e["label"])
+        aff = img.affine
+        assert np.allclose(np.abs(np.diag(aff)[:3]), [1.2, 1.2, 2.5])
+        assert aff[0, 0] < 0 and aff[1, 1] < 0 and aff[2, 2] > 0               # LPS world, RAS affine
+        assert np.allclose(aff, lab.affine) and img.shape == (96, 96, 12)
+        assert lab.get_data_dtype() == np.int16
+        L = np.asarray(lab.dataobj)
+        assert set(np.unique(L)) == {0} | {int(r["label"]) for r in per_case.get(e["case_id"], [])}
+        for r in per_case.get(e["case_id"], []):
+            lps = np.array([float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])])
+            ras = lps * [-1, -1, 1]
+            ijk = np.linalg.solve(aff[:3, :3], ras - aff[:3, 3])
+            assert L[tuple(np.round(ijk).astype(int))] == int(r["label"])     # the point lies in its nodule
+            assert float(r["diameter_mm"]) > 2.5 and r["location"] in ph.LOCATIONS
+    assert list((out / "preview").glob("*.png"))
+
+
+def test_balanced_types_and_reserved_scans(dataset):
+    out, _ = dataset
+    rows = list(csv.DictReader(open(out / "annotations.csv")))
+    types = [r["type"] for r in rows]
+    assert len(rows) == 12                                                  # 6 positive cases x 2
+    # 12 scheduled nodules, one of each type; a painted size can cross a bin edge, so allow one miss
+    assert len(set(types)) >= 11 and max(types.count(t) for t in set(types)) <= 2
+    split_of = {e["case_id"]: e["split"] for e in json.load(open(out / "dataset.json"))["training"]}
+    for r in rows:
+        if r["lidc_scan_id"]:
+            sid = int(r["lidc_scan_id"])
+            assert sid % 5 != 0
+            assert ph.lidc_split_of_scan(sid) == split_of[r["seriesuid"]]     # disjoint LIDC scans per split
+
+
+def test_shape_pool_never_reserved():
+    pool = ph._get_pool(1.2)
+    if pool == "procedural":
+        pytest.skip("no LIDC database")
+    ids = [a for s in pool.by.values() for lst in s.values() for a in lst]
+    assert ids and all(pool.db.annotations[a].scan_id % 5 != 0 for a in ids)
+    scans = {s: {pool.db.annotations[a].scan_id for lst in pool.by[s].values() for a in lst} for s in ph.SPLITS}
+    assert not (scans["train"] & scans["validation"]) and not (scans["train"] & scans["test"])
+    assert all(len(pool.by["train"][c]) > 0 for c in TYPE_CODES)
+
+
+def test_procedural_fallback_types():
+    c = ph.generate_case("p", 5, small_opts(shapes="procedural", noise=(0.0, 0.0)), n_nodules=4,
+                         types=["T01", "T05", "T06", "T09"], locations=["isolated"] * 4)
+    got = [n["type"] for n in c.nodules]
+    assert len(got) >= 3 and all(n["lidc_scan_id"] == "" for n in c.nodules)
+    assert sum(g == w for g, w in zip(got, ["T01", "T05", "T06", "T09"])) >= 3
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="shapes"):
+        ph.generate_case("b", 0, small_opts(shapes="random"))
+    with pytest.raises(ValueError, match="size"):
+        ph.generate_case("b", 0, small_opts(size=8))
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, "-m", "ahnet.data.phantom", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--out", "--cases", "--seed", "--size", "--slices", "--thickness", "--spacing",
+                 "--nodules-per-case", "--negatives", "--shapes", "--noise"):
+        assert flag in r.stdout

@@ -1,0 +1,202 @@
+"""FROC / CPM by the LUNA16 rules on hand-made cases whose answers are worked out in the comments."""
+import time
+
+import numpy as np
+import pytest
+
+from ahnet.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_from_curve, evaluate_detection,
+                        froc_curve, interp_curve, match_candidates)
+
+
+def nod(s, x, y, z, d, t=None, irrelevant=False, loc=None):
+    return {"seriesuid": s, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": d, "type": t,
+            "irrelevant": irrelevant, "location": loc}
+
+
+def cand(s, x, y, z, p):
+    return {"seriesuid": s, "coordX": str(x), "coordY": str(y), "coordZ": str(z), "probability": str(p)}
+
+
+# Four scans. A: N1 (d 10, T01), N2 (d 6, T02, missed). B: N3 (d 8, T01), an irrelevant finding I1 (d 4).
+# C: no nodules. D: N4 (d 20, T03, no candidates -> missed).
+NODULES = [nod("A", 0, 0, 0, 10, "T01", loc="isolated"), nod("A", 50, 0, 0, 6, "T02", loc="juxta-pleural"),
+           nod("B", 0, 0, 0, 8, "T01", loc="isolated"), nod("B", 30, 0, 0, 4, None, irrelevant="1"),
+           nod("D", 0, 0, 0, 20, "T03")]
+CANDS = [cand("A", 5, 0, 0, 0.9),      # exactly on N1's radius (5 mm): hit
+         cand("A", 3, 0, 0, 0.6),      # second hit on N1: duplicate, neither TP nor FP
+         cand("A", 100, 0, 0, 0.8),    # FP
+         cand("B", 30, 1, 0, 0.95),    # on the irrelevant finding: dropped
+         cand("B", 0, 4, 0, 0.4),      # exactly on N3's radius (4 mm): hit
+         cand("C", 0, 0, 0, 0.7),      # FP in a scan without nodules
+         cand("C", 1, 1, 1, 0.3)]      # FP
+SCANS = ["A", "B", "C", "D"]
+# Entries by score: .9 TP, .8 FP, .7 FP, .4 TP, .3 FP with 4 relevant nodules and 4 scans. FROC vertices:
+# (0,0) (0,.25) (.25,.25) (.5,.25) (.5,.5) (.75,.5). Sensitivity at 1/8, 1/4: .25; at 1/2 and above: .5.
+EXPECTED_SENS = [0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_hand_case_sensitivities_counts_and_cpm():
+    r = evaluate_detection(NODULES, CANDS, SCANS, n_bootstrap=0)
+    assert r["n_scans"] == 4 and r["n_nodules"] == 4
+    np.testing.assert_allclose(r["sensitivity"], EXPECTED_SENS)
+    assert r["cpm"] == pytest.approx(3.0 / 7)
+    c = r["counts"]
+    assert (c["fp"], c["dropped"], c["duplicates"], c["detected"], c["tp_candidates"], c["multi_hits"]) == \
+        (3, 1, 1, 2, 3, 0)
+    assert c["irrelevant_nodules"] == 1
+    np.testing.assert_allclose(r["froc"]["fps"], [0, 0, .25, .5, .5, .75])
+    np.testing.assert_allclose(r["froc"]["sensitivity"], [0, .25, .25, .25, .5, .5])
+    t = r["groups"]["type"]
+    assert set(t) == {"T01", "T02", "T03"}          # the irrelevant finding's missing type makes no group
+    assert t["T01"]["n"] == 2 and t["T02"]["n"] == 1 and t["T03"]["n"] == 1
+    # T01 = N1 (score .9) and N3 (.4): 1/2 until the threshold passes .4 at 1/2 FP/scan
+    np.testing.assert_allclose(t["T01"]["sensitivity"], [.5, .5, 1, 1, 1, 1, 1])
+    assert t["T01"]["cpm"] == pytest.approx(6 / 7)
+    assert t["T02"]["sensitivity"] == [0.0] * 7 and t["T03"]["cpm"] == 0.0
+    loc = r["groups"]["location"]
+    assert loc["isolated"]["n"] == 2 and loc["juxta-pleural"]["n"] == 1
+    assert r["sensitivity_ci"] is None and r["cpm_ci"] is None
+
+
+def test_radius_is_inclusive_and_just_outside_is_fp():
+    on = [cand("S", 3, 4, 0, 0.5)]                  # distance 5 = radius exactly
+    out = [cand("S", 3, 4.000001, 0, 0.5)]
+    n = [nod("S", 0, 0, 0, 10, "T01")]
+    r_on = evaluate_detection(n, on, ["S"], n_bootstrap=0)
+    r_out = evaluate_detection(n, out, ["S"], n_bootstrap=0)
+    assert r_on["counts"]["detected"] == 1 and r_on["counts"]["fp"] == 0 and r_on["cpm"] == 1.0
+    assert r_out["counts"]["detected"] == 0 and r_out["counts"]["fp"] == 1 and r_out["cpm"] == 0.0
+
+
+def test_no_candidates():
+    r = evaluate_detection(NODULES, [], SCANS, n_bootstrap=50)
+    assert r["sensitivity"] == [0.0] * 7 and r["cpm"] == 0.0 and r["counts"]["fp"] == 0
+    assert r["froc"]["fps"] == [0.0] and r["cpm_ci"] == [0.0, 0.0]
+
+
+def test_no_nodules_gives_none_not_nan_and_counts_fp():
+    r = evaluate_detection([], [cand("X", 0, 0, 0, .5)], ["X", "Y"], n_bootstrap=20)
+    assert r["n_nodules"] == 0 and r["sensitivity"] == [None] * 7 and r["cpm"] is None
+    assert r["cpm_ci"] is None and r["counts"]["fp"] == 1
+    assert r["froc"]["fps"] == [0.0, 0.5]
+
+
+def test_only_irrelevant_hits_dropped_and_relevant_wins_over_irrelevant():
+    n = [nod("S", 0, 0, 0, 10, "T01"), nod("S", 2, 0, 0, 10, None, irrelevant=True)]
+    r = evaluate_detection(n, [cand("S", 1, 0, 0, .7), cand("S", 6.5, 0, 0, .9)], ["S"], n_bootstrap=0)
+    # (1,0,0) hits both -> hit (not dropped); (6.5,0,0) is 6.5 from N (outside) and 4.5 from I (inside) -> dropped
+    assert r["counts"]["detected"] == 1 and r["counts"]["dropped"] == 1 and r["counts"]["fp"] == 0
+
+
+def test_candidate_within_two_nodules_counts_for_each():
+    n = [nod("S", 0, 0, 0, 10, "T01"), nod("S", 6, 0, 0, 10, "T02")]
+    r = evaluate_detection(n, [cand("S", 3, 0, 0, .5)], ["S"], n_bootstrap=0)
+    assert r["counts"]["detected"] == 2 and r["counts"]["multi_hits"] == 1 and r["counts"]["fp"] == 0
+    assert r["cpm"] == 1.0
+
+
+def test_duplicate_hits_use_highest_score():
+    n = [nod("S", 0, 0, 0, 10, "T01")]
+    c = [cand("S", 1, 0, 0, .2), cand("S", 0, 1, 0, .9), cand("S", 50, 0, 0, .5)]
+    m = match_candidates(n, c, ["S"])
+    assert m.nod_score.tolist() == [0.9] and m.fp_score.tolist() == [0.5] and m.counts["duplicates"] == 1
+
+
+def test_tie_between_tp_and_fp_interpolates_linearly():
+    # one scan; hit and FP share p=.5 -> vertices (0,0) (1,1): sensitivity = f up to 1 FP/scan
+    r = evaluate_detection([nod("S", 0, 0, 0, 10, "T01")], [cand("S", 0, 0, 0, .5), cand("S", 40, 0, 0, .5)],
+                           ["S"], n_bootstrap=0)
+    np.testing.assert_allclose(r["sensitivity"], [.125, .25, .5, 1, 1, 1, 1])
+    assert r["cpm"] == pytest.approx(4.875 / 7)
+
+
+def test_cpm_on_constructed_curve():
+    fps = [0, 0, .25, .25, 1, 2, 2, 10]
+    sens = [0, .4, .4, .6, .6, .7, .8, .9]
+    # at 1/8: between (0,.4) and (.25,.4) -> .4; 1/4 -> top .6; 1/2 -> .6; 1 -> .6; 2 -> top .8;
+    # 4 -> .8 + (2/8)*.1 = .825; 8 -> .8 + (6/8)*.1 = .875
+    want = [.4, .6, .6, .6, .8, .825, .875]
+    np.testing.assert_allclose(interp_curve(fps, sens), want)
+    assert cpm_from_curve(fps, sens) == pytest.approx(np.mean(want))
+    # beyond the last vertex the last sensitivity is held (np.interp's behaviour)
+    assert interp_curve([0, 1], [0, .5], [8.0]).tolist() == [.5]
+    with pytest.raises(FROCInputError, match="non-decreasing"):
+        cpm_from_curve([1, 0], [0, 1])
+
+
+def test_engine_agrees_with_froc_curve_vertices():
+    r = evaluate_detection(NODULES, CANDS, SCANS, n_bootstrap=0)
+    m = match_candidates(NODULES, CANDS, SCANS)
+    fps, sens, thr = froc_curve(m)
+    np.testing.assert_allclose(interp_curve(fps, sens, FP_RATES), r["sensitivity"])
+    assert thr[0] == np.inf and thr[1] == 0.9
+
+
+def test_bad_inputs_raise_actionable_errors():
+    with pytest.raises(FROCInputError, match="not in scan_ids"):
+        evaluate_detection(NODULES, CANDS, ["A", "B"], n_bootstrap=0)
+    with pytest.raises(FROCInputError, match="diameter_mm"):
+        evaluate_detection([nod("A", 0, 0, 0, 0)], [], ["A"], n_bootstrap=0)
+    with pytest.raises(FROCInputError, match="probability"):
+        evaluate_detection([], [{"seriesuid": "A", "coordX": 0, "coordY": 0, "coordZ": 0}], ["A"], n_bootstrap=0)
+    with pytest.raises(FROCInputError, match="duplicates"):
+        evaluate_detection([], [], ["A", "A"], n_bootstrap=0)
+
+
+def _random_set(rng, n_scans=50):
+    scans = [f"s{i}" for i in range(n_scans)]
+    nodules, cands = [], []
+    types = [f"T{k:02d}" for k in range(1, 13)]
+    for s in scans:
+        for _ in range(rng.integers(0, 4)):
+            c = rng.uniform(-100, 100, 3)
+            d = rng.uniform(3, 25)
+            nodules.append(nod(s, *c, d, types[rng.integers(12)], irrelevant=bool(rng.random() < .1)))
+            if rng.random() < .75:
+                cands.append(cand(s, *(c + rng.normal(0, d / 4, 3)), round(rng.random(), 2)))
+        for _ in range(rng.integers(0, 25)):
+            cands.append(cand(s, *rng.uniform(-100, 100, 3), round(rng.random() * .8, 2)))
+    return nodules, cands, scans
+
+
+def test_bootstrap_matches_naive_resampling_loop():
+    rng = np.random.default_rng(1)
+    nodules, cands, scans = _random_set(rng, 12)
+    B, seed = 40, 3
+    r = evaluate_detection(nodules, cands, scans, n_bootstrap=B, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(scans), size=(B, len(scans)))
+    W = bootstrap_weights(len(scans), B, seed)
+    assert (W.sum(1) == len(scans)).all()
+    cpms, t01 = [], []
+    for b in range(B):        # a resample = copies of the drawn scans under new names
+        names = [f"{scans[i]}#{j}" for j, i in enumerate(idx[b])]
+        nb = [dict(n, seriesuid=f"{n['seriesuid']}#{j}") for j, i in enumerate(idx[b]) for n in nodules
+              if n["seriesuid"] == scans[i]]
+        cb = [dict(c, seriesuid=f"{c['seriesuid']}#{j}") for j, i in enumerate(idx[b]) for c in cands
+              if c["seriesuid"] == scans[i]]
+        rb = evaluate_detection(nb, cb, names, n_bootstrap=0)
+        cpms.append(rb["cpm"] if rb["cpm"] is not None else np.nan)
+        g = rb["groups"]["type"].get("T01")
+        t01.append(g["sensitivity"][3] if g else np.nan)
+    cpms, t01 = np.array(cpms), np.array(t01)
+    np.testing.assert_allclose(r["cpm_ci"], np.nanpercentile(cpms, [2.5, 97.5]), atol=1e-12)
+    np.testing.assert_allclose(r["groups"]["type"]["T01"]["sensitivity_ci"][3],
+                               np.nanpercentile(t01, [2.5, 97.5]), atol=1e-12)
+    assert r["groups"]["type"]["T01"]["n_bootstrap_used"] == int((~np.isnan(t01)).sum())
+    lo, hi = r["cpm_ci"]
+    assert lo <= r["cpm"] <= hi
+
+
+def test_bootstrap_seeded_and_fast():
+    rng = np.random.default_rng(0)
+    nodules, cands, scans = _random_set(rng, 50)
+    t = time.perf_counter()
+    r1 = evaluate_detection(nodules, cands, scans, n_bootstrap=1000, seed=7)
+    dt = time.perf_counter() - t
+    r2 = evaluate_detection(nodules, cands, scans, n_bootstrap=1000, seed=7)
+    r3 = evaluate_detection(nodules, cands, scans, n_bootstrap=1000, seed=8)
+    assert r1["cpm_ci"] == r2["cpm_ci"] and r1["cpm_ci"] != r3["cpm_ci"]
+    assert len(r1["groups"]["type"]) == 12
+    assert dt < 5.0, f"1000 resamples over 50 scans took {dt:.2f} s"
+    band = r1["froc_band"]
+    assert all(lo <= hi for lo, hi in zip(band["lower"], band["upper"]))

@@ -1,0 +1,150 @@
+"""Sliding-window inference against direct forward passes with tiny stand-in models."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ahnet.infer import (InferenceInputError, gaussian_importance, input_multiple, slicewise_predict,
+                         sliding_window_predict, window_starts)
+
+
+class Net(nn.Module):
+    """A small non-linear 3D conv net with a divisibility rule, like the project's models."""
+
+    def __init__(self, mult=(2, 4, 4)):
+        super().__init__()
+        self.input_multiple = mult
+        self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 1, 3, padding=1))
+
+    def forward(self, x):
+        for s, m in zip(x.shape[2:], self.input_multiple):
+            if s % m:
+                raise ValueError(f"size {tuple(x.shape[2:])} must divide by {self.input_multiple}")
+        return self.body(x)
+
+
+class Counting(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_whole_window_equals_direct_forward():
+    net = Net()
+    x = torch.randn(1, 1, 6, 12, 16)
+    got = sliding_window_predict(net, x, window=None)
+    want = torch.sigmoid(net(x))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    got.mul_(1.0)                        # an ordinary tensor (not an inference-mode one): in-place ops work
+
+
+def test_odd_size_is_padded_to_multiple_and_cropped():
+    net = Net()
+    x = torch.randn(1, 1, 5, 11, 13)
+    got = sliding_window_predict(net, x, window=None)
+    assert got.shape == (1, 1, 5, 11, 13)
+    xp = torch.nn.functional.pad(x, [0, 3, 0, 1, 0, 1])           # to (6, 12, 16)
+    torch.testing.assert_close(got, torch.sigmoid(net(xp))[..., :5, :11, :13], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap,blend", [(0.5, "gaussian"), (0.25, "constant"), (0.0, "gaussian")])
+def test_pointwise_model_same_with_windows_at_odd_sizes(overlap, blend):
+    conv = nn.Conv3d(2, 3, 1)
+    x = torch.randn(1, 2, 7, 23, 19)
+    want = torch.sigmoid(conv(x))
+    got = sliding_window_predict(conv, x, window=(4, 8, 8), overlap=overlap, batch_size=3, blend=blend)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # a window larger than the volume on one axis: padded, then cropped back
+    got2 = sliding_window_predict(conv, x, window=(8, 8, 8), overlap=overlap)
+    torch.testing.assert_close(got2, want, rtol=0, atol=1e-6)
+
+
+def test_windows_are_streamed_in_batches():
+    m = Counting(nn.Conv3d(1, 1, 1))
+    x = torch.randn(1, 1, 9, 20, 20)
+    sliding_window_predict(m, x, window=(4, 8, 8), overlap=0.5, batch_size=4)
+    n = len(window_starts(9, 4, .5)) * len(window_starts(20, 8, .5)) ** 2
+    assert sum(m.batches) == n and max(m.batches) <= 4 and len(m.batches) == -(-n // 4)
+
+
+def test_window_starts_cover_and_end_flush():
+    assert window_starts(8, 8, .5) == [0]
+    s = window_starts(23, 8, .5)
+    assert s[0] == 0 and s[-1] == 15 and all(b - a <= 4 for a, b in zip(s, s[1:]))
+
+
+def test_gaussian_importance_shape_and_sigma():
+    g = gaussian_importance((8, 16, 9)).numpy()
+    assert g.shape == (8, 16, 9) and g.max() == pytest.approx(1.0) and g.min() > 0
+    np.testing.assert_allclose(g, g[::-1, ::-1, ::-1], rtol=1e-6)                 # centred
+    c = gaussian_importance((1, 1, 17)).numpy()[0, 0]                             # odd: centre at index 8
+    assert c[8] == 1.0 and c[8 + 2] / c[8] == pytest.approx(np.exp(-0.5 * (2 / (17 / 8)) ** 2))
+
+
+def test_flip_tta_with_symmetric_model_and_mean_of_flips():
+    conv = nn.Conv3d(1, 1, 3, padding=1, bias=True)
+    with torch.no_grad():                      # symmetric in H and W: w[..., i, j] = w[..., -i, -j] per axis
+        w = conv.weight
+        w.copy_((w + w.flip(-1)) / 2)
+        w.copy_((w + w.flip(-2)) / 2)
+    x = torch.randn(1, 1, 4, 10, 12)
+    a = sliding_window_predict(conv, x, flip_tta=False)
+    b = sliding_window_predict(conv, x, flip_tta=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    asym = nn.Conv3d(1, 1, 3, padding=1)
+    got = sliding_window_predict(asym, x, flip_tta=True)
+    want = sum(torch.sigmoid(asym(x.flip(d)).flip(d)) if d else torch.sigmoid(asym(x))
+               for d in [(), (3,), (4,), (3, 4)]) / 4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, sliding_window_predict(asym, x), atol=1e-4)
+
+
+def test_ensemble_is_mean_probability_and_lcm_of_multiples():
+    m1, m2 = Net((2, 4, 4)), Net((1, 8, 2))
+    assert input_multiple([m1, m2]) == (2, 8, 4)
+    x = torch.randn(1, 1, 5, 9, 7)                 # padded to (6, 16, 8)
+    got = sliding_window_predict([m1, m2], x)
+    xp = torch.nn.functional.pad(x, [0, 1, 0, 7, 0, 1])
+    want = (torch.sigmoid(m1(xp)) + torch.sigmoid(m2(xp)))[..., :5, :9, :7] / 2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_mode_restored_and_bad_inputs():
+    net = Net()
+    net.train()
+    sliding_window_predict(net, torch.zeros(1, 1, 2, 4, 4))
+    assert net.training
+    with pytest.raises(InferenceInputError, match="input_multiple"):
+        sliding_window_predict(net, torch.zeros(1, 1, 4, 8, 8), window=(3, 4, 4))
+    with pytest.raises(InferenceInputError, match="N = 1"):
+        sliding_window_predict(net, torch.zeros(2, 1, 4, 8, 8))
+    with pytest.raises(InferenceInputError, match="overlap"):
+        sliding_window_predict(net, torch.zeros(1, 1, 4, 8, 8), overlap=1.0)
+
+
+class Slice2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_multiple = (4, 4)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        assert x.shape[-1] % 4 == 0 and x.shape[-2] % 4 == 0
+        return self.conv(x)
+
+
+def test_slicewise_uses_three_slice_stacks_with_repeated_ends():
+    m = Slice2d()
+    x = torch.randn(1, 1, 5, 10, 7)
+    got = slicewise_predict(m, x, batch_size=2)
+    assert got.shape == (1, 1, 5, 10, 7)
+    v = torch.nn.functional.pad(x[0, 0], [0, 1, 0, 2])
+    for z in range(5):
+        idx = [max(z - 1, 0), z, min(z + 1, 4)]
+        want = torch.sigmoid(m(v[idx][None]))[0, 0, :10, :7]
+        torch.testing.assert_close(got[0, 0, z], want, rtol=0, atol=1e-6)
