@@ -4,8 +4,8 @@
 
 Every measurement runs in a fresh Python subprocess (``--worker``), so the peak memory of one implementation
 never includes the other's: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process peak RSS
-(``ru_maxrss``), reported raw and above the RSS right after the imports (the latter, "model + optimiser +
-activations", is what the ratios use). Times are medians of ``--repeats`` steps after ``--warmup`` steps; the
+(``VmHWM``; ``ru_maxrss`` where there is no /proc), reported raw and above the RSS right after the imports
+(the latter, "model + optimiser + activations", is what the ratios use). Times are medians of ``--repeats`` steps after ``--warmup`` steps; the
 minimum is kept too (on a shared machine it is the less noisy figure). MONAI gets its own layout: inputs are
 converted with ``to_monai_layout`` outside the timed region.
 
@@ -42,7 +42,15 @@ import torch
 
 
 def _rss_mb() -> float:
-    """Peak RSS of this process so far, MiB (ru_maxrss is KiB on Linux)."""
+    """Peak RSS of this process so far, MiB: VmHWM of /proc/self/status where there is one (per address
+    space, so fresh after exec), else ru_maxrss (on Linux ru_maxrss starts a spawned process at its parent's
+    RSS, so a large parent would hide a smaller child's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
