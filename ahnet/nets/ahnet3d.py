@@ -16,11 +16,22 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .blocks import (ACDenseBlock, OutputHead, PyramidPooling, UpProjection, check_upsample, count_parameters,
-                     level_scale)
+from .blocks import (ACDenseBlock, OutputHead, PyramidPooling, UpProjection, check_upsample, checkpointed,
+                     count_parameters, level_scale)
 from .resnet import parse_encoder
 from .resnet3d import ResNet3dEncoder
 from .sizes import ZPool, check_input, input_multiple, z_pool_schedule
+
+
+CHECKPOINT_MODES = ("none", "encoder", "decoder", "all")
+
+
+def checkpoint_mode(mode: str | bool) -> str:
+    if isinstance(mode, bool):
+        return "all" if mode else "none"
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)} (or a bool); got {mode!r}")
+    return mode
 
 
 class AHNet3d(nn.Module):
@@ -32,11 +43,15 @@ class AHNet3d(nn.Module):
     z_pool: "paper" (z halved 5 times: D % 32 == 0), "spacing" (needs spacing=(sz, sy, sx)), "none",
         or 5 booleans. growth / layers_per_block: the AC dense blocks (paper 20 / 3).
     Eval mode uses the BatchNorm running statistics (the authors' code ran inference in training mode).
+    checkpoint: activation checkpointing in training, a memory / time trade with the same outputs, gradients
+        and BN statistics: "none" (paper, default), "encoder" (stem and layer1..4), "decoder" (each level's
+        projection + skip add, each AC layer, the pyramid, the head), "all" (both); True = "all", False = "none".
     """
 
     def __init__(self, encoder: str = "resnet50", in_channels: int = 1, out_channels: int = 1, pfn_depth: int = 4,
                  upsample: str = "trilinear", z_pool: ZPool = "paper", spacing: Sequence[float] | None = None,
-                 growth: int = 20, layers_per_block: int = 3, bn_size: int = 4, dropout: float = 0.0):
+                 growth: int = 20, layers_per_block: int = 3, bn_size: int = 4, dropout: float = 0.0,
+                 checkpoint: str | bool = "none"):
         super().__init__()
         depth = parse_encoder(encoder)
         if in_channels < 1 or out_channels < 1:
@@ -44,11 +59,13 @@ class AHNet3d(nn.Module):
         if not 0 <= int(pfn_depth) <= 6:
             raise ValueError(f"pfn_depth must be between 0 and 6; got {pfn_depth}")
         check_upsample(upsample)
+        checkpoint = checkpoint_mode(checkpoint)
         z_flags = z_pool_schedule(z_pool, spacing)
         self.config: Dict = dict(encoder=f"resnet{depth}", in_channels=in_channels, out_channels=out_channels,
                                  pfn_depth=int(pfn_depth), upsample=upsample,
                                  z_pool=list(z_flags), spacing=None if spacing is None else [float(s) for s in spacing],
-                                 growth=growth, layers_per_block=layers_per_block, bn_size=bn_size, dropout=dropout)
+                                 growth=growth, layers_per_block=layers_per_block, bn_size=bn_size, dropout=dropout,
+                                 checkpoint=checkpoint)
         self.z_flags = z_flags
         self.in_channels, self.out_channels = in_channels, out_channels
         self.input_multiple = input_multiple(z_flags)
@@ -72,10 +89,37 @@ class AHNet3d(nn.Module):
         c_top = self.dense4.out_channels
         self.pyramid = PyramidPooling(c_top, int(pfn_depth), upsample) if pfn_depth > 0 else None
         self.head = OutputHead(c_top + int(pfn_depth), out_channels, upsample, level_scale(z_flags[0]))
+        self.set_checkpoint(checkpoint)
+
+    def set_checkpoint(self, mode: str | bool) -> None:
+        """Switch activation checkpointing ("none" | "encoder" | "decoder" | "all") on a built model."""
+        mode = checkpoint_mode(mode)
+        self.config["checkpoint"] = mode
+        self.encoder.checkpoint = mode in ("encoder", "all")
+        self._ckpt_decoder = mode in ("decoder", "all")
+
+    def _levels(self):
+        return ((self.up0, self.dense0), (self.up1, self.dense1), (self.up2, self.dense2),
+                (self.proj, self.dense3), (self.up3, self.dense4))
+
+    @staticmethod
+    def _up_add(up, d, skip):
+        return up(d) + skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_multiple, self.in_channels, type(self).__name__)
         stem, pooled, f1, f2, f3, f4 = self.encoder(x)
+        if self._ckpt_decoder and self.training:
+            # one segment per projection + skip, per AC layer, for the pyramid and for the head: only the
+            # segment outputs are kept, and backward recomputes one segment at a time
+            d = f4
+            for (up, dense), skip in zip(self._levels(), (f3, f2, f1, pooled, stem)):
+                d = checkpointed(self._up_add, [up], up, d, skip)
+                for layer in dense:
+                    d = checkpointed(layer, [layer], d)
+            if self.pyramid is not None:
+                d = checkpointed(self.pyramid, [self.pyramid], d)
+            return checkpointed(self.head, [self.head], d)
         d = self.dense0(self.up0(f4) + f3)
         d = self.dense1(self.up1(d) + f2)
         d = self.dense2(self.up2(d) + f1)

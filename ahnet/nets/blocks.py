@@ -3,11 +3,13 @@ projections with upsampling, and the output head. Tensors are (N, C, D, H, W).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Callable, Iterable, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
 
@@ -116,3 +118,41 @@ def level_scale(pool_z: bool) -> Tuple[int, int, int]:
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(modules: Iterable[nn.Module]):
+    """BatchNorm layers under `modules` keep their running statistics (and batch counters) while inside."""
+    bns = {id(m): m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns.values()]
+    try:
+        for m, _, _ in saved:
+            m.momentum = 0.0   # running = (1 - 0) * running + 0 * batch: unchanged
+        yield
+    finally:
+        for m, momentum, nbt in saved:
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def checkpointed(fn: Callable, modules: Iterable[nn.Module], *args):
+    """fn(*args) with activation checkpointing (non-reentrant) when autograd records; the recomputation in
+    backward leaves the BatchNorm running statistics of `modules` as the first pass set them, so outputs,
+    gradients and running statistics equal the plain run's (up to float rounding of the recomputation).
+    Without grad (inference) it is a plain call.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    modules = list(modules)
+    calls = [0]
+
+    def run(*a):
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*a)
+        with frozen_bn_stats(modules):
+            return fn(*a)
+
+    return _checkpoint(run, *args, use_reentrant=False)

@@ -13,6 +13,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .blocks import checkpointed
 from .resnet import EXPANSION, RESNET_SPECS, STAGE_WIDTHS, parse_encoder, stage_channels
 from .sizes import NUM_LEVELS
 
@@ -83,6 +84,8 @@ class ResNet3dEncoder(nn.Module):
     """forward(x): (N, in_channels, D, H, W) -> 6 features
     [stem (64, H/2), pool (64, H/4, after the max-pool), layer1 (H/4), layer2 (H/8), layer3 (H/16), layer4 (H/32)];
     D is divided by 2 at each level whose z_flags entry is True (levels: stem, max-pool, layer2..4).
+    checkpoint (attribute, default False): activation checkpointing of the stem and of each of layer1..layer4
+    in training (recomputed in backward; same outputs and gradients, less memory, more time).
     """
 
     def __init__(self, depth: int = 50, in_channels: int = 1, z_flags: Sequence[bool] = (True,) * NUM_LEVELS):
@@ -115,12 +118,22 @@ class ResNet3dEncoder(nn.Module):
             layers += [block(inplanes, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.out_channels = stage_channels(depth)
+        self.checkpoint = False
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def _stem(self, x):
+        return self.relu(self.bn1(self.stem_zpool(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        stem = self.relu(self.bn1(self.stem_zpool(self.conv1(x))))
+        if self.checkpoint and self.training:
+            stem = checkpointed(self._stem, [self.bn1], x)
+            feats = [stem, self.maxpool(stem)]
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                feats.append(checkpointed(layer, [layer], feats[-1]))
+            return feats
+        stem = self._stem(x)
         pooled = self.maxpool(stem)
         f1 = self.layer1(pooled)
         f2 = self.layer2(f1)
