@@ -39,7 +39,8 @@ class Preset:
     variants: List[str]
     z_pool: str = "spacing"
     unet_base: int = 16
-    window: Optional[List[int]] = None
+    window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
+                                         # pyramid pools over the window, so it sees what it saw in training)
     extra: Dict = field(default_factory=dict)
 
 
@@ -50,13 +51,13 @@ ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
                    steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
-                   variants=["mcgcn-2d", "ahnet-transfer"], window=[32, 128, 128]),
+                   variants=["mcgcn-2d", "ahnet-transfer"]),
     "cpu": Preset(cases=32, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=50, lr=1e-3,
-                  variants=ALL_VARIANTS, window=[32, 128, 128]),
+                  variants=ALL_VARIANTS),
     "paper": Preset(cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
-                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32, window=[32, 128, 128]),
+                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
 }
 
 
