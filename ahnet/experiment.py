@@ -38,6 +38,9 @@ class Preset:
     lr: float
     variants: List[str]
     z_pool: str = "spacing"
+    test_cases: int = 0          # > 0: evaluate on an extra phantom of this many test-only cases (more nodules
+                                 # per type than the training phantom's own test split); its shapes come from
+                                 # the LIDC scans reserved for testing, as the test split's always do
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
@@ -52,10 +55,10 @@ PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
                    steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
                    variants=["mcgcn-2d", "ahnet-transfer"]),
-    "cpu": Preset(cases=32, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
+    "cpu": Preset(cases=32, test_cases=30, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=50, lr=1e-3,
                   variants=ALL_VARIANTS),
-    "paper": Preset(cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
+    "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
 }
@@ -93,6 +96,16 @@ def ensure_data(data_dir: Path, preset: Preset, seed: int) -> Path:
         print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size)
     build_cache(dataset_json, Path("data/cache") / data_dir.name, annotations_csv=data_dir / "annotations.csv")
+    return dataset_json
+
+
+def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
+    """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
+    from .data.phantom import generate_dataset
+    dataset_json = data_dir / "dataset.json"
+    if not dataset_json.is_file():
+        print(f"[experiment] generating {preset.test_cases} test-only phantom cases in {data_dir}", flush=True)
+        generate_dataset(data_dir, preset.test_cases, seed=seed + 1_000_003, size=preset.size, split=(0, 0, 1))
     return dataset_json
 
 
@@ -173,7 +186,10 @@ def main(argv=None) -> int:
             return rc
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     report = runs / "report"
-    eval_flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(dataset_json), "--out", str(report),
+    eval_json = dataset_json
+    if preset.test_cases > 0 and not args.data:
+        eval_json = ensure_test_data(Path("data") / f"{name}-test", preset, args.seed)
+    eval_flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
                   "--device", args.device, "--bootstrap", str(args.bootstrap),
                   "--title", f"AH-Net per-type evaluation ({args.preset} preset, {name})"]
     if preset.window:

@@ -718,8 +718,9 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
     fr = np.asarray(opts.split, float) / sum(opts.split)
     n_val = int(round(fr[1] * n_cases)) if n_cases >= 3 else 0
     n_test = int(round(fr[2] * n_cases)) if n_cases >= 3 else 0
-    if n_cases >= 3:
-        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    if n_cases >= 3:   # at least one case in each split that is asked for (a zero fraction stays empty)
+        n_val, n_test = max(n_val, int(fr[1] > 0)), max(n_test, int(fr[2] > 0))
+    n_test = min(n_test, n_cases - n_val)
     splits = ["train"] * (n_cases - n_val - n_test) + ["validation"] * n_val + ["test"] * n_test
     n_neg = int(round(opts.negatives * n_cases))
     neg = set(rng.permutation(n_cases)[:n_neg].tolist())

@@ -184,3 +184,11 @@ def test_cli_help():
     for flag in ("--out", "--cases", "--seed", "--size", "--slices", "--thickness", "--spacing",
                  "--nodules-per-case", "--negatives", "--shapes", "--noise"):
         assert flag in r.stdout
+
+
+def test_test_only_dataset(tmp_path):
+    """split=(0, 0, 1) gives a held-out set: every case in the test split (the experiment's extra test phantom)."""
+    import json as _json
+    from ahnet.data.phantom import generate_dataset as _gen
+    p = _gen(tmp_path / "t", 3, seed=5, size=64, slices=8, split=(0, 0, 1), previews=0, nodules_per_case=(0, 1))
+    assert [e["split"] for e in _json.loads(p.read_text(encoding="utf-8"))["training"]] == ["test"] * 3
