@@ -121,6 +121,27 @@ def _prepare(model, x, levers: dict, device):
 # ------------------------------------------------------------------------------------------ workers
 
 
+def forward_and_step(model, x, target, device: torch.device, dtype: str):
+    """Two closures to time: an inference forward pass, and one training step (BCE with logits in fp32,
+    backward through a GradScaler that is active only for CUDA AMP, Adam at lr 1e-4)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "amp" and device.type == "cuda"))
+
+    def forward():
+        with torch.no_grad(), _autocast(device, dtype):
+            model(x)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return forward, step
+
+
 def work_model(spec: dict) -> dict:
     """Forward and training-step figures of one implementation / configuration."""
     device = torch.device(spec["device"])
@@ -134,23 +155,8 @@ def work_model(spec: dict) -> dict:
     x = to_layout(torch.rand(spec["batch"], 1, *spec["patch"])).to(device)
     target = (torch.rand_like(x) > 0.99).float()
     model, x = _prepare(net, x, levers, device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=(spec["dtype"] == "amp" and device.type == "cuda"))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     out = {"params": params}
-
-    def forward():
-        with torch.no_grad(), _autocast(device, spec["dtype"]):
-            model(x)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with _autocast(device, spec["dtype"]):
-            loss = loss_fn(model(x).float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
+    forward, step = forward_and_step(model, x, target, device, spec["dtype"])
     _mem_reset(device)
     model.eval()
     out["forward"] = _timed(forward, device, spec["warmup"], spec["repeats"])
@@ -258,21 +264,7 @@ def work_mcgcn(spec: dict) -> dict:
     n, (h, w) = spec["batch"], spec["size"]
     x = torch.rand(n, 3, h, w, device=device)
     target = (torch.rand(n, 1, h, w, device=device) > 0.99).float()
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=(spec["dtype"] == "amp" and device.type == "cuda"))
-
-    def forward():
-        with torch.no_grad(), _autocast(device, spec["dtype"]):
-            model(x)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with _autocast(device, spec["dtype"]):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
+    forward, step = forward_and_step(model, x, target, device, spec["dtype"])
     model.eval()
     f = _timed(forward, device, spec["warmup"], spec["repeats"])
     model.train()
