@@ -59,6 +59,8 @@ def pick_winners(scores: dict, tie_tol: float = TIE_TOL) -> dict:
     if not valid:
         return {"models": [], "score": None, "tie": False, "margin": None}
     best = max(valid.values())
+    if best <= 0:   # nobody detects this type: no model "wins" it
+        return {"models": [], "score": float(best), "tie": False, "margin": None}
     win = sorted(m for m, s in valid.items() if best - s <= tie_tol)
     rest = [s for m, s in valid.items() if m not in win]
     return {"models": win, "score": float(best), "tie": len(win) > 1,
@@ -103,7 +105,7 @@ def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: flo
             "wins_outright": outright, "n_types_with_winner": sum(bool(w["models"]) for w in winners.values()),
             "overall_winner": pick_winners({m: models[m]["cpm"] for m in names}, tie_tol),
             "rules": {"winner": "highest per-type CPM (point estimate); ties within %g share the type and each "
-                                "counts it in wins; no nodules -> no winner" % tie_tol,
+                                "counts it in wins; no nodules, or every model at 0 -> no winner" % tie_tol,
                       "ci": "percentile bootstrap over scans (detection) / nodules (Dice)"}}
 
 

@@ -115,3 +115,9 @@ def test_bad_results_raise():
         summarize({})
     with pytest.raises(ReportInputError, match="detection"):
         summarize({"A": {"segmentation": None}})
+
+
+def test_a_type_nobody_detects_has_no_winner():
+    from ahnet.report import pick_winners
+    assert pick_winners({"a": 0.0, "b": 0.0})["models"] == []
+    assert pick_winners({"a": 0.0, "b": 0.1})["models"] == ["b"]
