@@ -24,18 +24,13 @@ from .checkpoint import load_checkpoint
 from .data.preprocess import clip_and_scale
 from .froc import evaluate_detection
 from .infer import sliding_window_predict, slicewise_predict
+from .nets import build_model
 from .report import build_report
 from .segmetrics import aggregate_seg, nodule_seg_metrics
 
 
-
 class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
-
-
-def _build_model(name, kwargs):
-    from .nets import build_model  # noqa: the networks part provides it
-    return build_model(name, **kwargs)
 
 
 def load_run(run_dir, device="cpu"):
@@ -52,7 +47,7 @@ def load_run(run_dir, device="cpu"):
         raise EvaluateInputError(f"{path} not found; expected a run folder with checkpoints/best.pt")
     ck = load_checkpoint(path)
     try:
-        model = _build_model(ck["model_name"], dict(ck["model_kwargs"]))
+        model = build_model(ck["model_name"], **dict(ck["model_kwargs"]))
         model.load_state_dict(ck["model"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

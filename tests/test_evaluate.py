@@ -86,7 +86,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
             m.weight.fill_(40.0)
             m.bias.fill_(-20.0)
         return m
-    monkeypatch.setattr(ev, "_build_model", lambda n, kw: build(n, **kw))
+    monkeypatch.setattr(ev, "build_model", build)
     run = tmp_path / "runs" / "ahnet_a"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": build("ahnet").state_dict(), "model_name": "ahnet", "model_kwargs": {},

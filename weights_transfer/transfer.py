@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ahnet.nets.ahnet3d import AHNet3d
-from ahnet.nets.resnet import RESNET_SPECS, ResNet2d
+from ahnet.nets.resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
 from ahnet.nets.resnet3d import ResNet3dEncoder
 
 TOLERANCE = 1e-4
@@ -72,10 +72,7 @@ def load_source(path: str | Path) -> Source2d:
         state = {k[len("encoder."):]: v for k, v in obj["model"].items() if k.startswith("encoder.")}
         meta = {"model_kwargs": kwargs, "epoch": obj.get("epoch"), "step": obj.get("step")}
         return Source2d(state, infer_depth(state, str(path)), str(path), in_slices, meta)
-    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict", None), dict) else obj
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()
-             if isinstance(v, torch.Tensor)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in torchvision_encoder_state(obj).items() if isinstance(v, torch.Tensor)}
     in_slices = int(state["conv1.weight"].shape[1]) if "conv1.weight" in state else 3
     return Source2d(state, infer_depth(state, str(path)), str(path), in_slices, {"format": "torchvision"})
 

@@ -121,6 +121,15 @@ class ResNet2d(nn.Module):
         return [stem, pooled, f1, f2, f3, f4]
 
 
+def torchvision_encoder_state(obj: dict) -> dict:
+    """The encoder entries of a torchvision-style checkpoint dict: {"state_dict": ...} unwrapped, a DataParallel
+    "module." prefix removed, the classifier (fc.*) dropped."""
+    if isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
 def load_torchvision_weights(encoder: ResNet2d, path: str | Path) -> None:
     """Load a torchvision ResNet checkpoint file (state dict, or {"state_dict": ...}) into `encoder`.
 
@@ -134,12 +143,9 @@ def load_torchvision_weights(encoder: ResNet2d, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise ValueError(f"{path} is not a readable torch state-dict file ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = torchvision_encoder_state(state)
     own = encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
