@@ -22,7 +22,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -36,6 +35,8 @@ from ahnet.checkpoint import (CheckpointError, capture_rng_state, load_checkpoin
                               save_checkpoint)
 from ahnet.config import TrainConfig, build_parser, load_config, save_run_config
 from ahnet.losses import build_loss
+from ahnet.precision import AmpSettings, to_channels_last
+from ahnet.precision import resolve_amp as _resolve_amp
 
 __all__ = [
     "TrainError", "TrainingDiverged", "EpochSampler", "AmpSettings", "resolve_device", "resolve_amp",
@@ -117,31 +118,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-@dataclass(frozen=True)
-class AmpSettings:
-    dtype: torch.dtype | None     # autocast dtype; None = float32, autocast off
-    scaler: bool                  # use a GradScaler (fp16 only)
-
-    @property
-    def name(self) -> str:
-        return {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-
-
 def resolve_amp(amp: str, device: torch.device) -> AmpSettings:
-    """auto: fp16 + scaler on CUDA, off on CPU; fp16 needs CUDA; bf16 on CPU or a bf16-capable GPU."""
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "off"
-    if amp == "off":
-        return AmpSettings(None, False)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise TrainError("--amp fp16 needs a CUDA device (GradScaler); on CPU use --amp bf16 or --amp off.")
-        return AmpSettings(torch.float16, True)
-    if amp == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off.")
-        return AmpSettings(torch.bfloat16, False)
-    raise TrainError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}.")
+    """ahnet.precision.resolve_amp, its errors as TrainError."""
+    try:
+        return _resolve_amp(amp, device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------- optimiser, schedule
@@ -379,8 +361,9 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
         x, y = batch["image"].to(device), batch["label"].to(device)
         if cfg.stage == "2d":
             x, y = split_batch_2d(x, y)
-        with torch.autocast(device_type=device.type, dtype=amp.dtype or torch.float32,
-                            enabled=amp.dtype is not None):
+        elif cfg.channels_last:
+            x = to_channels_last(x)
+        with amp.autocast(device):
             logits = model(x)
         pred = (logits.float() > 0).float()
         t = (y > 0.5).float()
@@ -486,6 +469,11 @@ def train(cfg: TrainConfig, datasets=None, builder: Callable[..., nn.Module] | N
         model, model_kw, init_info = build_network(cfg, builder)
     check_patch_size(model, cfg)
     model.to(device)
+    if cfg.channels_last:
+        if cfg.stage != "3d":
+            raise TrainError("--channels-last is a lever of the 3D stage (channels-last 3D memory); drop it for "
+                             "--stage 2d.")
+        to_channels_last(model)
     model.train()
 
     opt = make_optimizer(model, cfg)
@@ -556,9 +544,10 @@ def train(cfg: TrainConfig, datasets=None, builder: Callable[..., nn.Module] | N
             y = batch["label"].to(device, non_blocking=True)
             if cfg.stage == "2d":
                 x, y = split_batch_2d(x, y)
+            elif cfg.channels_last:
+                x = to_channels_last(x)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp.dtype or torch.float32,
-                                enabled=amp.dtype is not None):
+            with amp.autocast(device):
                 logits = model(x)
             loss = loss_fn(logits, y)
             if torch.isfinite(loss):

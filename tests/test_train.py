@@ -227,6 +227,28 @@ def test_cpu_bf16_autocast_path(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["amp"] == "bf16"
 
 
+def test_channels_last_run_matches_the_plain_run(tmp_path):
+    """--channels-last stores the same values in another order: the same losses up to float rounding (the
+    gradients' equality is tests/nets/test_levers.py's), and its checkpoint loads into a plain model."""
+    def real(name, **kw):
+        from ahnet.nets import AHNet3d
+        return AHNet3d("resnet18", pfn_depth=2, growth=4, layers_per_block=1, z_pool="none")
+
+    runs = {}
+    for cl in (False, True):
+        cfg = _cfg(tmp_path, f"cl{cl}", epochs=1, patch_size=[4, 32, 32], channels_last=cl, lr=1e-3)
+        runs[cl] = train(cfg, datasets=_data(cfg), builder=real)
+    assert runs[True]["history"][0]["loss"] == pytest.approx(runs[False]["history"][0]["loss"], rel=1e-4)
+    b = load_checkpoint(tmp_path / "clTrue" / "checkpoints" / "last.pt")["model"]
+    real("ahnet").load_state_dict(b)
+
+
+def test_channels_last_is_refused_for_the_2d_stage(tmp_path):
+    cfg = _cfg(tmp_path, stage="2d", model="mcgcn", patch_size=[3, 16, 16], channels_last=True)
+    with pytest.raises(TrainError, match="--channels-last is a lever of the 3D stage"):
+        train(cfg, datasets=_data(cfg), builder=builder)
+
+
 def test_amp_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_amp("auto", cpu).dtype is None

@@ -81,6 +81,11 @@ class PyramidPooling(nn.Module):
     Level i max-pools the in-plane map to a 2^i x 2^i grid (z kept), projects to one channel with a 1x1x1
     conv (with bias), and resizes back to (D, H, W). Output: concat(level maps, x): (N, depth + C, D, H, W).
     At a 64 x 64 map (a 128 x 128 input) this equals the paper's fixed windows 64, 32, 16, 8.
+
+    When H and W are multiples of the finest grid the windows nest, and the pooling is done once on the full
+    map (to the finest grid) and then on that small map for each coarser grid: the same maxima, and one
+    full-size max-pool backward instead of `depth` (each of which writes and accumulates a full-size
+    gradient). Other sizes pool each level from the full map (adaptive windows that may overlap).
     """
 
     def __init__(self, cin: int, depth: int = 4, mode: str = "trilinear"):
@@ -93,14 +98,25 @@ class PyramidPooling(nn.Module):
         # A transposed conv cannot undo an adaptive pool of any size: interpolate instead.
         self.mode = "nearest" if mode == "nearest" else "trilinear"
 
+    def pooled_maps(self, x: torch.Tensor) -> list:
+        """[x max-pooled to (D, g, g) for each grid g] (coarsest first)."""
+        d, h, w = x.shape[2:]
+        if not self.grids:
+            return []
+        finest = self.grids[-1]
+        if h % finest or w % finest:
+            return [F.adaptive_max_pool3d(x, (d, g, g)) for g in self.grids]
+        maps = [F.max_pool3d(x, (1, h // finest, w // finest))]
+        for g in reversed(self.grids[:-1]):
+            maps.insert(0, F.max_pool3d(maps[0], (1, 2, 2)))
+        return maps
+
     def forward(self, x):
         size = x.shape[2:]
         maps = []
-        for grid, project in zip(self.grids, self.project):
-            pooled = F.adaptive_max_pool3d(x, (size[0], grid, grid))
-            up = F.interpolate(project(pooled), size=size, mode=self.mode,
-                               **({"align_corners": False} if self.mode == "trilinear" else {}))
-            maps.append(up)
+        for pooled, project in zip(self.pooled_maps(x), self.project):
+            maps.append(F.interpolate(project(pooled), size=size, mode=self.mode,
+                                      **({"align_corners": False} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
 
 

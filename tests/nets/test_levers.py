@@ -84,3 +84,19 @@ def test_channels_last_3d_same_results():
         mc = copy.deepcopy(m).to(memory_format=torch.channels_last_3d)
         y1 = mc(x.contiguous(memory_format=torch.channels_last_3d))
     assert torch.allclose(y0, y1, atol=1e-5)
+
+
+def test_channels_last_3d_same_gradients_and_bn_stats():
+    # float64: the same arithmetic in another memory order agrees to rounding of 1e-16 (float32 train-mode
+    # BatchNorm over few values amplifies rounding to 1e-2 on gradients that are near zero).
+    torch.manual_seed(0)
+    base = AHNet3d(**SMALL).double()
+    cl = copy.deepcopy(base).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 16, 32, 32, dtype=torch.float64)
+    y0, g0, b0 = _train_step(base, x)
+    y1, g1, b1 = _train_step(cl, x.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.allclose(y0, y1, rtol=0, atol=1e-10)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-8, atol=1e-12), n
+    for n in b0:
+        assert torch.allclose(b0[n].double(), b1[n].double(), rtol=1e-10, atol=1e-12), n

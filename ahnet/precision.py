@@ -1,0 +1,75 @@
+"""Numeric precision and memory layout of a run: the autocast choice (``--amp``) and channels-last 3D.
+
+AMP modes: ``auto`` (float16 + GradScaler on CUDA, float32 on a CPU), ``fp16`` (CUDA only), ``bf16`` (a CPU or a
+bfloat16-capable GPU; no scaler: bfloat16 has float32's exponent range), ``off`` (float32). On a CPU, bfloat16
+pays where the CPU computes it natively (AVX512-BF16 or AMX: ``cpu_native_bf16()``); elsewhere it is emulated
+and slower than float32. ``auto`` stays float32 on every CPU so that CPU results do not depend on the CPU model.
+
+channels-last 3D (N, C, D, H, W stored as N, D, H, W, C): oneDNN's and cuDNN's preferred layout for reduced
+precision convolutions; the same values in another order (``to_channels_last``), a speed lever only.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    dtype: torch.dtype | None     # autocast dtype; None = float32, autocast off
+    scaler: bool                  # use a GradScaler (fp16 only)
+
+    @property
+    def name(self) -> str:
+        return {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def autocast(self, device: torch.device):
+        """The autocast context of these settings on ``device`` (a no-op for float32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def cpu_native_bf16() -> bool:
+    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX), where bf16 beats float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str | bool | None, device: torch.device) -> AmpSettings:
+    """auto (or True): fp16 + scaler on CUDA, off on CPU; fp16 needs CUDA; bf16 on CPU or a bf16-capable GPU;
+    off (or False / None): float32. Raises ValueError with the fix in one sentence."""
+    if amp is True:
+        amp = "auto"
+    if amp is False or amp is None:
+        amp = "off"
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return AmpSettings(None, False)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device (GradScaler); on CPU use --amp bf16 or --amp off.")
+        return AmpSettings(torch.float16, True)
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off.")
+        return AmpSettings(torch.bfloat16, False)
+    raise ValueError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}.")
+
+
+def to_channels_last(obj):
+    """A 5D tensor or a module with 5D parameters in channels-last 3D (modules in place, returned); 4D and
+    other tensors unchanged."""
+    if isinstance(obj, nn.Module):
+        return obj.to(memory_format=torch.channels_last_3d)
+    if isinstance(obj, torch.Tensor) and obj.ndim == 5:
+        return obj.contiguous(memory_format=torch.channels_last_3d)
+    return obj

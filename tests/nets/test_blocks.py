@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ahnet.nets.blocks import PyramidPooling
+
+
+def _per_level_adaptive(x, depth):
+    d = x.shape[2]
+    return [F.adaptive_max_pool3d(x, (d, 2 ** i, 2 ** i)) for i in range(depth)]
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 32), (16, 8)])
+def test_nested_pyramid_pooling_equals_pooling_each_level_from_the_full_map(hw):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, *hw, dtype=torch.float64, requires_grad=True)
+    pyramid = PyramidPooling(5, depth=4)
+    nested = pyramid.pooled_maps(x)
+    direct = _per_level_adaptive(x, 4)
+    assert [m.shape[-1] for m in nested] == [1, 2, 4, 8]
+    for a, b in zip(nested, direct):
+        assert torch.equal(a, b)
+    weights = [torch.randn_like(m) for m in direct]
+    g_nested, = torch.autograd.grad(sum((m * w).sum() for m, w in zip(nested, weights)), x)
+    g_direct, = torch.autograd.grad(sum((m * w).sum() for m, w in zip(direct, weights)), x)
+    assert torch.allclose(g_nested, g_direct, rtol=0, atol=1e-12)
+
+
+def test_pyramid_pooling_at_sizes_the_grid_does_not_divide_uses_adaptive_windows():
+    x = torch.randn(1, 2, 2, 20, 12)          # 20 and 12 are not multiples of 8
+    pyramid = PyramidPooling(2, depth=4)
+    for a, b in zip(pyramid.pooled_maps(x), _per_level_adaptive(x, 4)):
+        assert torch.equal(a, b)
+    assert pyramid(x).shape == (1, 4 + 2, 2, 20, 12)
+
+
+def test_pyramid_at_64_matches_the_papers_fixed_windows():
+    # the authors' PSP: max-pool windows 64, 32, 16, 8 (stride = window) on a 64 x 64 map
+    x = torch.randn(1, 3, 2, 64, 64)
+    maps = PyramidPooling(3, depth=4).pooled_maps(x)
+    for m, window in zip(maps, (64, 32, 16, 8)):
+        assert torch.equal(m, F.max_pool3d(x, (1, window, window)))
+
+
+def test_pyramid_depth_zero_is_identity_concat():
+    x = torch.randn(1, 3, 2, 8, 8)
+    assert torch.equal(PyramidPooling(3, depth=0)(x), x)
