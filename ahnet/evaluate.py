@@ -57,15 +57,17 @@ def load_run(run_dir, device="cpu"):
 
 
 def predict_case(models, model_name: str, image01: np.ndarray, window=None, overlap: float = 0.5,
-                 batch_size: int = 4, flip_tta: bool = False, amp: bool = True, in_slices: int = 3) -> np.ndarray:
-    """Foreground probability (z, y, x) float32 of a scaled (z, y, x) image; 'mcgcn' runs slice by slice."""
+                 batch_size: int = 4, flip_tta: bool = False, amp: bool | str = True, in_slices: int = 3,
+                 channels_last: bool = False) -> np.ndarray:
+    """Foreground probability (z, y, x) float32 of a scaled (z, y, x) image; 'mcgcn' runs slice by slice.
+    amp: True / "auto" | "fp16" | "bf16" | False / "off"; channels_last: 3D models only (ahnet.infer)."""
     x = torch.from_numpy(np.ascontiguousarray(image01, np.float32))[None, None]
     if model_name == "mcgcn":
         p = slicewise_predict(models, x, in_slices=in_slices, batch_size=max(batch_size, 1) * 4,
                               flip_tta=flip_tta, amp=amp)
     else:
         p = sliding_window_predict(models, x, window=window, overlap=overlap, batch_size=batch_size,
-                                   flip_tta=flip_tta, amp=amp)
+                                   flip_tta=flip_tta, amp=amp, channels_last=channels_last)
     return p[0, 0].numpy()
 
 

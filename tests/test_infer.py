@@ -127,6 +127,26 @@ def test_mode_restored_and_bad_inputs():
         sliding_window_predict(net, torch.zeros(1, 1, 4, 8, 8), overlap=1.0)
 
 
+def test_bf16_and_channels_last_levers_agree_with_float32():
+    """The speed levers of paper_notes/performance.md: channels-last gives the float32 result to rounding,
+    bfloat16 autocast to bfloat16's 3 significant digits; probabilities stay float32."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(1, 1, 8, 16, 20)
+    ref = sliding_window_predict(net, x, window=(4, 8, 8), amp=False)
+    cl = sliding_window_predict(net, x, window=(4, 8, 8), amp=False, channels_last=True)
+    torch.testing.assert_close(cl, ref, rtol=0, atol=1e-6)
+    assert net.body[0].weight.is_contiguous(memory_format=torch.channels_last_3d)   # converted in place
+    bf = sliding_window_predict(net, x, window=(4, 8, 8), amp="bf16", channels_last=True)
+    assert bf.dtype == torch.float32
+    torch.testing.assert_close(bf, ref, rtol=0, atol=2e-2)
+    assert not torch.equal(bf, ref)                                                   # bf16 really ran
+    with pytest.raises(InferenceInputError, match="fp16 needs a CUDA device"):
+        sliding_window_predict(net, x, amp="fp16", device="cpu")
+    with pytest.raises(InferenceInputError, match="--amp must be"):
+        sliding_window_predict(net, x, amp="half")
+
+
 class Slice2d(nn.Module):
     def __init__(self):
         super().__init__()

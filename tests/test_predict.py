@@ -175,6 +175,14 @@ def test_tta_is_the_flip_mean(world, whole):
     assert np.abs(prob - plain).max() > 1e-4                         # the flips changed something
 
 
+def test_bf16_channels_last_levers_close_to_float32(world, whole):
+    out = world["d"] / "out_bf16"
+    assert pr.main(["--input", str(world["img"]), "--runs", str(world["runs"]["a"]), "--out", str(out),
+                    "--amp", "bf16", "--channels-last", "--device", "cpu"]) == 0
+    prob = io.read_image(out / "case1_prob.nii.gz").array
+    np.testing.assert_allclose(prob, whole["a"], rtol=0, atol=3e-2)
+
+
 def test_folder_and_dataset_json_inputs(world, capsys, monkeypatch):
     d = world["d"] / "folder"
     geo2 = io.Volume(_hu(1), SP, (10.0, -20.0, 5.0), _rotation((0, 0, 1), 90.0))
@@ -229,7 +237,7 @@ def test_mixed_2d_and_3d_runs(world, whole, capsys):
 
 @pytest.mark.parametrize("case", ["missing_input", "empty_folder", "not_an_image", "not_a_checkpoint",
                                   "foreign_dict", "no_best", "missing_run", "window", "split", "split_no_json",
-                                  "twice"])
+                                  "twice", "fp16_on_cpu"])
 def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
     img, run = str(world["img"]), str(world["runs"]["a"])
     args = {"input": img, "runs": [run]}
@@ -263,6 +271,8 @@ def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
         extra, want = ["--split", "test"], "applies to a dataset.json input only"
     elif case == "twice":
         args["runs"], want = [run, str(world["runs"]["a"] / "checkpoints" / "best.pt")], "is given twice"
+    elif case == "fp16_on_cpu":
+        extra, want = ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"
     rc = pr.main(["--input", args["input"], "--runs", *args["runs"], "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert rc == 2
