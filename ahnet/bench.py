@@ -11,10 +11,11 @@ converted with ``to_monai_layout`` outside the timed region.
 
 Rows: parameters; forward (eval, no grad) and training step (train mode, BCE-with-logits, backward, Adam
 step) for the paper configuration (ResNet50, 4 pyramid levels) per upsampling mode, fp32 and AMP where the
-device has it (CUDA float16 with a GradScaler; CPU bfloat16 with ``--cpu-bf16``); the same for this project's
-levers (``--levers``: channels_last, checkpoint=decoder|encoder|all, compile); sliding-window inference of a
-whole volume (ours: ``ahnet.infer.sliding_window_predict`` when that module is present, else the local loop
-below; MONAI: ``monai.inferers.sliding_window_inference``, same window, overlap, window batch and blending);
+device has it (CUDA float16 with a GradScaler; CPU bfloat16 where the CPU computes it natively); the same for
+this project's levers (``--levers``: channels_last, checkpoint=decoder|encoder|all, compile), with MONAI given the
+levers that apply to any module (channels_last, compile) so each ratio compares like with like; sliding-window
+inference of a whole volume (ours: ``ahnet.infer.sliding_window_predict``; MONAI:
+``monai.inferers.sliding_window_inference``; same window, overlap, window batch, blending, dtype and layout);
 the 2D-stage (MC-GCN ResNet50) slices per second; the data pipeline's patches per second from an HDF5 cache
 of synthetic cases against what a training step consumes. Output: a table with ratios (ours / MONAI) and
 ``bench_results/bench-<time>.json``.
@@ -37,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ahnet.precision import cpu_native_bf16
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -169,51 +172,24 @@ def work_model(spec: dict) -> dict:
     return out
 
 
-def window_starts(length: int, window: int, overlap: float) -> list:
-    """Window starts covering [0, length), step window * (1 - overlap), the last flush with the end (as
-    MONAI's sliding_window_inference places them)."""
-    if length <= window:
-        return [0]
-    step = max(int(window * (1 - overlap)), 1)
-    n = math.ceil((length - window) / step) + 1
-    return [min(i * step, length - window) for i in range(n)]
-
-
-def local_sliding_window(model, volume, window, overlap, sw_batch, device, dtype="fp32", channels_last=False):
-    """Sigmoid probabilities of `model` over a (1, C, D, H, W) volume, uniform blending of windows batched by
-    `sw_batch` (the fallback while ahnet.infer is not on this branch). Sizes must be >= the window."""
-    _, _, *shape = volume.shape
-    starts = [window_starts(s, w, overlap) for s, w in zip(shape, window)]
-    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-    acc = torch.zeros((1, 1, *shape))
-    cnt = torch.zeros((1, 1, *shape))
-    with torch.no_grad():
-        for i in range(0, len(corners), sw_batch):
-            batch = corners[i:i + sw_batch]
-            xs = torch.cat([volume[:, :, a:a + window[0], b:b + window[1], c:c + window[2]] for a, b, c in batch])
-            xs = xs.to(device)
-            if channels_last:
-                xs = xs.contiguous(memory_format=torch.channels_last_3d)
-            with _autocast(device, dtype):
-                p = torch.sigmoid(model(xs).float()).cpu()
-            for (a, b, c), pi in zip(batch, p):
-                acc[:, :, a:a + window[0], b:b + window[1], c:c + window[2]] += pi
-                cnt[:, :, a:a + window[0], b:b + window[1], c:c + window[2]] += 1
-    return acc / cnt, len(corners)
+INFER_AMP = {"fp32": False, "amp": "fp16", "bf16": "bf16"}     # bench dtype -> ahnet.infer amp
 
 
 def work_infer(spec: dict) -> dict:
-    """Whole-volume sliding-window inference time and peak memory of one implementation."""
+    """Whole-volume sliding-window inference time and peak memory of one implementation: ours through
+    ahnet.infer.sliding_window_predict, MONAI's AHNet through monai.inferers.sliding_window_inference; both with
+    uniform blending, the same window, overlap, window batch, autocast dtype and memory format."""
+    from ahnet.infer import sliding_window_predict, window_starts
+
     device = torch.device(spec["device"])
     import monai.networks.nets  # noqa: F401
 
     base = _rss_mb()
     torch.manual_seed(0)
     levers = spec.get("levers", {})
+    channels_last = bool(levers.get("channels_last"))
     net, to_layout, _ = build_net(spec["impl"], spec["mode"], spec["pfn"])
     net = net.to(device).eval()
-    if levers.get("channels_last"):
-        net = net.to(memory_format=torch.channels_last_3d)
     vol = torch.rand(1, 1, *spec["volume"])
     window, overlap, swb = spec["window"], spec["overlap"], spec["sw_batch"]
     out = {"volume": spec["volume"], "window": window, "overlap": overlap, "sw_batch": swb}
@@ -221,6 +197,8 @@ def work_infer(spec: dict) -> dict:
     if spec["impl"] == "monai":
         from monai.inferers import sliding_window_inference
 
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)
         vm = to_layout(vol)
         roi = tuple(reversed(window))
 
@@ -231,22 +209,11 @@ def work_infer(spec: dict) -> dict:
             return torch.sigmoid(y.float())
         out["driver"] = "monai.inferers.sliding_window_inference"
     else:
-        infer = None
-        if not spec.get("local_loop"):
-            try:
-                from ahnet.infer import sliding_window_predict as infer
-            except ImportError:
-                infer = None
-        if infer is not None and spec["dtype"] in ("fp32", "amp") and not levers.get("channels_last"):
-            def run():
-                return infer(net, vol, window=tuple(window), overlap=overlap, batch_size=swb, amp=spec["dtype"] == "amp",
-                             device=device, out_device="cpu", blend="constant")
-            out["driver"] = "ahnet.infer.sliding_window_predict"
-        else:
-            def run():
-                return local_sliding_window(net, vol, window, overlap, swb, device, spec["dtype"],
-                                            bool(levers.get("channels_last")))[0]
-            out["driver"] = "ahnet.bench.local_sliding_window"
+        def run():
+            return sliding_window_predict(net, vol, window=tuple(window), overlap=overlap, batch_size=swb,
+                                          amp=INFER_AMP[spec["dtype"]], device=device, out_device="cpu",
+                                          blend="constant", channels_last=channels_last)
+        out["driver"] = "ahnet.infer.sliding_window_predict"
     out["windows"] = math.prod(len(window_starts(s, w, overlap)) for s, w in zip(spec["volume"], window))
     t = _timed(run, device, 0, spec.get("repeats", 1))
     out.update(t)
@@ -399,34 +366,64 @@ def lever_name(lv: dict) -> str:
     return "+".join(parts) or "-"
 
 
+PEER_LEVERS = ("channels_last", "compile")   # levers that apply to any nn.Module, MONAI's AHNet included
+
+
+def peer_levers(lv: dict) -> dict:
+    """The part of a lever set that MONAI's AHNet can take too (its like-for-like comparison)."""
+    return {k: v for k, v in lv.items() if k in PEER_LEVERS}
+
+
+def amp_dtypes(args, device: torch.device) -> list:
+    """fp32, plus AMP where the device has it: float16 on CUDA, bfloat16 on a CPU that computes it natively
+    (--cpu-bf16 forces it elsewhere); --no-amp: fp32 only."""
+    if args.no_amp:
+        return ["fp32"]
+    if device.type == "cuda":
+        return ["fp32", "amp"]
+    return ["fp32", "bf16"] if (args.cpu_bf16 or cpu_native_bf16()) else ["fp32"]
+
+
 def build_plan(args, device: torch.device) -> list:
-    dtypes = ["fp32"] + (["amp"] if device.type == "cuda" and not args.no_amp else []) + \
-             (["bf16"] if args.cpu_bf16 and device.type == "cpu" else [])
+    dtypes = amp_dtypes(args, device)
     base = dict(device=str(device), pfn=args.pfn, patch=list(args.patch), batch=args.batch, warmup=args.warmup,
                 repeats=args.repeats)
-    plan = []
-    for mode in args.modes:
+    plan, seen = [], set()
+
+    def add(kind, spec):
+        key = json.dumps(spec, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            plan.append((kind, spec))
+
+    for mode in [] if args.skip_model else args.modes:
         for dtype in dtypes:
             for impl in ("ours", "monai"):   # interleaved, so background load hits both alike
-                plan.append(("model", dict(base, kind="model", impl=impl, mode=mode, dtype=dtype, levers={})))
-    for lv in parse_levers(args.levers):
+                add("model", dict(base, kind="model", impl=impl, mode=mode, dtype=dtype, levers={}))
+    for lv in [] if args.skip_model else parse_levers(args.levers):
         for dtype in dtypes:
-            plan.append(("model", dict(base, kind="model", impl="ours", mode=args.lever_mode, dtype=dtype, levers=lv)))
+            add("model", dict(base, kind="model", impl="ours", mode=args.lever_mode, dtype=dtype, levers=lv))
+            if peer_levers(lv):
+                add("model", dict(base, kind="model", impl="monai", mode=args.lever_mode, dtype=dtype,
+                                  levers=peer_levers(lv)))
     if not args.skip_infer:
         ibase = dict(device=str(device), pfn=args.pfn, volume=list(args.volume), window=list(args.window or args.patch),
                      overlap=args.overlap, sw_batch=args.sw_batch, repeats=1, kind="infer")
+        infer_levers = args.infer_levers
+        if infer_levers is None:
+            infer_levers = ["channels_last"] + [f"channels_last+dtype={d}" for d in dtypes if d != "fp32"]
         for mode in args.infer_modes:
-            for impl in ("ours", "monai"):
-                plan.append(("infer", dict(ibase, impl=impl, mode=mode, dtype="fp32", levers={})))
-            for lv in parse_infer_levers(args.infer_levers):
+            for lv in [{}] + parse_infer_levers(infer_levers):
                 dtype = lv.pop("dtype", "fp32")
-                plan.append(("infer", dict(ibase, impl="ours", mode=mode, dtype=dtype, levers=lv, local_loop=True)))
+                for impl in ("ours", "monai"):
+                    add("infer", dict(ibase, impl=impl, mode=mode, dtype=dtype, levers=lv))
     if not args.skip_2d:
-        plan.append(("mcgcn", dict(device=str(device), kind="mcgcn", batch=args.batch_2d, size=list(args.size_2d),
-                                   dtype="fp32", warmup=args.warmup, repeats=args.repeats)))
+        for dtype in dtypes:
+            add("mcgcn", dict(device=str(device), kind="mcgcn", batch=args.batch_2d, size=list(args.size_2d),
+                              dtype=dtype, warmup=args.warmup, repeats=args.repeats))
     if not args.skip_data:
-        plan.append(("data", dict(kind="data", cases=3, case_shape=[max(2 * args.patch[0], 48), 256, 256],
-                                  patch=list(args.patch), samples=args.data_samples, workers=args.data_workers)))
+        add("data", dict(kind="data", cases=3, case_shape=[max(2 * args.patch[0], 48), 256, 256],
+                         patch=list(args.patch), samples=args.data_samples, workers=args.data_workers))
     return plan
 
 
@@ -462,14 +459,19 @@ def summarise(results: list) -> list:
     """Rows (label, ours, monai, ratio, unit) for the printed table."""
     rows = []
     models = [r for r in results if r["spec"]["kind"] == "model" and "error" not in r["result"]]
-    key = lambda r: (r["spec"]["mode"], r["spec"]["dtype"])  # noqa: E731
-    monai = {key(r): r["result"] for r in models if r["spec"]["impl"] == "monai"}
+    def key(r, levers):
+        return r["spec"]["mode"], r["spec"]["dtype"], lever_name(levers)
+
+    monai = {key(r, r["spec"]["levers"]): r["result"] for r in models if r["spec"]["impl"] == "monai"}
     for r in models:
         if r["spec"]["impl"] != "ours":
             continue
-        m = monai.get(key(r))
+        peer = peer_levers(r["spec"]["levers"])
+        m = monai.get(key(r, peer))
         res = r["result"]
         tag = f"{r['spec']['mode']}/{r['spec']['dtype']}/{lever_name(r['spec']['levers'])}"
+        if peer:
+            tag += f" (MONAI {lever_name(peer)})"
         rows.append((f"params {tag}", res["params"], m and m["params"], _ratio(res["params"], m and m["params"]), ""))
         for phase in ("forward", "train"):
             a, b = res[phase]["median_s"], m and m[phase]["median_s"]
@@ -481,11 +483,12 @@ def summarise(results: list) -> list:
             a, b = res[phase]["peak_mb"], m and m[phase]["peak_mb"]
             rows.append((f"{phase} peak mem {tag}", a, b, _ratio(a, b), "MiB"))
     infers = [r for r in results if r["spec"]["kind"] == "infer" and "error" not in r["result"]]
-    mi = {r["spec"]["mode"]: r["result"] for r in infers if r["spec"]["impl"] == "monai"}
+    ikey = lambda r: (r["spec"]["mode"], r["spec"]["dtype"], lever_name(r["spec"]["levers"]))  # noqa: E731
+    mi = {ikey(r): r["result"] for r in infers if r["spec"]["impl"] == "monai"}
     for r in infers:
         if r["spec"]["impl"] != "ours":
             continue
-        m = mi.get(r["spec"]["mode"])
+        m = mi.get(ikey(r))
         res = r["result"]
         lv = dict(r["spec"]["levers"])
         tag = f"{r['spec']['mode']}/{r['spec']['dtype']}/{lever_name(lv)} {'x'.join(map(str, res['volume']))}"
@@ -498,8 +501,9 @@ def summarise(results: list) -> list:
         if "error" in res:
             rows.append((f"{r['spec']['kind']} {r['spec'].get('impl', '')} ERROR {res['error']}", None, None, None, ""))
         elif r["spec"]["kind"] == "mcgcn":
-            rows.append((f"2D MC-GCN infer (batch {res['batch']}, {res['size']})", res["infer_slices_per_s"], None, None, "slices/s"))
-            rows.append((f"2D MC-GCN train (batch {res['batch']}, {res['size']})", res["train_slices_per_s"], None, None, "slices/s"))
+            tag = f"batch {res['batch']}, {res['size']}, {r['spec'].get('dtype', 'fp32')}"
+            rows.append((f"2D MC-GCN infer ({tag})", res["infer_slices_per_s"], None, None, "slices/s"))
+            rows.append((f"2D MC-GCN train ({tag})", res["train_slices_per_s"], None, None, "slices/s"))
         elif r["spec"]["kind"] == "data":
             for k in ("plain_patches_per_s", "augment_patches_per_s", "loader_augment_patches_per_s"):
                 if k in res:
@@ -541,11 +545,14 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["trilinear", "transpose"])
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--repeats", type=int, default=10 if cuda else 3)
-    p.add_argument("--no-amp", action="store_true", help="skip the CUDA float16 autocast rows")
-    p.add_argument("--cpu-bf16", action="store_true", help="add bfloat16 autocast rows on the CPU")
+    p.add_argument("--no-amp", action="store_true",
+                   help="fp32 only (default: also CUDA float16, or CPU bfloat16 where the CPU computes it natively)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bfloat16 rows on a CPU without native bfloat16 too (emulated there: slower than fp32)")
     p.add_argument("--levers", nargs="*", default=["channels_last", "checkpoint=decoder", "checkpoint=all",
                                                    "channels_last+checkpoint=all"],
-                   help="extra rows for ours: channels_last, compile, checkpoint=encoder|decoder|all, joined by +")
+                   help="extra rows for ours: channels_last, compile, checkpoint=encoder|decoder|all, joined by +; "
+                        "MONAI runs with the part it can take (channels_last, compile) for a like-for-like ratio")
     p.add_argument("--lever-mode", default="trilinear", help="upsampling mode of the lever rows")
     p.add_argument("--volume", type=int, nargs=3, default=[128, 512, 512] if cuda else [64, 256, 256],
                    metavar=("D", "H", "W"), help="inference volume (the issue's: 128 512 512 at 2.5 x 0.7 x 0.7 mm)")
@@ -554,12 +561,14 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch", type=int, default=4 if cuda else 2)
     p.add_argument("--infer-modes", nargs="+", default=["trilinear"])
-    p.add_argument("--infer-levers", nargs="*", default=["channels_last"] + (["dtype=amp", "channels_last+dtype=amp"] if cuda else []),
-                   help="extra inference rows for ours (local loop): channels_last, dtype=amp|bf16, joined by +")
+    p.add_argument("--infer-levers", nargs="*", default=None,
+                   help="extra inference rows, both implementations: channels_last, dtype=amp|bf16, joined by + "
+                        "(default: channels_last, and channels_last+dtype=<AMP dtype> where the device has AMP)")
     p.add_argument("--batch-2d", type=int, default=16 if cuda else 4)
     p.add_argument("--size-2d", type=int, nargs=2, default=[256, 256])
     p.add_argument("--data-samples", type=int, default=40)
     p.add_argument("--data-workers", type=int, default=2)
+    p.add_argument("--skip-model", action="store_true", help="no forward / training-step rows")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--skip-2d", action="store_true")
     p.add_argument("--skip-data", action="store_true")

@@ -1,5 +1,5 @@
-"""ahnet.bench: the pieces that decide its numbers (window placement, the local sliding-window loop, lever
-parsing and wiring, the ratio table) and one real worker run in a subprocess."""
+"""ahnet.bench: the pieces that decide its numbers (the inference drivers' equivalence, the plan and its
+like-for-like levers, lever parsing and wiring, the ratio table) and one real worker run in a subprocess."""
 import json
 
 import pytest
@@ -15,31 +15,42 @@ class _WindowSensitive(torch.nn.Module):
         return x - x.mean(dim=(2, 3, 4), keepdim=True)
 
 
-def test_window_starts_cover_and_end_flush():
-    assert bench.window_starts(256, 128, 0.5) == [0, 64, 128]
-    assert bench.window_starts(64, 32, 0.5) == [0, 16, 32]
-    assert bench.window_starts(100, 32, 0.25) == [0, 24, 48, 68]
-    assert bench.window_starts(20, 32, 0.5) == [0]
-
-
-def test_local_sliding_window_matches_monai():
+def test_our_inference_driver_equals_monais_inferer_on_the_same_windows():
+    """The inference rows compare like with like: ahnet.infer with uniform blending places the same windows
+    and blends them as monai.inferers.sliding_window_inference (checked on a window-sensitive model)."""
     inferers = pytest.importorskip("monai.inferers")
+    from ahnet.infer import sliding_window_predict
     from ahnet.nets.layout import from_monai_layout, to_monai_layout
 
     torch.manual_seed(0)
-    vol = torch.rand(1, 1, 12, 40, 36)
+    vol = torch.rand(1, 1, 12, 40, 40)
     model = _WindowSensitive()
-    ours, n = bench.local_sliding_window(model, vol, (8, 16, 16), 0.5, 3, torch.device("cpu"))
+    ours = sliding_window_predict(model, vol, window=(8, 16, 16), overlap=0.5, batch_size=3, amp=False,
+                                  blend="constant")
     theirs = inferers.sliding_window_inference(to_monai_layout(vol), (16, 16, 8), 3, model, overlap=0.5,
                                                mode="constant")
-    assert n == 2 * 4 * 4
     assert torch.allclose(ours, torch.sigmoid(from_monai_layout(theirs)), atol=1e-6)
 
 
-def test_local_sliding_window_one_window_is_the_direct_pass():
-    vol = torch.rand(1, 1, 8, 16, 16)
-    p, n = bench.local_sliding_window(_WindowSensitive(), vol, (8, 16, 16), 0.5, 2, torch.device("cpu"))
-    assert n == 1 and torch.allclose(p, torch.sigmoid(_WindowSensitive()(vol)))
+def _args(*argv):
+    return bench.parse_args(["--device", "cpu", *argv])
+
+
+def test_plan_gives_monai_the_levers_it_can_take(monkeypatch):
+    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: True)
+    plan = bench.build_plan(_args("--modes", "trilinear", "--skip-2d", "--skip-data"), torch.device("cpu"))
+    models = [(s["impl"], s["dtype"], bench.lever_name(s["levers"])) for k, s in plan if k == "model"]
+    assert ("ours", "bf16", "-") in models and ("monai", "bf16", "-") in models
+    assert ("ours", "bf16", "channels_last+checkpoint=all") in models
+    assert ("monai", "bf16", "channels_last") in models and models.count(("monai", "bf16", "channels_last")) == 1
+    assert not any(impl == "monai" and "checkpoint" in lv for impl, _, lv in models)
+    infers = [(s["impl"], s["dtype"], bench.lever_name(s["levers"])) for k, s in plan if k == "infer"]
+    assert ("ours", "bf16", "channels_last") in infers and ("monai", "bf16", "channels_last") in infers
+    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: False)
+    plan = bench.build_plan(_args("--skip-infer", "--skip-2d", "--skip-data"), torch.device("cpu"))
+    assert {s["dtype"] for _, s in plan} == {"fp32"}          # no emulated bfloat16 unless --cpu-bf16
+    plan = bench.build_plan(_args("--skip-infer", "--skip-2d", "--skip-data", "--cpu-bf16"), torch.device("cpu"))
+    assert {s["dtype"] for _, s in plan} == {"fp32", "bf16"}
 
 
 def test_lever_parsing():
@@ -68,10 +79,15 @@ def test_summary_ratios_and_table():
              "train": {"median_s": t, "min_s": t / 2, "cpu_median_s": t, "peak_mb": 2 * mem}}
         return {"spec": {"kind": "model", "impl": impl, "mode": "trilinear", "dtype": "fp32", "batch": 2,
                          "levers": levers or {}}, "result": r}
-    results = [model("ours", 2.0, 100.0), model("monai", 4.0, 200.0), model("ours", 3.0, 50.0, {"checkpoint": "all"})]
+    results = [model("ours", 2.0, 100.0), model("monai", 4.0, 200.0), model("ours", 3.0, 50.0, {"checkpoint": "all"}),
+               model("ours", 1.0, 100.0, {"channels_last": True, "checkpoint": "all"}),
+               model("monai", 1.25, 100.0, {"channels_last": True})]
     rows = {r[0]: r for r in bench.summarise(results)}
     assert rows["train median trilinear/fp32/-"][3] == pytest.approx(0.5)
     assert rows["train peak mem trilinear/fp32/checkpoint=all"][3] == pytest.approx(0.25)
+    # a lever MONAI can take is compared with MONAI under that lever
+    row = rows["train median trilinear/fp32/channels_last+checkpoint=all (MONAI channels_last)"]
+    assert row[2] == pytest.approx(1.25) and row[3] == pytest.approx(0.8)
     assert rows["data needed by training (batch / ours train step)"][1] == pytest.approx(1.0)
     text = bench.format_table(list(rows.values()))
     assert "ours/MONAI" in text and "0.75" in text
