@@ -18,7 +18,8 @@ def test_flags_map_onto_both_stages(tmp_path):
     args = build_parser().parse_args([
         "--name", "exp", "--runs", str(tmp_path), "--config", str(f), "--encoder", "resnet34", "--seed", "4",
         "--epochs-2d", "3", "--epochs-3d", "5", "--lr-2d", "1e-3", "--lr-encoder", "1e-5", "--patch-2d", "64", "64",
-        "--patch-3d", "8", "64", "64", "--pfn-depth", "2", "--model-kwargs-3d", '{"z_pool": "none"}'])
+        "--patch-3d", "8", "64", "64", "--pfn-depth", "2", "--model-kwargs-3d", '{"z_pool": "none"}',
+        "--channels-last", "--amp", "bf16"])
     c2, c3 = stage_configs(args)
     assert (c2.stage, c2.model, c2.out) == ("2d", "mcgcn", str(tmp_path / "exp-2d"))
     assert (c3.stage, c3.model, c3.init, c3.init_from) == ("3d", "ahnet", "transfer", str(tmp_path / "exp-2d"))
@@ -29,6 +30,8 @@ def test_flags_map_onto_both_stages(tmp_path):
     assert c2.patch_size == [3, 64, 64] and c3.patch_size == [8, 64, 64]
     assert c3.pfn_depth == 2                                          # flag beats file
     assert c3.model_kwargs == {"z_pool": "none"}
+    assert c3.channels_last and not c2.channels_last                  # a 3D-stage lever only
+    assert c2.amp == c3.amp == "bf16"
 
 
 def test_bad_config_sections(tmp_path, capsys):
