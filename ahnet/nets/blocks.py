@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .pooling import adaptive_max_pool3d, max_pool3d
+
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
 
 
@@ -105,10 +107,10 @@ class PyramidPooling(nn.Module):
             return []
         finest = self.grids[-1]
         if h % finest or w % finest:
-            return [F.adaptive_max_pool3d(x, (d, g, g)) for g in self.grids]
-        maps = [F.max_pool3d(x, (1, h // finest, w // finest))]
+            return [adaptive_max_pool3d(x, (d, g, g)) for g in self.grids]
+        maps = [max_pool3d(x, (1, h // finest, w // finest))]
         for g in reversed(self.grids[:-1]):
-            maps.insert(0, F.max_pool3d(maps[0], (1, 2, 2)))
+            maps.insert(0, max_pool3d(maps[0], (1, 2, 2)))
         return maps
 
     def forward(self, x):

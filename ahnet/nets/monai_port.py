@@ -31,6 +31,8 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
+from .pooling import MaxPool3d
+
 _DENSE = {"bn1": "reduce.0", "conv1": "reduce.2", "bn2": "inplane.0", "conv2": "inplane.2",
           "bn3": "through.0", "conv3": "through.2", "bn4": "fuse.0", "conv4": "fuse.2"}
 _SEQ = {"norm": "0.0", "conv": "0.2", "up": "1"}
@@ -135,5 +137,5 @@ def match_monai_ops(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.Upsample) and m.mode == "trilinear":
             m.align_corners = True
     if mode in ("transpose", "nearest"):
-        model.encoder.maxpool = nn.MaxPool3d(2, 2)
+        model.encoder.maxpool = MaxPool3d(2, 2)
     return model

@@ -11,6 +11,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from .pooling import MaxPool2d
+
 #: depth -> (block kind, blocks per stage)
 RESNET_SPECS: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -94,7 +96,7 @@ class ResNet2d(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = MaxPool2d(3, 2, 1)
         inplanes = 64
         for i, (planes, n) in enumerate(zip(STAGE_WIDTHS, blocks)):
             stride = 1 if i == 0 else 2

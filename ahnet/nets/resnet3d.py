@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from .blocks import checkpointed
+from .pooling import MaxPool3d
 from .resnet import EXPANSION, RESNET_SPECS, STAGE_WIDTHS, parse_encoder, stage_channels
 from .sizes import NUM_LEVELS
 
 
 def _zpool(enabled: bool) -> nn.Module:
-    return nn.MaxPool3d((2, 1, 1), (2, 1, 1)) if enabled else nn.Identity()
+    return MaxPool3d((2, 1, 1), (2, 1, 1)) if enabled else nn.Identity()
 
 
 class _Shortcut(nn.Sequential):
@@ -102,9 +103,9 @@ class ResNet3dEncoder(nn.Module):
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         if self.z_flags[1]:
-            self.maxpool = nn.MaxPool3d(3, 2, 1)
+            self.maxpool = MaxPool3d(3, 2, 1)
         else:
-            self.maxpool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+            self.maxpool = MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
         inplanes = 64
         for i, (planes, n) in enumerate(zip(STAGE_WIDTHS, blocks)):
             stride = 1 if i == 0 else 2

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .blocks import count_parameters
+from .pooling import MaxPool3d
 from .sizes import NUM_LEVELS, ZPool, check_input, input_multiple, z_pool_schedule
 
 
@@ -40,7 +41,7 @@ class UNet3d(nn.Module):
         widths = [min(base_channels * 2 ** i, max_channels) for i in range(NUM_LEVELS + 1)]
         self.down = nn.ModuleList([ConvUnit(in_channels, widths[0])] +
                                   [ConvUnit(widths[i], widths[i + 1]) for i in range(NUM_LEVELS)])
-        self.pools = nn.ModuleList([nn.MaxPool3d((2 if f else 1, 2, 2)) for f in z_flags])
+        self.pools = nn.ModuleList([MaxPool3d((2 if f else 1, 2, 2)) for f in z_flags])
         self.ups = nn.ModuleList([nn.ConvTranspose3d(widths[i + 1], widths[i], (2 if z_flags[i] else 1, 2, 2),
                                                      (2 if z_flags[i] else 1, 2, 2), bias=False)
                                   for i in range(NUM_LEVELS)])
