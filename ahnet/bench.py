@@ -550,7 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bfloat16 rows on a CPU without native bfloat16 too (emulated there: slower than fp32)")
     p.add_argument("--levers", nargs="*", default=["channels_last", "checkpoint=decoder", "checkpoint=all",
-                                                   "channels_last+checkpoint=all"],
+                                                   "channels_last+checkpoint=decoder", "channels_last+checkpoint=all"],
                    help="extra rows for ours: channels_last, compile, checkpoint=encoder|decoder|all, joined by +; "
                         "MONAI runs with the part it can take (channels_last, compile) for a like-for-like ratio")
     p.add_argument("--lever-mode", default="trilinear", help="upsampling mode of the lever rows")
