@@ -8,6 +8,8 @@ Optimiser Adam (the paper's), learning rate per step: optional linear warm-up, t
 ``min_lr_ratio`` x lr) or poly ((1 - t/T)^0.9), T = epochs x steps-per-epoch. Parameters named ``encoder.*``
 may get their own learning rate (``--lr-encoder``). Mixed precision: fp16 autocast + GradScaler on CUDA by
 default, bf16 as an option (CUDA or CPU), float32 on CPU by default; the loss is always float32.
+``--channels-last`` keeps the 3D network in channels-last 3D memory. On a CPU with native bfloat16,
+``--amp bf16 --channels-last`` is about 2x faster than float32 (paper_notes/performance.md).
 
 Exact resume: patches are a pure function of (seed, epoch, index), the batch order of an epoch a pure
 function of (seed, epoch), and a checkpoint holds model, optimiser, scaler, scheduler, RNG states and the
