@@ -117,7 +117,13 @@ class PyramidPooling(nn.Module):
         size = x.shape[2:]
         maps = []
         for pooled, project in zip(self.pooled_maps(x), self.project):
-            maps.append(F.interpolate(project(pooled), size=size, mode=self.mode,
+            p = project(pooled)
+            if p.shape[-2:] == (1, 1):
+                # from one in-plane value, trilinear and nearest resizing both give that value everywhere:
+                # broadcast it (exactly equal; and torch.compile's CPU backend fails on this interpolation)
+                maps.append(p.expand(-1, -1, *size))
+                continue
+            maps.append(F.interpolate(p, size=size, mode=self.mode,
                                       **({"align_corners": False} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
 

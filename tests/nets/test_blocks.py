@@ -45,3 +45,34 @@ def test_pyramid_at_64_matches_the_papers_fixed_windows():
 def test_pyramid_depth_zero_is_identity_concat():
     x = torch.randn(1, 3, 2, 8, 8)
     assert torch.equal(PyramidPooling(3, depth=0)(x), x)
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "nearest"])
+def test_one_cell_level_is_broadcast_exactly_as_interpolation_would(mode):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    pyramid = PyramidPooling(3, depth=2, mode=mode).double()
+    got = pyramid(x)
+    maps = []
+    for pooled, project in zip(pyramid.pooled_maps(x), pyramid.project):
+        kw = {"align_corners": False} if mode == "trilinear" else {}
+        maps.append(F.interpolate(project(pooled), size=x.shape[2:], mode=mode, **kw))
+    want = torch.cat(maps + [x], 1)
+    assert torch.allclose(got, want, rtol=0, atol=1e-14)
+    w = torch.randn_like(want)
+    g1, = torch.autograd.grad((got * w).sum(), x)
+    g2, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-12)
+
+
+def test_pyramid_compiles_forward_and_backward():
+    """torch.compile (a bench lever) failed on the CPU backend's backward of resizing a 1 x 1 map."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    torch._dynamo.reset()
+    pyramid = PyramidPooling(6, depth=2)
+    x = torch.randn(1, 6, 4, 16, 16, requires_grad=True)
+    y = torch.compile(pyramid)(x)
+    y.sum().backward()
+    assert torch.allclose(y, pyramid(x), atol=1e-6)
