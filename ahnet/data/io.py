@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import contextlib
 import locale
 import logging
 from dataclasses import dataclass, field
@@ -266,14 +267,21 @@ def _read_itk(path: Path) -> Volume:
     return _sitk_to_volume(img, path)
 
 
-def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:
-    """GDCM sets the process locale to "C" while it reads a series, which would turn Python's default text
-    encoding into ASCII for the rest of the process; the locale is put back afterwards."""
+@contextlib.contextmanager
+def kept_locale():
+    """Put the process locale back on exit. GDCM (SimpleITK's DICOM reader and writer) sets it to "C", which
+    turns Python's default text encoding into ASCII for the rest of the process (text files, and libraries
+    such as torch.compile that read their own UTF-8 files)."""
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        return _read_dicom_series(path, series_uid)
+        yield
     finally:
         locale.setlocale(locale.LC_ALL, saved)
+
+
+def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:
+    with kept_locale():
+        return _read_dicom_series(path, series_uid)
 
 
 def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:

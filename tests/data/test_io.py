@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ahnet.data.io import (DataError, Volume, load_dataset_json, read_annotations_csv, read_candidates_csv,
+from ahnet.data.io import (DataError, Volume, kept_locale, load_dataset_json, read_annotations_csv, read_candidates_csv,
                            read_image, write_annotations_csv, write_candidates_csv, write_image)
 
 
@@ -114,6 +114,11 @@ def test_write_array_like(tmp_path):
 
 def write_dicom_series(folder, arr_zyx, spacing, origin, direction):
     """Write an int16 CT series, one file per slice, the way a scanner would (IPP/IOP per slice)."""
+    with kept_locale():           # GDCM's writer switches the locale too; later tests must not inherit "C"
+        _write_dicom_series(folder, arr_zyx, spacing, origin, direction)
+
+
+def _write_dicom_series(folder, arr_zyx, spacing, origin, direction):
     folder.mkdir()
     img = sitk.GetImageFromArray(arr_zyx.astype(np.int16))
     img.SetSpacing(spacing[::-1])

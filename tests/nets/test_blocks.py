@@ -65,6 +65,7 @@ def test_one_cell_level_is_broadcast_exactly_as_interpolation_would(mode):
     assert torch.allclose(g1, g2, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit deprecations raised inside torch.compile
 def test_pyramid_compiles_forward_and_backward():
     """torch.compile (a bench lever) failed on the CPU backend's backward of resizing a 1 x 1 map."""
     import shutil
