@@ -43,34 +43,30 @@ class MonaiPortError(ValueError):
     """A MONAI state dict that cannot be mapped onto the given AHNet3d."""
 
 
+#: (MONAI key pattern, our key from its match; None = no counterpart), tried in order
+_KEY_RULES = (
+    (r"conv1\.(.+)", lambda m: f"encoder.conv1.{m[1]}"),
+    (r"bn0\.(.+)", lambda m: f"encoder.bn1.{m[1]}"),
+    (r"(layer[1-4]\.\d+)\.downsample\.([02])\.(.+)",
+     lambda m: f"encoder.{m[1]}.downsample.{0 if m[2] == '0' else 1}.{m[3]}"),
+    (r"(layer[1-4]\.\d+\.(?:conv|bn)[1-3]\..+)", lambda m: f"encoder.{m[1]}"),
+    (r"(up[0-3]|trans1|final)\.(norm|conv|up)\.(.+)", lambda m: f"{_SEQ_NAMES[m[1]]}.{_SEQ[m[2]]}.{m[3]}"),
+    (r"(dense[0-4])\.denselayer(\d+)\.((?:bn|conv)[1-4])\.(.+)",
+     lambda m: f"{m[1]}.{int(m[2]) - 1}.{_DENSE[m[3]]}.{m[4]}"),
+    (r"psp\.project_modules\.(\d+)\.(weight|bias)", lambda m: f"pyramid.project.{m[1]}.{m[2]}"),
+    (r"psp\.up_modules\.\d+\.(weight|bias)", lambda m: None),
+)
+
+
 def monai_key_to_ours(key: str) -> str | None:
     """Our state-dict key for a MONAI AHNet key; None for MONAI's pyramid upsampling convs (no counterpart).
 
     Raises MonaiPortError for a key of no known MONAI AHNet module.
     """
-    m = re.fullmatch(r"conv1\.(.+)", key)
-    if m:
-        return f"encoder.conv1.{m[1]}"
-    m = re.fullmatch(r"bn0\.(.+)", key)
-    if m:
-        return f"encoder.bn1.{m[1]}"
-    m = re.fullmatch(r"(layer[1-4]\.\d+)\.downsample\.([02])\.(.+)", key)
-    if m:
-        return f"encoder.{m[1]}.downsample.{0 if m[2] == '0' else 1}.{m[3]}"
-    m = re.fullmatch(r"(layer[1-4]\.\d+\.(?:conv|bn)[1-3]\..+)", key)
-    if m:
-        return f"encoder.{m[1]}"
-    m = re.fullmatch(r"(up[0-3]|trans1|final)\.(norm|conv|up)\.(.+)", key)
-    if m:
-        return f"{_SEQ_NAMES[m[1]]}.{_SEQ[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"(dense[0-4])\.denselayer(\d+)\.((?:bn|conv)[1-4])\.(.+)", key)
-    if m:
-        return f"{m[1]}.{int(m[2]) - 1}.{_DENSE[m[3]]}.{m[4]}"
-    m = re.fullmatch(r"psp\.project_modules\.(\d+)\.(weight|bias)", key)
-    if m:
-        return f"pyramid.project.{m[1]}.{m[2]}"
-    if re.fullmatch(r"psp\.up_modules\.\d+\.(weight|bias)", key):
-        return None
+    for pattern, ours in _KEY_RULES:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return ours(m)
     raise MonaiPortError(f"state-dict key {key!r} is not a MONAI AHNet key this port knows")
 
 
