@@ -23,7 +23,6 @@ of synthetic cases against what a training step consumes. Output: a table with r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ahnet.precision import cpu_native_bf16
+from ahnet.precision import AmpSettings, cpu_native_bf16, resolve_amp, to_channels_last
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -77,12 +76,11 @@ def _timed(fn, device, warmup: int, repeats: int) -> dict:
             "cpu_median_s": statistics.median(cpu), "cpu_all_s": cpu}
 
 
-def _autocast(device, dtype: str):
-    if dtype == "amp" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+AMP_MODE = {"fp32": "off", "amp": "fp16", "bf16": "bf16"}     # bench dtype -> ahnet.precision amp mode
+
+
+def _amp(device, dtype: str) -> AmpSettings:
+    return resolve_amp(AMP_MODE[dtype], device)
 
 
 def _mem_reset(device):
@@ -114,8 +112,7 @@ def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):
 def _prepare(model, x, levers: dict, device):
     model = model.to(device)
     if levers.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+        model, x = to_channels_last(model), to_channels_last(x)
     if levers.get("compile"):
         model = torch.compile(model)
     return model, x
@@ -126,17 +123,18 @@ def _prepare(model, x, levers: dict, device):
 
 def forward_and_step(model, x, target, device: torch.device, dtype: str):
     """Two closures to time: an inference forward pass, and one training step (BCE with logits in fp32,
-    backward through a GradScaler that is active only for CUDA AMP, Adam at lr 1e-4)."""
+    backward through a GradScaler that is active only for CUDA float16, Adam at lr 1e-4)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "amp" and device.type == "cuda"))
+    amp = _amp(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
 
     def forward():
-        with torch.no_grad(), _autocast(device, dtype):
+        with torch.no_grad(), amp.autocast(device):
             model(x)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
+        with amp.autocast(device):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -172,9 +170,6 @@ def work_model(spec: dict) -> dict:
     return out
 
 
-INFER_AMP = {"fp32": False, "amp": "fp16", "bf16": "bf16"}     # bench dtype -> ahnet.infer amp
-
-
 def work_infer(spec: dict) -> dict:
     """Whole-volume sliding-window inference time and peak memory of one implementation: ours through
     ahnet.infer.sliding_window_predict, MONAI's AHNet through monai.inferers.sliding_window_inference; both with
@@ -198,12 +193,12 @@ def work_infer(spec: dict) -> dict:
         from monai.inferers import sliding_window_inference
 
         if channels_last:
-            net = net.to(memory_format=torch.channels_last_3d)
+            net = to_channels_last(net)
         vm = to_layout(vol)
         roi = tuple(reversed(window))
 
         def run():
-            with torch.no_grad(), _autocast(device, spec["dtype"]):
+            with torch.no_grad(), _amp(device, spec["dtype"]).autocast(device):
                 y = sliding_window_inference(vm, roi, swb, net, overlap=overlap, mode="constant",
                                              sw_device=device, device=torch.device("cpu"))
             return torch.sigmoid(y.float())
@@ -211,7 +206,7 @@ def work_infer(spec: dict) -> dict:
     else:
         def run():
             return sliding_window_predict(net, vol, window=tuple(window), overlap=overlap, batch_size=swb,
-                                          amp=INFER_AMP[spec["dtype"]], device=device, out_device="cpu",
+                                          amp=AMP_MODE[spec["dtype"]], device=device, out_device="cpu",
                                           blend="constant", channels_last=channels_last)
         out["driver"] = "ahnet.infer.sliding_window_predict"
     out["windows"] = math.prod(len(window_starts(s, w, overlap)) for s, w in zip(spec["volume"], window))
