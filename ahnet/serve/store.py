@@ -30,6 +30,7 @@ FORMATS = ("torchscript", "onnx")
 BACKENDS = {"pytorch": "torchscript", "onnx": "onnx"}     # server --backend -> the file format it runs
 INPUT = "image"
 OUTPUT = "probability"
+INFO_MODEL = "ahnet-info"                                 # the served model.json
 SCHEMA = 1
 
 
@@ -93,8 +94,9 @@ def onnx_runner(path: Path, threads: int = 0):
     return run
 
 
-def load_runners(root, backend: str = "pytorch") -> list:
-    """[(fold name, runner)] for every fold of an exported folder with ``backend`` (pytorch | onnx)."""
+def load_runners(root, backend: str = "pytorch", threads: int = 0) -> list:
+    """[(fold name, runner)] for every fold of an exported folder with ``backend`` (pytorch | onnx); threads:
+    ONNX Runtime's intra-op threads (0 = its default; torch's are set by torch.set_num_threads)."""
     if backend not in BACKENDS:
         raise StoreError(f"backend {backend!r} is not known; expected one of {', '.join(BACKENDS)}")
     meta = read_model_json(root)
@@ -105,5 +107,5 @@ def load_runners(root, backend: str = "pytorch") -> list:
         if f is None or not f.is_file():
             raise StoreError(f"{root}: fold {fold['name']} has no {fmt} file; export with --formats {fmt} or "
                              f"serve with the other backend")
-        out.append((fold["name"], torchscript_runner(f) if fmt == "torchscript" else onnx_runner(f)))
+        out.append((fold["name"], torchscript_runner(f) if fmt == "torchscript" else onnx_runner(f, threads)))
     return out
