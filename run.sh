@@ -8,6 +8,7 @@
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
+#   serve      Triton server for an exported ensemble   (python -m ahnet.serve --help; export: python -m ahnet.export)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
@@ -50,7 +51,7 @@ cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup)    setup test ;;
-  test)     setup test; exec "$PY" -m pytest -q "$@" ;;
+  test)     setup "test,serve"; exec "$PY" -m pytest -q "$@" ;;   # serve: the Triton tests run too
   data)     # generate the phantom (default data/phantom), then its HDF5 cache (data/cache/<name>)
             setup test
             out=""; prev=""
@@ -64,6 +65,7 @@ case "$cmd" in
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
   demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
   bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
+  serve)    setup "test,serve"; exec "$PY" -m ahnet.serve "$@" ;;
   help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -112,15 +113,16 @@ class Connection:
 
 
 def server_message(exc: BaseException) -> str:
-    """The sentence of a Triton error reply: its last non-empty line (PyTriton puts a traceback before it)."""
+    """The sentence of a Triton error reply: the model's RequestError sentence (PyTriton sends it inside a
+    traceback), else Triton's own message without its status and request-id prefixes and its NOTE."""
     msg = getattr(exc, "message", None)
-    msg = msg() if callable(msg) else (msg or str(exc))
-    lines = [ln.strip() for ln in str(msg).replace("\\n", "\n").splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(exc).__name__
-    for prefix in ("ahnet.serve.server.RequestError: ", "RequestError: "):
-        if prefix in last:
-            last = last.split(prefix, 1)[1]
-    return last[:400]
+    text = str((msg() if callable(msg) else msg) or exc).replace("\\n", "\n")
+    found = re.search(r"RequestError: ([^\n]+)", text)
+    if found:
+        return found.group(1).strip()[:400]
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    first = re.sub(r"^(\[\d+\]\s*)?(\[request id: [^\]]*\]\s*)?", "", first)
+    return first.split(" NOTE:")[0][:400]
 
 
 def model_info(conn: Connection) -> dict:

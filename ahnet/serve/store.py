@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def torchscript_runner(path: Path, device=None):
     """A runner for a TorchScript file: logits of torch.jit.load(path) under no_grad, float32."""
     import torch
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = torch.jit.load(str(path), map_location=dev).eval()
+    with warnings.catch_warnings():                     # torch 2.13 marks TorchScript deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location=dev).eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
