@@ -10,8 +10,22 @@ from . import __doc__ as _package_doc
 from .dataset import generate_dataset
 
 
+PROG = "ahnet.data.phantom"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input: one line `ahnet.data.phantom: error: <problem>` on stderr, exit 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
 def _pair(s: str, cast=float) -> Tuple:
-    parts = [cast(v) for v in str(s).replace(":", ",").split(",")]
+    """'N' -> (N, N); 'MIN,MAX' or 'MIN:MAX' -> (MIN, MAX)."""
+    try:
+        parts = [cast(v) for v in str(s).replace(":", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX ({cast.__name__} values), got {s!r}") from None
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2:
@@ -20,7 +34,7 @@ def _pair(s: str, cast=float) -> Tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ahnet.data.phantom", description=_package_doc.split("\n\n")[0],
+    ap = _Parser(prog="python -m ahnet.data.phantom", description=_package_doc.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (imagesTr, labelsTr, annotations.csv, dataset.json)")
     ap.add_argument("--cases", type=int, default=16, help="number of cases")

@@ -6,8 +6,6 @@ split), preview/<case>.png for the first few cases.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +13,8 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ...atomic import atomic_path, write_text_atomic
+from ...atomic import atomic_path
+from ..io import write_annotations_csv, write_dataset_json, write_image
 from ..nodule_types import TYPE_CODES
 from .case import generate_case
 from .constants import CSV_COLUMNS, LOCATIONS
@@ -25,28 +24,12 @@ from .shapes import get_pool
 log = logging.getLogger(__name__)
 
 
-def _affine(case: Case) -> np.ndarray:
-    sz, sy, sx = case.spacing
-    ox, oy, oz = case.origin
-    aff = np.diag([-sx, -sy, sz, 1.0])
-    aff[:3, 3] = [-ox, -oy, oz]
-    return aff
-
-
 def write_case(case: Case, out: Path) -> Tuple[Path, Path]:
-    """Write image (float32 HU) and label (int16) NIfTI with the RAS affine; arrays (x, y, z) on disk."""
-    import nibabel as nib
-    aff = _affine(case)
+    """Write image (float32 HU) and label (int16) NIfTI through ahnet.data.io (RAS affine, atomic)."""
     ip = out / "imagesTr" / f"{case.case_id}.nii.gz"
     lp = out / "labelsTr" / f"{case.case_id}.nii.gz"
     for p, arr, dt in ((ip, case.image, np.float32), (lp, case.label, np.int16)):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0).astype(dt)), aff)
-        img.header.set_xyzt_units("mm", "sec")
-        img.set_qform(aff, code=1)
-        img.set_sform(aff, code=1)
-        with atomic_path(p) as tmp:
-            nib.save(img, str(tmp))
+        write_image(p, arr, spacing=case.spacing, origin=case.origin, dtype=dt)
     return ip, lp
 
 
@@ -66,9 +49,29 @@ def save_preview(case: Case, path: Path, n: int = 3) -> None:
         ax.set_title(f"{case.case_id} z={z}", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
+
+
+def _start_fresh(out: Path) -> None:
+    """Before writing: drop the completion marker (dataset.json) and the annotations of an earlier run, so that
+    a run killed half-way never looks finished, and temporary files a killed run left behind."""
+    for name in ("dataset.json", "annotations.csv"):
+        (out / name).unlink(missing_ok=True)
+    for folder in (out, out / "imagesTr", out / "labelsTr", out / "preview"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+
+
+def _remove_unlisted(out: Path, case_ids) -> None:
+    """Remove phantom_NNNN images, masks and previews of an earlier, larger run into the same folder."""
+    keep = set(case_ids)
+    for folder, suffix in (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("preview", ".png")):
+        for p in (out / folder).glob(f"phantom_[0-9][0-9][0-9][0-9]{suffix}"):
+            if p.name[: -len(suffix)] not in keep:
+                p.unlink()
 
 
 def case_splits(n_cases: int, split) -> List[str]:
@@ -120,6 +123,9 @@ def _dataset_json(n_cases: int, seed: int, opts: PhantomOptions, pool, entries: 
 def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **options) -> Path:
     """Generate n_cases cases into out_dir (layout: module docstring); returns the path of dataset.json.
 
+    Every file is written under a temporary name and renamed; dataset.json, written last, marks a finished
+    dataset (an earlier one in out_dir is removed first, with its annotations and any leftover temp files).
+
     options: the fields of PhantomOptions (size, slices, thickness, spacing, nodules_per_case, negatives,
     shapes, noise, vessel_density, balance, split). Case i is generated from the seed sequence [seed, i].
     """
@@ -129,6 +135,7 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
     opts.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _start_fresh(out)
     rng = np.random.default_rng([int(seed), 999_983])
     splits = case_splits(n_cases, opts.split)
     counts, types, locations = nodule_schedule(rng, opts, n_cases)
@@ -148,10 +155,6 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
         if i < previews:
             save_preview(case, out / "preview" / f"{cid}.png")
         log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)
-    with open(out / "annotations.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    p = out / "dataset.json"
-    write_text_atomic(p, json.dumps(_dataset_json(n_cases, seed, opts, pool, entries), indent=1))
-    return p
+    _remove_unlisted(out, [e["case_id"] for e in entries])
+    write_annotations_csv(out / "annotations.csv", rows, columns=CSV_COLUMNS)
+    return write_dataset_json(out / "dataset.json", _dataset_json(n_cases, seed, opts, pool, entries))
