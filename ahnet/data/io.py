@@ -535,7 +535,7 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------- generated datasets
+# ----------------------------------------------------------------------------------------- generated datasets
 # Writers for datasets that the package generates (the phantom): atomic, like every writer above.
 
 def write_dataset_json(path, meta: dict) -> Path:

@@ -146,11 +146,16 @@ def test_balanced_types_and_reserved_scans(dataset):
     # 12 scheduled nodules, one of each type; a painted size can cross a bin edge, so allow one miss
     assert len(set(types)) >= 11 and max(types.count(t) for t in set(types)) <= 2
     split_of = {e["case_id"]: e["split"] for e in json.load(open(out / "dataset.json"))["training"]}
+    pool = ph._get_pool(1.2)
     for r in rows:
         if r["lidc_scan_id"]:
             sid = int(r["lidc_scan_id"])
             assert sid % 5 != 0
             assert ph.lidc_split_of_scan(sid) == split_of[r["seriesuid"]]     # disjoint LIDC scans per split
+            ann = pool.db.annotations[int(r["lidc_annotation_id"])]           # the source annotation is named
+            assert ann.scan_id == sid and int(r["shape_reuse"]) == 0
+        else:
+            assert r["lidc_annotation_id"] == ""
 
 
 def test_shape_pool_never_reserved():
@@ -193,6 +198,9 @@ def test_test_only_dataset(tmp_path):
     from ahnet.data.phantom import generate_dataset as _gen
     p = _gen(tmp_path / "t", 3, seed=5, size=64, slices=8, split=(0, 0, 1), previews=0, nodules_per_case=(0, 1))
     assert [e["split"] for e in _json.loads(p.read_text(encoding="utf-8"))["training"]] == ["test"] * 3
+    # also with fewer than 3 cases (they used to fall back to "train")
+    p = _gen(tmp_path / "t2", 2, seed=5, size=64, slices=8, split=(0, 0, 1), previews=0, nodules_per_case=0)
+    assert [e["split"] for e in _json.loads(p.read_text(encoding="utf-8"))["training"]] == ["test"] * 2
 
 
 # ----------------------------------------------------------------------------- pinned output (issue 10 split)

@@ -18,6 +18,25 @@ from .constants import (AW_LUMEN, AW_WALL, CORTICAL, FAT, FISSURE, LUNG, MARROW,
 from .geometry import grow_tree, lut, paint_segments
 from .options import PhantomOptions
 
+# body ellipse semi-axes (x, y) as fractions of the field of view, with their per-case random factors;
+# lung ellipse semi-axes (x, y) as fractions of the body's
+BODY_AX, BODY_AX_JITTER, BODY_AY, BODY_AY_JITTER = 0.47, (0.95, 1.0), 0.37, (0.93, 1.0)
+LUNG_AX, LUNG_AY, LUNG_JITTER = 0.32, 0.66, (0.95, 1.05)
+
+
+def largest_nodule_mm(smallest_lung_semi_axis: float) -> float:
+    """Largest volume-equivalent diameter (mm) drawn into lungs whose smallest semi-axis is given (mm)."""
+    return max(6.5, 1.1 * smallest_lung_semi_axis)
+
+
+def largest_nodule_bound_mm(opts: PhantomOptions) -> float:
+    """A diameter (mm) that fits every case of these options: largest_nodule_mm of the smallest lungs the
+    random factors can give."""
+    fov = opts.size * opts.spacing
+    a_min = BODY_AX * fov * BODY_AX_JITTER[0]
+    b_min = BODY_AY * fov * BODY_AY_JITTER[0]
+    return largest_nodule_mm(min(LUNG_AX * a_min, LUNG_AY * b_min) * LUNG_JITTER[0])
+
 
 class Anatomy:
     """Fine-grid tissue map `lab` (uint8 (Z, y, x)) and clean HU `hu` (float32) of one case.
@@ -66,7 +85,7 @@ class Anatomy:
         Returns rho (elliptic radius, 1 at the skin) and depth (~ mm below the skin), (Z, y, x), for the ribs.
         """
         fov, X, Y = self.fov, self.X, self.Y
-        a, b = 0.47 * fov * rng.uniform(0.95, 1.0), 0.37 * fov * rng.uniform(0.93, 1.0)
+        a, b = BODY_AX * fov * rng.uniform(*BODY_AX_JITTER), BODY_AY * fov * rng.uniform(*BODY_AY_JITTER)
         scale_z = (1.0 + 0.06 * self.zrel)[:, None, None]
         rho = np.sqrt((X / a) ** 2 + (Y / b) ** 2)[None] / scale_z          # (nz, n, n)
         depth = (1.0 - rho) * math.sqrt(a * b)                                 # ~ mm below the skin
@@ -85,7 +104,7 @@ class Anatomy:
         for side in (-1, 1):
             lx = cx + side * 0.5 * a
             ly = cy - 0.02 * b
-            ax_, ay_ = 0.32 * a * rng.uniform(0.95, 1.05), 0.66 * b * rng.uniform(0.95, 1.05)
+            ax_, ay_ = LUNG_AX * a * rng.uniform(*LUNG_JITTER), LUNG_AY * b * rng.uniform(*LUNG_JITTER)
             s = (0.88 + 0.12 * (self.zrel + 0.5))[:, None, None]                # apex narrower
             ang_l = np.arctan2((yc - ly)[:, None], (xc - lx)[None, :])
             wob = (1.0 + 0.04 * np.cos(3 * ang_l + rng.uniform(0, 6.3)))[None]
@@ -126,7 +145,8 @@ class Anatomy:
         lab[ribs & (rib_d2 < (rib_r - 1.0) ** 2)] = MARROW
 
     def _fissures(self, rng) -> None:
-        """1 mm sheets at -700 HU: an oblique one per lung, a horizontal one on the right ending at the oblique."""
+        """1 mm sheets at -700 HU: an oblique one per lung, a horizontal one on the right ending at the
+        oblique one."""
         zc, yc, xc = self.zc, self.yc, self.xc
         self.fissure_planes = []
         for i, (ly, lx, ay_, ax_) in enumerate(self.lungs):
@@ -214,6 +234,10 @@ class Anatomy:
         self.lungv = lungv
 
     # ------------------------------------------------------------------ placement support
+    def largest_nodule_mm(self) -> float:
+        """Largest volume-equivalent diameter (mm) drawn into this case's lungs."""
+        return largest_nodule_mm(min(min(l[2], l[3]) for l in self.lungs))
+
     def candidates(self) -> Dict[str, np.ndarray]:
         """Flat indices of placement seeds: lung, lung edge (within 3 voxels in-plane of non-lung), fissure.
 

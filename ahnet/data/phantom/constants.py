@@ -13,7 +13,10 @@ TISSUE_HU = {AIR: -1000.0, FAT: -100.0, MUSCLE: 40.0, CORTICAL: (750.0, 950.0), 
 # nodule location classes (the one definition in the package)
 LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
 CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "type", "location", "label",
-               "volume_mm3", "texture", "spiculation", "lobulation", "calcification", "subtlety", "lidc_scan_id"]
+               "volume_mm3", "texture", "spiculation", "lobulation", "calcification", "subtlety", "lidc_scan_id",
+               "lidc_annotation_id", "shape_reuse"]
+# lidc_annotation_id: the LIDC-IDRI annotation the shape came from ("" for a procedural shape); shape_reuse: 1
+# when the shape is a rotated / mirrored / rescaled reuse of an annotation already drawn (exact mode), else 0
 SPLITS = ("train", "validation", "test")
 GGO_TYPES, PART_TYPES, CALC_TYPES = {"T09", "T10"}, {"T07", "T08"}, {"T11", "T12"}
 # size ranges (mm) for procedural shapes per type, inside the type's bin and the p10..p90 priors

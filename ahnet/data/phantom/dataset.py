@@ -19,7 +19,9 @@ from ..nodule_types import TYPE_CODES
 from .case import generate_case
 from .constants import CSV_COLUMNS, LOCATIONS
 from .options import Case, PhantomOptions
-from .shapes import get_pool
+from .anatomy import largest_nodule_bound_mm
+from .schedule import balanced_locations, shape_sources
+from .shapes import ShapePool, get_pool
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,12 @@ def _remove_unlisted(out: Path, case_ids) -> None:
 def case_splits(n_cases: int, split) -> List[str]:
     """Split name per case: train first, then validation, then test, by the fractions `split`.
 
-    With >= 3 cases every split whose fraction is > 0 gets at least one case; with fewer, all are train.
+    With >= 3 cases every split whose fraction is > 0 gets at least one case; with fewer, all are train, unless
+    a single split has all the weight (then every case is in it).
     """
     fr = np.asarray(split, float) / sum(split)
+    if np.count_nonzero(fr) == 1:            # one split asked for: every case (also with fewer than 3 cases)
+        return [("train", "validation", "test")[int(np.flatnonzero(fr)[0])]] * n_cases
     n_val = int(round(fr[1] * n_cases)) if n_cases >= 3 else 0
     n_test = int(round(fr[2] * n_cases)) if n_cases >= 3 else 0
     if n_cases >= 3:   # at least one case in each split that is asked for (a zero fraction stays empty)
@@ -126,27 +131,40 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
     Every file is written under a temporary name and renamed; dataset.json, written last, marks a finished
     dataset (an earlier one in out_dir is removed first, with its annotations and any leftover temp files).
 
-    options: the fields of PhantomOptions (size, slices, thickness, spacing, nodules_per_case, negatives,
-    shapes, noise, vessel_density, balance, split). Case i is generated from the seed sequence [seed, i].
+    options: the fields of PhantomOptions (size, slices, thickness, spacing, nodules_per_case (N or (min,
+    max)), negatives, shapes, noise, vessel_density, balance, split, exact). Case i is generated from the seed
+    sequence [seed, i]. exact=True: the schedule of ahnet.data.phantom.schedule (types, per-type balanced
+    locations, LIDC sources without replacement) and every nodule as scheduled; checked before any case is
+    built (ValueError when a scheduled type cannot fit the lungs at this size).
     """
     if n_cases < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases}")
     opts = PhantomOptions(**options)
     opts.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _start_fresh(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file")
     rng = np.random.default_rng([int(seed), 999_983])
     splits = case_splits(n_cases, opts.split)
     counts, types, locations = nodule_schedule(rng, opts, n_cases)
     pool = get_pool(opts.spacing) if opts.shapes == "lidc" else "procedural"
+    sources = [None] * len(types)
+    if opts.exact:                                   # its own stream: the draws above stay as they were
+        xrng = np.random.default_rng([int(seed), 999_983, 1])
+        locations = balanced_locations(xrng, types)
+        nodule_splits = [s for s, c in zip(splits, counts) for _ in range(c)]
+        sources = shape_sources(xrng, pool if isinstance(pool, ShapePool) else None, types, nodule_splits,
+                                largest_nodule_bound_mm(opts))
+    out.mkdir(parents=True, exist_ok=True)             # options and schedule checked: now replace the old files
+    _start_fresh(out)
     rows, entries = [], []
     pos = 0
     t0 = time.perf_counter()
     for i in range(n_cases):
         cid = f"phantom_{i:04d}"
         case = generate_case(cid, [int(seed), i], opts, n_nodules=counts[i], types=types[pos:pos + counts[i]],
-                             locations=locations[pos:pos + counts[i]], split=splits[i], pool=pool)
+                             locations=locations[pos:pos + counts[i]], split=splits[i], pool=pool,
+                             sources=sources[pos:pos + counts[i]])
         pos += counts[i]
         write_case(case, out)
         rows += case.nodules

@@ -40,9 +40,9 @@ class ShapePool:
             for c in TYPE_CODES:
                 self.by[s][c].sort()
 
-    def draw(self, rng, split: str, code: str, d_max: float, grid) -> Optional[Tuple[np.ndarray, dict, int]]:
+    def draw(self, rng, split: str, code: str, d_max: float, grid) -> Optional[Tuple[np.ndarray, dict, int, int]]:
         """A random annotation of this split and type no larger than d_max (mm) on the grid, mirrored in x with
-        probability 1/2: (mask, ratings, LIDC scan id); None when there is none."""
+        probability 1/2: (mask, ratings, LIDC scan id, annotation id); None when there is none."""
         from .. import lidc
         ids = [i for i in self.by[split][code] if self.db.annotations[i].diameter_mm <= d_max]
         if not ids:
@@ -51,7 +51,75 @@ class ShapePool:
         m = lidc.shape_on_grid(a, self.db.scans[a.scan_id], grid)
         if rng.random() < 0.5:
             m = m[:, :, ::-1]
-        return np.ascontiguousarray(m), dict(a.ratings), a.scan_id
+        return np.ascontiguousarray(m), dict(a.ratings), a.scan_id, a.id
+
+
+    # ------------------------------------------------------------------ exact mode: named sources
+    def eligible(self, split: str, code: str, d_max: float) -> list:
+        """Annotation ids of this split and type no larger than d_max (mm), sorted."""
+        return [i for i in self.by[split][code] if self.db.annotations[i].diameter_mm <= d_max]
+
+    def lesion_of(self, ann_id: int) -> Tuple[int, int]:
+        """(LIDC scan id, lesion index in that scan): the lesion (group of reader annotations) of an annotation.
+
+        Grouping as lidc.group_annotations (pylidc's clustering), computed per scan on first use.
+        """
+        from .. import lidc
+        if not hasattr(self, "_lesion"):
+            self._lesion = {}
+        if ann_id not in self._lesion:
+            scan_id = self.db.annotations[ann_id].scan_id
+            scan = self.db.scans[scan_id]
+            groups = lidc.group_annotations(self.db.annotations_of(scan_id), scan.slice_thickness)
+            for k, grp in enumerate(groups):
+                for a in grp:
+                    self._lesion[a.id] = (scan_id, k)
+        return self._lesion[ann_id]
+
+    def source(self, rng, ann_id: int, grid, augment: bool) -> Tuple[np.ndarray, dict, int]:
+        """One named annotation on the grid: (mask, ratings, LIDC scan id). augment False: as drawn, mirrored
+        in x with probability 1/2; True: a random rotation or rotation-reflection and a scale in 0.9..1.1 that
+        keeps the annotation's type (see `augmented`)."""
+        from .. import lidc
+        from ..nodule_types import is_calcified, nodule_type
+        a = self.db.annotations[ann_id]
+        m = lidc.shape_on_grid(a, self.db.scans[a.scan_id], grid)
+        r = a.ratings
+        if not augment:
+            if rng.random() < 0.5:
+                m = m[:, :, ::-1]
+            return np.ascontiguousarray(m), dict(r), a.scan_id
+        keeps = [s for s in rng.uniform(0.9, 1.1, size=8)
+                 if nodule_type(a.diameter_mm * s, r["texture"], r["spiculation"], r["lobulation"],
+                                is_calcified([r["calcification"]])) == a.type_code(self.db.scans[a.scan_id])
+                 and a.diameter_mm * s >= 3.2]
+        return augmented(m, grid, rng, keeps[0] if keeps else 1.0), dict(r), a.scan_id
+
+
+def random_orthogonal(rng) -> np.ndarray:
+    """A 3 x 3 orthogonal matrix uniform (Haar) over rotations and rotation-reflections (det +-1)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))[None, :]
+
+
+def augmented(m: np.ndarray, grid, rng, scale: float) -> np.ndarray:
+    """Mask m (z, y, x) on grid (dz, dy, dx) mm, rotated or mirrored at random about its centre and scaled,
+    resampled on the same grid (trilinear, threshold 0.5), cropped to odd sizes around its centre voxel."""
+    g = np.asarray(grid, float)
+    ctr = (np.array(m.shape) - 1) / 2.0
+    q = random_orthogonal(rng)
+    reach = float(np.sqrt((((np.argwhere(m) - ctr) * g) ** 2).sum(1)).max()) * scale + g.max()
+    half = np.ceil(reach / g).astype(int)
+    axes = [(np.arange(2 * h + 1) - h) * s for h, s in zip(half, g)]
+    out_mm = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    src = (out_mm @ q) / scale / g + ctr                       # inverse map: out = scale * Q @ src
+    vals = ndi.map_coordinates(m.astype(np.float32), src.T, order=1, cval=0.0)
+    out = vals.reshape([2 * h + 1 for h in half]) >= 0.5
+    if not out.any():
+        return np.ascontiguousarray(m)
+    nz = np.argwhere(out)
+    ext = np.maximum(np.abs(nz - half).max(0) + 1, 1)            # symmetric crop keeps the centre voxel
+    return np.ascontiguousarray(out[tuple(slice(h - e, h + e + 1) for h, e in zip(half, ext))])
 
 
 _POOL = {}
