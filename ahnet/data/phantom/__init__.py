@@ -20,14 +20,17 @@ origin's x and y negated (RAS).  CLI: `python -m ahnet.data.phantom --help`.
 
 Modules: constants (tissues, HU, locations, CSV columns, LIDC splits), options (PhantomOptions, Case),
 geometry (capsules, vessel trees), anatomy (the anatomy in named steps), shapes (LIDC pool, procedural shapes,
-composition HU), placement (location classes), case (one case), dataset (many cases and their files), cli.
+composition HU), placement (location classes, gaps), case (one case), schedule (the exact schedule), dataset
+(many cases and their files), heldout (the test-only phantoms the experiment evaluates on), cli.
 """
 from .case import generate_case
 from .cli import main
 from .constants import CSV_COLUMNS, LOCATIONS, SPLITS, TISSUE, TISSUE_HU, lidc_split_of_scan
 from .dataset import generate_dataset
+from .heldout import HELD_OUT_SEED_OFFSET, TEST_PHANTOMS, generate_test_phantom, held_out_seed
 from .options import Case, PhantomOptions
 from .shapes import get_pool as _get_pool  # noqa: F401  (ahnet.bench times the pool load through this name)
 
 __all__ = ["generate_dataset", "generate_case", "PhantomOptions", "Case", "TISSUE", "TISSUE_HU",
-           "LOCATIONS", "lidc_split_of_scan", "main", "CSV_COLUMNS", "SPLITS"]
+           "LOCATIONS", "lidc_split_of_scan", "main", "CSV_COLUMNS", "SPLITS", "TEST_PHANTOMS",
+           "generate_test_phantom", "held_out_seed", "HELD_OUT_SEED_OFFSET"]
