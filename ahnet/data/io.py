@@ -536,7 +536,7 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------- generated datasets
-# Writers for datasets that the package generates (the phantom): atomic, like every writer above.
+# Writers for datasets that the package generates (the phantom): atomic, like the writers above (but .mhd).
 
 def write_dataset_json(path, meta: dict) -> Path:
     """Write a Decathlon-style dataset.json (``meta``: a JSON-able dict, one space indent) atomically."""
