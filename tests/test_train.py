@@ -371,4 +371,4 @@ def test_main_reports_errors_in_one_line(tmp_path, capsys):
     rc = main(["--stage", "2d", "--model", "ahnet", "--out", str(tmp_path / "x")])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stage 2d trains the 2D MC-GCN" in err[0]
+    assert len(err) == 1 and "--model ahnet is trained by --stage 3d, not --stage 2d" in err[0]
