@@ -51,14 +51,13 @@ shift || true
 case "$cmd" in
   setup)    setup test ;;
   test)     setup test; exec "$PY" -m pytest -q "$@" ;;
-  data)     # generate the phantom (default data/phantom), then its HDF5 cache (data/cache/<name>)
+  data)     # generate the phantom (default data/phantom), then its HDF5 cache where training looks (ahnet.paths)
             setup test
             out=""; prev=""
             for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
             if [[ -z "$out" ]]; then out="data/phantom"; set -- --out "$out" "$@"; fi
             "$PY" -m ahnet.data.phantom "$@"
-            exec "$PY" -m ahnet.data.cache --dataset "$out/dataset.json" --annotations "$out/annotations.csv" \
-              --out "data/cache/$(basename "$out")" ;;
+            exec "$PY" -m ahnet.data.cache --data "$out/dataset.json" ;;
   train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
