@@ -19,7 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import paths
+from . import cli, paths
 from .atomic import write_text_atomic
 from .losses import LOSSES
 from .nets import ENCODERS, MODELS
@@ -202,39 +202,46 @@ def _json_dict(s: str) -> dict:
     return v
 
 
-def build_parser(prog: str = "python -m ahnet.train", description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(name: str = "ahnet.train", description: str | None = None) -> argparse.ArgumentParser:
     """The CLI: one flag per TrainConfig field (dashes for underscores) plus --config FILE.
 
     Flags not given are absent from the namespace (argparse.SUPPRESS), so they do not override the file.
     """
-    p = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+    p = cli.Parser(
+        name, argument_default=argparse.SUPPRESS,
         description=description or (
             "Train one stage of AH-Net for lung nodules. Settings come from defaults, then --config FILE "
             "(JSON with TrainConfig field names), then these flags."))
     p.add_argument("--config", metavar="FILE", help="JSON file of settings (applied before the flags)")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata['help']} (default: {json.dumps(default)})"
-        choices = f.metadata.get("choices")
-        t = f.type if isinstance(f.type, str) else str(f.type)
-        if t == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        elif t.startswith("list") and f.name == "randaugment":
-            p.add_argument(flag, nargs=2, type=float, metavar=("N", "M"), help=help_)
-        elif t.startswith("list"):
-            p.add_argument(flag, nargs=3, type=int, metavar=("D", "H", "W"), help=help_)
-        elif t == "dict":
-            p.add_argument(flag, type=_json_dict, metavar="JSON", help=help_)
-        else:
-            base = t.split("|")[0].strip()
-            conv = {"int": int, "float": float, "str": str}[base]
-            if "None" in t:
-                conv = _opt(conv)
-            p.add_argument(flag, type=conv, choices=choices, help=help_,
-                           metavar=None if choices else base.upper())
+        add_setting_flag(p, f.name)
     return p
+
+
+def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) -> None:
+    """Add the flag of TrainConfig field ``name`` (type, choices and help from the field) to ``parser`` (or an
+    argument group); ``flag`` renames it (the pipeline's --lr-2d), ``overrides`` replace add_argument keywords."""
+    f = next(x for x in fields(TrainConfig) if x.name == name)
+    flag = flag or "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    kw: dict = {"help": f"{f.metadata['help']} (default: {json.dumps(default)})"}
+    choices = f.metadata.get("choices")
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    if t == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif t.startswith("list") and f.name == "randaugment":
+        kw.update(nargs=2, type=float, metavar=("N", "M"))
+    elif t.startswith("list"):
+        kw.update(nargs=3, type=int, metavar=("D", "H", "W"))
+    elif t == "dict":
+        kw.update(type=_json_dict, metavar="JSON")
+    else:
+        base = t.split("|")[0].strip()
+        conv = {"int": int, "float": float, "str": str}[base]
+        kw.update(type=_opt(conv) if "None" in t else conv, choices=choices,
+                  metavar=None if choices else base.upper())
+    kw.update(overrides)
+    parser.add_argument(flag, **kw)
 
 
 def read_json_config(path: str | os.PathLike) -> dict:

@@ -1,15 +1,12 @@
 """python -m ahnet.pipeline: flag mapping onto the two stages, and a CPU-tiny end-to-end run."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from ahnet.checkpoint import load_checkpoint
 from ahnet.pipeline import build_parser, main, stage_configs
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from _pipeline_synth import make_dataset  # noqa: E402
+from .data._pipeline_synth import make_dataset
 
 
 def test_flags_map_onto_both_stages(tmp_path):
