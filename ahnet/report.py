@@ -20,16 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the project's type table, when the data part is present
-    from ahnet.data.nodule_types import TYPE_CODES, TYPE_NAMES  # type: ignore
-except Exception:  # pragma: no cover - stand-in with the names of shared/design/nodule_types.md
-    TYPE_NAMES = {"T01": "solid < 6 mm", "T02": "solid 6 to < 8 mm", "T03": "solid 8 to < 15 mm",
-                  "T04": "solid >= 15 mm", "T05": "solid lobulated", "T06": "solid spiculated",
-                  "T07": "part-solid < 6 mm", "T08": "part-solid >= 6 mm", "T09": "ground-glass < 6 mm",
-                  "T10": "ground-glass >= 6 mm", "T11": "calcified < 6 mm", "T12": "calcified >= 6 mm"}
-    TYPE_CODES = tuple(sorted(TYPE_NAMES))
+from .data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
 
-LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
 TIE_TOL = 1e-9
 
 

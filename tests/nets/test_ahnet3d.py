@@ -6,7 +6,7 @@ from ahnet.nets.blocks import count_parameters
 
 
 def test_paper_configuration_has_the_authors_parameter_count():
-    # Authors' original (ResNet50, trilinear, 4 pyramid levels, 1 output): 27,085,500 (reference.md).
+    # Authors' original (ResNet50, trilinear, 4 pyramid levels, 1 output): 27,085,500 (paper_notes/architecture.md).
     model = AHNet3d("resnet50", pfn_depth=4, upsample="trilinear")
     assert model.parameter_counts() == {"encoder": 23_508_032, "decoder": 3_577_468, "total": 27_085_500}
     assert count_parameters(AHNet3d("resnet50", pfn_depth=0)) == 27_084_956
