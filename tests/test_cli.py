@@ -49,3 +49,31 @@ def test_device_errors_are_one_sentence(name, match):
     assert "\n" not in str(e.value)
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_every_user_facing_command_has_a_console_script():
+    import configparser
+    import importlib
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    lines = [ln.strip() for ln in cfg["options.entry_points"]["console_scripts"].splitlines() if ln.strip()]
+    scripts = dict(ln.split(" = ") for ln in lines)
+    assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
+                            "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+@pytest.mark.parametrize("module", ["ahnet.train.cli", "ahnet.pipeline", "ahnet.experiment", "ahnet.evaluate.cli",
+                                    "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__"])
+def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("unrecognized arguments: --no-such-flag" in err or "are required" in err)
+    assert err.startswith(module.replace(".cli", "").replace(".__main__", "") + ": error:")
