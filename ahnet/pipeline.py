@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     p = cli.Parser(PROG, argument_default=S, description=(
         "2D stage (MC-GCN on 3-slice stacks) -> exact 2D->3D transfer -> 3D stage (AH-Net), into "
-        "<runs>/<name>-2d and <runs>/<name>-3d. Unset flags take python -m ahnet.train's defaults."))
-    p.add_argument("--name", default="ahnet", help="run name; folders <runs>/<name>-2d and -3d (default: ahnet)")
-    p.add_argument("--runs", default=str(paths.RUNS_ROOT), help="parent folder of the runs (default: runs)")
+        "<runs-dir>/<name>-2d and <runs-dir>/<name>-3d. Unset flags take python -m ahnet.train's defaults."))
+    p.add_argument("--name", default="ahnet", help="run name; folders <runs-dir>/<name>-2d and -3d (default: ahnet)")
+    p.add_argument("--runs-dir", default=str(paths.RUNS_ROOT),
+                   help="parent folder of the two run folders (default: runs)")
     p.add_argument("--config", metavar="FILE", help='JSON {"common": {...}, "2d": {...}, "3d": {...}}')
     p.add_argument("--stages", default="2d,3d", help="which stages to run: 2d,3d (default), 2d, or 3d "
                                                       "(3d alone needs the 2D run to exist)")
@@ -70,7 +71,7 @@ def stage_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
             raise ValueError(f"pipeline config {a['config']}: top-level keys must be common, 2d, 3d; got {extra}.")
     common = dict(file_d.get("common", {}))
     common.update({k: a[k] for k in SHARED if k in a})
-    runs = Path(a.get("runs", paths.RUNS_ROOT))
+    runs = Path(a.get("runs_dir", paths.RUNS_ROOT))
     name = a.get("name", "ahnet")
     d2 = {**common, **file_d.get("2d", {}), "stage": "2d", "model": "mcgcn", "out": str(runs / f"{name}-2d")}
     for src, dst in (("epochs_2d", "epochs"), ("lr_2d", "lr"), ("imagenet_weights", "imagenet_weights")):

@@ -42,8 +42,9 @@ def newest_2d_checkpoint(runs: Path) -> Optional[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, help="2D checkpoint (this project's mcgcn run, its checkpoints/*.pt) or a "
-                   "torchvision ResNet state-dict file; default: newest mcgcn checkpoint under --runs")
-    p.add_argument("--runs", type=Path, default=paths.RUNS_ROOT, help="where to look for 2D runs (default: runs/)")
+                   "torchvision ResNet state-dict file; default: newest mcgcn checkpoint under --runs-dir")
+    p.add_argument("--runs-dir", type=Path, default=paths.RUNS_ROOT,
+                   help="the folder to search for 2D runs when --source is not given (default: runs/)")
     p.add_argument("--out", type=Path, help="3D checkpoint to write (default: next to the source, "
                    "'ahnet3d_transferred.pt'; runs/transfer-fresh/ for a fresh network)")
     p.add_argument("--encoder", choices=ENCODERS, help="ResNet encoder of the 3D network (default: the source's)")
@@ -67,17 +68,17 @@ def choose_source(args) -> Source2d:
         source = load_source(args.source)
         print(f"source: {args.source} (ResNet{source.depth})")
         return source
-    found = newest_2d_checkpoint(args.runs)
+    found = newest_2d_checkpoint(args.runs_dir)
     if found is not None:
         source = load_source(found)
-        print(f"source: newest 2D checkpoint under {args.runs}/: {found} (ResNet{source.depth})")
+        print(f"source: newest 2D checkpoint under {args.runs_dir}/: {found} (ResNet{source.depth})")
         return source
     depth = parse_encoder(args.fresh_encoder)
-    print(f"source: no 2D checkpoint under {args.runs}/, so a freshly initialised 2D ResNet{depth} (BN statistics "
+    print(f"source: no 2D checkpoint under {args.runs_dir}/, so a freshly initialised 2D ResNet{depth} (BN statistics "
           f"measured on random inputs, affine weights randomised). Train one with `python -m ahnet.train --stage "
           f"2d` for a useful 3D start.")
     return source_from_model(fresh_encoder(depth, args.seed), f"fresh ResNet{depth} (no 2D checkpoint under "
-                                                               f"{args.runs}/)")
+                                                               f"{args.runs_dir}/)")
 
 
 def main(argv=None) -> int:
