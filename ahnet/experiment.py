@@ -214,7 +214,11 @@ def run_experiment(args) -> int:
     eval_json = dataset_json
     if preset.test_cases > 0 and not args.data:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
-    print(f"\n[experiment] evaluation of {len(variants)} runs on {eval_json} -> {report}", flush=True)
+    flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
+             "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
+        ["--window", *map(str, preset.window)] if preset.window else [])
+    print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
+          flush=True)
     evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
                         n_bootstrap=args.bootstrap, window=preset.window,
                         title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
