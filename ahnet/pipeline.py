@@ -2,14 +2,14 @@
 
 ``python -m ahnet.pipeline --name NAME`` trains MC-GCN into runs/NAME-2d, then AH-Net from its transferred
 encoder into runs/NAME-3d; the 3D stage's transfer step checks that the transfer is exact on the 2D run's
-trained checkpoint and prints the table (ahnet.nets.transfer) before any 3D step. Flags shared by both stages are given once; stage-specific ones have a
--2d / -3d suffix. ``--resume`` picks up whichever stage is unfinished. ``--config FILE``: JSON
-{"common": {...}, "2d": {...}, "3d": {...}} of TrainConfig settings, applied before the flags.
+trained checkpoint and prints the table (ahnet.nets.transfer) before any 3D step. Flags shared by both stages
+are given once (each as ``python -m ahnet.train`` defines it); stage-specific ones have a -2d / -3d suffix.
+``--resume`` picks up whichever stage is unfinished. ``--config FILE``: JSON {"common": {...}, "2d": {...},
+"3d": {...}} of TrainConfig settings, applied before the flags.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
