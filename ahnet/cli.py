@@ -11,10 +11,16 @@ subclasses, OSError) into that line::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Mapping, NoReturn
 
-__all__ = ["Parser", "run", "fail", "one_line"]
+__all__ = ["Parser", "run", "fail", "one_line", "quiet"]
+
+
+def quiet() -> bool:
+    """No progress bars: under CI, or when stderr is not a terminal (so an error line stays the only line)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
 
 
 def one_line(message: object) -> str:

@@ -246,8 +246,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         out = paths.cache_dir(a.data) if a.out is None else Path(a.out)
-        got = cache_dataset(a.data, out, target_spacing=a.spacing, nan_policy=a.nan_policy,
-                            errors="skip" if a.skip_bad else "raise")
+        got = cache_dataset(a.data, out, progress=not cli.quiet(), target_spacing=a.spacing,
+                            nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise")
         print(f"{len(got)} cases cached in {out}")
         return 0
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from ahnet import paths
+from ahnet.cli import quiet
 from ahnet.config import TrainConfig
 from ahnet.data.augment import Augment
 from ahnet.data.cache import cache_dataset, read_cache_attrs
@@ -20,7 +21,6 @@ from ahnet.precision import to_channels_last
 
 from .errors import TrainError
 from .order import mix_seed
-from .outputs import quiet
 
 
 def split_cases(cfg: TrainConfig, cases: list[dict]) -> tuple[list[str], list[str]]:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ahnet import paths
+from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.config import TrainConfig, save_run_config
 from ahnet.precision import AmpSettings, resolve_amp, resolve_device
@@ -26,7 +27,7 @@ from .errors import TrainError, TrainingDiverged
 from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
-from .outputs import plot_progress, quiet, write_log
+from .outputs import plot_progress, write_log
 
 #: settings a resumed run must share with the run it continues (the data order and the network depend on them)
 RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")

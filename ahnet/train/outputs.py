@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +10,6 @@ from ahnet.atomic import atomic_path
 
 LOG_COLUMNS = ("epoch", "step", "loss", "lr", "lr_encoder", "skipped_steps", "skipped_total", "samples_per_s",
                "val_dice", "seconds")
-
-
-def quiet() -> bool:
-    """No progress bars: under CI, or when stderr is not a terminal."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
 
 
 def write_log(history: list[dict], path: Path) -> None:
