@@ -129,14 +129,6 @@ class AHNet3d(nn.Module):
             d = self.pyramid(d)
         return self.head(d)
 
-    def encoder_parameters(self):
-        """The transferable part: parameters under `encoder.` (for a separate learning rate)."""
-        return self.encoder.parameters()
-
-    def decoder_parameters(self):
-        enc = {id(p) for p in self.encoder.parameters()}
-        return (p for p in self.parameters() if id(p) not in enc)
-
     def parameter_counts(self) -> Dict[str, int]:
         total = count_parameters(self)
         enc = count_parameters(self.encoder)

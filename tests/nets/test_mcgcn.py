@@ -38,9 +38,3 @@ def test_errors():
         MCGCN("resnet18", gcn_kernel=4)
     with pytest.raises(ValueError, match="upsample"):
         MCGCN("resnet18", upsample="trilinear")
-
-
-def test_gradients_reach_every_parameter():
-    model = MCGCN("resnet18")
-    model(torch.randn(2, 3, 64, 64)).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
