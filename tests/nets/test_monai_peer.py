@@ -1,5 +1,7 @@
 """AHNet3d computes what MONAI's AHNet computes: the same weights (mapped by ahnet.nets.monai_port) give the
 same output on the same input, up to the layout change (N, C, D, H, W) <-> (N, C, X, Y, Z)."""
+import math
+
 import pytest
 import torch
 
@@ -95,3 +97,23 @@ def test_key_map_and_errors():
                                monai_nets.AHNet(psp_block_num=0, upsample_mode="trilinear").state_dict())
     with pytest.raises(MonaiPortError, match="z_pool='paper'"):
         match_monai_ops(AHNet3d("resnet18", z_pool="none"))
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "transpose"])
+def test_fresh_decoder_weights_have_monais_spread(mode):
+    """Both initialise the decoder with normal(0, sqrt(2 / (in-plane taps x out))): every decoder weight that the
+    port maps has MONAI's standard deviation, up to sampling noise (the encoders differ: ours is ResNet-initialised,
+    and the transfer overwrites it)."""
+    torch.manual_seed(0)
+    peer = monai_nets.AHNet(spatial_dims=3, psp_block_num=4, upsample_mode=mode)
+    ours = dict(AHNet3d("resnet50", pfn_depth=4, upsample=mode).named_parameters())
+    checked = 0
+    for key, w in peer.named_parameters():
+        mine = monai_key_to_ours(key)
+        if mine is None or mine.startswith("encoder.") or not key.endswith("weight") or w.dim() != 5:
+            continue
+        n = w.numel()
+        ratio = ours[mine].std().item() / w.std().item()
+        assert abs(ratio - 1) < 7 / math.sqrt(2 * n), (key, mine, ratio)
+        checked += 1
+    assert checked == 5 + 60 + 4 + 1 + (5 if mode == "transpose" else 0)
