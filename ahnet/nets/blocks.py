@@ -81,11 +81,13 @@ class UpProjection(nn.Sequential):
 
 
 class PyramidPooling(nn.Module):
-    """Pyramid volumetric pooling ("PFN" here), `depth` levels.
+    """Pyramid volumetric pooling ("PFN" here), `depth` levels, the coarsest first.
 
     Level i max-pools the in-plane map to a 2^i x 2^i grid (z kept), projects to one channel with a 1x1x1
     conv (with bias), and resizes back to (D, H, W). Output: concat(level maps, x): (N, depth + C, D, H, W).
-    At a 64 x 64 map (a 128 x 128 input) this equals the paper's fixed windows 64, 32, 16, 8.
+    Depth K keeps the K coarsest levels (grids 1, 2, ..., 2^(K-1)): at a 64 x 64 map (a 128 x 128 input)
+    depth 4 is the paper's fixed windows 64, 32, 16, 8, and depth K its K largest windows.
+    `align_corners` (attribute, default False) of the trilinear resize: MONAI's port sets it True.
 
     When H and W are multiples of the finest grid the windows nest, and the pooling is done once on the full
     map (to the finest grid) and then on that small map for each coarser grid: the same maxima, and one
@@ -102,6 +104,7 @@ class PyramidPooling(nn.Module):
         self.project = nn.ModuleList([nn.Conv3d(cin, 1, 1) for _ in range(depth)])
         # A transposed conv cannot undo an adaptive pool of any size: interpolate instead.
         self.mode = "nearest" if mode == "nearest" else "trilinear"
+        self.align_corners = False
 
     def pooled_maps(self, x: torch.Tensor) -> list:
         """[x max-pooled to (D, g, g) for each grid g] (coarsest first)."""
@@ -127,7 +130,7 @@ class PyramidPooling(nn.Module):
                 maps.append(p.expand(-1, -1, *size))
                 continue
             maps.append(F.interpolate(p, size=size, mode=self.mode,
-                                      **({"align_corners": False} if self.mode == "trilinear" else {})))
+                                      **({"align_corners": self.align_corners} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
 
 

@@ -9,19 +9,30 @@ Module pairs (MONAI -> ours):
     upK / trans1 / final .{norm, conv, up} -> upK / proj / head .{0.0, 0.2, 1};
     denseK.denselayerJ.{bn1, conv1, bn2, conv2, bn3, conv3, bn4, conv4}
         -> denseK.(J-1).{reduce, inplane, through, fuse}.{0 (BN), 2 (conv)};
-    psp.project_modules.i -> pyramid.project.i (only with include_pyramid=True; see below).
+    psp.project_modules.i -> pyramid.project.(K-1-i) (K levels; see below).
 Every 5D weight (conv, transposed conv) has its 3 spatial axes reversed: a (7, 7, 3) kernel over (X, Y, Z)
 becomes (3, 7, 7) over (D, H, W).
 
-Two operations differ between the implementations without any weights involved; ``match_monai_ops`` makes
-our model use MONAI's choice so that both compute the same function:
+Pyramid levels are paired by window size. MONAI's ``psp_block_num=K`` keeps the windows 8, 16, ..., 2^(K+2)
+(``project_modules.i`` pools windows of 2^(i+3) in-plane voxels) and concatenates them finest first; our
+``pfn_depth=K`` keeps the grids 1, 2, ..., 2^(K-1) (the coarsest K levels, adaptive), concatenated coarsest
+first. At an in-plane input of 2^(K+3) (the half-resolution map 2^(K+2) wide; 128 x 128 for K = 4) MONAI's
+window 2^(i+3) pools to our grid 2^(K-1-i): the same maxima. So ``project_modules.i`` -> ``pyramid.project.(K-1-i)``,
+and the head's BN and conv see the K pyramid channels in reverse order (those entries are reversed). At other
+sizes the fixed windows and the adaptive grids differ by design; the pairing keeps each weight's role
+(largest window <-> coarsest grid). MONAI's pyramid upsamplers in transpose mode (transposed convs with
+window-sized kernels) have no counterpart: we resize by interpolation.
+
+The weight-free operations that differ; ``match_monai_ops`` makes our model use MONAI's choice so that both
+compute the same function:
 - MONAI upsamples with ``align_corners=True`` in trilinear mode (as the authors' code did under PyTorch < 0.4);
-  ours uses ``align_corners=False``.
+  ours uses ``align_corners=False``. The same holds for the pyramid's resize.
+- MONAI's pyramid projections pad the pooled map in-plane by 1 (a 1 x 1 pooled map becomes 3 x 3 with
+  bias-valued borders before the resize); ours do not pad.
 - MONAI's first max-pool is 2x2x2 stride 2 in "transpose" / "nearest" mode (3x3x3 stride 2 pad 1 in
   trilinear mode, as ours and the authors' always).
-With pyramid levels on the designs differ on purpose (our adaptive pooling to 2^i grids vs MONAI's fixed
-windows 8..64 with a projection conv that pads by 1 and window-sized transposed convs): weights can be
-carried over with include_pyramid=True, but outputs are not expected to be equal.
+With these, our output equals MONAI's to float rounding with the pyramid off at any valid size, and with the
+pyramid on (trilinear or nearest mode) at the in-plane size ``monai_pyramid_size(K)``.
 """
 from __future__ import annotations
 
@@ -53,16 +64,34 @@ _KEY_RULES = (
     (r"(up[0-3]|trans1|final)\.(norm|conv|up)\.(.+)", lambda m: f"{_SEQ_NAMES[m[1]]}.{_SEQ[m[2]]}.{m[3]}"),
     (r"(dense[0-4])\.denselayer(\d+)\.((?:bn|conv)[1-4])\.(.+)",
      lambda m: f"{m[1]}.{int(m[2]) - 1}.{_DENSE[m[3]]}.{m[4]}"),
-    (r"psp\.project_modules\.(\d+)\.(weight|bias)", lambda m: f"pyramid.project.{m[1]}.{m[2]}"),
     (r"psp\.up_modules\.\d+\.(weight|bias)", lambda m: None),
 )
+_PSP_PROJECTION = r"psp\.project_modules\.(\d+)\.(weight|bias)"
+#: the head's tensors whose first K entries (along the given dim) are the pyramid channels
+_HEAD_PYRAMID_DIM = {"final.norm.weight": 0, "final.norm.bias": 0, "final.norm.running_mean": 0,
+                     "final.norm.running_var": 0, "final.conv.weight": 1}
 
 
-def monai_key_to_ours(key: str) -> str | None:
+def monai_pyramid_size(levels: int) -> int:
+    """The in-plane input size (H = W) at which MONAI's pyramid windows 8 .. 2^(levels+2) pool the
+    half-resolution map to our grids 2^(levels-1) .. 1: 2^(levels+3) (128 for the paper's 4 levels)."""
+    return 2 ** (levels + 3)
+
+
+def monai_key_to_ours(key: str, pyramid_levels: int = 0) -> str | None:
     """Our state-dict key for a MONAI AHNet key; None for MONAI's pyramid upsampling convs (no counterpart).
 
-    Raises MonaiPortError for a key of no known MONAI AHNet module.
+    pyramid_levels: MONAI's psp_block_num, needed for the pyramid projections (paired by window size: MONAI's
+    level i, window 2^(i+3), is our level pyramid_levels - 1 - i). Raises MonaiPortError for a key of no
+    known MONAI AHNet module, or a pyramid level beyond pyramid_levels.
     """
+    m = re.fullmatch(_PSP_PROJECTION, key)
+    if m:
+        level = int(m[1])
+        if level >= pyramid_levels:
+            raise MonaiPortError(f"{key!r} is pyramid level {level} of MONAI's AHNet; with {pyramid_levels} "
+                                 "pyramid levels there is no such level")
+        return f"pyramid.project.{pyramid_levels - 1 - level}.{m[2]}"
     for pattern, ours in _KEY_RULES:
         m = re.fullmatch(pattern, key)
         if m:
@@ -70,40 +99,60 @@ def monai_key_to_ours(key: str) -> str | None:
     raise MonaiPortError(f"state-dict key {key!r} is not a MONAI AHNet key this port knows")
 
 
+def monai_pyramid_levels(monai_state: Mapping[str, torch.Tensor]) -> int:
+    """MONAI's psp_block_num, read from its state dict (the number of pyramid projections)."""
+    return sum(1 for k in monai_state if re.fullmatch(_PSP_PROJECTION, k) and k.endswith(".weight"))
+
+
 def convert_monai_tensor(t: torch.Tensor) -> torch.Tensor:
     """Reverse the 3 spatial axes of a 5D weight ((O, I, X, Y, Z) -> (O, I, Z, Y, X)); other tensors as they are."""
     return t.permute(0, 1, 4, 3, 2).contiguous() if t.dim() == 5 else t.clone()
 
 
+def _reverse_pyramid_entries(t: torch.Tensor, levels: int, dim: int) -> torch.Tensor:
+    """t with its first `levels` entries along `dim` in reverse order (MONAI's pyramid channels, finest first,
+    into ours, coarsest first)."""
+    order = torch.cat([torch.arange(levels - 1, -1, -1), torch.arange(levels, t.shape[dim])])
+    return t.index_select(dim, order)
+
+
 def convert_monai_state(monai_state: Mapping[str, torch.Tensor],
-                        include_pyramid: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """(our state dict, MONAI keys dropped) for a MONAI AHNet state dict (3D, spatial_dims=3)."""
+                        allow_dropped: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """(our state dict, MONAI keys dropped) for a MONAI AHNet state dict (3D, spatial_dims=3).
+
+    The only keys that can be dropped are MONAI's pyramid upsamplers (transpose mode with psp_block_num > 0);
+    without allow_dropped=True they raise MonaiPortError, since our model would then not compute MONAI's.
+    """
+    levels = monai_pyramid_levels(monai_state)
     out, dropped = {}, []
     for key, value in monai_state.items():
-        ours = monai_key_to_ours(key)
-        if key.startswith("psp.") and not include_pyramid:
-            raise MonaiPortError(
-                f"the MONAI state dict has pyramid weights ({key!r}); the pyramids differ by design (adaptive "
-                "pooling here): pass include_pyramid=True to carry the projections over anyway, or use "
-                "psp_block_num=0 / pfn_depth=0")
+        ours = monai_key_to_ours(key, levels)
         if ours is None:
             dropped.append(key)
             continue
-        out[ours] = convert_monai_tensor(value)
+        value = convert_monai_tensor(value)
+        if key in _HEAD_PYRAMID_DIM and levels:
+            value = _reverse_pyramid_entries(value, levels, _HEAD_PYRAMID_DIM[key])
+        out[ours] = value
+    if dropped and not allow_dropped:
+        raise MonaiPortError(
+            f"MONAI's pyramid resizes its levels with window-sized transposed convs ({dropped[0]!r} and "
+            f"{len(dropped) - 1} more), which have no counterpart here (we interpolate); pass allow_dropped=True "
+            "to port everything else, or use psp_block_num=0 / a trilinear or nearest MONAI AHNet")
     return out, dropped
 
 
 def load_monai_ahnet_state(model: nn.Module, monai_state_dict: Mapping[str, torch.Tensor],
-                           include_pyramid: bool = False) -> List[str]:
+                           allow_dropped: bool = False) -> List[str]:
     """Load a MONAI ``AHNet(spatial_dims=3)`` state dict into an ``AHNet3d`` with the same structure
     (encoder resnet50, same upsample mode, pfn_depth = psp_block_num, z_pool="paper", default dense blocks).
 
     Every parameter and buffer of `model` must be given, with the matching shape after the axis reversal;
     otherwise MonaiPortError names the first keys that differ. Returns the MONAI keys that were dropped
-    (MONAI's pyramid transposed convs with include_pyramid=True). Use ``match_monai_ops`` as well for outputs
-    equal to MONAI's.
+    (MONAI's pyramid transposed convs, only with allow_dropped=True). Use ``match_monai_ops`` as well for
+    outputs equal to MONAI's.
     """
-    state, dropped = convert_monai_state(monai_state_dict, include_pyramid)
+    state, dropped = convert_monai_state(monai_state_dict, allow_dropped)
     target = model.state_dict()
     missing = sorted(set(target) - set(state))
     extra = sorted(set(state) - set(target))
@@ -121,8 +170,10 @@ def load_monai_ahnet_state(model: nn.Module, monai_state_dict: Mapping[str, torc
 
 
 def match_monai_ops(model: nn.Module) -> nn.Module:
-    """Switch the two weight-free operations that differ to MONAI's choice, in place (see the module docstring):
-    trilinear upsampling with align_corners=True; in transpose / nearest mode a 2x2x2 stride-2 first max-pool.
+    """Switch the weight-free operations that differ to MONAI's choice, in place (see the module docstring):
+    trilinear upsampling with align_corners=True; in transpose / nearest mode a 2x2x2 stride-2 first max-pool;
+    in trilinear / nearest mode the pyramid's projections padded in-plane by 1 and its trilinear resize with
+    align_corners=True (in transpose mode MONAI's pyramid has weights we lack, and is left as it is).
     Needs z_pool="paper" (MONAI halves z at every level). Returns the model.
     """
     flags = tuple(getattr(model, "z_flags", ()))
@@ -134,4 +185,8 @@ def match_monai_ops(model: nn.Module) -> nn.Module:
             m.align_corners = True
     if mode in ("transpose", "nearest"):
         model.encoder.maxpool = MaxPool3d(2, 2)
+    if model.pyramid is not None and mode != "transpose":
+        model.pyramid.align_corners = True
+        for conv in model.pyramid.project:
+            conv.padding = (0, 1, 1)
     return model
