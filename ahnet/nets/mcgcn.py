@@ -1,7 +1,9 @@
 """The 2D multi-channel global convolution network (MC-GCN) of the paper's first stage.
 
-Input: 3 adjacent slices (z-1, z, z+1) as the 3 channels of an ImageNet-style ResNet; an N-slice variant maps
-N slices to 3 with a 1x1 conv + BN + ReLU first (that variant cannot be transferred exactly to 3D).
+Input: 3 adjacent slices (z-1, z, z+1) as the 3 channels of an ImageNet-style ResNet, straight into the stem,
+which the transfer maps onto the 3D stem's z taps (the authors' MCFCN always puts a 1x1 conv + BN + ReLU in
+front, which no 7x7x3 stem can absorb); an N-slice variant maps N slices to 3 with that 1x1 conv + BN + ReLU
+first (that variant cannot be transferred exactly to 3D).
 Decoder: global convolution (GCN) modules on the stride-32, -16, -8, -4 (max-pooled stem) and -2 (stem)
 features, residual boundary refinement, and a top-down path to full resolution. Decoder convs start from He
 normal (gain sqrt(2) where the conv reads a ReLU output, 1 for the second conv of a GCN branch, which reads a
@@ -43,7 +45,11 @@ class GlobalConv(nn.Module):
 
 
 class BoundaryRefine(nn.Module):
-    """x + conv3x3(ReLU(BN(conv3x3(ReLU(BN(x)))))); the inner conv has no bias (the BN after it cancels one)."""
+    """x + conv3x3(ReLU(BN(conv3x3(ReLU(BN(x)))))); the inner conv has no bias (the BN after it cancels one).
+
+    Two BNs, one per use: the authors share one, whose running statistics then mix the two inputs' and fit
+    neither in eval mode (paper_notes/architecture.md).
+    """
 
     def __init__(self, c: int):
         super().__init__()
@@ -87,6 +93,7 @@ class MCGCN(nn.Module):
         self.refine_topdown = nn.ModuleList([BoundaryRefine(out_channels) for _ in range(5)])
 
     def _up(self, x, size):
+        # align_corners=False (the authors: True): the same half-pixel offset at every map size and position
         kw = {} if self.upsample == "nearest" else {"align_corners": False}
         return F.interpolate(x, size=tuple(size), mode=self.upsample, **kw)
 
