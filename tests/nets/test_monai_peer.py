@@ -1,4 +1,4 @@
-"""AHNet3d computes what MONAI's AHNet computes: the same weights (mapped by ahnet.nets.monai_port) give the
+"""AHNet3d computes what MONAI's AHNet computes: the same weights (mapped by ahnet.bench.monai_port) give the
 same output on the same input, up to the layout change (N, C, D, H, W) <-> (N, C, X, Y, Z)."""
 import math
 
@@ -8,8 +8,8 @@ import torch
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 from ahnet.nets import AHNet3d  # noqa: E402
-from ahnet.nets.layout import from_monai_layout, to_monai_layout  # noqa: E402
-from ahnet.nets.monai_port import (MonaiPortError, load_monai_ahnet_state, match_monai_ops,  # noqa: E402
+from ahnet.bench.layout import from_monai_layout, to_monai_layout  # noqa: E402
+from ahnet.bench.monai_port import (MonaiPortError, load_monai_ahnet_state, match_monai_ops,  # noqa: E402
                                    monai_key_to_ours, monai_pyramid_size)
 
 pytestmark = pytest.mark.peer

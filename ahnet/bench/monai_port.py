@@ -42,7 +42,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
-from .pooling import MaxPool3d
+from ahnet.nets.pooling import MaxPool3d
 
 _DENSE = {"bn1": "reduce.0", "conv1": "reduce.2", "bn2": "inplane.0", "conv2": "inplane.2",
           "bn3": "through.0", "conv3": "through.2", "bn4": "fuse.0", "conv4": "fuse.2"}
