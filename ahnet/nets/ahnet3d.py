@@ -40,7 +40,7 @@ class AHNet3d(nn.Module):
     """forward(x): (N, in_channels, D, H, W) -> logits (N, out_channels, D, H, W).
 
     encoder: resnet18 | resnet34 | resnet50 (the 2D network it is transferred from must match).
-    pfn_depth: pyramid pooling levels (0 = off, 4 = paper).
+    pfn_depth: pyramid pooling levels, the coarsest first (0 = off, 4 = paper; K keeps the grids 1 .. 2^(K-1)).
     upsample: trilinear (paper) | transpose (MONAI's default) | nearest.
     z_pool: "paper" (z halved 5 times: D % 32 == 0), "spacing" (needs spacing=(sz, sy, sx)), "none",
         or 5 booleans. growth / layers_per_block: the AC dense blocks (paper 20 / 3).
