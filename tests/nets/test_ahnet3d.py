@@ -74,7 +74,10 @@ def test_eval_uses_running_statistics():
     with torch.no_grad():
         both = model(x)
         first = model(x[:1])
-    assert torch.allclose(both[:1], first, atol=1e-5)   # no batch statistics in eval mode
+    # no batch statistics in eval mode: equal up to float rounding (fresh BN statistics do not normalise, and
+    # the authors' decoder initialisation lets eval-mode outputs of a fresh net reach ~1e3)
+    scale = both.abs().max().item()
+    assert torch.allclose(both[:1], first, rtol=0, atol=1e-5 * max(1.0, scale))
 
 
 def test_torch_export_in_eval_mode():
