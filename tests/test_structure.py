@@ -33,8 +33,6 @@ STAGE_OF = {
     "ahnet.predict": "cli", "ahnet.pipeline": "cli", "ahnet.experiment": "cli", "ahnet.bench": "cli",
     "ahnet.evaluate.cli": "cli", "ahnet.evaluate.__main__": "cli", "weights_transfer": "cli",
 }
-# Files being split on other branches (phantom / nets); the owner removes this exemption after merging them.
-SPLIT_ELSEWHERE = {"ahnet/data/phantom.py", "ahnet/bench.py"}   # split on branches phantom / nets
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
 # Functions allowed over MAX_FUNCTION_LINES, each with the reason its docstring gives: none today.
 LONG_FUNCTIONS: dict = {}
@@ -112,8 +110,6 @@ def test_stage_map_is_the_readme_map():
 def _sizes():
     for module, path in MODULES.items():
         rel = path.relative_to(ROOT).as_posix()
-        if rel in SPLIT_ELSEWHERE:
-            continue
         text = path.read_text(encoding="utf-8")
         yield rel, text, ast.parse(text)
 
@@ -149,8 +145,7 @@ def _code_strings(tree):
 
 
 def test_the_layout_is_spelled_in_ahnet_paths_only():
-    # phantom.py writes annotations.csv itself until the phantom branch moves its writes into data/io.py
-    exempt = {"ahnet/paths.py", "ahnet/data/phantom.py"}
+    exempt = {"ahnet/paths.py"}
     found = []
     for module, path in MODULES.items():
         rel = path.relative_to(ROOT).as_posix()

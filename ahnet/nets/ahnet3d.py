@@ -91,7 +91,7 @@ class AHNet3d(nn.Module):
         c_top = self.dense4.out_channels
         self.pyramid = PyramidPooling(c_top, int(pfn_depth), upsample) if pfn_depth > 0 else None
         self.head = OutputHead(c_top + int(pfn_depth), out_channels, upsample, level_scale(z_flags[0]))
-        init_ahnet_decoder(self.decoder_modules())
+        init_ahnet_decoder(self.decoder_modules(), head=self.head[0][2])
         self.set_checkpoint(checkpoint)
 
     def decoder_modules(self):

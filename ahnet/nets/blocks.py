@@ -161,13 +161,22 @@ def inplane_fan_out_std(conv: nn.Module) -> float:
     return math.sqrt(2.0 / (kh * kw * conv.out_channels))
 
 
+#: std of the output head's conv weights (one deviation from the authors' rule, see init_ahnet_decoder)
+HEAD_INIT_STD = 0.01
+
+
 @torch.no_grad()
-def init_ahnet_decoder(modules: Iterable[nn.Module]) -> None:
+def init_ahnet_decoder(modules: Iterable[nn.Module], head: nn.Module | None = None) -> None:
     """The authors' (and MONAI's) initialisation of AH-Net's 3D decoder, in place, on every module under
     `modules`: Conv3d and ConvTranspose3d weights ~ normal(0, inplane_fan_out_std(conv)); BatchNorm weight 1,
     bias 0; conv biases (the pyramid's projections) keep PyTorch's default, as there. Draws from torch's
     global generator, so it is deterministic under torch.manual_seed. Not for the encoder, whose weights come
     from the 2D transfer or the ResNet initialisation.
+
+    ``head``: the output conv, drawn instead from normal(0, HEAD_INIT_STD) so that every logit starts near 0
+    (RetinaNet's and nnDetection's practice for a classifier layer). The authors' fan-out rule gives a
+    one-channel (1, 3, 3) head std sqrt(2 / 9) = 0.47: a fresh network's logits then reach +-40 and training
+    at lr 1e-3 diverged within 20 steps (paper_notes/architecture.md, "Initialisation").
     """
     for mod in modules:
         for m in mod.modules():
@@ -176,6 +185,8 @@ def init_ahnet_decoder(modules: Iterable[nn.Module]) -> None:
             elif isinstance(m, _BATCH_NORMS):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+    if head is not None:
+        head.weight.normal_(0.0, HEAD_INIT_STD)
 
 
 def conv_fan_in(conv: nn.Module) -> int:

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     ap = _Parser(prog="python -m ahnet.data.phantom", description=_package_doc.split("\n\n")[0])
     add = ap.add_argument
-    add("--out", required=True, help="output folder (imagesTr, labelsTr, annotations.csv, dataset.json)")
+    add("--out", required=True, help="output folder (imagesTr, labelsTr, the annotations CSV, dataset.json)")
     add("--test-phantom", choices=sorted(TEST_PHANTOMS), default=None,
         help="a held-out test phantom: " + "; ".join(
             f"{k}: {v['n_cases']} scans x {v['nodules_per_case']} nodules" for k, v in TEST_PHANTOMS.items())

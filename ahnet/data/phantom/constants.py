@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Optional
+from ..nodule_types import LOCATIONS  # noqa: F401  (nodule location classes: one owner)
 
 # tissue labels of the fine label map
 TISSUE = dict(air=0, fat=1, muscle=2, cortical=3, marrow=4, lung=5, vessel=6, airway_wall=7, airway_lumen=8,
@@ -10,8 +11,6 @@ AIR, FAT, MUSCLE, CORTICAL, MARROW, LUNG, VESSEL, AW_WALL, AW_LUMEN, FISSURE, NO
 # nominal HU (ranges the test checks): cortical and marrow are drawn per case inside these ranges
 TISSUE_HU = {AIR: -1000.0, FAT: -100.0, MUSCLE: 40.0, CORTICAL: (750.0, 950.0), MARROW: (220.0, 280.0),
              LUNG: -850.0, VESSEL: 40.0, AW_WALL: 40.0, AW_LUMEN: -1000.0, FISSURE: -700.0}
-# nodule location classes (the one definition in the package)
-LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
 CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "type", "location", "label",
                "volume_mm3", "texture", "spiculation", "lobulation", "calcification", "subtlety", "lidc_scan_id",
                "lidc_annotation_id", "shape_reuse"]

@@ -14,6 +14,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ...atomic import atomic_path
+from ... import paths
 from ..io import write_annotations_csv, write_dataset_json, write_image
 from ..nodule_types import TYPE_CODES
 from .case import generate_case
@@ -59,7 +60,7 @@ def save_preview(case: Case, path: Path, n: int = 3) -> None:
 def _start_fresh(out: Path) -> None:
     """Before writing: drop the completion marker (dataset.json) and the annotations of an earlier run, so that
     a run killed half-way never looks finished, and temporary files a killed run left behind."""
-    for name in ("dataset.json", "annotations.csv"):
+    for name in (paths.DATASET, paths.ANNOTATIONS):
         (out / name).unlink(missing_ok=True)
     for folder in (out, out / "imagesTr", out / "labelsTr", out / "preview"):
         if folder.is_dir():
@@ -174,5 +175,5 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
             save_preview(case, out / "preview" / f"{cid}.png")
         log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)
     _remove_unlisted(out, [e["case_id"] for e in entries])
-    write_annotations_csv(out / "annotations.csv", rows, columns=CSV_COLUMNS)
+    write_annotations_csv(paths.annotations_csv(out / paths.DATASET), rows, columns=CSV_COLUMNS)
     return write_dataset_json(out / "dataset.json", _dataset_json(n_cases, seed, opts, pool, entries))
