@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point for people. Usage: bash run.sh <command> [args...]
 #   setup      create .venv (unless an environment is active) and install the package with its test extras
-#   test       run the test suite (sets up first)
+#   test       run the test suite (sets up first, with the MONAI peer and the serve extra: all tests run)
 #   data       generate the phantom dataset + its cache (python -m ahnet.data.phantom --help)
 #   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
@@ -51,15 +51,14 @@ cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup)    setup test ;;
-  test)     setup "test,serve"; exec "$PY" -m pytest -q "$@" ;;   # serve: the Triton tests run too
-  data)     # generate the phantom (default data/phantom), then its HDF5 cache (data/cache/<name>)
+  test)     setup "test,peer,serve"; exec "$PY" -m pytest -q "$@" ;;   # peer and serve: MONAI and Triton tests run
+  data)     # generate the phantom (default data/phantom), then its HDF5 cache where training looks (ahnet.paths)
             setup test
             out=""; prev=""
             for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
             if [[ -z "$out" ]]; then out="data/phantom"; set -- --out "$out" "$@"; fi
             "$PY" -m ahnet.data.phantom "$@"
-            exec "$PY" -m ahnet.data.cache --dataset "$out/dataset.json" --annotations "$out/annotations.csv" \
-              --out "data/cache/$(basename "$out")" ;;
+            exec "$PY" -m ahnet.data.cache --data "$out/dataset.json" ;;
   train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;

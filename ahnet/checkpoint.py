@@ -1,6 +1,6 @@
 """Checkpoints: atomic save, safe load (``torch.load(weights_only=True)``), RNG state capture and restore.
 
-A checkpoint is a dict of tensors and plain values only (contracts.md), with keys
+A checkpoint is a dict of tensors and plain values only, with keys
 ``model`` (state dict), ``model_name``, ``model_kwargs``, ``optimizer``, ``scaler``, ``scheduler``, ``epoch``,
 ``step``, ``rng``, ``config``, ``metrics``. Files that are not such a dict (a pickle carrying code, a truncated
 or random file, a bare tensor) are refused with a ``CheckpointError`` that says so in one sentence.

@@ -19,7 +19,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import cli, paths
 from .atomic import write_text_atomic
+from .losses import LOSSES
+from .nets import ENCODERS, MODELS
+from .precision import AMP_MODES
 
 __all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
            "read_run_config"]
@@ -32,6 +36,10 @@ def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> A
     return field(default=default, metadata=meta, **kw)
 
 
+#: the network a stage trains when --model is not given
+DEFAULT_MODEL = {"2d": "mcgcn", "3d": "ahnet"}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of one training run (one stage). Saved verbatim in runs/<name>/config.json."""
@@ -40,21 +48,22 @@ class TrainConfig:
     stage: str = _f("3d", "training stage: 2d = MC-GCN on 3-slice stacks (slices as channels), "
                           "3d = AH-Net or the 3D U-Net on volumes", ["2d", "3d"])
     model: str | None = _f(None, "network; default mcgcn for --stage 2d, ahnet for --stage 3d "
-                                 "(unet3d = the from-scratch 3D baseline)", ["ahnet", "mcgcn", "unet3d"])
-    encoder: str = _f("resnet50", "ResNet encoder of MC-GCN / AH-Net (resnet50 is the paper's)",
-                      ["resnet18", "resnet34", "resnet50"])
+                                 "(unet3d = the from-scratch 3D baseline)", tuple(MODELS))
+    encoder: str = _f("resnet50", "ResNet encoder of MC-GCN / AH-Net (resnet50 is the paper's)", ENCODERS)
     pfn_depth: int = _f(4, "AH-Net pyramid pooling (PVP) levels in the decoder: 0 = off, 4 = the paper")
     init: str = _f("scratch", "3D stage start: transfer = encoder from a 2D run (--init-from) via "
                               "weights_transfer, scratch = random init", ["transfer", "scratch"])
     init_from: str | None = _f(None, "the 2D run folder (or its .pt checkpoint) to transfer from with "
-                                     "--init transfer; a folder means <folder>/checkpoints/best.pt")
+                                     "--init transfer; a folder means its trained checkpoint "
+                                     f"({paths.CHECKPOINTS}/{paths.BEST}, else {paths.LAST})")
     imagenet_weights: str | None = _f(None, "2D stage: torchvision ResNet state-dict file to start the "
                                             "encoder from (optional; no download happens)")
     model_kwargs: dict = _f({}, "extra keyword arguments for build_model as JSON, e.g. "
                                 "'{\"upsample\": \"transpose\", \"z_pool\": \"spacing\"}'")
     # data
-    data: str = _f("data/phantom/dataset.json", "dataset.json (Decathlon style) listing the cases")
-    cache_dir: str | None = _f(None, "HDF5 cache folder; default data/cache/<dataset folder name>")
+    data: str = _f(str(paths.DATA_ROOT / "phantom" / paths.DATASET), "dataset.json (Decathlon style) listing the "
+                                                                       f"cases; {paths.ANNOTATIONS} beside it")
+    cache_dir: str | None = _f(None, f"HDF5 cache folder; default {paths.CACHE_ROOT}/<dataset folder name>")
     patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
                                        "32 128 128 for --stage 3d")
     pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
@@ -80,8 +89,7 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.01, "cosine: final learning rate as a fraction of the initial one")
     poly_power: float = _f(0.9, "poly: exponent of (1 - t/T)")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = no clipping)")
-    loss: str = _f("dice_focal", "loss on the logits: focal (the paper's), dice, ce, dice_focal",
-                   ["focal", "dice", "ce", "dice_focal"])
+    loss: str = _f("dice_focal", "loss on the logits: focal (the paper's), dice, ce, dice_focal", tuple(LOSSES))
     focal_alpha: float = _f(0.25, "focal loss foreground weight alpha (background gets 1 - alpha)")
     focal_gamma: float = _f(2.0, "focal loss focusing exponent gamma")
     dice_smooth: float = _f(1e-5, "soft Dice smoothing added to numerator and denominator")
@@ -89,7 +97,7 @@ class TrainConfig:
     amp: str = _f("auto", "mixed precision: auto = fp16 + GradScaler on CUDA, off on CPU; bf16 = bfloat16 "
                           "autocast (CUDA or CPU; about 1.5x faster than float32 on a CPU with native bfloat16, "
                           "2x with --channels-last); fp16 = float16 + GradScaler (CUDA); off = float32",
-                  ["auto", "fp16", "bf16", "off"])
+                  AMP_MODES)
     channels_last: bool = _f(False, "keep the 3D network and its batches in channels-last 3D memory (same values; "
                                     "faster with --amp bf16 on a CPU with native bfloat16, and with AMP on CUDA)")
     max_bad_steps: int = _f(20, "stop the run after this many non-finite losses in a row (each one skips "
@@ -99,9 +107,11 @@ class TrainConfig:
     # validation, checkpoints, output
     val_patches: int = _f(16, "validation patches per epoch (fixed set, half on nodules): patch-level "
                               "Dice, CPU-cheap")
-    ckpt_every: int = _f(0, "also write last.pt every N optimiser steps (0 = at the end of each epoch only)")
-    out: str = _f("runs/ahnet", "run folder: config.json, log.csv, checkpoints/{last,best}.pt, progress.png")
-    resume: bool = _f(False, "continue the run in --out from checkpoints/last.pt exactly where it stopped")
+    ckpt_every: int = _f(0, f"also write {paths.LAST} every N optimiser steps (0 = at the end of each epoch only)")
+    out: str = _f(str(paths.RUNS_ROOT / "ahnet"), f"run folder: {paths.CONFIG}, {paths.LOG}, {paths.CHECKPOINTS}/"
+                                                  f"{{{paths.LAST},{paths.BEST}}}, {paths.PROGRESS}")
+    resume: bool = _f(False, f"continue the run in --out from {paths.CHECKPOINTS}/{paths.LAST} exactly where it "
+                             f"stopped")
     folds: int = _f(0, "K-fold cross-validation by case over the train + validation cases (0 = use the "
                        "split column of dataset.json)")
     fold: int | None = _f(None, "which fold (0 .. K-1) is the validation set")
@@ -132,11 +142,11 @@ class TrainConfig:
             if ch and v is not None and v not in ch:
                 raise ValueError(f"{f.name} must be one of {list(ch)}, got {v!r}.")
         if c.model is None:
-            c.model = "mcgcn" if c.stage == "2d" else "ahnet"
-        if c.stage == "2d" and c.model != "mcgcn":
-            raise ValueError(f"--stage 2d trains the 2D MC-GCN; got --model {c.model} (use --stage 3d).")
-        if c.stage == "3d" and c.model == "mcgcn":
-            raise ValueError("--model mcgcn is the 2D network; use --stage 2d for it.")
+            c.model = DEFAULT_MODEL[c.stage]
+        if MODELS[c.model].stage != c.stage:
+            others = [m for m, s in MODELS.items() if s.stage == c.stage]
+            raise ValueError(f"--model {c.model} is trained by --stage {MODELS[c.model].stage}, not --stage "
+                             f"{c.stage} (which trains {', '.join(others)}); use --stage {MODELS[c.model].stage}.")
         if c.patch_size is None:
             c.patch_size = [3, 128, 128] if c.stage == "2d" else [32, 128, 128]
         c.patch_size = [int(v) for v in c.patch_size]
@@ -167,7 +177,7 @@ class TrainConfig:
             if not 0 <= c.fold < c.folds:
                 raise ValueError(f"--fold must lie in 0 .. {c.folds - 1}, got {c.fold}.")
         if c.cache_dir is None:
-            c.cache_dir = str(Path("data/cache") / (Path(c.data).parent.name or "dataset"))
+            c.cache_dir = str(paths.cache_dir(c.data))
         return c
 
     def to_dict(self) -> dict:
@@ -192,39 +202,46 @@ def _json_dict(s: str) -> dict:
     return v
 
 
-def build_parser(prog: str = "python -m ahnet.train", description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(name: str = "ahnet.train", description: str | None = None) -> argparse.ArgumentParser:
     """The CLI: one flag per TrainConfig field (dashes for underscores) plus --config FILE.
 
     Flags not given are absent from the namespace (argparse.SUPPRESS), so they do not override the file.
     """
-    p = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+    p = cli.Parser(
+        name, argument_default=argparse.SUPPRESS,
         description=description or (
             "Train one stage of AH-Net for lung nodules. Settings come from defaults, then --config FILE "
             "(JSON with TrainConfig field names), then these flags."))
     p.add_argument("--config", metavar="FILE", help="JSON file of settings (applied before the flags)")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata['help']} (default: {json.dumps(default)})"
-        choices = f.metadata.get("choices")
-        t = f.type if isinstance(f.type, str) else str(f.type)
-        if t == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        elif t.startswith("list") and f.name == "randaugment":
-            p.add_argument(flag, nargs=2, type=float, metavar=("N", "M"), help=help_)
-        elif t.startswith("list"):
-            p.add_argument(flag, nargs=3, type=int, metavar=("D", "H", "W"), help=help_)
-        elif t == "dict":
-            p.add_argument(flag, type=_json_dict, metavar="JSON", help=help_)
-        else:
-            base = t.split("|")[0].strip()
-            conv = {"int": int, "float": float, "str": str}[base]
-            if "None" in t:
-                conv = _opt(conv)
-            p.add_argument(flag, type=conv, choices=choices, help=help_,
-                           metavar=None if choices else base.upper())
+        add_setting_flag(p, f.name)
     return p
+
+
+def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) -> None:
+    """Add the flag of TrainConfig field ``name`` (type, choices and help from the field) to ``parser`` (or an
+    argument group); ``flag`` renames it (the pipeline's --lr-2d), ``overrides`` replace add_argument keywords."""
+    f = next(x for x in fields(TrainConfig) if x.name == name)
+    flag = flag or "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    kw: dict = {"help": f"{f.metadata['help']} (default: {json.dumps(default)})"}
+    choices = f.metadata.get("choices")
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    if t == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif t.startswith("list") and f.name == "randaugment":
+        kw.update(nargs=2, type=float, metavar=("N", "M"))
+    elif t.startswith("list"):
+        kw.update(nargs=3, type=int, metavar=("D", "H", "W"))
+    elif t == "dict":
+        kw.update(type=_json_dict, metavar="JSON")
+    else:
+        base = t.split("|")[0].strip()
+        conv = {"int": int, "float": float, "str": str}[base]
+        kw.update(type=_opt(conv) if "None" in t else conv, choices=choices,
+                  metavar=None if choices else base.upper())
+    kw.update(overrides)
+    parser.add_argument(flag, **kw)
 
 
 def read_json_config(path: str | os.PathLike) -> dict:
@@ -245,7 +262,7 @@ def read_json_config(path: str | os.PathLike) -> dict:
 
 def read_run_config(run_dir: str | os.PathLike) -> dict | None:
     """The saved settings of a run folder, or None when it has no config.json."""
-    p = Path(run_dir) / "config.json"
+    p = paths.run_paths(run_dir).config
     return read_json_config(p) if p.is_file() else None
 
 
@@ -267,7 +284,7 @@ def load_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPars
         saved = read_run_config(out)
         if saved is not None:   # a stop by --max-steps is not inherited: a resumed run goes on to the end
             saved = {k: v for k, v in saved.items() if k not in ("max_steps", "resume", "all_folds")}
-            cfg = cfg.updated(saved, f"{out}/config.json")
+            cfg = cfg.updated(saved, str(paths.run_paths(out).config))
     if file_d:
         cfg = cfg.updated(file_d, f"config file {ns.config}")
     cfg = cfg.updated(given, "command line")
@@ -317,5 +334,4 @@ def save_run_config(cfg: TrainConfig, run_dir: str | os.PathLike, extra: dict | 
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if extra:
         doc.update(extra)
-    path = run_dir / "config.json"
-    return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    return write_text_atomic(paths.run_paths(run_dir).config, json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -4,21 +4,32 @@
     python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (about an hour, 2 cores)
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
-Models compared (evaluation.md): the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D
-AH-Net from scratch; a 3D U-Net from scratch; AH-Net after transfer at pyramid depths 0..4 ("PFN depth").
+Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
+a 3D U-Net from scratch; AH-Net after transfer at pyramid depths 0..4 ("PFN depth"). Each variant is a
+TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
+who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
+step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import cli, paths
+from .config import TrainConfig
+from .data.cache import cache_dataset
 from .data.io import load_dataset_json, read_image
+from .evaluate.cli import evaluate_and_report
+from .train import TrainingDiverged, train
+
+PROG = "ahnet.experiment"
 
 
 @dataclass
@@ -87,57 +98,77 @@ def data_spacing(dataset_json: Path) -> List[float]:
     return [round(float(s), 4) for s in read_image(first["image"]).spacing]
 
 
-def ensure_data(data_dir: Path, preset: Preset, seed: int) -> Path:
-    """Generate the phantom (unless its dataset.json exists) and build its cache."""
-    from .data.cache import build_cache
+def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
+    """Generate the phantom into ``data_dir`` (unless its dataset.json exists) and build its cache; returns the
+    dataset.json."""
     from .data.phantom import generate_dataset
-    dataset_json = data_dir / "dataset.json"
+    dataset_json = data_dir / paths.DATASET
     if not dataset_json.is_file():
         print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size)
-    build_cache(dataset_json, Path("data/cache") / data_dir.name, annotations_csv=data_dir / "annotations.csv")
+    cache_dataset(dataset_json)
     return dataset_json
 
 
 def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
     from .data.phantom import generate_dataset
-    dataset_json = data_dir / "dataset.json"
+    dataset_json = data_dir / paths.DATASET
     if not dataset_json.is_file():
         print(f"[experiment] generating {preset.test_cases} test-only phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.test_cases, seed=seed + 1_000_003, size=preset.size, split=(0, 0, 1))
     return dataset_json
 
 
-def train_argv(variant: str, preset: Preset, dataset_json: Path, runs: Path, seed: int, device: str,
-               spacing: List[float]) -> List[str]:
-    """The `python -m ahnet.train` flags of one variant (printed, so a reader can rerun any single run)."""
+def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path, seed: int, device: str,
+                   spacing: List[float]) -> TrainConfig:
+    """The training configuration of one variant (resolved: every check done before any training starts)."""
     model, init, pfn = parse_variant(variant)
-    common = ["--data", str(dataset_json), "--cache-dir", str(Path("data/cache") / dataset_json.parent.name),
-              "--encoder", preset.encoder, "--seed", str(seed), "--device", device, "--lr", str(preset.lr),
-              "--out", str(runs / variant), "--resume"]
+    d = dict(data=str(dataset_json), cache_dir=str(paths.cache_dir(dataset_json)), encoder=preset.encoder,
+             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True)
     if model == "mcgcn":
-        return common + ["--stage", "2d", "--model", "mcgcn", "--patch-size", *map(str, preset.patch_2d),
-                         "--batch-size", str(preset.batch_2d), "--epochs", str(preset.epochs_2d),
-                         "--steps-per-epoch", str(preset.steps_2d)]
-    kwargs = {"z_pool": preset.z_pool}
+        d.update(stage="2d", model="mcgcn", patch_size=list(preset.patch_2d), batch_size=preset.batch_2d,
+                 epochs=preset.epochs_2d, steps_per_epoch=preset.steps_2d)
+        return TrainConfig.from_dict(d, variant).resolved()
+    kwargs: dict = {"z_pool": preset.z_pool}
     if preset.z_pool == "spacing":
         kwargs["spacing"] = spacing
     if model == "unet3d":
         kwargs["base_channels"] = preset.unet_base
-    argv = common + ["--stage", "3d", "--model", model, "--patch-size", *map(str, preset.patch_3d),
-                     "--batch-size", str(preset.batch_3d), "--epochs", str(preset.epochs_3d),
-                     "--steps-per-epoch", str(preset.steps_3d), "--model-kwargs", json.dumps(kwargs)]
+    d.update(stage="3d", model=model, patch_size=list(preset.patch_3d), batch_size=preset.batch_3d,
+             epochs=preset.epochs_3d, steps_per_epoch=preset.steps_3d, model_kwargs=kwargs)
     if model == "ahnet":
-        argv += ["--pfn-depth", str(pfn), "--init", init]
+        d.update(pfn_depth=pfn, init=init)
         if init == "transfer":
-            argv += ["--init-from", str(runs / "mcgcn-2d")]
-    return argv
+            d["init_from"] = str(runs / "mcgcn-2d")
+    return TrainConfig.from_dict(d, variant).resolved()
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The ``python -m ahnet.train`` command that trains ``cfg`` (the settings that differ from the defaults)."""
+    default = TrainConfig().to_dict()
+    if cfg.cache_dir == str(paths.cache_dir(cfg.data)):
+        default["cache_dir"] = cfg.cache_dir
+    flags = []
+    for k, v in cfg.to_dict().items():
+        if k == "model" or v == default[k]:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else f"--no-{k.replace('_', '-')}")
+        elif isinstance(v, list):
+            flags += [flag, *map(str, v)]
+        elif isinstance(v, dict):
+            flags += [flag, json.dumps(v)]
+        else:
+            flags += [flag, str(v)]
+    if cfg.model != {"2d": "mcgcn", "3d": "ahnet"}[cfg.stage]:
+        flags += ["--model", cfg.model]
+    return "python -m ahnet.train " + " ".join(shlex.quote(f) for f in flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ahnet.experiment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="experiment size (default demo)")
     p.add_argument("--name", help="experiment name: runs/<name>, data/<name> (default: the preset's)")
     p.add_argument("--data", type=Path, help="an existing dataset.json to use instead of a generated phantom")
@@ -151,53 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import evaluate, train
+    return cli.run(PROG, lambda: run_experiment(args), codes={TrainingDiverged: 3})
 
+
+def run_experiment(args) -> int:
+    """Data -> the variants' configs (all checked first) -> training (the 2D stage first) -> evaluation."""
     preset = PRESETS[args.preset]
     name = args.name or f"phantom-{args.preset}"
-    runs = Path("runs") / name
-    variants = args.variants or preset.variants
-    try:
-        for v in variants:
-            parse_variant(v)
-        if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
-            variants = ["mcgcn-2d"] + list(variants)
-        t0 = time.time()
-        dataset_json = args.data if args.data else ensure_data(Path("data") / name, preset, args.seed)
-        if args.data:
-            from .data.cache import build_cache
-            ann = Path(args.data).parent / "annotations.csv"
-            build_cache(args.data, Path("data/cache") / Path(args.data).parent.name,
-                        annotations_csv=ann if ann.is_file() else None)
-        spacing = data_spacing(dataset_json)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ahnet.experiment: error: {exc}", file=sys.stderr)
-        return 2
+    runs = paths.RUNS_ROOT / name
+    variants = list(args.variants or preset.variants)
+    for v in variants:
+        parse_variant(v)
+    if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
+        variants = ["mcgcn-2d"] + variants
+    t0 = time.time()
+    if args.data:
+        dataset_json = Path(args.data)
+        cache_dataset(dataset_json)
+    else:
+        dataset_json = prepare_data(paths.DATA_ROOT / name, preset, args.seed)
+    spacing = data_spacing(dataset_json)
+    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing) for v in variants}
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
-    for v in variants:
-        flags = train_argv(v, preset, dataset_json, runs, args.seed, args.device, spacing)
-        print(f"\n[experiment] {v}: python -m ahnet.train {' '.join(flags)}", flush=True)
+    for v, cfg in configs.items():
+        print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
         t = time.time()
-        rc = train.main(flags)
-        if rc != 0:
-            print(f"ahnet.experiment: error: training {v} failed (exit {rc}); fix and rerun the same command "
-                  f"to resume", file=sys.stderr)
-            return rc
+        train(cfg)
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
-    report = runs / "report"
+    report = paths.run_paths(runs).report
     eval_json = dataset_json
     if preset.test_cases > 0 and not args.data:
-        eval_json = ensure_test_data(Path("data") / f"{name}-test", preset, args.seed)
-    eval_flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
-                  "--device", args.device, "--bootstrap", str(args.bootstrap),
-                  "--title", f"AH-Net per-type evaluation ({args.preset} preset, {name})"]
-    if preset.window:
-        eval_flags += ["--window", *map(str, preset.window)]
-    print(f"\n[experiment] python -m ahnet.evaluate {' '.join(eval_flags)}", flush=True)
-    rc = evaluate.main(eval_flags)
-    if rc != 0:
-        return rc
+        eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
+    flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
+             "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
+        ["--window", *map(str, preset.window)] if preset.window else [])
+    print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
+          flush=True)
+    evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
+                        n_bootstrap=args.bootstrap, window=preset.window,
+                        title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")
     return 0

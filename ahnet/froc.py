@@ -83,15 +83,9 @@ class Matching:
         return len(self.scan_ids)
 
 
-def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrelevant",
-                     group_keys=("type",)) -> Matching:
-    """Match candidate rows to nodule rows scan by scan by the rules in the module docstring."""
-    scan_ids = [str(s) for s in scan_ids]
-    if len(set(scan_ids)) != len(scan_ids):
-        raise FROCInputError("scan_ids holds duplicates; give each scan of the evaluated set once")
-    if not scan_ids:
-        raise FROCInputError("scan_ids is empty; give every scan of the evaluated set")
-    index = {s: i for i, s in enumerate(scan_ids)}
+def _rows_by_scan(nodules, candidates, index: dict, irrelevant_key: str) -> tuple[dict, dict]:
+    """Checked rows grouped by scan position: {scan: [(row, xyz, radius_mm, irrelevant)]} for the nodules and
+    {scan: [(xyz, probability)]} for the candidates; FROCInputError names the first bad row."""
     nods_by_scan: dict[int, list] = {}
     for i, r in enumerate(nodules):
         s = str(r.get("seriesuid"))
@@ -117,7 +111,19 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         if not np.isfinite(p):
             raise FROCInputError(f"candidate row {i} has probability {p}; expected a finite number")
         cands_by_scan.setdefault(index[s], []).append((_xyz(r, "candidate", i), p))
+    return nods_by_scan, cands_by_scan
 
+
+def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrelevant",
+                     group_keys=("type",)) -> Matching:
+    """Match candidate rows to nodule rows scan by scan by the rules in the module docstring."""
+    scan_ids = [str(s) for s in scan_ids]
+    if len(set(scan_ids)) != len(scan_ids):
+        raise FROCInputError("scan_ids holds duplicates; give each scan of the evaluated set once")
+    if not scan_ids:
+        raise FROCInputError("scan_ids is empty; give every scan of the evaluated set")
+    nods_by_scan, cands_by_scan = _rows_by_scan(nodules, candidates, {s: i for i, s in enumerate(scan_ids)},
+                                                irrelevant_key)
     nod_scan, nod_score, nod_row = [], [], []
     fp_scan, fp_score = [], []
     counts = dict(candidates=len(candidates), tp_candidates=0, fp=0, dropped=0, duplicates=0, multi_hits=0,

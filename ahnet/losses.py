@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "CrossEntropyLoss", "FocalLoss", "DiceLoss", "DiceFocalLoss", "build_loss", "LOSSES",
+    "CrossEntropyLoss", "FocalLoss", "DiceLoss", "DiceFocalLoss", "build_loss", "loss_kwargs", "LOSSES",
+    "LOSS_ALIASES",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -221,15 +222,23 @@ class DiceFocalLoss(nn.Module):
         return self.lambda_dice * self.dice(logits, target) + self.lambda_focal * self.focal(logits, target)
 
 
+#: the losses by the name --loss takes
 LOSSES = {
-    "ce": CrossEntropyLoss,
-    "bce": CrossEntropyLoss,
-    "cross_entropy": CrossEntropyLoss,
     "focal": FocalLoss,
     "dice": DiceLoss,
+    "ce": CrossEntropyLoss,
     "dice_focal": DiceFocalLoss,
-    "dicefocal": DiceFocalLoss,
 }
+#: other spellings build_loss accepts
+LOSS_ALIASES = {"bce": "ce", "cross_entropy": "ce", "dicefocal": "dice_focal"}
+
+
+def _canonical(name: str) -> str:
+    key = name.lower().replace("-", "_").replace("+", "_")
+    key = LOSS_ALIASES.get(key, key)
+    if key not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(set(LOSSES) | set(LOSS_ALIASES))}.")
+    return key
 
 
 def build_loss(name: str, **kw) -> nn.Module:
@@ -237,12 +246,16 @@ def build_loss(name: str, **kw) -> nn.Module:
 
     Keyword arguments go to the class; unknown ones raise ValueError naming them.
     """
-    key = name.lower().replace("-", "_").replace("+", "_")
-    if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(set(LOSSES))}.")
-    cls = LOSSES[key]
+    cls = LOSSES[_canonical(name)]
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     bad = sorted(set(kw) - allowed)
     if bad:
         raise ValueError(f"loss {name!r} does not take {bad}; it takes {sorted(allowed)}.")
     return cls(**kw)
+
+
+def loss_kwargs(name: str, focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_smooth: float = 1e-5) -> dict:
+    """The keyword arguments of loss ``name`` from a run's settings (focal alpha and gamma, Dice smoothing)."""
+    focal = {"alpha": focal_alpha, "gamma": focal_gamma}
+    dice = {"smooth_nr": dice_smooth, "smooth_dr": dice_smooth}
+    return {"ce": {}, "focal": focal, "dice": dice, "dice_focal": {**focal, **dice}}[_canonical(name)]

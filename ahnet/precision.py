@@ -1,4 +1,6 @@
-"""Numeric precision and memory layout of a run: the autocast choice (``--amp``) and channels-last 3D.
+"""Where and how a run computes: the device (``--device``), the autocast choice (``--amp``) and channels-last 3D.
+
+Device: ``resolve_device`` is the one reader of ``--device`` (auto = CUDA when torch sees a GPU, else the CPU).
 
 AMP modes: ``auto`` (float16 + GradScaler on CUDA, float32 on a CPU), ``fp16`` (CUDA only), ``bf16`` (a CPU or a
 bfloat16-capable GPU; no scaler: bfloat16 has float32's exponent range), ``off`` (float32). On a CPU, bfloat16
@@ -16,7 +18,36 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+#: the values of --amp, in every CLI and in TrainConfig
 AMP_MODES = ("auto", "fp16", "bf16", "off")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; otherwise a torch device name (cpu, cuda, cuda:1, ...).
+
+    Raises ValueError in one sentence for a name that is not a device, or a CUDA device this torch cannot see.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:<index>.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for a GPU but this torch ({torch.__version__}) sees none; use "
+                             f"--device cpu or auto.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from "
+                             f"0; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: this torch has no Apple GPU (MPS) backend here; use --device cpu.")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu, cuda and mps devices are supported; use auto, cpu or cuda.")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -62,7 +93,7 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> AmpSettings:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off.")
         return AmpSettings(torch.bfloat16, False)
-    raise ValueError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}.")
+    raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}.")
 
 
 def to_channels_last(obj):

@@ -20,16 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the project's type table, when the data part is present
-    from ahnet.data.nodule_types import TYPE_CODES, TYPE_NAMES  # type: ignore
-except Exception:  # pragma: no cover - stand-in with the names of shared/design/nodule_types.md
-    TYPE_NAMES = {"T01": "solid < 6 mm", "T02": "solid 6 to < 8 mm", "T03": "solid 8 to < 15 mm",
-                  "T04": "solid >= 15 mm", "T05": "solid lobulated", "T06": "solid spiculated",
-                  "T07": "part-solid < 6 mm", "T08": "part-solid >= 6 mm", "T09": "ground-glass < 6 mm",
-                  "T10": "ground-glass >= 6 mm", "T11": "calcified < 6 mm", "T12": "calcified >= 6 mm"}
-    TYPE_CODES = tuple(sorted(TYPE_NAMES))
+from .data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
 
-LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
 TIE_TOL = 1e-9
 
 
@@ -172,23 +164,10 @@ def _md_table(head, rows):
 
 
 # ------------------------------------------------------------------------------------------------- figures
-def _figures(rep) -> dict:
-    """{file name: PNG bytes} made with matplotlib (Agg)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    names, types = rep["model_order"], rep["types"]
-    figs = {}
-
-    def save(fig, name):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        figs[name] = buf.getvalue()
-
+def _froc_figure(plt, rep):
+    """FROC curves of every model with their bootstrap bands, log2 false positives per scan."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, m in enumerate(names):
+    for i, m in enumerate(rep["model_order"]):
         r = rep["models"][m]
         c = f"C{i % 10}"
         fr = r.get("froc") or {}
@@ -213,51 +192,72 @@ def _figures(rep) -> dict:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("FROC (shaded: 95% bootstrap band)")
-    save(fig, "froc.png")
+    return fig
 
-    def bars(get, ylabel, title, fname, groups, group_labels):
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(names)) / 2 + 3), 4.2))
-        width = 0.8 / max(1, len(names))
-        x = np.arange(len(groups))
-        for i, m in enumerate(names):
-            vals, lo, hi = [], [], []
-            for g in groups:
-                v, ci = get(m, g)
-                vals.append(np.nan if v is None else v)
-                lo.append(0 if (v is None or not ci) else max(v - ci[0], 0))
-                hi.append(0 if (v is None or not ci) else max(ci[1] - v, 0))
-            ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[lo, hi], capsize=2, label=m,
-                   color=f"C{i % 10}", error_kw={"elinewidth": 0.8})
-        ax.set_xticks(x, group_labels, rotation=0 if len(groups) <= 12 else 45, fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncol=min(len(names), 4))
-        save(fig, fname)
 
-    tl = [f"{t}\nn={max(rep['models'][m]['types'][t]['n'] for m in names)}" for t in types]
-    bars(lambda m, t: (rep["models"][m]["types"][t]["cpm"], rep["models"][m]["types"][t]["cpm_ci"]),
-         "CPM (mean sensitivity 1/8..8 FP/scan)", "Per-type detection (95% CI)", "type_cpm.png", types, tl)
+def _bar_figure(plt, names, get, ylabel, title, groups, group_labels):
+    """Grouped bars with CI whiskers: get(model, group) -> (value or None, (low, high) or None)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(names)) / 2 + 3), 4.2))
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(groups))
+    for i, m in enumerate(names):
+        vals, lo, hi = [], [], []
+        for g in groups:
+            v, ci = get(m, g)
+            vals.append(np.nan if v is None else v)
+            lo.append(0 if (v is None or not ci) else max(v - ci[0], 0))
+            hi.append(0 if (v is None or not ci) else max(ci[1] - v, 0))
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[lo, hi], capsize=2, label=m,
+               color=f"C{i % 10}", error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, group_labels, rotation=0 if len(groups) <= 12 else 45, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(len(names), 4))
+    return fig
+
+
+def _figures(rep) -> dict:
+    """{file name: PNG bytes} made with matplotlib (Agg): FROC, per-type CPM, sensitivity and Dice, location CPM."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names, types, models = rep["model_order"], rep["types"], rep["models"]
+    tl = [f"{t}\nn={max(models[m]['types'][t]['n'] for m in names)}" for t in types]
     j1 = rep["fp_rates"].index(1.0) if 1.0 in rep["fp_rates"] else len(rep["fp_rates"]) // 2
 
     def sens_at(m, t):
-        g = rep["models"][m]["types"][t]
+        g = models[m]["types"][t]
         if not g["sensitivity"]:
             return None, None
         return g["sensitivity"][j1], (g["sensitivity_ci"][j1] if g["sensitivity_ci"] else None)
-    bars(sens_at, f"sensitivity at {_fr(rep['fp_rates'][j1])} FP/scan", "Per-type sensitivity (95% CI)",
-         "type_sensitivity.png", types, tl)
 
     def dice_of(m, t):
-        d = rep["models"][m]["types"][t]["dice"]
+        d = models[m]["types"][t]["dice"]
         return (d["mean"], d["ci"]) if d else (None, None)
-    bars(dice_of, "Dice", "Dice per type (95% CI)", "type_dice.png", types, tl)
-    locs = sorted({l for m in names for l in rep["models"][m]["locations"]})
+
+    made = {"froc.png": _froc_figure(plt, rep),
+            "type_cpm.png": _bar_figure(plt, names, lambda m, t: (models[m]["types"][t]["cpm"],
+                                                                  models[m]["types"][t]["cpm_ci"]),
+                                        "CPM (mean sensitivity 1/8..8 FP/scan)", "Per-type detection (95% CI)",
+                                        types, tl),
+            "type_sensitivity.png": _bar_figure(plt, names, sens_at, f"sensitivity at {_fr(rep['fp_rates'][j1])} "
+                                                f"FP/scan", "Per-type sensitivity (95% CI)", types, tl),
+            "type_dice.png": _bar_figure(plt, names, dice_of, "Dice", "Dice per type (95% CI)", types, tl)}
+    locs = sorted({loc for m in names for loc in models[m]["locations"]})
     if locs:
-        bars(lambda m, l: ((rep["models"][m]["locations"].get(l) or {}).get("cpm"),
-                           (rep["models"][m]["locations"].get(l) or {}).get("cpm_ci")),
-             "CPM", "Detection by location (95% CI)", "location_cpm.png", locs, locs)
+        made["location_cpm.png"] = _bar_figure(
+            plt, names, lambda m, loc: ((models[m]["locations"].get(loc) or {}).get("cpm"),
+                                        (models[m]["locations"].get(loc) or {}).get("cpm_ci")),
+            "CPM", "Detection by location (95% CI)", locs, locs)
+    figs = {}
+    for name, fig in made.items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        figs[name] = buf.getvalue()
     return figs
 
 

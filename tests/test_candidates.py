@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ahnet.candidates import (CandidateInputError, extract_candidates, find_peaks, voxel_to_world,
+from ahnet.infer.candidates import (CandidateInputError, extract_candidates, find_peaks, voxel_to_world,
                               world_to_voxel)
 
 SP = (2.5, 0.7, 0.8)

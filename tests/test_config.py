@@ -36,7 +36,7 @@ def test_stage_defaults_resolved():
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"stage": "2d", "model": "ahnet"}, "stage 2d trains the 2D MC-GCN"),
+    ({"stage": "2d", "model": "ahnet"}, "--model ahnet is trained by --stage 3d, not --stage 2d"),
     ({"model": "mcgcn"}, "use --stage 2d"),
     ({"init": "transfer"}, "needs --init-from"),
     ({"init": "transfer", "init_from": "x", "model": "unet3d"}, "needs --stage 3d --model ahnet"),

@@ -1,11 +1,14 @@
 """End-to-end evaluation pieces with synthetic volumes and stand-in models."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ahnet import evaluate as ev
-from ahnet.candidates import voxel_to_world
+from ahnet.evaluate import cli as ev_cli
+from ahnet.infer.candidates import voxel_to_world
 
 SP = (2.5, 0.7, 0.7)
 
@@ -51,23 +54,11 @@ def test_perfect_and_empty_predictions():
         ev.evaluate_predictions({"x": {"c1": p1}}, [c1, c2], a1 + a2, n_bootstrap=0)
 
 
-def test_predict_case_3d_and_slicewise():
-    img = np.random.default_rng(0).random((5, 9, 11)).astype(np.float32)
-    conv = nn.Conv3d(1, 1, 1)
-    p = ev.predict_case(conv, "unet3d", img, window=(2, 4, 4))
-    want = torch.sigmoid(conv(torch.from_numpy(img)[None, None]))[0, 0].detach().numpy()
-    np.testing.assert_allclose(p, want, atol=1e-6)
-    c2 = nn.Conv2d(3, 1, 1)
-    p2 = ev.predict_case(c2, "mcgcn", img)
-    z = 0
-    stack = torch.from_numpy(img[[0, 0, 1]])[None]
-    np.testing.assert_allclose(p2[z], torch.sigmoid(c2(stack))[0, 0].detach().numpy(), atol=1e-6)
-    assert ev.clip_and_scale(np.array([-2000, -1000, 400, 1000])).tolist() == [0, 0, 1, 1]
-
-
 def test_cli_end_to_end(tmp_path, monkeypatch):
-    io = pytest.importorskip("ahnet.data.io", reason="needs the data part's readers (ahnet.data.io)")
     import json
+
+    import ahnet.infer.ensemble as E
+    from ahnet.data import io
     c1, a1, _ = _case("c1", [(5, 10, 10)])
     data = tmp_path / "data"
     (data / "imagesTr").mkdir(parents=True)
@@ -86,24 +77,28 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
             m.weight.fill_(40.0)
             m.bias.fill_(-20.0)
         return m
-    monkeypatch.setattr(ev, "build_model", build)
+    monkeypatch.setattr(E, "build_model", build)
     run = tmp_path / "runs" / "ahnet_a"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": build("ahnet").state_dict(), "model_name": "ahnet", "model_kwargs": {},
                 "config": {"patch_size": [4, 16, 16]}}, run / "checkpoints" / "best.pt")
     out = tmp_path / "report"
-    assert ev.main(["--runs", str(run), "--data", str(data / "dataset.json"), "--out", str(out),
-                    "--bootstrap", "50"]) == 0
+    assert ev_cli.main(["--runs", str(run), "--data", str(data / "dataset.json"), "--out", str(out),
+                        "--bootstrap", "50"]) == 0
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["models"]["ahnet_a"]["cpm"] == 1.0
     assert rep["models"]["ahnet_a"]["types"]["T01"]["dice"]["mean"] == pytest.approx(1.0)
     assert (out / "candidates" / "ahnet_a.csv").read_text(encoding="utf-8").startswith("seriesuid,coordX,coordY,coordZ,probability")
 
 
-def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    from ahnet import evaluate as ev_mod
+@pytest.mark.parametrize("extra, want", [([], "absent not found"), (["--device", "bogus"], "not a torch device"),
+                                         (["--threshold", "2"], "must be a probability"),
+                                         (["--sw-batch", "x"], "invalid int value")])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, extra, want):
     ds = tmp_path / "dataset.json"
     ds.write_text('{"training": []}', encoding="utf-8")
-    assert ev_mod.main(["--runs", str(tmp_path / "absent"), "--data", str(ds)]) == 2
+    with pytest.raises(SystemExit) if "--sw-batch" in extra else contextlib.nullcontext() as e:
+        rc = ev_cli.main(["--runs", str(tmp_path / "absent"), "--data", str(ds), *extra])
+    assert (e.value.code if e else rc) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ahnet.evaluate: error:") and len(err.splitlines()) == 1
+    assert err.startswith("ahnet.evaluate: error:") and len(err.splitlines()) == 1 and want in err

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ahnet import experiment
-from ahnet.experiment import ALL_VARIANTS, PRESETS, Preset, parse_variant, train_argv
+from ahnet.config import load_config
+from ahnet.experiment import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
 
 
 def test_parse_variant():
@@ -24,15 +25,21 @@ def test_every_preset_variant_is_valid_and_cpu_preset_runs_the_papers_comparison
     assert set(PRESETS["cpu"].variants) == set(ALL_VARIANTS)
 
 
-def test_train_flags(tmp_path):
+def test_variant_configs_and_their_printed_commands(tmp_path):
     p = PRESETS["demo"]
-    argv = train_argv("ahnet-transfer-pfn2", p, tmp_path / "d/dataset.json", tmp_path / "runs", 3, "cpu",
-                      [2.5, 0.7, 0.7])
-    assert argv[argv.index("--pfn-depth") + 1] == "2"
-    assert argv[argv.index("--init-from") + 1] == str(tmp_path / "runs/mcgcn-2d")
-    assert json.loads(argv[argv.index("--model-kwargs") + 1]) == {"z_pool": "spacing", "spacing": [2.5, 0.7, 0.7]}
-    argv2d = train_argv("mcgcn-2d", p, tmp_path / "d/dataset.json", tmp_path / "runs", 3, "cpu", [2.5, .7, .7])
-    assert argv2d[argv2d.index("--stage") + 1] == "2d" and "--pfn-depth" not in argv2d
+    js = tmp_path / "d" / "dataset.json"
+    cfg = variant_config("ahnet-transfer-pfn2", p, js, tmp_path / "runs", 3, "cpu", [2.5, 0.7, 0.7])
+    assert (cfg.stage, cfg.model, cfg.init, cfg.pfn_depth) == ("3d", "ahnet", "transfer", 2)
+    assert cfg.init_from == str(tmp_path / "runs/mcgcn-2d") and cfg.cache_dir == "data/cache/d"
+    assert cfg.model_kwargs == {"z_pool": "spacing", "spacing": [2.5, 0.7, 0.7]}
+    c2d = variant_config("mcgcn-2d", p, js, tmp_path / "runs", 3, "cpu", [2.5, .7, .7])
+    assert (c2d.stage, c2d.model, c2d.patch_size) == ("2d", "mcgcn", p.patch_2d)
+    cun = variant_config("unet3d-scratch", p, js, tmp_path / "runs", 3, "cpu", [2.5, .7, .7])
+    for c in (cfg, c2d, cun):                     # the printed command trains exactly this configuration
+        cmd = command_line(c).split(" ", 3)
+        assert cmd[:3] == ["python", "-m", "ahnet.train"]
+        import shlex
+        assert load_config(shlex.split(cmd[3]))[0].resolved() == c
 
 
 @pytest.mark.slow

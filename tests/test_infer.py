@@ -168,3 +168,36 @@ def test_slicewise_uses_three_slice_stacks_with_repeated_ends():
         idx = [max(z - 1, 0), z, min(z + 1, 4)]
         want = torch.sigmoid(m(v[idx][None]))[0, 0, :10, :7]
         torch.testing.assert_close(got[0, 0, z], want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- ensembles and the window rule
+def test_window_rule_rounds_up_and_caps_at_the_volume():
+    from ahnet.infer import DEFAULT_WINDOW, window_for
+    m = (16, 32, 32)
+    assert window_for((100, 300, 300), m, patch=(20, 40, 40)) == (32, 64, 64)      # patch rounded up
+    assert window_for((16, 32, 64), m, patch=(20, 40, 40)) == (16, 32, 64)         # never beyond the padded volume
+    assert window_for((17, 33, 20), m, window=(16, 64, 32)) == (16, 64, 32)
+    assert window_for((300, 512, 512), m) == DEFAULT_WINDOW == (64, 192, 192)
+    with pytest.raises(InferenceInputError, match=r"divisible by the models' input multiple \(16, 32, 32\)"):
+        window_for((300, 512, 512), m, window=(8, 32, 32))
+
+
+def test_predict_volume_runs_3d_by_windows_and_2d_slice_by_slice():
+    from pathlib import Path
+
+    from ahnet.infer import Ensemble, Member, predict_volume
+    img = np.random.default_rng(0).random((5, 9, 11)).astype(np.float32)
+    conv3 = nn.Conv3d(1, 1, 1)
+    ens3 = Ensemble([Member(conv3, "unet3d", 3, {}, {"patch_size": [2, 4, 4]}, Path("a.pt"))])
+    assert ens3.window(img.shape) == (2, 4, 4) and ens3.groups().keys() == {"3d"}
+    want = torch.sigmoid(conv3(torch.from_numpy(img)[None, None]))[0, 0].detach().numpy()
+    np.testing.assert_allclose(predict_volume(ens3, img), want, atol=1e-6)
+    conv2 = nn.Conv2d(3, 1, 1)
+    ens2 = Ensemble([Member(conv2, "mcgcn", 2, {"in_slices": 3}, {}, Path("b.pt"))])
+    p2 = predict_volume(ens2, img)
+    stack = torch.from_numpy(img[[0, 0, 1]])[None]                       # slice 0: its stack repeats the edge
+    np.testing.assert_allclose(p2[0], torch.sigmoid(conv2(stack))[0, 0].detach().numpy(), atol=1e-6)
+    mixed = Ensemble(ens3.members + ens2.members)
+    np.testing.assert_allclose(predict_volume(mixed, img), (want + p2) / 2, atol=1e-6)
+    with pytest.raises(InferenceInputError, match="--amp fp16 needs a CUDA device"):
+        ens3.check(amp="fp16")

@@ -1,22 +1,19 @@
 """python -m ahnet.pipeline: flag mapping onto the two stages, and a CPU-tiny end-to-end run."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from ahnet.checkpoint import load_checkpoint
 from ahnet.pipeline import build_parser, main, stage_configs
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from _pipeline_synth import make_dataset  # noqa: E402
+from .data._pipeline_synth import make_dataset
 
 
 def test_flags_map_onto_both_stages(tmp_path):
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"common": {"batch_size": 5}, "3d": {"pfn_depth": 1, "lr": 7e-4}}))
     args = build_parser().parse_args([
-        "--name", "exp", "--runs", str(tmp_path), "--config", str(f), "--encoder", "resnet34", "--seed", "4",
+        "--name", "exp", "--runs-dir", str(tmp_path), "--config", str(f), "--encoder", "resnet34", "--seed", "4",
         "--epochs-2d", "3", "--epochs-3d", "5", "--lr-2d", "1e-3", "--lr-encoder", "1e-5", "--patch-2d", "64", "64",
         "--patch-3d", "8", "64", "64", "--pfn-depth", "2", "--model-kwargs-3d", '{"z_pool": "none"}',
         "--channels-last", "--amp", "bf16"])
@@ -44,7 +41,7 @@ def test_bad_config_sections(tmp_path, capsys):
 @pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     js, _ = make_dataset(tmp_path / "ds", n_cases=3, shape=(12, 48, 48))
-    argv = ["--name", "demo", "--runs", str(tmp_path / "runs"), "--encoder", "resnet18", "--data", str(js),
+    argv = ["--name", "demo", "--runs-dir", str(tmp_path / "runs"), "--encoder", "resnet18", "--data", str(js),
             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--batch-size", "2", "--steps-per-epoch", "1",
             "--val-patches", "1", "--epochs-2d", "1", "--epochs-3d", "1", "--patch-2d", "32", "32",
             "--patch-3d", "4", "32", "32", "--pfn-depth", "1", "--model-kwargs-3d", '{"z_pool": "none"}']

@@ -4,7 +4,6 @@ Every probability map is compared with a direct ahnet.infer call; geometry is re
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ import pytest
 import torch
 from scipy import ndimage
 
+from ahnet import paths
 from ahnet import predict as pr
 from ahnet.data import io
 from ahnet.data.preprocess import clip_and_scale
-from ahnet.evaluate import load_run
-from ahnet.infer import slicewise_predict, sliding_window_predict
+from ahnet.infer import load_member, slicewise_predict, sliding_window_predict
 from ahnet.nets import build_model
 
 sitk = pytest.importorskip("SimpleITK")
@@ -62,7 +61,7 @@ def _hu(seed):
 
 def _direct(run, image_path, **kw):
     """Probabilities (z, y, x) from a direct sliding_window_predict call on the read and scaled image."""
-    model = load_run(run)[0]
+    model = load_member(paths.resolve_checkpoint(run)).model
     x = torch.from_numpy(clip_and_scale(io.read_image(image_path).array))[None, None]
     return sliding_window_predict(model, x, **kw)[0, 0].numpy()
 
@@ -103,7 +102,7 @@ def single(world):
     thr = float(np.quantile(p_direct, 0.98))
     out = world["d"] / "out_single"
     rc = pr.main(["--input", str(world["img"]), "--runs", str(world["runs"]["a"]), "--out", str(out),
-                  "--window", "16", "32", "32", "--overlap", "0.5", "--batch", "2", "--threshold", repr(thr)])
+                  "--window", "16", "32", "32", "--overlap", "0.5", "--sw-batch", "2", "--threshold", repr(thr)])
     assert rc == 0
     return {"out": out, "p_direct": p_direct, "thr": thr}
 
@@ -157,7 +156,7 @@ def test_ensemble_of_two_runs_and_a_fold_folder_are_the_mean(world, whole):
     pa, pb = whole["a"], whole["b"]
     assert np.abs(pa - pb).max() > 1e-3                               # two different models
     for name, runs in (("two", [str(world["runs"]["a"]), str(world["runs"]["b"] / "checkpoints" / "best.pt")]),
-                       ("siblings", [str(world["d"] / "runs" / "xv")])):     # fold*/ layout: resolve_runs test
+                       ("siblings", [str(world["d"] / "runs" / "xv")])):     # xv-fold<k> siblings
         out = world["d"] / f"out_{name}"
         assert pr.main(["--input", str(world["img"]), "--runs", *runs, "--out", str(out)]) == 0
         prob = io.read_image(out / "case1_prob.nii.gz").array
@@ -231,7 +230,8 @@ def test_mixed_2d_and_3d_runs(world, whole, capsys):
     assert pr.main(args + ["--out", str(out), "--allow-mixed"]) == 0
     p3 = whole["a"]
     x = torch.from_numpy(clip_and_scale(io.read_image(world["img"]).array))[None, None]
-    p2 = slicewise_predict(load_run(run2)[0], x, in_slices=3, batch_size=8)[0, 0].numpy()
+    p2 = slicewise_predict(load_member(run2 / "checkpoints" / "best.pt").model, x, in_slices=3,
+                           batch_size=8)[0, 0].numpy()
     np.testing.assert_allclose(io.read_image(out / "case1_prob.nii.gz").array, (p3 + p2) / 2, atol=1e-6)
 
 
@@ -259,7 +259,7 @@ def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
         args["runs"], want = [str(tmp_path / "model.pt")], "lacks the keys ['model', 'model_name'"
     elif case == "no_best":
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-        args["runs"], want = [str(tmp_path / "run")], "holds neither checkpoints/best.pt"
+        args["runs"], want = [str(tmp_path / "run")], "has neither checkpoints/best.pt nor checkpoints/last.pt"
     elif case == "missing_run":
         args["runs"], want = [str(tmp_path / "nowhere")], "not found"
     elif case == "window":
@@ -276,7 +276,8 @@ def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
     rc = pr.main(["--input", args["input"], "--runs", *args["runs"], "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert rc == 2
-    assert want in err and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert want in err and err.startswith("ahnet.predict: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_module_entry_point_exits_2(tmp_path):
@@ -285,19 +286,17 @@ def test_module_entry_point_exits_2(tmp_path):
                         "--runs", str(tmp_path), "--out", str(tmp_path / "o")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: input {tmp_path / 'missing.mha'} not found; expected an "
-                                             f"image file, a folder or a dataset.json"]
+    assert r.stderr.strip().splitlines() == [f"ahnet.predict: error: input {tmp_path / 'missing.mha'} not found; "
+                                             f"expected an image file, a folder or a dataset.json"]
 
 
-def test_case_window_rounds_up_and_caps_at_the_volume():
-    ens = pr.Ensemble(groups={}, paths=[], patch_size=(20, 40, 40), multiple=(16, 32, 32))
-    assert pr.case_window(ens, (100, 300, 300)) == (32, 64, 64)          # patch_size rounded up to the multiple
-    assert pr.case_window(ens, (16, 32, 64)) == (16, 32, 64)             # never beyond the padded volume
-    assert pr.case_window(ens, (17, 33, 20), window=(16, 64, 32)) == (16, 64, 32)
-    ens.patch_size = None
-    assert pr.case_window(ens, (300, 512, 512)) == pr.DEFAULT_WINDOW == (64, 192, 192)
-    with pytest.raises(pr.PredictInputError, match="divisible"):
-        pr.case_window(ens, (300, 512, 512), window=(8, 32, 32))
+def test_predict_never_imports_the_evaluation_modules():
+    """Predicting a scan loads the inference stage only: not FROC, the report or the segmentation metrics."""
+    code = ("import sys, ahnet.predict; bad = [m for m in ('ahnet.froc', 'ahnet.report', 'ahnet.segmetrics', "
+            "'ahnet.evaluate') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_dicom_series_folder(world):
@@ -315,14 +314,3 @@ def test_dicom_series_folder(world):
         np.testing.assert_allclose(_sitk_world(prob, zyx), src.voxel_to_world(zyx), atol=1e-3)
     np.testing.assert_allclose(io.read_image(out / "patient7_prob.nii.gz").array,
                                _direct(world["runs"]["a"], d, window=SHAPE), atol=1e-6)
-
-
-def test_resolve_runs_orders_folds_by_number(tmp_path):
-    for k in (10, 2, 0):
-        for folder in (tmp_path / "cv" / f"fold{k}", tmp_path / f"m-fold{k}"):
-            (folder / "checkpoints").mkdir(parents=True)
-            (folder / "checkpoints" / "best.pt").write_bytes(b"")
-    (tmp_path / "m-foldx" / "checkpoints").mkdir(parents=True)               # not a fold number: ignored
-    (tmp_path / "m-foldx" / "checkpoints" / "best.pt").write_bytes(b"")
-    assert [f.parents[1].name for f in pr.resolve_runs([tmp_path / "cv"])] == ["fold0", "fold2", "fold10"]
-    assert [f.parents[1].name for f in pr.resolve_runs([tmp_path / "m"])] == ["m-fold0", "m-fold2", "m-fold10"]

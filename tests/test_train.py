@@ -5,7 +5,6 @@ PatchDataset items {"image", "label"} of shape (1, D, H, W), pure in (seed, epoc
 """
 import csv
 import json
-import sys
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ import torch.nn as nn
 
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, build_parser, load_config
+from ahnet.precision import resolve_amp
 from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, main, make_optimizer,
-                         resolve_amp, split_batch_2d, train, train_all_folds)
+                         split_batch_2d, train, train_all_folds)
 
 
 class TinyPatches(torch.utils.data.Dataset):
@@ -255,7 +255,7 @@ def test_amp_resolution():
     a = resolve_amp("auto", cuda)
     assert a.dtype == torch.float16 and a.scaler
     assert resolve_amp("bf16", cpu).dtype == torch.bfloat16 and not resolve_amp("bf16", cpu).scaler
-    with pytest.raises(TrainError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_amp("fp16", cpu)
 
 
@@ -309,50 +309,67 @@ def test_patch_size_must_fit_the_model(tmp_path):
         train(cfg, datasets=_data(cfg), builder=builder)
 
 
-def test_transfer_missing_gives_a_clear_error(tmp_path, monkeypatch):
-    c2 = _cfg(tmp_path, "r2d", stage="2d", model=None, patch_size=[3, 16, 16], epochs=1)
-    train(c2, datasets=_data(c2), builder=builder)
-    monkeypatch.setitem(sys.modules, "weights_transfer.transfer", None)   # import fails as if absent
-    c3 = _cfg(tmp_path, "r3d", init="transfer", init_from=str(tmp_path / "r2d"))
-    with pytest.raises(TrainError, match="needs weights_transfer.transfer.transfer_2d_to_3d"):
+def test_missing_init_from_is_one_sentence(tmp_path):
+    c3 = _cfg(tmp_path, "r3e", init="transfer", init_from=str(tmp_path / "nope"))
+    with pytest.raises(TrainError, match=r"--init-from: run .*nope not found"):
         train(c3, datasets=_data(c3), builder=builder)
-    with pytest.raises(TrainError, match="does not exist"):
-        train(_cfg(tmp_path, "r3e", init="transfer", init_from=str(tmp_path / "nope")), datasets=_data(c3),
-              builder=builder)
 
 
-def test_transfer_is_called_with_the_2d_checkpoint(tmp_path, monkeypatch):
+def _fake_transfer(monkeypatch, ok=True):
+    """Stand-ins for the transfer rule (the Tiny2d checkpoint is no ResNet): record what train passes."""
     import types
-    c2 = _cfg(tmp_path, "r2d", stage="2d", model=None, patch_size=[3, 16, 16], epochs=1)
-    train(c2, datasets=_data(c2), builder=builder)
+    import ahnet.train.model as M
     seen = {}
 
-    def fake_transfer(path, **kw):
-        seen["path"], seen["kw"] = path, kw
-        return Tiny3d(**kw)
+    def load_source(path):
+        seen["path"] = str(path)
+        return types.SimpleNamespace(depth=18, meta={"model_name": "mcgcn", "step": 2})
 
-    mod = types.ModuleType("weights_transfer.transfer")
-    mod.transfer_2d_to_3d = fake_transfer
-    monkeypatch.setitem(sys.modules, "weights_transfer.transfer", mod)
+    def transfer_and_verify(source, **kw):
+        seen["kw"] = kw
+        row = types.SimpleNamespace(ok=ok, check="(b) encoder", stage="layer4", shape=(1,), max_abs_value=1.0,
+                                    err_float32=0.0 if ok else 1.0, err_float64=0.0)
+        return Tiny3d(**kw), [row]
+
+    monkeypatch.setattr(M, "load_source", load_source)
+    monkeypatch.setattr(M, "transfer_and_verify", transfer_and_verify)
+    return seen
+
+
+def test_transfer_reads_the_2d_checkpoint_and_prints_the_check(tmp_path, monkeypatch, capsys):
+    c2 = _cfg(tmp_path, "r2d", stage="2d", model=None, patch_size=[3, 16, 16], epochs=1)
+    train(c2, datasets=_data(c2), builder=builder)
+    seen = _fake_transfer(monkeypatch)
     c3 = _cfg(tmp_path, "r3d", init="transfer", init_from=str(tmp_path / "r2d"), pfn_depth=2, lr_encoder=1e-4,
               epochs=1)
     train(c3, datasets=_data(c3), builder=builder)
     assert seen["path"].endswith("r2d/checkpoints/best.pt")
     assert seen["kw"]["pfn_depth"] == 2 and seen["kw"]["encoder"] == "resnet18"
+    assert "transfer check" in capsys.readouterr().out
     ck = load_checkpoint(tmp_path / "r3d" / "checkpoints" / "last.pt")
-    assert ck["init"]["init"] == "transfer" and ck["model_name"] == "ahnet"
+    assert ck["init"] == {"init": "transfer", "from": seen["path"], "from_step": 2} and ck["model_name"] == "ahnet"
+
+
+def test_an_inexact_transfer_stops_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    c2 = _cfg(tmp_path, "r2d", stage="2d", model=None, patch_size=[3, 16, 16], epochs=1)
+    train(c2, datasets=_data(c2), builder=builder)
+    _fake_transfer(monkeypatch, ok=False)
+    c3 = _cfg(tmp_path, "r3d", init="transfer", init_from=str(tmp_path / "r2d"), epochs=1)
+    with pytest.raises(TrainError, match="is not exact"):
+        train(c3, datasets=_data(c3), builder=builder)
+    assert "FAIL" in capsys.readouterr().out and not (tmp_path / "r3d").exists()
 
 
 def test_all_folds_write_one_run_each(tmp_path, monkeypatch):
-    import ahnet.train as T
+    import ahnet.train.loop as L
     seen = []
 
     def fake_train(cfg, **kw):
         seen.append((cfg.fold, cfg.out))
         return {}
 
-    monkeypatch.setattr(T, "train", fake_train)
-    T.train_all_folds(_cfg(tmp_path, "cv", folds=3))
+    monkeypatch.setattr(L, "train", fake_train)
+    L.train_all_folds(_cfg(tmp_path, "cv", folds=3))
     assert seen == [(f, str(tmp_path / f"cv-fold{f}")) for f in range(3)]
     with pytest.raises(TrainError, match="--folds K"):
         train_all_folds(_cfg(tmp_path))
@@ -371,4 +388,4 @@ def test_main_reports_errors_in_one_line(tmp_path, capsys):
     rc = main(["--stage", "2d", "--model", "ahnet", "--out", str(tmp_path / "x")])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stage 2d trains the 2D MC-GCN" in err[0]
+    assert len(err) == 1 and "--model ahnet is trained by --stage 3d, not --stage 2d" in err[0]

@@ -1,18 +1,15 @@
 """The real pieces together on a CPU-tiny synthetic dataset: dataset.json -> cache -> PatchDataset -> MC-GCN
-(2D stage) -> weights_transfer -> AH-Net (3D stage), and an exact resume with real networks and data."""
+(2D stage) -> checked transfer -> AH-Net (3D stage), and an exact resume with real networks and data."""
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from _pipeline_synth import make_dataset  # noqa: E402
+from ahnet.checkpoint import load_checkpoint
+from ahnet.config import TrainConfig
+from ahnet.train import main, train
 
-from ahnet.checkpoint import load_checkpoint  # noqa: E402
-from ahnet.config import TrainConfig  # noqa: E402
-from ahnet.train import main, train  # noqa: E402
+from .data._pipeline_synth import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -352,7 +352,8 @@ def write_image(path, volume_or_array, like: Volume | None = None, spacing=None,
     """Write a (z, y, x) array or Volume as NIfTI (.nii/.nii.gz, nibabel) or .mha/.mhd/.nrrd (SimpleITK).
 
     Geometry comes from the Volume, else ``like``, overridden by explicit spacing (sz, sy, sx), origin (x, y, z)
-    LPS and direction. float64 is stored as float32 unless ``dtype`` is given. Returns the path.
+    LPS and direction. float64 is stored as float32 unless ``dtype`` is given. Written under a temporary name
+    and renamed (a kill leaves the old file or none), except .mhd (two files). Returns the path.
     """
     path = Path(path)
     if isinstance(volume_or_array, Volume):
@@ -384,7 +385,8 @@ def write_image(path, volume_or_array, like: Volume | None = None, spacing=None,
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         img.header.set_xyzt_units("mm", "sec")
-        nib.save(img, str(path))
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
     elif suf in ITK_SUFFIXES:
         import SimpleITK as sitk
 
@@ -392,7 +394,11 @@ def write_image(path, volume_or_array, like: Volume | None = None, spacing=None,
         img.SetSpacing(tuple(float(s) for s in vol.spacing[::-1]))
         img.SetOrigin(tuple(float(o) for o in vol.origin))
         img.SetDirection(tuple(float(d) for d in vol.direction.reshape(-1)))
-        sitk.WriteImage(img, str(path), compress)
+        if suf == ".mhd":        # header + data file: the header names the data file, so no temp name
+            sitk.WriteImage(img, str(path), compress)
+        else:
+            with atomic_path(path) as tmp:
+                sitk.WriteImage(img, str(tmp), compress)
     else:
         raise DataError(f"{path}: unknown output format '{suf}'; expected .nii, .nii.gz, .mha, .mhd or .nrrd.")
     return path
@@ -468,7 +474,8 @@ def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str
 
 
 def write_annotations_csv(path, rows: Iterable[dict], columns: Sequence[str] | None = None) -> Path:
-    """Write LUNA16-style annotations (the 5 LUNA16 columns first, then ``columns`` or the rows' other keys)."""
+    """Write LUNA16-style annotations (the 5 LUNA16 columns first, then ``columns`` or the rows' other keys),
+    atomically (temporary name, then rename)."""
     rows = list(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +484,7 @@ def write_annotations_csv(path, rows: Iterable[dict], columns: Sequence[str] | N
         for r in rows:
             extra += [k for k in r if k not in ANNOTATION_COLUMNS and k not in extra]
         columns = list(ANNOTATION_COLUMNS) + extra
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -526,3 +533,16 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
         entry.update(case_id=cid, image=str(img), label=str(lab) if lab else None, split=e.get("split", "train"))
         out.append(entry)
     return out
+
+
+# ----------------------------------------------------------------------------------------- generated datasets
+# Writers for datasets that the package generates (the phantom): atomic, like the writers above (but .mhd).
+
+def write_dataset_json(path, meta: dict) -> Path:
+    """Write a Decathlon-style dataset.json (``meta``: a JSON-able dict, one space indent) atomically."""
+    path = Path(path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: dataset.json content must be a dict, got {type(meta).__name__}.")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return path

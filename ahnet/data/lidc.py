@@ -13,8 +13,8 @@ units (row, column, slice index), is at most `tol` (default: the scan's slice th
 the connected components (single linkage). A component of more than 4 annotations (LIDC had 4 readers) is
 split by shrinking tol by a factor 0.9 until none is larger than 4 (floor 0.1; 14 groups of 5..8
 annotations stay, overlapping marks no tolerance separates). This is the method of
-pylidc's `Scan.cluster_annotations` (its default 'min' metric), which produced the reference counts of
-nodule_types.md, written again here from its description.
+pylidc's `Scan.cluster_annotations` (its default 'min' metric), which produced the reference counts
+(paper_notes/data.md), written again here from its description.
 
 Volumes (`Annotation.volume_mm3`) are contour areas (shoelace formula, mm2) times the slice extent of each
 contour (half-way to the neighbouring contour slices of the annotation; the scan's slice thickness for a

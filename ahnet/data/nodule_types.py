@@ -1,4 +1,4 @@
-"""The project's 12 lung-nodule types (design: shared/design/nodule_types.md).
+"""The project's 12 lung-nodule types and 4 location classes (reference counts per type: paper_notes/data.md).
 
 Composition first (calcified, ground-glass, part-solid, solid), then margin (spiculated, lobulated) for
 solid nodules, then the Lung-RADS v1.1 solid size bins (6, 8, 15 mm). First matching row wins:
@@ -19,7 +19,7 @@ from fractions import Fraction
 from numbers import Real
 from typing import Iterable, Sequence, Union
 
-__all__ = ["TYPE_CODES", "TYPE_NAMES", "nodule_type", "is_calcified", "volume_equivalent_diameter",
+__all__ = ["TYPE_CODES", "TYPE_NAMES", "LOCATIONS", "nodule_type", "is_calcified", "volume_equivalent_diameter",
            "mean_rating", "sphere_volume"]
 
 TYPE_NAMES = {
@@ -37,6 +37,9 @@ TYPE_NAMES = {
     "T12": "calcified >= 6 mm",
 }
 TYPE_CODES = tuple(sorted(TYPE_NAMES))
+
+#: where a nodule sits: alone in the parenchyma, on the pleura, on a vessel, on a fissure
+LOCATIONS = ("isolated", "juxta-pleural", "juxta-vascular", "perifissural")
 
 GGO_BELOW = Fraction(7, 3)      # t < 7/3: ground-glass
 SOLID_ABOVE = Fraction(11, 3)   # t > 11/3: solid; in between (inclusive): part-solid

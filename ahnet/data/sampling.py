@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -151,17 +150,3 @@ class PatchDataset(Dataset):
             img, lab = self.augment(img, lab, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
                 "label": torch.from_numpy((np.asarray(lab) > 0).astype(np.float32))[None]}
-
-
-def cache_paths_for_split(cache_paths: Sequence, split: str) -> list[Path]:
-    """The cache files whose ``split`` attr equals split ("train", "validation", "test")."""
-    import h5py
-
-    out = []
-    for p in cache_paths:
-        with h5py.File(p, "r") as f:
-            s = f.attrs.get("split", "train")
-            s = s.decode() if isinstance(s, bytes) else s
-        if s == split:
-            out.append(Path(p))
-    return out

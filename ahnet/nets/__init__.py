@@ -1,34 +1,53 @@
-"""Networks: the 2D ResNet encoders, the 2D MC-GCN, the 3D AH-Net and the 3D U-Net baseline.
+"""Networks: the 2D ResNet encoders, the 2D MC-GCN, the 3D AH-Net and the 3D U-Net baseline; the model registry.
 
-All models output logits; every model has `input_multiple` (what each spatial size must divide by) and
-`config` (the keyword arguments that rebuild it with `build_model`).
+All models output logits; every model has ``input_multiple`` (what each spatial size must divide by) and
+``config`` (the keyword arguments that rebuild it with ``build_model``). ``MODELS`` is the one list of models:
+each entry says how the model sees data (``dims``: 3 = volumes (N, C, D, H, W), inferred by 3D sliding windows;
+2 = slice stacks (N, S, H, W), the S slices as channels, inferred slice by slice) and which training stage
+trains it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
 from .ahnet3d import AHNet3d
 from .mcgcn import MCGCN
-from .resnet import ResNet2d, load_torchvision_weights
+from .resnet import ENCODERS, ResNet2d, load_torchvision_weights
 from .sizes import padded_shape
 from .unet3d import UNet3d
 
-MODELS = {"ahnet": AHNet3d, "mcgcn": MCGCN, "unet3d": UNet3d}
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model: its name in checkpoints and on the command line, its class, how it sees data."""
+    name: str
+    cls: type
+    dims: int      # 3: (N, C, D, H, W) volumes; 2: (N, S, H, W) stacks of S slices (the model's in_slices)
+    stage: str     # the training stage that trains it: "2d" or "3d"
+    summary: str
+
+
+MODELS = {s.name: s for s in (
+    ModelSpec("ahnet", AHNet3d, 3, "3d", "the 3D AH-Net: anisotropic ResNet encoder (transferable from the 2D "
+                                         "stage) and 3D decoder with pyramid pooling"),
+    ModelSpec("mcgcn", MCGCN, 2, "2d", "the 2D MC-GCN on slice stacks (slices as channels)"),
+    ModelSpec("unet3d", UNet3d, 3, "3d", "the 3D U-Net baseline, trained from scratch"),
+)}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of a model name; ValueError naming the known ones otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """build_model("ahnet" | "mcgcn" | "unet3d", **kwargs); kwargs as each class (model.config rebuilds it)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    return model_spec(name).cls(**kwargs)
 
 
-def model_name(model: nn.Module) -> str:
-    for name, cls in MODELS.items():
-        if isinstance(model, cls):
-            return name
-    raise ValueError(f"{type(model).__name__} is not one of the project's models")
-
-
-__all__ = ["AHNet3d", "MCGCN", "ResNet2d", "UNet3d", "build_model", "model_name", "load_torchvision_weights",
-           "padded_shape", "MODELS"]
+__all__ = ["AHNet3d", "MCGCN", "ResNet2d", "UNet3d", "ModelSpec", "MODELS", "ENCODERS", "model_spec", "build_model",
+           "load_torchvision_weights", "padded_shape"]

@@ -8,6 +8,8 @@ Decoder (authors' layout, 5 levels, additive skips):
     up3: -> 64, x2, + stem, dense block
     pyramid pooling (pfn_depth levels, 0 = off), head (BN-ReLU-(1,3,3) conv) and x2 to full resolution.
 Each x2 doubles H and W, and D where the encoder halved D at the mirrored level.
+The decoder starts from the authors' initialisation (blocks.init_ahnet_decoder); the encoder from the ResNet
+initialisation, until the 2D -> 3D transfer overwrites it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from .blocks import (ACDenseBlock, OutputHead, PyramidPooling, UpProjection, check_upsample, checkpointed,
-                     count_parameters, level_scale)
+                     count_parameters, init_ahnet_decoder, level_scale)
 from .resnet import parse_encoder
 from .resnet3d import ResNet3dEncoder
 from .sizes import ZPool, check_input, input_multiple, z_pool_schedule
@@ -38,7 +40,7 @@ class AHNet3d(nn.Module):
     """forward(x): (N, in_channels, D, H, W) -> logits (N, out_channels, D, H, W).
 
     encoder: resnet18 | resnet34 | resnet50 (the 2D network it is transferred from must match).
-    pfn_depth: pyramid pooling levels (0 = off, 4 = paper).
+    pfn_depth: pyramid pooling levels, the coarsest first (0 = off, 4 = paper; K keeps the grids 1 .. 2^(K-1)).
     upsample: trilinear (paper) | transpose (MONAI's default) | nearest.
     z_pool: "paper" (z halved 5 times: D % 32 == 0), "spacing" (needs spacing=(sz, sy, sx)), "none",
         or 5 booleans. growth / layers_per_block: the AC dense blocks (paper 20 / 3).
@@ -89,7 +91,12 @@ class AHNet3d(nn.Module):
         c_top = self.dense4.out_channels
         self.pyramid = PyramidPooling(c_top, int(pfn_depth), upsample) if pfn_depth > 0 else None
         self.head = OutputHead(c_top + int(pfn_depth), out_channels, upsample, level_scale(z_flags[0]))
+        init_ahnet_decoder(self.decoder_modules(), head=self.head[0][2])
         self.set_checkpoint(checkpoint)
+
+    def decoder_modules(self):
+        """The modules after the encoder (projections, dense blocks, pyramid, head): what the transfer leaves new."""
+        return [m for name, m in self.named_children() if name != "encoder"]
 
     def set_checkpoint(self, mode: str | bool) -> None:
         """Switch activation checkpointing ("none" | "encoder" | "decoder" | "all") on a built model."""
@@ -128,14 +135,6 @@ class AHNet3d(nn.Module):
         if self.pyramid is not None:
             d = self.pyramid(d)
         return self.head(d)
-
-    def encoder_parameters(self):
-        """The transferable part: parameters under `encoder.` (for a separate learning rate)."""
-        return self.encoder.parameters()
-
-    def decoder_parameters(self):
-        enc = {id(p) for p in self.encoder.parameters()}
-        return (p for p in self.parameters() if id(p) not in enc)
 
     def parameter_counts(self) -> Dict[str, int]:
         total = count_parameters(self)

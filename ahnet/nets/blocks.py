@@ -1,9 +1,12 @@
 """Decoder blocks of the 3D AH-Net: anisotropic convolution (AC) dense blocks, the pyramid pooling module,
-projections with upsampling, and the output head. Tensors are (N, C, D, H, W).
+projections with upsampling, and the output head; and the weight initialisations of the decoders (the
+authors' rule for AH-Net's 3D decoder, He normal for the 2D MC-GCN decoder and the 3D U-Net). Tensors are
+(N, C, D, H, W).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterable, Tuple
 
 import torch
@@ -78,11 +81,13 @@ class UpProjection(nn.Sequential):
 
 
 class PyramidPooling(nn.Module):
-    """Pyramid volumetric pooling ("PFN" here), `depth` levels.
+    """Pyramid volumetric pooling ("PFN" here), `depth` levels, the coarsest first.
 
     Level i max-pools the in-plane map to a 2^i x 2^i grid (z kept), projects to one channel with a 1x1x1
     conv (with bias), and resizes back to (D, H, W). Output: concat(level maps, x): (N, depth + C, D, H, W).
-    At a 64 x 64 map (a 128 x 128 input) this equals the paper's fixed windows 64, 32, 16, 8.
+    Depth K keeps the K coarsest levels (grids 1, 2, ..., 2^(K-1)): at a 64 x 64 map (a 128 x 128 input)
+    depth 4 is the paper's fixed windows 64, 32, 16, 8, and depth K its K largest windows.
+    `align_corners` (attribute, default False) of the trilinear resize: MONAI's port sets it True.
 
     When H and W are multiples of the finest grid the windows nest, and the pooling is done once on the full
     map (to the finest grid) and then on that small map for each coarser grid: the same maxima, and one
@@ -99,6 +104,7 @@ class PyramidPooling(nn.Module):
         self.project = nn.ModuleList([nn.Conv3d(cin, 1, 1) for _ in range(depth)])
         # A transposed conv cannot undo an adaptive pool of any size: interpolate instead.
         self.mode = "nearest" if mode == "nearest" else "trilinear"
+        self.align_corners = False
 
     def pooled_maps(self, x: torch.Tensor) -> list:
         """[x max-pooled to (D, g, g) for each grid g] (coarsest first)."""
@@ -124,7 +130,7 @@ class PyramidPooling(nn.Module):
                 maps.append(p.expand(-1, -1, *size))
                 continue
             maps.append(F.interpolate(p, size=size, mode=self.mode,
-                                      **({"align_corners": False} if self.mode == "trilinear" else {})))
+                                      **({"align_corners": self.align_corners} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
 
 
@@ -141,6 +147,66 @@ def level_scale(pool_z: bool) -> Tuple[int, int, int]:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+_CONVS_3D = (nn.Conv3d, nn.ConvTranspose3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def inplane_fan_out_std(conv: nn.Module) -> float:
+    """sqrt(2 / (kh * kw * out_channels)) for a 3D conv or transposed conv with kernel (kd, kh, kw): the
+    authors' and MONAI's rule, written there as k0 * k1 * out_channels over their slice-last (X, Y, Z) kernel,
+    i.e. the in-plane taps only (a (3, 1, 1) conv counts 1 tap, a (1, 3, 3) conv 9)."""
+    _, kh, kw = conv.kernel_size
+    return math.sqrt(2.0 / (kh * kw * conv.out_channels))
+
+
+#: std of the output head's conv weights (one deviation from the authors' rule, see init_ahnet_decoder)
+HEAD_INIT_STD = 0.01
+
+
+@torch.no_grad()
+def init_ahnet_decoder(modules: Iterable[nn.Module], head: nn.Module | None = None) -> None:
+    """The authors' (and MONAI's) initialisation of AH-Net's 3D decoder, in place, on every module under
+    `modules`: Conv3d and ConvTranspose3d weights ~ normal(0, inplane_fan_out_std(conv)); BatchNorm weight 1,
+    bias 0; conv biases (the pyramid's projections) keep PyTorch's default, as there. Draws from torch's
+    global generator, so it is deterministic under torch.manual_seed. Not for the encoder, whose weights come
+    from the 2D transfer or the ResNet initialisation.
+
+    ``head``: the output conv, drawn instead from normal(0, HEAD_INIT_STD) so that every logit starts near 0
+    (RetinaNet's and nnDetection's practice for a classifier layer). The authors' fan-out rule gives a
+    one-channel (1, 3, 3) head std sqrt(2 / 9) = 0.47: a fresh network's logits then reach +-40 and training
+    at lr 1e-3 diverged within 20 steps (paper_notes/architecture.md, "Initialisation").
+    """
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, _CONVS_3D):
+                m.weight.normal_(0.0, inplane_fan_out_std(m))
+            elif isinstance(m, _BATCH_NORMS):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    if head is not None:
+        head.weight.normal_(0.0, HEAD_INIT_STD)
+
+
+def conv_fan_in(conv: nn.Module) -> int:
+    """Input values that feed one output value: in_channels / groups x kernel taps; for a transposed conv
+    divided by the stride taps (with stride = kernel each output sees one tap of each input channel)."""
+    taps = math.prod(conv.kernel_size)
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return max(1, conv.in_channels // conv.groups * taps // math.prod(conv.stride))
+    return conv.in_channels // conv.groups * taps
+
+
+@torch.no_grad()
+def he_normal_(conv: nn.Module, relu_input: bool = True) -> None:
+    """He et al. (2015) normal initialisation of one conv, in place: weight ~ normal(0, gain / sqrt(fan in))
+    with gain sqrt(2) when the conv reads a ReLU output (half the inputs zero), 1 when it reads a linear one;
+    bias 0."""
+    gain = math.sqrt(2.0) if relu_input else 1.0
+    conv.weight.normal_(0.0, gain / math.sqrt(conv_fan_in(conv)))
+    if conv.bias is not None:
+        conv.bias.zero_()
 
 
 

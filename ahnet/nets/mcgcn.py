@@ -1,9 +1,13 @@
 """The 2D multi-channel global convolution network (MC-GCN) of the paper's first stage.
 
-Input: 3 adjacent slices (z-1, z, z+1) as the 3 channels of an ImageNet-style ResNet; an N-slice variant maps
-N slices to 3 with a 1x1 conv + BN + ReLU first (that variant cannot be transferred exactly to 3D).
+Input: 3 adjacent slices (z-1, z, z+1) as the 3 channels of an ImageNet-style ResNet, straight into the stem,
+which the transfer maps onto the 3D stem's z taps (the authors' MCFCN always puts a 1x1 conv + BN + ReLU in
+front, which no 7x7x3 stem can absorb); an N-slice variant maps N slices to 3 with that 1x1 conv + BN + ReLU
+first (that variant cannot be transferred exactly to 3D).
 Decoder: global convolution (GCN) modules on the stride-32, -16, -8, -4 (max-pooled stem) and -2 (stem)
-features, residual boundary refinement, and a top-down path to full resolution.
+features, residual boundary refinement, and a top-down path to full resolution. Decoder convs start from He
+normal (gain sqrt(2) where the conv reads a ReLU output, 1 for the second conv of a GCN branch, which reads a
+linear one), biases 0; the encoder from the ResNet initialisation or ImageNet weights.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import he_normal_
 from .resnet import ResNet2d, parse_encoder
 from .sizes import check_input
 
@@ -31,18 +36,27 @@ class GlobalConv(nn.Module):
                                   nn.Conv2d(cout, cout, (1, k), padding=(0, p)))
         self.right = nn.Sequential(nn.Conv2d(cin, cout, (1, k), padding=(0, p)),
                                    nn.Conv2d(cout, cout, (k, 1), padding=(p, 0)))
+        for branch in (self.left, self.right):
+            he_normal_(branch[0], relu_input=True)     # reads the encoder's ReLU features
+            he_normal_(branch[1], relu_input=False)    # reads the first conv's linear output
 
     def forward(self, x):
         return self.left(x) + self.right(x)
 
 
 class BoundaryRefine(nn.Module):
-    """x + conv3x3(ReLU(BN(conv3x3(ReLU(BN(x)))))); the inner conv has no bias (the BN after it cancels one)."""
+    """x + conv3x3(ReLU(BN(conv3x3(ReLU(BN(x)))))); the inner conv has no bias (the BN after it cancels one).
+
+    Two BNs, one per use: the authors share one, whose running statistics then mix the two inputs' and fit
+    neither in eval mode (paper_notes/architecture.md).
+    """
 
     def __init__(self, c: int):
         super().__init__()
         self.body = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=False), nn.Conv2d(c, c, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1))
+        he_normal_(self.body[2])
+        he_normal_(self.body[5])
 
     def forward(self, x):
         return x + self.body(x)
@@ -79,6 +93,7 @@ class MCGCN(nn.Module):
         self.refine_topdown = nn.ModuleList([BoundaryRefine(out_channels) for _ in range(5)])
 
     def _up(self, x, size):
+        # align_corners=False (the authors: True): the same half-pixel offset at every map size and position
         kw = {} if self.upsample == "nearest" else {"align_corners": False}
         return F.interpolate(x, size=tuple(size), mode=self.upsample, **kw)
 

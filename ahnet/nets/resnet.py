@@ -19,6 +19,8 @@ RESNET_SPECS: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
 }
+#: the encoder names every option accepts (--encoder), from RESNET_SPECS
+ENCODERS = tuple(f"resnet{d}" for d in sorted(RESNET_SPECS))
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
@@ -27,7 +29,7 @@ def parse_encoder(encoder) -> int:
     """'resnet50' | 'resnet34' | 'resnet18' | 50 | 34 | 18 -> depth."""
     name = str(encoder).lower().replace("resnet", "")
     if not name.isdigit() or int(name) not in RESNET_SPECS:
-        raise ValueError(f"encoder must be one of resnet18, resnet34, resnet50; got {encoder!r}")
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}; got {encoder!r}")
     return int(name)
 
 

@@ -4,6 +4,7 @@ Six stages of two (3x3x3 conv - BN - ReLU) units, channels base * 2^i capped at 
 5 down-samplings that halve H and W and halve D where the z-pooling schedule says (the same schedules as
 AH-Net, so both see the same patches), transposed-conv up-sampling, concatenated skips, 1x1x1 output conv.
 With base 32 and cap 320 it has about 30 M parameters, comparable to the paper's AH-Net (27 M).
+Initialisation as nnU-Net's: He normal on every conv (each reads a ReLU output), biases 0.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .blocks import count_parameters
+from .blocks import count_parameters, he_normal_
 from .pooling import MaxPool3d
 from .sizes import NUM_LEVELS, ZPool, check_input, input_multiple, z_pool_schedule
 
@@ -47,6 +48,9 @@ class UNet3d(nn.Module):
                                   for i in range(NUM_LEVELS)])
         self.up_units = nn.ModuleList([ConvUnit(2 * widths[i], widths[i]) for i in range(NUM_LEVELS)])
         self.out = nn.Conv3d(widths[0], out_channels, 1)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                he_normal_(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_multiple, self.in_channels, type(self).__name__)

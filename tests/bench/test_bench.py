@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ahnet import bench
+from ahnet.bench import plan as bench_plan
 
 
 class _WindowSensitive(torch.nn.Module):
@@ -20,7 +21,7 @@ def test_our_inference_driver_equals_monais_inferer_on_the_same_windows():
     and blends them as monai.inferers.sliding_window_inference (checked on a window-sensitive model)."""
     inferers = pytest.importorskip("monai.inferers")
     from ahnet.infer import sliding_window_predict
-    from ahnet.nets.layout import from_monai_layout, to_monai_layout
+    from ahnet.bench.layout import from_monai_layout, to_monai_layout
 
     torch.manual_seed(0)
     vol = torch.rand(1, 1, 12, 40, 40)
@@ -37,7 +38,7 @@ def _args(*argv):
 
 
 def test_plan_gives_monai_the_levers_it_can_take(monkeypatch):
-    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(bench_plan, "cpu_native_bf16", lambda: True)
     plan = bench.build_plan(_args("--modes", "trilinear", "--skip-2d", "--skip-data"), torch.device("cpu"))
     models = [(s["impl"], s["dtype"], bench.lever_name(s["levers"])) for k, s in plan if k == "model"]
     assert ("ours", "bf16", "-") in models and ("monai", "bf16", "-") in models
@@ -46,7 +47,7 @@ def test_plan_gives_monai_the_levers_it_can_take(monkeypatch):
     assert not any(impl == "monai" and "checkpoint" in lv for impl, _, lv in models)
     infers = [(s["impl"], s["dtype"], bench.lever_name(s["levers"])) for k, s in plan if k == "infer"]
     assert ("ours", "bf16", "channels_last") in infers and ("monai", "bf16", "channels_last") in infers
-    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: False)
+    monkeypatch.setattr(bench_plan, "cpu_native_bf16", lambda: False)
     plan = bench.build_plan(_args("--skip-infer", "--skip-2d", "--skip-data"), torch.device("cpu"))
     assert {s["dtype"] for _, s in plan} == {"fp32"}          # no emulated bfloat16 unless --cpu-bf16
     plan = bench.build_plan(_args("--skip-infer", "--skip-2d", "--skip-data", "--cpu-bf16"), torch.device("cpu"))
@@ -66,7 +67,7 @@ def test_compile_and_channels_last_are_wired(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda m: calls.append(m) or m)
     model = torch.nn.Conv3d(1, 2, 1)
-    m, x = bench._prepare(model, torch.rand(1, 1, 2, 4, 4), {"compile": True, "channels_last": True},
+    m, x = bench.prepare_model(model, torch.rand(1, 1, 2, 4, 4), {"compile": True, "channels_last": True},
                           torch.device("cpu"))
     assert calls == [model]
     assert x.is_contiguous(memory_format=torch.channels_last_3d)

@@ -200,8 +200,10 @@ def test_nan_repair_policy_builds(tmp_path):
 
 def test_cli_builds_and_reports_bad_input(tmp_path, capsys):
     js, csv = make_dataset(tmp_path / "ds", n_cases=2)
-    assert cache_mod.main(["--dataset", str(js), "--out", str(tmp_path / "c"), "--annotations", str(csv)]) == 0
+    assert cache_mod.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 0
     assert "2 cases cached" in capsys.readouterr().out
     _break(tmp_path / "ds", "nan")
-    assert cache_mod.main(["--dataset", str(js), "--out", str(tmp_path / "c")]) == 2
-    assert "case_001.nii.gz: 1 voxels are NaN" in capsys.readouterr().out
+    assert cache_mod.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ahnet.data.cache: error: ") and "case_001.nii.gz: 1 voxels are NaN" in err
+    assert err.count("\n") == 1

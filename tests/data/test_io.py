@@ -297,3 +297,50 @@ def test_dicom_read_keeps_the_text_encoding(tmp_path):
     before = locale.getpreferredencoding(False)
     test_dicom_series_read(tmp_path)
     assert locale.getpreferredencoding(False) == before
+
+
+# --------------------------------------------------------------------------------------------------- atomic writers
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_write_image_is_atomic(tmp_path, monkeypatch, suffix):
+    """A writer that dies half-way leaves the previous file intact and no temporary file behind."""
+    import nibabel as nib
+    p = write_image(tmp_path / f"a{suffix}", make_volume())
+    before = p.read_bytes()
+
+    def dies(img, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise _Boom("killed")
+    monkeypatch.setattr(nib, "save", dies)
+    monkeypatch.setattr(sitk, "WriteImage", dies)
+    with pytest.raises(_Boom):
+        write_image(p, make_volume(seed=1))
+    assert p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+def test_write_annotations_csv_and_dataset_json_are_atomic(tmp_path):
+    from ahnet.data.io import write_dataset_json
+    rows = [dict(seriesuid="a", coordX=1.0, coordY=2.0, coordZ=3.0, diameter_mm=4.0)]
+    p = write_annotations_csv(tmp_path / "a.csv", rows)
+    before = p.read_bytes()
+
+    class Unprintable:
+        def __str__(self):
+            raise _Boom("killed while writing")
+    with pytest.raises(_Boom):
+        write_annotations_csv(p, [dict(rows[0], coordX=9.0), dict(rows[0], coordX=Unprintable())])
+    assert p.read_bytes() == before
+    q = write_dataset_json(tmp_path / "dataset.json", {"training": [{"image": "x.nii.gz"}]})
+    assert json.loads(q.read_text(encoding="utf-8")) == {"training": [{"image": "x.nii.gz"}]}
+    with pytest.raises(TypeError):
+        write_dataset_json(q, {"training": [object()]})
+    assert json.loads(q.read_text(encoding="utf-8")) == {"training": [{"image": "x.nii.gz"}]}
+    with pytest.raises(DataError, match="dataset.json content must be a dict"):
+        write_dataset_json(q, [1, 2])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.csv", "dataset.json"]

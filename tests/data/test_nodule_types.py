@@ -1,4 +1,4 @@
-"""The 12-type rule at every boundary (nodule_types.md)."""
+"""The 12-type rule at every boundary (ahnet.data.nodule_types)."""
 import math
 from fractions import Fraction
 

@@ -1,5 +1,6 @@
 """The chest phantom: determinism, tissue HU, the vessel confounder, outputs, types, reserved LIDC scans."""
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -145,11 +146,16 @@ def test_balanced_types_and_reserved_scans(dataset):
     # 12 scheduled nodules, one of each type; a painted size can cross a bin edge, so allow one miss
     assert len(set(types)) >= 11 and max(types.count(t) for t in set(types)) <= 2
     split_of = {e["case_id"]: e["split"] for e in json.load(open(out / "dataset.json"))["training"]}
+    pool = ph._get_pool(1.2)
     for r in rows:
         if r["lidc_scan_id"]:
             sid = int(r["lidc_scan_id"])
             assert sid % 5 != 0
             assert ph.lidc_split_of_scan(sid) == split_of[r["seriesuid"]]     # disjoint LIDC scans per split
+            ann = pool.db.annotations[int(r["lidc_annotation_id"])]           # the source annotation is named
+            assert ann.scan_id == sid and int(r["shape_reuse"]) == 0
+        else:
+            assert r["lidc_annotation_id"] == ""
 
 
 def test_shape_pool_never_reserved():
@@ -192,3 +198,89 @@ def test_test_only_dataset(tmp_path):
     from ahnet.data.phantom import generate_dataset as _gen
     p = _gen(tmp_path / "t", 3, seed=5, size=64, slices=8, split=(0, 0, 1), previews=0, nodules_per_case=(0, 1))
     assert [e["split"] for e in _json.loads(p.read_text(encoding="utf-8"))["training"]] == ["test"] * 3
+    # also with fewer than 3 cases (they used to fall back to "train")
+    p = _gen(tmp_path / "t2", 2, seed=5, size=64, slices=8, split=(0, 0, 1), previews=0, nodules_per_case=0)
+    assert [e["split"] for e in _json.loads(p.read_text(encoding="utf-8"))["training"]] == ["test"] * 2
+
+
+# ----------------------------------------------------------------------------- pinned output (issue 10 split)
+TINY = dict(size=64, slices=10, thickness=2.5, spacing=1.2)
+LEGACY_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "type", "location", "label",
+                  "volume_mm3", "texture", "spiculation", "lobulation", "calcification", "subtlety", "lidc_scan_id"]
+# sha1 digests computed with the single-module phantom.py before it became a package (commit 0bca67a): the
+# same seed must give the same arrays and the same annotation rows.
+PINNED = {"procedural": ("70fb9643214ec128e93da3b7fb3615ca121ac888", "6ede5e5f1106d441b872c42e68219c2913274514"),
+          "lidc": ("eaf575bdcd745f75c900ef6358289cc3665af16d", "9328b9ab71ac254bc3f926d97ba068bc1b1d35df")}
+
+
+def _case_digest(shapes):
+    c = ph.generate_case("tiny", 2024, ph.PhantomOptions(**TINY, shapes=shapes), n_nodules=3,
+                         types=["T02", "T06", "T12"], locations=["isolated", "juxta-pleural", "juxta-vascular"])
+    h = hashlib.sha1()
+    for a in (c.image, c.label, c.fine_tissue, c.fine_hu):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps([{k: n[k] for k in LEGACY_COLUMNS} for n in c.nodules], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _dataset_digest(out, shapes):
+    p = ph.generate_dataset(out, 3, seed=0, previews=0, shapes=shapes, nodules_per_case=(1, 2), **TINY)
+    h = hashlib.sha1()
+    for e in json.loads(p.read_text(encoding="utf-8"))["training"]:
+        for k in ("image", "label"):
+            img = nib.load(out / e[k])
+            h.update(np.asarray(img.dataobj).tobytes())
+            h.update(np.round(img.affine, 6).tobytes())
+        h.update(e["split"].encode())
+    rows = [{k: r[k] for k in LEGACY_COLUMNS} for r in csv.DictReader(open(out / "annotations.csv", newline=""))]
+    h.update(json.dumps(rows, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("shapes", ["procedural", "lidc"])
+def test_same_seed_same_output_as_before_the_split(tmp_path, shapes):
+    if shapes == "lidc" and ph._get_pool(TINY["spacing"]) == "procedural":
+        pytest.skip("no LIDC database")
+    assert (_case_digest(shapes), _dataset_digest(tmp_path, shapes)) == PINNED[shapes]
+
+
+def test_files_written_only_through_io():
+    """io.py is the one writer of NIfTI, CSV and dataset.json: the phantom package imports no writer library."""
+    import ast
+    from pathlib import Path
+    banned = {"nibabel", "SimpleITK", "csv", "json"}
+    for f in Path(ph.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not {n.split(".")[0] for n in names} & banned, (f.name, names)
+
+
+def test_interrupted_run_leaves_no_finished_looking_dataset(tmp_path, monkeypatch):
+    """A run killed half-way into a folder that held a finished dataset: no dataset.json, no annotations, no
+    temp files; the next run writes the same files as a run into an empty folder."""
+    from ahnet.data.phantom import dataset as dsmod
+    out = tmp_path / "d"
+    ph.generate_dataset(out, 3, seed=1, previews=0, shapes="procedural", **TINY)
+    (out / "imagesTr" / ".phantom_0001.nii.gz.tmp-999.nii.gz").write_bytes(b"left by a kill")
+    real = dsmod.generate_case
+
+    def dies_on_second(cid, *a, **k):
+        if cid.endswith("1"):
+            raise KeyboardInterrupt
+        return real(cid, *a, **k)
+    monkeypatch.setattr(dsmod, "generate_case", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        ph.generate_dataset(out, 2, seed=1, previews=0, shapes="procedural", **TINY)
+    assert not (out / "dataset.json").exists() and not (out / "annotations.csv").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr(dsmod, "generate_case", real)
+    ph.generate_dataset(out, 2, seed=1, previews=0, shapes="procedural", **TINY)
+    fresh = tmp_path / "fresh"
+    ph.generate_dataset(fresh, 2, seed=1, previews=0, shapes="procedural", **TINY)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
+    assert (out / "annotations.csv").read_bytes() == (fresh / "annotations.csv").read_bytes()
+    for f in files:
+        if f.endswith(".nii.gz"):
+            assert np.array_equal(np.asarray(nib.load(out / f).dataobj), np.asarray(nib.load(fresh / f).dataobj))

@@ -1,14 +1,16 @@
-"""AHNet3d computes what MONAI's AHNet computes: the same weights (mapped by ahnet.nets.monai_port) give the
+"""AHNet3d computes what MONAI's AHNet computes: the same weights (mapped by ahnet.bench.monai_port) give the
 same output on the same input, up to the layout change (N, C, D, H, W) <-> (N, C, X, Y, Z)."""
+import math
+
 import pytest
 import torch
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 from ahnet.nets import AHNet3d  # noqa: E402
-from ahnet.nets.layout import from_monai_layout, to_monai_layout  # noqa: E402
-from ahnet.nets.monai_port import (MonaiPortError, load_monai_ahnet_state, match_monai_ops,  # noqa: E402
-                                   monai_key_to_ours)
+from ahnet.bench.layout import from_monai_layout, to_monai_layout  # noqa: E402
+from ahnet.bench.monai_port import (MonaiPortError, load_monai_ahnet_state, match_monai_ops,  # noqa: E402
+                                   monai_key_to_ours, monai_pyramid_size)
 
 pytestmark = pytest.mark.peer
 
@@ -77,21 +79,84 @@ def test_trilinear_differs_only_by_align_corners():
     assert diff > 1e-3
 
 
+@pytest.mark.parametrize("mode, levels", [("trilinear", 4), ("trilinear", 3), ("nearest", 2)])
+def test_same_output_as_monai_with_the_pyramid_on(mode, levels):
+    """With K pyramid levels both compute the same function at an in-plane input of 2^(K+3) (128 for the
+    paper's 4): MONAI's windows 8 .. 2^(K+2) then pool its half-resolution map to our grids 2^(K-1) .. 1. The
+    port pairs the levels by window size (MONAI's level i is our level K-1-i, in the head's channels too)."""
+    torch.manual_seed(0)
+    peer = _randomise_bn(monai_nets.AHNet(spatial_dims=3, psp_block_num=levels, upsample_mode=mode)).eval()
+    ours = AHNet3d("resnet50", pfn_depth=levels, upsample=mode).eval()
+    assert load_monai_ahnet_state(ours, peer.state_dict()) == []
+    match_monai_ops(ours)
+    size = monai_pyramid_size(levels)
+    x = torch.randn(1, 1, 32, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = from_monai_layout(peer(to_monai_layout(x).contiguous()))
+        got = ours(x)
+    scale = want.abs().max().item()
+    print(mode, levels, size, "max |ours - monai|", (got - want).abs().max().item(), "max |monai|", scale)
+    assert torch.allclose(got, want, atol=1e-5 * max(1.0, scale), rtol=1e-5), (got - want).abs().max().item()
+    # the pyramid matters to the output: the same weights with the levels paired by index differ
+    assert peer.psp.project_modules[0].weight.shape == (1, ours.dense4.out_channels, 1, 1, 1)
+    swapped = dict(peer.state_dict())
+    for i in range(levels):
+        for t in ("weight", "bias"):
+            swapped[f"psp.project_modules.{i}.{t}"] = peer.state_dict()[f"psp.project_modules.{levels - 1 - i}.{t}"]
+    load_monai_ahnet_state(ours, swapped)
+    with torch.no_grad():
+        assert (ours(x) - want).abs().max().item() > 1e-3 * max(1.0, scale)
+
+
 def test_key_map_and_errors():
     assert monai_key_to_ours("layer3.0.downsample.2.weight") == "encoder.layer3.0.downsample.1.weight"
     assert monai_key_to_ours("dense4.denselayer1.bn3.bias") == "dense4.0.through.0.bias"
     assert monai_key_to_ours("trans1.conv.weight") == "proj.0.2.weight"
     assert monai_key_to_ours("final.up.weight") == "head.1.weight"
     assert monai_key_to_ours("psp.up_modules.0.weight") is None
+    # pyramid levels by window: MONAI's window 8 (level 0) is our finest grid, its window 64 our global level
+    assert monai_key_to_ours("psp.project_modules.0.weight", 4) == "pyramid.project.3.weight"
+    assert monai_key_to_ours("psp.project_modules.3.bias", 4) == "pyramid.project.0.bias"
+    assert monai_key_to_ours("psp.project_modules.1.bias", 2) == "pyramid.project.0.bias"
+    assert monai_pyramid_size(4) == 128 and monai_pyramid_size(2) == 32
+    with pytest.raises(MonaiPortError, match="no such level"):
+        monai_key_to_ours("psp.project_modules.2.weight", 2)
     with pytest.raises(MonaiPortError, match="not a MONAI AHNet key"):
         monai_key_to_ours("fc.weight")
-    peer = monai_nets.AHNet(spatial_dims=3, psp_block_num=2, upsample_mode="trilinear")
-    ours = AHNet3d("resnet50", pfn_depth=2, upsample="trilinear")
-    with pytest.raises(MonaiPortError, match="include_pyramid=True"):
+    peer = monai_nets.AHNet(spatial_dims=3, psp_block_num=2, upsample_mode="transpose")
+    ours = AHNet3d("resnet50", pfn_depth=2, upsample="transpose")
+    with pytest.raises(MonaiPortError, match="allow_dropped=True"):
         load_monai_ahnet_state(ours, peer.state_dict())
-    assert load_monai_ahnet_state(ours, peer.state_dict(), include_pyramid=True) == []
+    assert load_monai_ahnet_state(ours, peer.state_dict(), allow_dropped=True) == [
+        f"psp.up_modules.{i}.{t}" for i in range(2) for t in ("weight", "bias")]
     with pytest.raises(MonaiPortError, match="does not fit"):
         load_monai_ahnet_state(AHNet3d("resnet50", pfn_depth=0, upsample="transpose"),
                                monai_nets.AHNet(psp_block_num=0, upsample_mode="trilinear").state_dict())
+    with pytest.raises(MonaiPortError, match="does not fit"):
+        load_monai_ahnet_state(AHNet3d("resnet50", pfn_depth=3, upsample="trilinear"),
+                               monai_nets.AHNet(psp_block_num=2, upsample_mode="trilinear").state_dict())
     with pytest.raises(MonaiPortError, match="z_pool='paper'"):
         match_monai_ops(AHNet3d("resnet18", z_pool="none"))
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "transpose"])
+def test_fresh_decoder_weights_have_monais_spread(mode):
+    """Both initialise the decoder with normal(0, sqrt(2 / (in-plane taps x out))): every decoder weight that the
+    port maps has MONAI's standard deviation, up to sampling noise (the encoders differ: ours is ResNet-initialised,
+    and the transfer overwrites it). The output head is the one deviation (ours starts small, HEAD_INIT_STD)."""
+    torch.manual_seed(0)
+    peer = monai_nets.AHNet(spatial_dims=3, psp_block_num=4, upsample_mode=mode)
+    ours = dict(AHNet3d("resnet50", pfn_depth=4, upsample=mode).named_parameters())
+    checked, skipped_head = 0, False
+    for key, w in peer.named_parameters():
+        mine = monai_key_to_ours(key, 4)
+        if mine is None or mine.startswith("encoder.") or not key.endswith("weight") or w.dim() != 5:
+            continue
+        if mine == "head.0.2.weight":
+            skipped_head = True
+            continue
+        n = w.numel()
+        ratio = ours[mine].std().item() / w.std().item()
+        assert abs(ratio - 1) < 7 / math.sqrt(2 * n), (key, mine, ratio)
+        checked += 1
+    assert skipped_head and checked == 5 + 60 + 4 + (5 if mode == "transpose" else 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .data import io
+from ..data import io
 
 
 class CandidateInputError(ValueError):

@@ -1,11 +1,11 @@
+"""The 2D -> 3D transfer rule (ahnet.nets.transfer): the stem mapping, exactness at every stage, refusals."""
 import pytest
 import torch
 
 from ahnet.nets import MCGCN, AHNet3d
 from ahnet.nets.resnet import ResNet2d
-from weights_transfer.__main__ import fresh_encoder, main
-from weights_transfer.transfer import (TransferError, convert_state, load_source, slice_stacks, source_from_model,
-                                       transfer_2d_to_3d, verify_transfer)
+from ahnet.nets.transfer import (TransferError, convert_state, fresh_encoder, load_source, slice_stacks,
+                                 source_from_model, transfer_2d_to_3d, transfer_and_verify, verify_transfer)
 
 
 def _trained_like_mcgcn(encoder="resnet18", in_slices=3, seed=0):
@@ -105,28 +105,8 @@ def test_mismatches_fail_with_one_sentence(tmp_path):
         load_source(tmp_path / "trunc.pt")
 
 
-def test_cli_fresh_then_newest_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["--check-size", "3", "32", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "freshly initialised" in out and "layer4" in out and "FAIL" not in out
-    ck = torch.load(tmp_path / "runs/transfer-fresh/ahnet3d_transferred.pt", weights_only=True)
-    assert ck["model_name"] == "ahnet" and ck["transfer"]["ok"]
-    model = AHNet3d(**ck["model_kwargs"])
-    model.load_state_dict(ck["model"])
-
-    run = tmp_path / "runs/exp-2d/checkpoints"
-    run.mkdir(parents=True)
-    _save_mcgcn(run / "best.pt", _trained_like_mcgcn("resnet18"))
-    assert main(["--check-size", "3", "32", "32", "--pfn-depth", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "newest 2D checkpoint" in out and "exp-2d" in out
-    assert (run / "ahnet3d_transferred.pt").is_file()
-
-
-def test_cli_mismatch_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    _save_mcgcn(tmp_path / "r18.pt", MCGCN("resnet18"))
-    assert main(["--source", str(tmp_path / "r18.pt"), "--encoder", "resnet50"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "ResNet18" in err and len(err.strip().splitlines()) == 1
+def test_transfer_and_verify_checks_its_size():
+    model, rows = transfer_and_verify(fresh_encoder(18, seed=2), (3, 32, 32), pfn_depth=0)
+    assert isinstance(model, AHNet3d) and len(rows) == 7 and all(r.ok for r in rows)
+    with pytest.raises(TransferError, match="three positive sizes"):
+        transfer_and_verify(fresh_encoder(18, seed=2), (0, 0, 0))

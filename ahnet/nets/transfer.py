@@ -1,5 +1,6 @@
-"""Transfer a 2D ResNet encoder (from an MC-GCN checkpoint or a torchvision file) into the 3D AH-Net, and
-verify that the transfer is exact.
+"""The 2D -> 3D transfer rule: a 2D ResNet encoder (from an MC-GCN checkpoint or a torchvision file) into the
+3D AH-Net, and the check that the transfer is exact (``transfer_and_verify``, used by training's transfer step
+and by ``python -m weights_transfer``).
 
 Rules (paper, Sec. 2.2): the stem conv (64, 3, 7, 7) over 3 slices becomes (64, 1, 3, 7, 7) over one
 channel, the 3 input channels (slices z-1, z, z+1) becoming the 3 taps along z; every other k x k conv
@@ -15,9 +16,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ahnet.nets.ahnet3d import AHNet3d
-from ahnet.nets.resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
-from ahnet.nets.resnet3d import ResNet3dEncoder
+from .ahnet3d import AHNet3d
+from .resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
+from .resnet3d import ResNet3dEncoder
 
 TOLERANCE = 1e-4
 
@@ -70,7 +71,7 @@ def load_source(path: str | Path) -> Source2d:
         kwargs = dict(obj.get("model_kwargs") or {})
         in_slices = int(kwargs.get("in_slices", 3))
         state = {k[len("encoder."):]: v for k, v in obj["model"].items() if k.startswith("encoder.")}
-        meta = {"model_kwargs": kwargs, "epoch": obj.get("epoch"), "step": obj.get("step")}
+        meta = {"model_name": name, "model_kwargs": kwargs, "epoch": obj.get("epoch"), "step": obj.get("step")}
         return Source2d(state, infer_depth(state, str(path)), str(path), in_slices, meta)
     state = {k: v for k, v in torchvision_encoder_state(obj).items() if isinstance(v, torch.Tensor)}
     in_slices = int(state["conv1.weight"].shape[1]) if "conv1.weight" in state else 3
@@ -162,6 +163,23 @@ def calibrate_batchnorm(module: torch.nn.Module, inputs: torch.Tensor) -> None:
     module.eval()
 
 
+def fresh_encoder(depth: int, seed: int) -> ResNet2d:
+    """A freshly initialised 2D encoder whose BN layers are not the identity, so a verification covers the
+    statistics too: affine weights randomised (the last BN of each residual block small, as in trained
+    ResNets), then running mean / variance measured on random 3-slice inputs, so features keep the scale a
+    trained network has."""
+    torch.manual_seed(seed)
+    enc = ResNet2d(depth, 3)
+    g = torch.Generator().manual_seed(seed)
+    last_bn = "bn3" if enc.kind == "bottleneck" else "bn2"
+    for name, m in enc.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            low, high = (0.05, 0.3) if name.endswith(last_bn) else (0.5, 1.5)
+            m.weight.data = low + (high - low) * torch.rand(m.num_features, generator=g)
+            m.bias.data = 0.1 * torch.randn(m.num_features, generator=g)
+    calibrate_batchnorm(enc, torch.randn(8, 3, 64, 64, generator=g))
+    return enc
+
 
 @dataclass
 class CheckRow:
@@ -234,3 +252,15 @@ def format_table(rows: List[CheckRow]) -> str:
     lines.append(f"pass: fp32 error < {TOLERANCE:g} x max(1, max |2D|) and fp64 error < 1e-9 x max(1, max |2D|); "
                  f"eval mode (BN running statistics)")
     return "\n".join(lines)
+
+
+def transfer_and_verify(source, check_size: Tuple[int, int, int] = (5, 64, 64), seed: int = 0,
+                        **ahnet_kwargs) -> Tuple[AHNet3d, List[CheckRow]]:
+    """(the transferred AHNet3d, its verification rows): transfer_2d_to_3d, then verify_transfer of the new
+    encoder against the 2D one on a random (D, H, W) = ``check_size`` volume. Whether every row is ``ok`` is for
+    the caller to act on (format_table prints them)."""
+    source = as_source(source)
+    if len(check_size) != 3 or min(int(v) for v in check_size) < 1:
+        raise TransferError(f"the check size must be three positive sizes (D, H, W); got {tuple(check_size)}")
+    model = transfer_2d_to_3d(source, **ahnet_kwargs)
+    return model, verify_transfer(source, model.encoder.state_dict(), tuple(int(v) for v in check_size), seed)

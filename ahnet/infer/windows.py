@@ -1,4 +1,4 @@
-"""Sliding-window inference over whole volumes: padding, Gaussian blending, flip TTA, model ensembles.
+"""Sliding windows over whole volumes: padding, Gaussian blending, flip TTA, model ensembles (tensors in, tensors out).
 
 ``sliding_window_predict(models, image)`` returns foreground probabilities (sigmoid of the models' logits) for a
 (1, C, D, H, W) volume of any size:
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ahnet.precision import AmpSettings, resolve_amp, to_channels_last
+from ..precision import AmpSettings, resolve_amp, to_channels_last
 
 FLIPS = ((), (-2,), (-1,), (-2, -1))   # in-plane flips of (..., H, W)
 

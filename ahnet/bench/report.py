@@ -1,0 +1,135 @@
+"""The bench's table: rows (figure, ours, MONAI, ours / MONAI, unit) from the workers' results, and the
+machine they ran on."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .plan import lever_name, peer_levers
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": str(device)}
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except ImportError:
+        info["monai"] = None
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    info["device_name"] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return info
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _ok(results: list, kind: str) -> list:
+    return [r for r in results if r["spec"]["kind"] == kind and "error" not in r["result"]]
+
+
+def _model_rows(results: list) -> list:
+    """Parameters, forward and training-step rows: each of ours against MONAI with the levers it can take."""
+    models = _ok(results, "model")
+
+    def key(r, levers):
+        return r["spec"]["mode"], r["spec"]["dtype"], lever_name(levers)
+
+    monai = {key(r, r["spec"]["levers"]): r["result"] for r in models if r["spec"]["impl"] == "monai"}
+    rows = []
+    for r in (r for r in models if r["spec"]["impl"] == "ours"):
+        peer = peer_levers(r["spec"]["levers"])
+        m = monai.get(key(r, peer))
+        res = r["result"]
+        tag = f"{r['spec']['mode']}/{r['spec']['dtype']}/{lever_name(r['spec']['levers'])}"
+        if peer:
+            tag += f" (MONAI {lever_name(peer)})"
+        rows.append((f"params {tag}", res["params"], m and m["params"], _ratio(res["params"], m and m["params"]), ""))
+        for phase in ("forward", "train"):
+            for field, label, unit in (("median_s", "median", "s"), ("min_s", "min", "s"),
+                                       ("cpu_median_s", "CPU-time median", "s"), ("peak_mb", "peak mem", "MiB")):
+                a, b = res[phase][field], m and m[phase][field]
+                rows.append((f"{phase} {label} {tag}", a, b, _ratio(a, b), unit))
+    return rows
+
+
+def _infer_rows(results: list) -> list:
+    """Whole-volume inference rows, ours against MONAI under the same levers."""
+    infers = _ok(results, "infer")
+
+    def key(r):
+        return r["spec"]["mode"], r["spec"]["dtype"], lever_name(r["spec"]["levers"])
+
+    monai = {key(r): r["result"] for r in infers if r["spec"]["impl"] == "monai"}
+    rows = []
+    for r in (r for r in infers if r["spec"]["impl"] == "ours"):
+        m = monai.get(key(r))
+        res = r["result"]
+        tag = f"{r['spec']['mode']}/{r['spec']['dtype']}/{lever_name(r['spec']['levers'])} " \
+              f"{'x'.join(map(str, res['volume']))}"
+        for field, label, unit in (("median_s", "time", "s"), ("cpu_median_s", "CPU time", "s"),
+                                   ("peak_mb", "peak mem", "MiB")):
+            a, b = res[field], m and m[field]
+            rows.append((f"infer {label} {tag}", a, b, _ratio(a, b), unit))
+    return rows
+
+
+def _other_rows(results: list) -> list:
+    """Error rows, the 2D stage's slices per second, the data pipeline's patches per second."""
+    rows = []
+    for r in results:
+        res = r["result"]
+        if "error" in res:
+            rows.append((f"{r['spec']['kind']} {r['spec'].get('impl', '')} ERROR {res['error']}", None, None, None, ""))
+        elif r["spec"]["kind"] == "mcgcn":
+            tag = f"batch {res['batch']}, {res['size']}, {r['spec'].get('dtype', 'fp32')}"
+            rows.append((f"2D MC-GCN infer ({tag})", res["infer_slices_per_s"], None, None, "slices/s"))
+            rows.append((f"2D MC-GCN train ({tag})", res["train_slices_per_s"], None, None, "slices/s"))
+        elif r["spec"]["kind"] == "data":
+            for k in ("plain_patches_per_s", "augment_patches_per_s", "loader_augment_patches_per_s"):
+                if k in res:
+                    rows.append((f"data {k}", res[k], None, None, "patches/s"))
+            if "phantom_case_s" in res:
+                rows.append((f"phantom: one {tuple(res['phantom_shape'])} case (target < 5 s)",
+                             res["phantom_case_s"], None, None, "s"))
+    return rows
+
+
+def summarise(results: list) -> list:
+    """Rows (label, ours, monai, ratio, unit) for the printed table."""
+    rows = _model_rows(results) + _infer_rows(results) + _other_rows(results)
+    base = next((r for r in _ok(results, "model") if r["spec"]["impl"] == "ours" and not r["spec"]["levers"]
+                 and r["spec"]["dtype"] == "fp32"), None)
+    if base is not None:
+        need = base["spec"]["batch"] / base["result"]["train"]["median_s"]
+        rows.append(("data needed by training (batch / ours train step)", need, None, None, "patches/s"))
+    return rows
+
+
+def format_table(rows) -> str:
+    def f(v):
+        if v is None:
+            return "-"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return f"{v:.4g}"
+    w = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"{'figure'.ljust(w)}  {'ours':>12}  {'MONAI':>12}  {'ours/MONAI':>10}  unit"]
+    for label, a, b, ratio, unit in rows:
+        lines.append(f"{label.ljust(w)}  {f(a):>12}  {f(b):>12}  {f(ratio):>10}  {unit}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The phantom's options (PhantomOptions) and one generated case (Case)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import numpy as np
+
+from ..io import voxel_to_world
+
+
+@dataclass
+class PhantomOptions:
+    """Options of a phantom case and dataset. nodules_per_case: N or (min, max) per case with nodules.
+
+    exact: every nodule comes out exactly as scheduled (its type as painted and its location class; a
+    nodule that does not is drawn and placed again), per-type balanced locations, and LIDC shapes drawn
+    without replacement across the dataset (distinct lesions first, then rotated / mirrored / rescaled
+    reuses); a type that cannot fit the lungs at this size is an error. Off: the original sampling.
+    """
+    size: int = 192                     # in-plane matrix (square)
+    slices: int = 40                    # output slices
+    thickness: float = 2.5              # slice thickness = slice spacing (mm)
+    spacing: float = 0.7                # in-plane spacing (mm)
+    nodules_per_case: Tuple[int, int] = (1, 3)
+    negatives: float = 0.15             # fraction of cases without nodules
+    shapes: str = "lidc"                # "lidc" or "procedural"
+    noise: Tuple[float, float] = (10.0, 40.0)   # noise std range (HU); (0, 0) = off
+    vessel_density: float = 1.0         # scales the vessel segment budget
+    balance: bool = True                # balanced type schedule (else uniform at random)
+    split: Tuple[float, float, float] = (0.7, 0.15, 0.15)
+    exact: bool = False                 # see the class docstring
+
+    def __post_init__(self):
+        npc = self.nodules_per_case
+        if isinstance(npc, (int, np.integer)) and not isinstance(npc, bool):
+            self.nodules_per_case = (int(npc), int(npc))
+        elif isinstance(npc, list):
+            self.nodules_per_case = tuple(npc)
+        for name in ("noise", "split"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+
+    def validate(self) -> None:
+        if self.size < 48:
+            raise ValueError(f"size must be >= 48 voxels, got {self.size}")
+        if self.slices < 4:
+            raise ValueError(f"slices must be >= 4, got {self.slices}")
+        if not (0.2 <= self.spacing <= 3.0) or not (0.5 <= self.thickness <= 10.0):
+            raise ValueError(f"spacing must be 0.2..3 mm and thickness 0.5..10 mm, got {self.spacing}, "
+                             f"{self.thickness}")
+        npc = self.nodules_per_case
+        if not (isinstance(npc, tuple) and len(npc) == 2 and all(isinstance(v, (int, np.integer)) for v in npc)
+                and 0 <= npc[0] <= npc[1]):
+            raise ValueError(f"nodules_per_case must be N or (min, max) with 0 <= min <= max, got {npc}")
+        if not 0.0 <= self.negatives <= 1.0:
+            raise ValueError(f"negatives must be a fraction in [0, 1], got {self.negatives}")
+        if self.shapes not in ("lidc", "procedural"):
+            raise ValueError(f"shapes must be 'lidc' or 'procedural', got {self.shapes!r}")
+        if len(self.noise) != 2 or not 0.0 <= self.noise[0] <= self.noise[1]:
+            raise ValueError(f"noise must be (min, max) HU with 0 <= min <= max, got {self.noise}")
+        if not self.vessel_density >= 0.0:
+            raise ValueError(f"vessel_density must be >= 0, got {self.vessel_density}")
+        sp = self.split
+        if len(sp) != 3 or any(not f >= 0.0 for f in sp) or sum(sp) <= 0:
+            raise ValueError(f"split must be three fractions (train, validation, test) >= 0 with a positive "
+                             f"sum, got {sp}")
+
+
+@dataclass
+class Case:
+    """One generated case. image (z, y, x) float32 HU; label int16 instance mask; fine_* on the fine grid."""
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: Tuple[float, float, float]          # (sz, sy, sx)
+    origin: Tuple[float, float, float]           # (x, y, z) LPS of voxel (0, 0, 0)
+    nodules: List[dict]
+    fine_tissue: np.ndarray                      # uint8 (Z, y, x)
+    fine_hu: np.ndarray                          # float32 (Z, y, x), before blur/noise
+    fine_dz: float
+    noise_std: float
+    vessel_segments: List[tuple] = field(default_factory=list)
+
+    def voxel_to_world(self, zyx: np.ndarray) -> np.ndarray:
+        """(n, 3) voxel (z, y, x) -> (n, 3) world LPS mm (identity direction)."""
+        return np.atleast_2d(voxel_to_world(np.asarray(zyx, float).reshape(-1, 3), self.spacing, self.origin))

@@ -1,0 +1,104 @@
+"""Evaluation of trained runs on a dataset split: detection (FROC / CPM per type and location) and segmentation
+(Dice / HD95 per nodule), ready for the report (ahnet.report; ``python -m ahnet.evaluate`` does both).
+
+For each run (``--runs``; a cross-validation ``X`` = the ensemble of its ``X-fold<k>`` runs): the model(s) through
+the inference stage (ahnet.infer: load_ensemble, predict_volume with its window rule) on every case of the chosen
+split (HU clipped to [-1000, 400] and scaled to [0, 1] as the cache does; native spacing); then candidates
+(ahnet.infer.candidates) in world mm, FROC/CPM per type and location (ahnet.froc) against the dataset's
+annotations and Dice/HD95 per nodule (ahnet.segmetrics, mask = probability >= threshold, nodule k = instance label
+k of the label file, joined to the annotation row whose ``label`` is k).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import load_dataset_json, read_image
+from ..data.preprocess import clip_and_scale
+from ..froc import evaluate_detection
+from ..infer import extract_candidates, load_ensemble, predict_volume
+from ..segmetrics import aggregate_seg, nodule_seg_metrics
+
+__all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions"]
+
+
+class EvaluateInputError(ValueError):
+    """A run folder, dataset or option that the evaluation cannot use."""
+
+
+def load_cases(dataset_json, split: str = "test") -> tuple[list, dict]:
+    """(cases, images) of one split of a dataset.json: cases [{"case_id", "geometry" (the image Volume),
+    "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}."""
+    entries = [e for e in load_dataset_json(dataset_json) if e.get("split") == split]
+    if not entries:
+        raise EvaluateInputError(f"{dataset_json} has no case with split {split!r}")
+    cases, images = [], {}
+    for e in entries:
+        vol = read_image(e["image"])
+        lab = read_image(e["label"]).array.astype(np.int32) if e.get("label") else None
+        images[e["case_id"]] = clip_and_scale(vol.array)
+        cases.append({"case_id": e["case_id"], "geometry": vol, "label": lab})
+    return cases, images
+
+
+def run_names(runs) -> list[str]:
+    """The report's model names: each run's folder name (EvaluateInputError when two are the same)."""
+    names = [Path(r).name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvaluateInputError(f"two runs are named {dup[0]!r}; give run folders with distinct names")
+    return names
+
+
+def predict_runs(runs, images: dict, device="cpu", **predict_kw) -> dict:
+    """{run name: {case_id: (z, y, x) probabilities}}; each run (a run folder, checkpoint or cross-validation) is
+    one ensemble (ahnet.infer.load_ensemble) named by its folder; ``predict_kw`` go to predict_volume (window,
+    overlap, sw_batch, tta, amp, channels_last)."""
+    probs: dict = {}
+    for name, run in zip(run_names(runs), runs):
+        ens = load_ensemble([run], device)
+        probs[name] = {}
+        for cid, img in images.items():
+            probs[name][cid] = predict_volume(ens, img, **predict_kw)
+            print(f"[evaluate] {name}: {cid} done", file=sys.stderr)
+    return probs
+
+
+def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold: float = 0.5,
+                         candidates: str = "components", n_bootstrap: int = 1000, seed: int = 0,
+                         margin_mm: float = 5.0) -> dict:
+    """Detection and segmentation results per model, ready for ahnet.report.build_report.
+
+    probs: {model: {case_id: (z, y, x) probabilities}}; cases: [{"case_id", "geometry" (spacing, origin,
+    direction [, voxel_to_world]), "label" ((z, y, x) instance mask or None)}]; annotations: LUNA16 rows with
+    ``type``, ``location`` and ``label`` (instance label in the case's mask) where known.
+    Returns {model: {"detection", "segmentation", "candidates"}}.
+    """
+    scan_ids = [c["case_id"] for c in cases]
+    known = set(scan_ids)
+    ann = [a for a in annotations if str(a["seriesuid"]) in known]
+    out = {}
+    for name, by_case in probs.items():
+        missing = [s for s in scan_ids if s not in by_case]
+        if missing:
+            raise EvaluateInputError(f"model {name!r} has no prediction for cases {missing[:3]}")
+        cands, seg_rows = [], []
+        for c in cases:
+            p = by_case[c["case_id"]]
+            cands += extract_candidates(p, c["geometry"], seriesuid=c["case_id"], threshold=threshold,
+                                        method=candidates)
+            if c.get("label") is None:
+                continue
+            rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]
+            if not rows:
+                continue
+            res = nodule_seg_metrics(p >= threshold, c["label"], c["geometry"].spacing, margin_mm=margin_mm,
+                                     labels=[int(a["label"]) for a in rows])
+            for a, r in zip(rows, res):
+                seg_rows.append(dict(r, seriesuid=c["case_id"], type=a.get("type"), location=a.get("location")))
+        out[name] = {"detection": evaluate_detection(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed),
+                     "segmentation": aggregate_seg(seg_rows, n_bootstrap=n_bootstrap, seed=seed) if seg_rows else None,
+                     "candidates": cands, "seg_rows": seg_rows}
+    return out

@@ -1,0 +1,91 @@
+"""``python -m ahnet.evaluate`` (console script ``ahnet-evaluate``): evaluate runs on a split and write the report.
+
+    python -m ahnet.evaluate --runs runs/A runs/B --data data/phantom/dataset.json --out report/
+
+Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm) and the report files (ahnet.report). Bad input:
+one line ``ahnet.evaluate: error: ...`` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .. import cli, paths
+from ..data.io import read_annotations_csv, write_candidates_csv
+from ..infer import DEFAULT_WINDOW, load_ensemble
+from ..precision import AMP_MODES, resolve_device
+from ..report import build_report
+from . import evaluate_predictions, load_cases, predict_runs, run_names
+
+PROG = "ahnet.evaluate"
+
+
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="+", required=True,
+                    help="run folders, checkpoint files or cross-validations (X for X-fold<k>), one model each")
+    ap.add_argument("--data", required=True, help="dataset.json (Decathlon style, with split per case)")
+    ap.add_argument("--annotations", default=None,
+                    help=f"annotations CSV (default: the {paths.ANNOTATIONS} beside --data)")
+    ap.add_argument("--out", default=paths.REPORT, help="output folder")
+    ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
+    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help=f"3D window (default: the run's patch_size, else {DEFAULT_WINDOW}; ahnet.infer.window_for)")
+    ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
+    ap.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass (x4 slices for 2D models)")
+    ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
+    ap.add_argument("--amp", choices=AMP_MODES, default="auto",
+                    help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
+    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold for masks and candidates")
+    ap.add_argument("--candidates", choices=("components", "maxima"), default="components",
+                    help="candidate method: connected components or local maxima (ahnet.infer.candidates)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    ap.add_argument("--title", default="AH-Net per-type evaluation")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return cli.run(PROG, lambda: _main(a))
+
+
+def _main(a) -> int:
+    evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
+                        threshold=a.threshold, candidates=a.candidates, n_bootstrap=a.bootstrap, seed=a.seed,
+                        title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta, amp=a.amp)
+    return 0
+
+
+def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
+                        threshold: float = 0.5, candidates: str = "components", n_bootstrap: int = 1000,
+                        seed: int = 0, title: str = "AH-Net per-type evaluation", **predict_kw) -> dict:
+    """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
+    ``out``; returns the report dict. Every option and run is checked before the first image is read.
+    ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
+    device = resolve_device(device)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold {threshold} must be a probability in [0, 1]")
+    run_names(runs)
+    for run in runs:                                            # each run loads and takes the window and --amp
+        load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
+    ann = read_annotations_csv(Path(annotations) if annotations else paths.annotations_csv(data))
+    cases, images = load_cases(data, split)
+    probs = predict_runs(runs, images, device, **predict_kw)
+    results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=candidates,
+                                   n_bootstrap=n_bootstrap, seed=seed)
+    out = Path(out)
+    for name, r in results.items():
+        write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"])
+    rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
+                        for k, v in results.items()}, out, title=title)
+    for m in rep["model_order"]:
+        r = rep["models"][m]
+        print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")
+    print(f"report: {out / 'report.html'}")
+    return rep
+
+
+if __name__ == "__main__":
+    sys.exit(main())

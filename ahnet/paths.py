@@ -1,0 +1,171 @@
+"""Where things are on disk: the one owner of the project's file layout. Every module asks here.
+
+Run folder (one training stage, ``python -m ahnet.train --out RUN``)::
+
+    RUN/config.json            settings + versions (ahnet.config.save_run_config)
+    RUN/log.csv                one row per epoch
+    RUN/progress.png           loss, validation Dice and learning rate per epoch
+    RUN/checkpoints/last.pt    written at every epoch end (and every --ckpt-every steps): --resume reads it
+    RUN/checkpoints/best.pt    the epoch with the best validation score: what inference loads
+    RUN/report/                an evaluation report (ahnet.evaluate)
+
+Cross-validation (``--all-folds``): fold k of RUN is the sibling folder ``RUN-fold<k>``; a folder holding
+``fold<k>/`` run folders is read the same way. The trained model of a run is ``best.pt``, else ``last.pt``.
+
+Datasets: a Decathlon-style ``dataset.json`` with its LUNA16-style ``annotations.csv`` beside it; the HDF5 cache
+of a dataset lives in ``data/cache/<name of the dataset.json's folder>`` (relative to the working directory).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "DATASET", "ANNOTATIONS",
+           "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
+           "trained_checkpoint", "resolve_checkpoints", "resolve_checkpoint", "cache_dir", "annotations_csv",
+           "dataset_annotations"]
+
+CONFIG = "config.json"
+LOG = "log.csv"
+PROGRESS = "progress.png"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+REPORT = "report"
+DATASET = "dataset.json"
+ANNOTATIONS = "annotations.csv"
+
+DATA_ROOT = Path("data")
+CACHE_ROOT = DATA_ROOT / "cache"
+RUNS_ROOT = Path("runs")
+
+_FOLD = re.compile(r"fold(\d+)")
+
+
+class LayoutError(ValueError):
+    """A path that is not what the layout says it should be (one sentence naming it and what was expected)."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run folder (see the module docstring)."""
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG
+
+    @property
+    def progress(self) -> Path:
+        return self.root / PROGRESS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+
+def run_paths(run: str | os.PathLike) -> RunPaths:
+    return RunPaths(Path(run))
+
+
+def fold_run(run: str | os.PathLike, k: int) -> Path:
+    """The run folder of fold k of a cross-validation named ``run``: ``<run>-fold<k>``."""
+    run = Path(run)
+    return run.with_name(f"{run.name}-fold{int(k)}")
+
+
+def _fold_number(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    m = _FOLD.fullmatch(name[len(prefix):])
+    return int(m.group(1)) if m else None
+
+
+def fold_runs(run: str | os.PathLike) -> list[Path]:
+    """The fold folders of ``run``, sorted by fold number (fold2 before fold10): the siblings ``<run>-fold<k>``
+    that exist, or else the ``fold<k>`` folders inside ``run``. Empty when there are none."""
+    run = Path(run)
+    found = []
+    if run.parent.is_dir():
+        found = [(k, p) for p in run.parent.iterdir()
+                 if p.is_dir() and (k := _fold_number(p.name, run.name + "-")) is not None]
+    if not found and run.is_dir():
+        found = [(k, p) for p in run.iterdir() if p.is_dir() and (k := _fold_number(p.name, "")) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def trained_checkpoint(run: str | os.PathLike) -> Path | None:
+    """The trained model of a run folder: checkpoints/best.pt, else checkpoints/last.pt, else None."""
+    rp = run_paths(run)
+    for p in (rp.best, rp.last):
+        if p.is_file():
+            return p
+    return None
+
+
+def resolve_checkpoints(arg: str | os.PathLike) -> list[Path]:
+    """The checkpoint files an argument names: a checkpoint file; a run folder (its trained_checkpoint); a
+    cross-validation (``<arg>-fold<k>`` siblings, or a folder of ``fold<k>`` run folders: every fold's trained
+    checkpoint, sorted by k). Raises LayoutError naming the argument when it names none of these."""
+    p = Path(arg)
+    if p.is_file():
+        return [p]
+    if p.is_dir() and run_paths(p).checkpoints.is_dir():
+        ck = trained_checkpoint(p)
+        if ck is None:
+            raise LayoutError(f"run folder {p} has neither {CHECKPOINTS}/{BEST} nor {CHECKPOINTS}/{LAST}; "
+                              f"train it first (python -m ahnet.train --out {p})")
+        return [ck]
+    folds = fold_runs(p)
+    if folds:
+        missing = [f for f in folds if trained_checkpoint(f) is None]
+        if missing:
+            raise LayoutError(f"fold folder {missing[0]} of {p} has no {CHECKPOINTS}/{BEST} or {LAST}; train "
+                              f"that fold first")
+        return [trained_checkpoint(f) for f in folds]
+    if p.is_dir():
+        raise LayoutError(f"{p} is neither a run folder (no {CHECKPOINTS}/ inside) nor a folder of fold<k> runs")
+    raise LayoutError(f"run {p} not found; expected a run folder, a checkpoint file or the name of "
+                      f"{p.name}-fold<k> folders")
+
+
+def resolve_checkpoint(arg: str | os.PathLike) -> Path:
+    """The one checkpoint file of a run folder or checkpoint argument (LayoutError if it names several)."""
+    found = resolve_checkpoints(arg)
+    if len(found) != 1:
+        raise LayoutError(f"{arg} names {len(found)} fold checkpoints; give one run folder or checkpoint file")
+    return found[0]
+
+
+def cache_dir(dataset_json: str | os.PathLike) -> Path:
+    """The default HDF5 cache folder of a dataset: data/cache/<name of the folder holding dataset.json>."""
+    return CACHE_ROOT / (Path(dataset_json).parent.name or "dataset")
+
+
+def annotations_csv(dataset_json: str | os.PathLike) -> Path:
+    """Where a dataset's annotations are: annotations.csv beside its dataset.json."""
+    return Path(dataset_json).parent / ANNOTATIONS
+
+
+def dataset_annotations(dataset_json: str | os.PathLike) -> Path | None:
+    """annotations_csv(dataset_json) when that file exists, else None (then nodules come from the masks)."""
+    p = annotations_csv(dataset_json)
+    return p if p.is_file() else None

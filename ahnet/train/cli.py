@@ -1,0 +1,30 @@
+"""``python -m ahnet.train`` (console script ``ahnet-train``): one training stage, or every fold with --all-folds."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ahnet import cli
+from ahnet.config import build_parser, load_config
+
+from .errors import TrainingDiverged
+from .loop import train, train_all_folds
+
+PROG = "ahnet.train"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad settings or input (one error line), 3 the run diverged."""
+    parser = build_parser(PROG)
+    return cli.run(PROG, lambda: _main(parser, argv), codes={TrainingDiverged: 3})
+
+
+def _main(parser, argv) -> int:
+    cfg, _ = load_config(argv, parser)
+    if cfg.all_folds:
+        train_all_folds(cfg)
+        return 0
+    res = train(cfg)
+    print(f"[train] done: {res['run']} (best epoch {res['best_epoch']}, checkpoints in "
+          f"{Path(res['last']).parent})" + (f"; {res['stopped']}" if res['stopped'] else ""))
+    return 0

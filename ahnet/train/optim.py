@@ -1,0 +1,67 @@
+"""Optimiser (Adam with an encoder group), learning-rate schedule, GradScaler and loss of a run."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ahnet.config import TrainConfig
+from ahnet.losses import build_loss, loss_kwargs
+from ahnet.precision import AmpSettings
+
+
+def lr_factor(t: int, total: int, schedule: str = "cosine", warmup: int = 0, min_ratio: float = 0.01,
+              power: float = 0.9) -> float:
+    """Multiplier of the base learning rate at optimiser step t (0-based) of ``total``."""
+    if warmup > 0 and t < warmup:
+        return 0.01 + 0.99 * t / warmup
+    if schedule == "constant":
+        return 1.0
+    u = min(max((t - warmup) / max(1, total - warmup), 0.0), 1.0)
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * u))
+    if schedule == "poly":
+        return (1.0 - u) ** power
+    raise ValueError(f"schedule must be cosine, poly or constant, got {schedule!r}.")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with two parameter groups: ``encoder.*`` at lr_encoder (default lr) and the rest at lr."""
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (enc if name.startswith("encoder.") else rest).append(p)
+    lr_enc = cfg.lr if cfg.lr_encoder is None else cfg.lr_encoder
+    groups = []
+    if enc:
+        groups.append({"params": enc, "lr": lr_enc, "name": "encoder"})
+    if rest:
+        groups.append({"params": rest, "lr": cfg.lr, "name": "decoder"})
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR of lr_factor over epochs x steps-per-epoch."""
+    total = cfg.epochs * cfg.steps_per_epoch
+
+    def factor(t: int) -> float:   # a closure, so the scheduler's state dict stays plain values
+        return lr_factor(t, total, cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio, cfg.poly_power)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, amp: AmpSettings):
+    """(optimizer, scheduler, GradScaler, loss) of a run; the loss from ahnet.losses by the run's settings."""
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
+    loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.dice_smooth))
+    return opt, sched, scaler, loss_fn
+
+
+def group_lrs(opt: torch.optim.Optimizer) -> tuple[float, float | None]:
+    """(learning rate of the decoder group, of the encoder group or None) right now."""
+    lrs = {g.get("name", "decoder"): g["lr"] for g in opt.param_groups}
+    main = lrs.get("decoder", next(iter(lrs.values())))
+    return float(main), (float(lrs["encoder"]) if "encoder" in lrs else None)

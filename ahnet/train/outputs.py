@@ -1,0 +1,49 @@
+"""What a run writes besides checkpoints: log.csv (one row per epoch) and progress.png, both atomically."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from ahnet.atomic import atomic_path
+
+LOG_COLUMNS = ("epoch", "step", "loss", "lr", "lr_encoder", "skipped_steps", "skipped_total", "samples_per_s",
+               "val_dice", "seconds")
+
+
+def write_log(history: list[dict], path: Path) -> None:
+    """log.csv: one row per epoch, columns LOG_COLUMNS (empty cell = no value)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+
+
+def plot_progress(history: list[dict], path: Path, title: str = "") -> None:
+    """progress.png: training loss, validation Dice and learning rate per epoch."""
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax[0].plot(ep, [r["loss"] if r["loss"] is not None else np.nan for r in history], "o-")
+    ax[0].set(xlabel="epoch", ylabel="training loss", yscale="log" if all(
+        (r["loss"] or 0) > 0 for r in history) else "linear")
+    vd = [r["val_dice"] if r["val_dice"] is not None else np.nan for r in history]
+    ax[1].plot(ep, vd, "o-", color="C2")
+    ax[1].set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1))
+    ax[2].plot(ep, [r["lr"] for r in history], "o-", color="C1", label="lr")
+    if any(r.get("lr_encoder") not in (None, r["lr"]) for r in history):
+        ax[2].plot(ep, [r["lr_encoder"] for r in history], "s--", color="C3", label="lr encoder")
+        ax[2].legend()
+    ax[2].set(xlabel="epoch", ylabel="learning rate (end of epoch)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)

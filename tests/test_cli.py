@@ -1,0 +1,79 @@
+"""ahnet.cli: one error line on stderr and exit code 2, for usage errors and input errors alike."""
+import pytest
+import torch
+
+from ahnet import cli
+from ahnet.precision import resolve_device
+
+
+def test_parser_usage_error_is_one_line(capsys):
+    p = cli.Parser("ahnet.thing")
+    p.add_argument("--n", type=int, required=True)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--n", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ahnet.thing: error: argument --n: invalid int value") and err.count("\n") == 1
+    assert "python -m ahnet.thing" in p.format_usage()
+
+
+def test_run_turns_value_and_os_errors_into_one_line(capsys):
+    def bad():
+        raise ValueError("first line\nsecond line")
+
+    assert cli.run("ahnet.x", bad) == 2
+    assert capsys.readouterr().err == "ahnet.x: error: first line\n"
+    assert cli.run("ahnet.x", lambda: open("/nonexistent/dir/f")) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    assert cli.run("ahnet.x", lambda: None) == 0 and cli.run("ahnet.x", lambda: 3) == 3
+
+    class Diverged(ValueError):
+        pass
+
+    def diverge():
+        raise Diverged("stopped")
+
+    assert cli.run("ahnet.x", diverge, codes={Diverged: 3}) == 3
+    with pytest.raises(KeyError):                 # a bug stays a traceback
+        cli.run("ahnet.x", lambda: {}["k"])
+
+
+@pytest.mark.parametrize("name, match", [("bogus", "'bogus' is not a torch device"),
+                                         ("cuda", "asked for a GPU but this torch"),
+                                         ("meta", "only cpu, cuda and mps")])
+def test_device_errors_are_one_sentence(name, match):
+    if name == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=match) as e:
+        resolve_device(name)
+    assert "\n" not in str(e.value)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_every_user_facing_command_has_a_console_script():
+    import configparser
+    import importlib
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    lines = [ln.strip() for ln in cfg["options.entry_points"]["console_scripts"].splitlines() if ln.strip()]
+    scripts = dict(ln.split(" = ") for ln in lines)
+    assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
+                            "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+@pytest.mark.parametrize("module", ["ahnet.train.cli", "ahnet.pipeline", "ahnet.experiment", "ahnet.evaluate.cli",
+                                    "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__"])
+def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("unrecognized arguments: --no-such-flag" in err or "are required" in err)
+    assert err.startswith(module.replace(".cli", "").replace(".__main__", "") + ": error:")
