@@ -27,7 +27,6 @@ This module imports the inference stage only, never the evaluation modules.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,32 +126,36 @@ def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
 
 
 def _progress(items, **kw):
+    """A progress bar on stderr, unless cli.quiet() (CI, or stderr is no terminal: an error line stays alone)."""
     from tqdm import tqdm
-    quiet = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-    return tqdm(items, disable=quiet, file=sys.stderr, **kw)
+    return tqdm(items, disable=cli.quiet(), file=sys.stderr, **kw)
 
 
-def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
-                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
-                  min_distance_mm: float = 5.0, channels_last: bool = False) -> dict:
-    """Predict every Case, writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv.
-
-    One case in memory at a time (image, scaled image, probability map; accumulators inside ahnet.infer).
-    Returns {"cases": [case_id], "candidates": n rows, "csv": path}.
-    """
+def check_outputs(out, threshold: float) -> Path:
+    """--out (a folder, created if missing) and --threshold, checked before any work (PredictInputError)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PredictInputError(f"--out {out} is a file; expected a folder (created if missing)")
     if not 0.0 <= threshold <= 1.0:
         raise PredictInputError(f"--threshold {threshold} must be a probability in [0, 1]")
-    ens.check(window, amp)                                  # --window and --amp before the first case
+    return out
+
+
+def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: str = "components",
+                      min_distance_mm: float = 5.0) -> dict:
+    """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32
+    probabilities), writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv.
+
+    One case in memory at a time (image, scaled image, probability map). Returns {"cases": [case_id],
+    "candidates": n rows, "csv": path}. ahnet.client writes its files through this too.
+    """
+    out = check_outputs(out, threshold)
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
     for case in _progress(cases, desc="predict", unit="case"):
         vol = io.read_image(case.image)
         scale_in_place(vol.array)
-        prob = predict_volume(ens, vol.array, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
-                              channels_last=channels_last)
+        prob = probability(vol.array)
         vol.array = None
         io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
         io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
@@ -162,6 +165,22 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
         done.append(case.case_id)
     csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
     return {"cases": done, "candidates": len(rows), "csv": csv_path}
+
+
+def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
+                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
+                  min_distance_mm: float = 5.0, channels_last: bool = False) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume) and write its files (write_predictions).
+
+    Accumulators live inside ahnet.infer. Returns {"cases": [case_id], "candidates": n rows, "csv": path}.
+    """
+    check_outputs(out, threshold)
+    ens.check(window, amp)                                  # --window and --amp before the first case
+
+    def probability(image01):
+        return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
+                              channels_last=channels_last)
+    return write_predictions(cases, out, probability, threshold, candidates, min_distance_mm)
 
 
 def build_parser() -> cli.Parser:
