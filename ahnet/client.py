@@ -3,11 +3,12 @@
     python -m ahnet.client --url localhost:8000 --input scans/ --out pred/ [--model NAME] [--protocol grpc]
 
 Inputs as ahnet.predict (an image file, a DICOM series folder, a folder of images, or a dataset.json with
-``--split``). Per case: HU clipped and scaled to [0, 1] as ahnet.predict does, then ahnet.infer's sliding windows
-(the same windows, padding and Gaussian blending; the window rule of ahnet.predict with the server's input
-multiple and default window) run on this machine, ``--batch`` windows per request to the server, which answers
-their probabilities (the ensemble's mean by default). Writes ``<out>/<case_id>_prob.nii.gz``,
-``<out>/<case_id>_mask.nii.gz`` and ``<out>/candidates.csv`` exactly as ahnet.predict does.
+``--split``). Per case, through ahnet.predict's own reading, scaling and writing (``write_predictions``): HU
+clipped and scaled to [0, 1], then ahnet.infer's sliding windows (``sliding_window_predict``: the same windows,
+padding and Gaussian blending; ``window_for`` with the served model's input multiple and default window) run on
+this machine, ``--batch`` windows per request to the server, which answers their probabilities (the ensemble's
+mean by default). Writes ``<out>/<case_id>_prob.nii.gz``, ``<out>/<case_id>_mask.nii.gz`` and
+``<out>/candidates.csv`` exactly as ahnet.predict does.
 
 A refused connection is retried ``--retries`` times, ``--retry-wait`` seconds apart, with a message on stderr each
 time; then the client exits with code 2. Bad input and a server's error reply print one line
@@ -15,7 +16,6 @@ time; then the client exits with code 2. Bad input and a server's error reply pr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .serve import adapter, store
+from . import cli, predict
+from .infer import sliding_window_predict, window_for
+from .serve import store
 
 PROG = "ahnet.client"
 
@@ -150,34 +152,35 @@ class RemoteWindows(nn.Module):
         return torch.from_numpy(np.array(p, np.float32))
 
 
+def remote_probability(remote: RemoteWindows, default_window, window=None, overlap: float = 0.5, batch: int = 4,
+                       tta: bool = False):
+    """image01 (z, y, x) -> (z, y, x) float32 probabilities through the server: ahnet.infer's sliding windows with
+    ``remote`` as the model (it answers probabilities, so no activation on top), the window by window_for."""
+    def probability(image01: np.ndarray) -> np.ndarray:
+        win = window_for(image01.shape, remote.input_multiple, default_window, window)
+        x = torch.from_numpy(np.ascontiguousarray(image01, np.float32))[None, None]
+        p = sliding_window_predict(remote, x, window=win, overlap=overlap, batch_size=batch, flip_tta=tta,
+                                   amp=False, activation=None)
+        return p[0, 0].numpy()
+    return probability
+
+
 def run_cases(conn: Connection, model: str, cases, out, window=None, overlap: float = 0.5, batch: int = 4,
               tta: bool = False, threshold: float = 0.5, method: str = "components",
-              min_distance_mm: float = 5.0, log=None) -> dict:
+              min_distance_mm: float = 5.0) -> dict:
     """Predict every case through the server and write ahnet.predict's files; returns {"cases", "candidates",
     "csv"}."""
-    out = Path(out)
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
     if window is not None:
-        adapter.window_for((1, 1, 1), multiple, meta["window"], window)   # checked before the first case
+        window_for((1, 1, 1), multiple, meta["window"], window)          # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, done = [], []
-    for case in cases:
-        vol, image01 = adapter.read_scaled(case.image)
-        win = adapter.window_for(image01.shape, multiple, meta["window"], window)
-        prob = adapter.blend(remote, image01, win, overlap=overlap, batch=batch, tta=tta)
-        vol.array = None
-        rows += adapter.write_case(out, case.case_id, prob, vol, threshold, method, min_distance_mm)
-        done.append(case.case_id)
-        if log:
-            log(f"[client] {case.case_id}: window {win}, {prob.shape} -> {out}")
-    csv = adapter.write_candidates(out, rows)
-    return {"cases": done, "candidates": len(rows), "csv": csv}
+    probability = remote_probability(remote, meta["window"], window, overlap, batch, tta)
+    return predict.write_predictions(cases, out, probability, threshold, method, min_distance_mm)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ahnet.client", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="HOST:PORT of the server's HTTP (or --protocol grpc) endpoint")
     ap.add_argument("--protocol", choices=("http", "grpc"), default="http")
     ap.add_argument("--input", required=True, help="image file, DICOM folder, folder of images, or dataset.json")
@@ -206,28 +209,24 @@ def _check(a) -> None:
         raise ClientError(f"--overlap {a.overlap} must lie in [0, 1)")
     if a.batch < 1:
         raise ClientError(f"--batch {a.batch} must be >= 1")
-    if not 0.0 <= a.threshold <= 1.0:
-        raise ClientError(f"--threshold {a.threshold} must be a probability in [0, 1]")
     if a.retries < 0 or a.retry_wait < 0 or a.timeout <= 0:
         raise ClientError("--retries and --retry-wait must be >= 0 and --timeout > 0")
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ClientError(f"--out {out} is a file; expected a folder (created if missing)")
+    predict.check_outputs(a.out, a.threshold)
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        _check(a)
-        cases = adapter.find_cases(a.input, a.split)
-        conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
-        conn.ready()
-        model = a.model or model_info(conn)["name"]
-        res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
-                        threshold=a.threshold, method=a.candidates, min_distance_mm=a.min_distance_mm)
-    except (ClientError,) + adapter.INPUT_ERRORS as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(PROG, lambda: _main(a))
+
+
+def _main(a) -> int:
+    _check(a)
+    cases = predict.find_cases(a.input, a.split)
+    conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
+    conn.ready()
+    model = a.model or model_info(conn)["name"]
+    res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
+                    threshold=a.threshold, method=a.candidates, min_distance_mm=a.min_distance_mm)
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     return 0

@@ -2,43 +2,45 @@
 
     python -m ahnet.export --runs runs/ahnet_cv --out models/ahnet_cv [--formats torchscript onnx] [--opset 18]
 
-Runs (``--runs``): what ahnet.predict takes (run folders, checkpoint files, a folder of fold*/ runs, or the name X
-of sibling folders X-fold<k>); 3D models only (ahnet, unet3d), one input and one output channel. The folder's
-layout and model.json are described in ahnet.serve.store.
+Runs (``--runs``): what ahnet.predict takes, loaded by ahnet.infer.load_ensemble (run folders, checkpoint files,
+a folder of fold<k> runs, or the name X of sibling folders X-fold<k>; ahnet.paths resolves them), 3D models only
+(registry dims 3: ahnet, unet3d). The folder's layout and model.json are described in ahnet.serve.store; its
+default window is the ensemble's own (ahnet.infer's window rule before the cap at a volume's shape).
 
-TorchScript: torch.jit.trace on a window of the model's input multiple (the traced graph keeps every size
+TorchScript: torch.jit.trace on windows of twice the model's input multiple (the traced graph keeps every size
 symbolic). ONNX: torch.onnx.export through torch.export with the batch and every spatial axis dynamic in
-multiples of the model's input multiple (D = m_D * d, ...), opset ``--opset`` (default 18). AH-Net's pyramid
-pooling max-pools blocks whose size depends on the input; ONNX's MaxPool needs a fixed kernel, so the exported
-copy pools the same blocks by a reshape and a maximum (the same values; checked below at two window sizes).
+multiples of the model's input multiple (D = m_D * d, ...), opset ``--opset`` (default 18). The network itself
+pools its pyramid by reshape and maximum under torch.export (ahnet.nets.blocks.PyramidPooling), so one graph
+holds at every window size; the verification at two window sizes checks exactly that.
 
 Verification, for every fold and format, as the file is written: the exported model's logits on random [0, 1]
 volumes at two window sizes (the default window with batch 2, and one input multiple more on every axis) against
 PyTorch's; the max |difference| is printed, and the export fails (exit 1, nothing written) above ``--tol``
 (default 1e-4, fp32). ONNX files also pass ``onnx.checker`` and run in ONNX Runtime (CPU). The output folder is
-written under a temporary name and renamed when complete; ``--force`` replaces an existing one.
+written under a temporary name and renamed when complete; ``--force`` replaces an existing one. Bad input: one
+line ``ahnet.export: error: ...``, exit 2; a failed verification: the same line, exit 1.
 """
 from __future__ import annotations
 
-import argparse
-import copy
+import json
 import logging
-import math
 import os
 import shutil
 import sys
-import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from . import cli
 from .data.preprocess import HU_MAX, HU_MIN
-from .serve import adapter, store
+from .infer import Ensemble, Member, load_ensemble
+from .nets.blocks import PyramidPooling
+from .serve import store
 
-PROG = "python -m ahnet.export"
+PROG = "ahnet.export"
+UNCAPPED = (1 << 30,) * 3       # a volume shape no window is capped at: the ensemble's default window
 DEFAULT_OPSET = 18
 DEFAULT_TOL = 1e-4
 
@@ -47,53 +49,23 @@ class ExportError(ValueError):
     """A run or option that cannot be exported (one sentence)."""
 
 
-class VerificationError(RuntimeError):
+class VerificationError(ValueError):
     """An exported file whose output differs from PyTorch's by more than the tolerance."""
 
 
 # ------------------------------------------------------------------------------------------------ models
 
-def _pooled_maps_by_blocks(self, x: torch.Tensor) -> list:
-    """PyramidPooling.pooled_maps for in-plane sizes divisible by the finest grid g: the max over each of the
-    g x g blocks by reshape + amax (ONNX-exportable with dynamic sizes), coarser grids by 2 x 2 pools of it."""
-    if not self.grids:
-        return []
-    n, c, d, h, w = x.shape
-    g = self.grids[-1]
-    maps = [x.reshape(n, c, d, g, h // g, g, w // g).amax(dim=(4, 6))]
-    for _ in self.grids[:-1]:
-        maps.insert(0, F.max_pool3d(maps[0], (1, 2, 2)))
-    return maps
-
-
-def _pyramids(model):
-    from .nets.blocks import PyramidPooling
-    return [m for m in model.modules() if isinstance(m, PyramidPooling)]
-
-
-def check_exportable(fold: adapter.Fold, multiple) -> None:
+def check_exportable(member: Member, multiple) -> None:
     """Refuse models whose exported graph would hold for some window sizes only. AH-Net's pyramid pools the map
-    at half the input's in-plane size into grids up to g x g: exact blocks only when g divides multiple / 2."""
-    if fold.name not in adapter.THREE_D:
-        raise ExportError(f"{fold.path} holds a {fold.name!r} model; export serves 3D models "
-                          f"({', '.join(adapter.THREE_D)}) by sliding windows")
-    for key in ("in_channels", "out_channels"):
-        if int(fold.kwargs.get(key, 1)) != 1:
-            raise ExportError(f"{fold.path} has {key} {fold.kwargs[key]}; serving takes one CT channel in and "
-                              f"gives one foreground probability")
-    for p in _pyramids(fold.model):
-        if p.grids and any((m // 2) % p.grids[-1] for m in multiple[1:]):
-            raise ExportError(f"{fold.path}: pyramid depth {p.depth} pools into a {p.grids[-1]} x "
+    at half the input's in-plane size into grids up to g x g: equal blocks only when g divides multiple / 2."""
+    if member.dims != 3:
+        raise ExportError(f"{member.path} holds a 2D {member.name!r} model; export serves 3D models by sliding "
+                          f"windows")
+    for p in member.model.modules():
+        if isinstance(p, PyramidPooling) and p.grids and any((m // 2) % p.grids[-1] for m in multiple[1:]):
+            raise ExportError(f"{member.path}: pyramid depth {p.depth} pools into a {p.grids[-1]} x "
                               f"{p.grids[-1]} grid that windows of multiple {tuple(multiple)} do not always "
                               f"divide; an exported graph would be right for some window sizes only")
-
-
-def onnx_ready(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose pyramid pooling uses fixed-shape operations (same values)."""
-    m = copy.deepcopy(model).eval()
-    for p in _pyramids(m):
-        p.pooled_maps = types.MethodType(_pooled_maps_by_blocks, p)
-    return m
 
 
 def export_torchscript(model, example: torch.Tensor, path: Path) -> None:
@@ -116,7 +88,7 @@ def export_onnx(model, example: torch.Tensor, multiple, path: Path, opset: int) 
         level = log.level
         log.setLevel(logging.ERROR)
         try:
-            torch.onnx.export(onnx_ready(model), (example,), str(path), input_names=[store.INPUT],
+            torch.onnx.export(model, (example,), str(path), input_names=[store.INPUT],
                               output_names=["logits"], dynamic_shapes={"x": axes}, opset_version=opset,
                               dynamo=True, external_data=False, verbose=False)
         finally:
@@ -143,15 +115,18 @@ def verify(model, runner, shapes, seed: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _model_json(name, folds, multiple, window, window_source, opset, fold_entries) -> dict:
-    spacing = sorted({tuple(f.kwargs["spacing"]) for f in folds if f.kwargs.get("spacing")})
+def _model_json(name: str, ens: Ensemble, window, opset, fold_entries) -> dict:
+    members = ens.members
+    spacing = sorted({tuple(m.kwargs["spacing"]) for m in members if m.kwargs.get("spacing")})
     return {
         "schema": store.SCHEMA, "name": name,
-        "architecture": [{"model_name": f.name, "model_kwargs": f.kwargs} for f in folds],
-        "input_multiple": list(multiple), "window": list(window), "window_source": window_source,
-        "window_rule": "--window (a multiple of input_multiple), else window; rounded up to input_multiple and "
-                       "capped at the volume's shape rounded up to it (ahnet.predict's rule)",
-        "overlap_default": 0.5, "blend": "gaussian, sigma = window / 8 (ahnet.infer)",
+        "architecture": [{"model_name": m.name, "model_kwargs": m.kwargs} for m in members],
+        "input_multiple": list(ens.multiple), "window": list(window),
+        "window_source": "training patch_size" if ens.patch_size else "DEFAULT_WINDOW of ahnet.infer",
+        "window_rule": "ahnet.infer.window_for(volume shape, input_multiple, window, --window): --window (a "
+                       "multiple of input_multiple), else window; rounded up to input_multiple and capped at the "
+                       "volume's shape rounded up to it",
+        "overlap_default": 0.5, "blend": "gaussian, sigma = window / 8 (ahnet.infer.sliding_window_predict)",
         "spacing": {"inference": "native spacing of each scan, no resampling (as ahnet.predict)",
                     "model_spacing_mm": [list(s) for s in spacing]},
         "intensity": {"clip_hu": [HU_MIN, HU_MAX], "scale_to": [0.0, 1.0],
@@ -160,15 +135,13 @@ def _model_json(name, folds, multiple, window, window_source, opset, fold_entrie
         "output": {"name": store.OUTPUT, "dtype": "float32", "layout": "(N, 1, D, H, W)",
                    "meaning": "sigmoid of the logits; the ensemble serves the mean over folds"},
         "opset": opset, "torch": torch.__version__,
-        "config_hash": store.config_hash([f.config for f in folds]),
+        "config_hash": store.config_hash([m.config for m in members]),
         "folds": fold_entries,
     }
 
 
-def export_runs(runs, out, formats=store.FORMATS, opset: int = DEFAULT_OPSET, tol: float = DEFAULT_TOL,
-                force: bool = False, seed: int = 0, log=print) -> dict:
-    """Export every fold of ``runs`` into ``out`` (see the module docstring); returns model.json's dict."""
-    out = Path(out)
+def check_options(out: Path, formats, opset: int, tol: float, force: bool) -> tuple:
+    """The options, checked before any model is loaded (ExportError); returns the formats without repeats."""
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in store.FORMATS]
     if bad or not formats:
@@ -181,45 +154,53 @@ def export_runs(runs, out, formats=store.FORMATS, opset: int = DEFAULT_OPSET, to
         raise ExportError(f"--out {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; expected a folder")
-    folds = adapter.load_folds(runs)
-    multiple = [1, 1, 1]
-    for f in folds:
-        multiple = [math.lcm(a, int(b)) for a, b in zip(multiple, getattr(f.model, "input_multiple", (1, 1, 1)))]
-    for f in folds:
-        check_exportable(f, multiple)
-    patches = [tuple(int(v) for v in f.config["patch_size"]) for f in folds if f.config.get("patch_size")]
-    patch = tuple(max(p[i] for p in patches) for i in range(3)) if patches else None
-    window = adapter.window_for((10 ** 6,) * 3, multiple, patch)
+    return formats
+
+
+def export_fold(member: Member, k: int, root: Path, formats, multiple, shapes, opset: int, tol: float, seed: int,
+                log) -> dict:
+    """Fold k's files under ``root``/fold<k>, traced on a batch of 2 windows of twice the input ``multiple``,
+    each verified on ``shapes`` as it is written; returns its model.json entry."""
     example = torch.rand((2, 1) + tuple(2 * m for m in multiple), generator=torch.Generator().manual_seed(seed))
+    fname = f"fold{k}"
+    (root / fname).mkdir(parents=True)
+    entry = {"name": fname, "checkpoint": str(member.path.resolve()), "model_name": member.name,
+             "config_hash": store.config_hash(member.config), "files": {}, "max_abs_diff": {}}
+    for fmt in formats:
+        rel = f"{fname}/{store.TORCHSCRIPT if fmt == 'torchscript' else store.ONNX}"
+        if fmt == "torchscript":
+            export_torchscript(member.model, example, root / rel)
+            runner = store.torchscript_runner(root / rel, "cpu")
+        else:
+            export_onnx(member.model, example, multiple, root / rel, opset)
+            runner = store.onnx_runner(root / rel)
+        diff = verify(member.model, runner, shapes, seed + k)
+        log(f"[export] {fname} {fmt}: max |diff| {diff:.3e} vs PyTorch (fp32) over inputs "
+            f"{', '.join(str(s) for s in shapes)}" + (f", opset {opset}" if fmt == "onnx" else ""))
+        if not diff <= tol:
+            raise VerificationError(f"{fname} {fmt}: max |diff| {diff:.3e} exceeds --tol {tol:g}")
+        entry["files"][fmt], entry["max_abs_diff"][fmt] = rel, diff
+    return entry
+
+
+def export_runs(runs, out, formats=store.FORMATS, opset: int = DEFAULT_OPSET, tol: float = DEFAULT_TOL,
+                force: bool = False, seed: int = 0, log=print) -> dict:
+    """Export every fold of ``runs`` into ``out`` (see the module docstring); returns model.json's dict."""
+    out = Path(out)
+    formats = check_options(out, formats, opset, tol, force)
+    ens = load_ensemble(runs, "cpu", allow_mixed=True)
+    multiple = ens.multiple
+    for m in ens.members:
+        check_exportable(m, multiple)
+    window = ens.window(UNCAPPED)
     shapes = [(2, 1) + tuple(window), (1, 1) + tuple(w + m for w, m in zip(window, multiple))]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     for left in out.parent.glob(f".{out.name}.tmp-*"):     # leftovers of a killed export
         shutil.rmtree(left, ignore_errors=True)
-    entries = []
     try:
-        for k, f in enumerate(folds):
-            fname = f"fold{k}"
-            (tmp / fname).mkdir(parents=True)
-            entry = {"name": fname, "checkpoint": str(f.path.resolve()), "model_name": f.name,
-                     "config_hash": store.config_hash(f.config), "files": {}, "max_abs_diff": {}}
-            for fmt in formats:
-                rel = f"{fname}/{store.TORCHSCRIPT if fmt == 'torchscript' else store.ONNX}"
-                if fmt == "torchscript":
-                    export_torchscript(f.model, example, tmp / rel)
-                    runner = store.torchscript_runner(tmp / rel, "cpu")
-                else:
-                    export_onnx(f.model, example, multiple, tmp / rel, opset)
-                    runner = store.onnx_runner(tmp / rel)
-                diff = verify(f.model, runner, shapes, seed + k)
-                log(f"[export] {fname} {fmt}: max |diff| {diff:.3e} vs PyTorch (fp32) over inputs "
-                    f"{', '.join(str(s) for s in shapes)}" + (f", opset {opset}" if fmt == "onnx" else ""))
-                if not diff <= tol:
-                    raise VerificationError(f"{fname} {fmt}: max |diff| {diff:.3e} exceeds --tol {tol:g}")
-                entry["files"][fmt], entry["max_abs_diff"][fmt] = rel, diff
-            entries.append(entry)
-        meta = _model_json(out.name, folds, multiple, window, "training patch_size" if patch else
-                           "DEFAULT_WINDOW of ahnet.predict", opset if "onnx" in formats else None, entries)
-        import json
+        entries = [export_fold(m, k, tmp, formats, multiple, shapes, opset, tol, seed, log)
+                   for k, m in enumerate(ens.members)]
+        meta = _model_json(out.name, ens, window, opset if "onnx" in formats else None, entries)
         (tmp / store.MODEL_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -227,15 +208,15 @@ def export_runs(runs, out, formats=store.FORMATS, opset: int = DEFAULT_OPSET, to
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"[export] {len(folds)} fold(s) -> {out} ({', '.join(formats)}); window {tuple(window)}, input multiple "
+    log(f"[export] {ens.n_models} fold(s) -> {out} ({', '.join(formats)}); window {tuple(window)}, input multiple "
         f"{tuple(multiple)}")
     return meta
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True,
-                    help="run folders, checkpoint files, a folder of fold*/ runs, or X of X-fold<k> folders")
+                    help="run folders, checkpoint files, a folder of fold<k> runs, or X of X-fold<k> folders")
     ap.add_argument("--out", required=True, help="output folder, e.g. models/<name> (the name served)")
     ap.add_argument("--formats", nargs="+", default=list(store.FORMATS), help="torchscript and/or onnx")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
@@ -247,15 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         export_runs(a.runs, a.out, a.formats, a.opset, a.tol, a.force, a.seed)
-    except adapter.INPUT_ERRORS + (ExportError,) as e:
-        print(f"ahnet.export: error: {e}", file=sys.stderr)
-        return 2
-    except VerificationError as e:
-        print(f"ahnet.export: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(PROG, body, codes={VerificationError: 1})
 
 
 if __name__ == "__main__":

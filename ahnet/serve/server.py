@@ -17,9 +17,11 @@ the metrics port (/metrics).
 
 Bad requests: Triton itself rejects a wrong dtype, rank or channel count, a batch over --max-batch and an unknown
 model; the model rejects sizes that are not multiples, oversized windows and non-finite values, each with one
-sentence (the reply carries it after PyTriton's traceback; ahnet.client shows the sentence). A request that fails
-fails the dynamic batch it was merged into (PyTriton answers one error per batch); Triton merges only requests
-of equal shape.
+sentence: ``RequestError: <sentence>`` in the reply (PyTriton wraps it in its tracebacks, which no option turns
+off; ``ahnet.client.server_message`` takes the sentence out, and the client prints it alone), and one line
+``bad request: <sentence>`` in this server's log instead of PyTriton's traceback. A request that fails fails the
+dynamic batch it was merged into (PyTriton answers one error per batch); Triton merges only requests of equal
+shape.
 
 Shutdown: SIGTERM or SIGINT stops Triton (in-flight requests get --exit-timeout seconds) and every process it
 started. PyTriton's model stub loads libpython from the library path; the interpreter's own LIBDIR is put first on
@@ -28,9 +30,10 @@ libpython (without it: '_thread.RLock' object has no attribute '_recursion_count
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -42,9 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import cli
 from . import store
+from .process import READY_LINE, STOPPED_LINE
 
-PROG = "python -m ahnet.serve"
+PROG = "ahnet.serve"
 
 
 class RequestError(ValueError):
@@ -53,6 +58,18 @@ class RequestError(ValueError):
 
 class ServeInputError(ValueError):
     """An option or model folder the server cannot use."""
+
+
+class OneLineRequestErrors(logging.Filter):
+    """PyTriton logs every failed request with its traceback: a RequestError (the client's fault, answered with
+    its sentence) becomes one line ``bad request: <sentence>``; other failures keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.search(r"RequestError: ([^\n]+)", record.getMessage())
+        if found:
+            record.msg, record.args = "bad request: %s", (found.group(1),)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def libpython_first() -> str:
@@ -180,8 +197,8 @@ def check_options(a) -> None:
             raise ServeInputError(f"{flag} {p} is in use on {a.address}; choose a free port")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", required=True, help="a folder written by python -m ahnet.export")
     ap.add_argument("--backend", choices=tuple(store.BACKENDS), default="pytorch",
                     help="pytorch: the TorchScript files (default); onnx: the ONNX files in ONNX Runtime")
@@ -201,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(a, meta, runners, max_voxels) -> int:
     libpython_first()
     from pytriton.triton import Triton, TritonConfig
+    logging.getLogger("pytriton.proxy.inference").addFilter(OneLineRequestErrors())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -212,32 +230,31 @@ def _serve(a, meta, runners, max_voxels) -> int:
     try:
         names = bind_models(triton, meta, runners, a.max_batch, a.queue_delay_us, max_voxels)
         triton.run()
-        print(f"[serve] ready: {', '.join(names)} ({a.backend}) on http {a.address}:{a.http_port}, grpc "
+        print(f"{READY_LINE}: {', '.join(names)} ({a.backend}) on http {a.address}:{a.http_port}, grpc "
               f"{a.address}:{a.grpc_port}, metrics {a.address}:{a.metrics_port}/metrics", flush=True)
         while not stop.wait(1.0):
             if not triton.is_alive():
-                print(f"{PROG}: error: the Triton server stopped on its own", file=sys.stderr)
-                return 1
+                return cli.fail(PROG, "the Triton server stopped on its own", 1)
     finally:
         t0 = time.monotonic()
         triton.stop()
-        print(f"[serve] stopped in {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"{STOPPED_LINE} {time.monotonic() - t0:.1f} s", flush=True)
     return 0
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        check_options(a)
-        meta = store.read_model_json(a.models)
-        if Path(a.models).resolve().name != meta["name"]:
-            meta = dict(meta, name=Path(a.models).resolve().name)
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        runners = store.load_runners(a.models, a.backend, a.threads)
-    except (ServeInputError, store.StoreError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(PROG, lambda: _main(a))
+
+
+def _main(a) -> int:
+    check_options(a)
+    meta = store.read_model_json(a.models)
+    if Path(a.models).resolve().name != meta["name"]:
+        meta = dict(meta, name=Path(a.models).resolve().name)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    runners = store.load_runners(a.models, a.backend, a.threads)
     max_voxels = a.max_window_voxels or 8 * int(np.prod(meta["window"]))
     return _serve(a, meta, runners, max_voxels)
 

@@ -5,17 +5,12 @@ each a tiny AH-Net (resnet18 encoder, growth 4, one layer per dense block, pyram
 built with its own seed and saved by ahnet.checkpoint.save_checkpoint with the trainer's keys and a real
 TrainConfig. Not trained: two training steps per fold took 236 s on this shared 2-core CPU, while what serving
 must reproduce (the same probabilities and candidates as ahnet.predict for the same checkpoints) does not depend
-on how the weights were reached. Servers run as ``python -m ahnet.serve`` in their own session on free ports, are
-waited for with a bounded timeout, and are always stopped (SIGTERM, then SIGKILL of the whole group).
+on how the weights were reached. Servers run as ``python -m ahnet.serve`` through ahnet.serve.process (their own
+session on free ports, a bounded wait for ready, always stopped: SIGTERM, then SIGKILL of the whole group).
 """
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +24,7 @@ from ahnet.checkpoint import save_checkpoint  # noqa: E402
 from ahnet.config import TrainConfig  # noqa: E402
 from ahnet.data.io import Volume, write_image  # noqa: E402
 from ahnet.nets import build_model  # noqa: E402
+from ahnet.serve.process import ServerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACING = (2.5, 0.8, 0.8)
@@ -36,6 +32,17 @@ KW = dict(encoder="resnet18", growth=4, layers_per_block=1, pfn_depth=2, z_pool=
 PATCH = [16, 64, 64]                                   # the training patch: the served default window
 FOLDS = 5
 START_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """The in-process references (export verification, ahnet.predict, fold runners) on one thread while a server
+    works beside them: on this 2-core machine under other jobs' load, two OpenMP threads ran the same windows
+    10-20x slower than one. Restored for the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def save_fold(run: Path, seed: int, fold: int) -> Path:
@@ -92,39 +99,6 @@ def scans(tmp_path_factory) -> Path:
     return root
 
 
-def free_ports(n: int = 3) -> list:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def descendants(pid: int) -> set:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -133,48 +107,21 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-class Server:
-    """A running ``python -m ahnet.serve`` on free ports; ``stop()`` is idempotent."""
+# One intra-op thread: on a 2-core machine that other jobs load, two OpenMP threads ran these windows 20x slower
+# than one (4-5 s against 0.2 s per batch of 3), which is what made these tests slow, not the serving.
+SERVER_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
-    def __init__(self, models: Path, log: Path, *args: str):
-        self.http, self.grpc, self.metrics = free_ports(3)
-        self.log = log
-        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-        cmd = [sys.executable, "-m", "ahnet.serve", "--models", str(models), "--http-port", str(self.http),
-               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--threads", "2", *args]
-        self.fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "[serve] ready" not in log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start (exit {self.proc.returncode}):\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
 
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.http}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)       # anything left in its session
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(timeout=30)
-        self.fh.close()
+def start_server(models: Path, log: Path, *args: str) -> ServerProcess:
+    """python -m ahnet.serve for ``models`` on free ports, one thread, 2 s for in-flight requests at shutdown,
+    this checkout's code."""
+    return ServerProcess(models, log, ["--threads", "1", "--exit-timeout", "2", *args], env=SERVER_ENV, cwd=ROOT,
+                         start_timeout_s=START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")
 def server(exported, tmp_path_factory):
     """The 5-fold ensemble served with the PyTorch (TorchScript) backend, max batch 8."""
-    s = Server(exported, tmp_path_factory.mktemp("serverlog") / "serve.log", "--max-batch", "8")
+    s = start_server(exported, tmp_path_factory.mktemp("serverlog") / "serve.log", "--max-batch", "8")
     yield s
     s.stop()

@@ -8,7 +8,7 @@ import torch
 
 from ahnet import export
 from ahnet.data.preprocess import HU_MAX, HU_MIN
-from ahnet.evaluate import load_run
+from ahnet.infer import load_ensemble, load_member
 from ahnet.serve import store
 
 from .conftest import FOLDS, PATCH, ROOT
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.serve
 def test_model_json_and_torchscript_files(exported, cv):
     meta = store.read_model_json(exported)
     assert meta["name"] == "cv" and len(meta["folds"]) == FOLDS
-    model = load_run(cv.parent / "cv-fold3")[0]
+    model = load_member(cv.parent / "cv-fold3" / "checkpoints" / "best.pt").model
     assert meta["input_multiple"] == list(model.input_multiple) == [16, 32, 32]
     assert meta["window"] == PATCH and meta["window_source"] == "training patch_size"
     assert meta["intensity"]["clip_hu"] == [HU_MIN, HU_MAX] and meta["intensity"]["scale_to"] == [0.0, 1.0]
@@ -63,7 +63,7 @@ def test_bad_options_are_one_line(cv, tmp_path, capsys, args, words):
     assert rc == 2 and err.startswith("ahnet.export: error: ") and words in err and err.count("\n") == 1
 
 
-def test_existing_out_2d_models_and_missing_runs_are_refused(cv, tmp_path):
+def test_existing_out_2d_models_and_missing_runs_are_refused(cv, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     mc = tmp_path / "mc"
     torch.manual_seed(0)
@@ -73,12 +73,17 @@ def test_existing_out_2d_models_and_missing_runs_are_refused(cv, tmp_path):
     save_checkpoint({"model": m.state_dict(), "model_name": "mcgcn", "model_kwargs": m.config, "config": {}},
                     mc / "checkpoints" / "best.pt")
     cases = [(["--runs", str(cv.parent / "cv-fold0"), "--out", str(tmp_path / "taken")], "exists; pass --force"),
-             (["--runs", str(mc), "--out", str(tmp_path / "x")], "export serves 3D models"),
-             (["--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")], "not found")]
+             (["--runs", str(mc), "--out", str(tmp_path / "x")], "export serves 3D models")]
     for args, words in cases:
-        p = subprocess.run([sys.executable, "-m", "ahnet.export", *args], capture_output=True, text=True, cwd=ROOT)
-        assert p.returncode == 2, p.stderr
-        assert p.stderr.startswith("ahnet.export: error: ") and words in p.stderr and p.stderr.count("\n") == 1
+        assert export.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ahnet.export: error: ") and words in err and err.count("\n") == 1, err
+    # and through the module entry point
+    p = subprocess.run([sys.executable, "-m", "ahnet.export", "--runs", str(tmp_path / "nothing"), "--out",
+                        str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("ahnet.export: error: ") and "not found" in p.stderr and p.stderr.count("\n") == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_pyramid_grid_that_windows_do_not_divide_is_refused(tmp_path):
@@ -96,8 +101,7 @@ def test_pyramid_grid_that_windows_do_not_divide_is_refused(tmp_path):
 
 def test_save_fold_is_what_predict_loads(cv):
     # the fixture's fold folders resolve as ahnet.train --all-folds siblings, in fold order
-    from ahnet.serve import adapter
-    folds = adapter.load_folds([str(cv)])
+    folds = load_ensemble([str(cv)]).members
     assert [f.path.parents[1].name for f in folds] == [f"cv-fold{k}" for k in range(FOLDS)]
     assert all(f.config["fold"] == k and f.config["patch_size"] == PATCH for k, f in enumerate(folds))
 
