@@ -7,7 +7,7 @@
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
-#   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
+#   bench      benchmarks against MONAI's AHNet; --serving: Triton (python -m ahnet.bench --help)
 #   serve      Triton server for an exported ensemble   (python -m ahnet.serve --help; export: python -m ahnet.export)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -63,7 +63,8 @@ case "$cmd" in
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
   demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
-  bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
+  bench)    extras="test,peer"; [[ " $* " == *" --serving "* ]] && extras="test,peer,serve"   # the serving section
+            setup "$extras"; exec "$PY" -m ahnet.bench "$@" ;;
   serve)    setup "test,serve"; exec "$PY" -m ahnet.serve "$@" ;;
   help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
