@@ -9,7 +9,8 @@ window size must divide by it); ``window`` (D, H, W: the default window, the run
 ahnet.infer.DEFAULT_WINDOW, rounded up to the input multiple) and ``window_rule``; ``spacing`` (the scans' native spacing is used, as
 ahnet.predict does; the spacing the model's z-pooling schedule was built for); ``intensity`` (HU clipped to
 [lo, hi] and scaled to [0, 1]); ``input`` / ``output`` (tensor names, dtype, layout); ``opset``; ``folds`` (files,
-checkpoint, training config hash and the verification's max |difference| per format); ``config_hash`` (sha256
+checkpoint, training config hash and the verification per format: ``max_abs_diff`` in probability,
+``max_abs_logit_diff`` and the largest |logit| ``max_abs_logit``); ``config_hash`` (sha256
 over the folds' training configs).
 
 A runner maps a float32 numpy batch (B, 1, D, H, W) to float32 logits of the same shape, on the CPU (or the

@@ -52,6 +52,15 @@ def test_a_wrong_export_fails_verification_and_leaves_nothing(cv, tmp_path, monk
     assert not out.exists() and not list(tmp_path.glob(".m.tmp-*"))
 
 
+def test_verification_scales_the_logit_tolerance_with_the_logits():
+    """Probabilities (what is served) within tol; logits within tol x max(1, max |logit|): float32 rounding."""
+    export.check_verified("f", {"probability": 9e-6, "logits": 1.2e-4, "logit_scale": 68.3}, 1e-4)   # measured
+    with pytest.raises(export.VerificationError, match=r"f: max \|diff\| 2.000e-04 in logits exceeds --tol 0.0001 x"):
+        export.check_verified("f", {"probability": 1e-5, "logits": 2e-4, "logit_scale": 1.0}, 1e-4)
+    with pytest.raises(export.VerificationError, match=r"f: max \|diff\| 2.000e-04 in probability exceeds"):
+        export.check_verified("f", {"probability": 2e-4, "logits": 1e-3, "logit_scale": 68.3}, 1e-4)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--formats", "tensorrt"], "--formats tensorrt"),
     (["--opset", "3"], "--opset 3"),

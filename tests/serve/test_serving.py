@@ -237,7 +237,8 @@ def test_server_bad_options_are_one_line(exported, tmp_path, capsys):
 def test_onnx_backend_serves_the_same_and_sigterm_stops_everything(cv, scans, tmp_path):
     from ahnet.export import export_runs
     models = tmp_path / "onnx1"
-    meta = export_runs([str(cv.parent / "cv-fold1")], models, formats=("onnx",), log=lambda m: None)
+    # fold0's untrained logits reach |68|: float32 rounding alone puts ONNX Runtime ~1e-4 from PyTorch there
+    meta = export_runs([str(cv.parent / "cv-fold0")], models, formats=("onnx",), log=lambda m: None)
     assert meta["opset"] == 18 and meta["folds"][0]["max_abs_diff"]["onnx"] <= 1e-4
     import onnx
     dims = [d.dim_param or d.dim_value for d in onnx.load(str(models / "fold0" / "model.onnx")).graph.input[0]
@@ -246,7 +247,7 @@ def test_onnx_backend_serves_the_same_and_sigterm_stops_everything(cv, scans, tm
     s = start_server(models, tmp_path / "serve.log", "--backend", "onnx")
     try:
         ref = tmp_path / "predict"
-        assert predict.main(["--runs", str(cv.parent / "cv-fold1"), "--input", str(scans), "--out", str(ref)]) == 0
+        assert predict.main(["--runs", str(cv.parent / "cv-fold0"), "--input", str(scans), "--out", str(ref)]) == 0
         p = _client("--url", s.url, "--input", str(scans), "--out", str(tmp_path / "client"))
         assert p.returncode == 0, p.stderr
         _same_outputs(ref, tmp_path / "client", ["scan0", "scan1"])
