@@ -10,6 +10,7 @@ session on free ports, a bounded wait for ready, always stopped: SIGTERM, then S
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,15 +35,23 @@ FOLDS = 5
 START_TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="package", autouse=True)
-def _one_thread():
-    """The in-process references (export verification, ahnet.predict, fold runners) on one thread while a server
-    works beside them: on this 2-core machine under other jobs' load, two OpenMP threads ran the same windows
-    10-20x slower than one. Restored for the rest of the suite."""
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, as it was after: the in-process references (export verification, ahnet.predict,
+    fold runners) while a server works beside them. On this 2-core machine under other jobs' load, two OpenMP
+    threads ran the same windows 10-20x slower than one."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def save_fold(run: Path, seed: int, fold: int) -> Path:
@@ -72,7 +81,8 @@ def exported(cv, tmp_path_factory) -> Path:
     """models/cv: the five folds exported as TorchScript (the ONNX path has its own test)."""
     from ahnet.export import export_runs
     out = tmp_path_factory.mktemp("models") / "cv"
-    export_runs([str(cv)], out, formats=("torchscript",), log=lambda m: None)
+    with one_thread():                                 # a session fixture: set up before the package's one thread
+        export_runs([str(cv)], out, formats=("torchscript",), log=lambda m: None)
     return out
 
 
