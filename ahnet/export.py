@@ -19,9 +19,10 @@ the max |differences| are printed, and the export fails (exit 1, nothing written
 sigmoid probability) differs by more than ``--tol`` (default 1e-4, fp32), or the logits by more than ``--tol``
 times their largest magnitude (at least 1). Float32 rounding grows with the logits: the tests' untrained folds
 reach |logit| 68, where PyTorch's own float32 logits are 9e-5 off float64 and ONNX Runtime's 9e-5 too, 1.2e-4
-apart, while a frozen window size or wrong weights are off by far more. ONNX files also pass ``onnx.checker`` and run in ONNX Runtime (CPU). The output folder is
-written under a temporary name and renamed when complete; ``--force`` replaces an existing one. Bad input: one
-line ``ahnet.export: error: ...``, exit 2; a failed verification: the same line, exit 1.
+apart, while a frozen window size or wrong weights are off by far more. ONNX files also pass ``onnx.checker``
+and run in ONNX Runtime (CPU). The output folder is written under a temporary name and renamed when complete;
+``--force`` replaces an existing one. Bad input: one line ``ahnet.export: error: ...``, exit 2; a failed
+verification: the same line, exit 1.
 """
 from __future__ import annotations
 

@@ -112,10 +112,12 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
         ("cv", good.astype(np.float64), "FP64", "data-type is 'FP64', but model 'cv' expects 'FP32'"),
         ("cv", good[:, 0], "FP32", "Expected [-1,1,-1,-1,-1], got [2,16,64,64]"),
         ("cv", np.concatenate([good, good], 1), "FP32", "Expected [-1,1,-1,-1,-1], got [2,2,16,64,64]"),
-        ("cv", good[..., :48], "FP32", "window size (16, 64, 48) is not a multiple of the model's input multiple (16, 32, 32)"),
+        ("cv", good[..., :48], "FP32",
+         "window size (16, 64, 48) is not a multiple of the model's input multiple (16, 32, 32)"),
         ("cv", nan, "FP32", "holds 1 NaN or infinite value(s)"),
         ("cv", rng.random((9, 1, 16, 32, 32), dtype=np.float32), "FP32", "batch-size must be <= 8"),
-        ("cv", np.zeros((1, 1, 64, 128, 128), np.float32), "FP32", "has 1048576 voxels, over this server's limit of 524288"),
+        ("cv", np.zeros((1, 1, 64, 128, 128), np.float32), "FP32",
+         "has 1048576 voxels, over this server's limit of 524288"),
         ("no-such-model", good, "FP32", "Request for unknown model: 'no-such-model' is not found"),
     ]
     for model, arr, dtype, words in bad:
