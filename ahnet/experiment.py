@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data.cache import cache_dataset
 from .data.io import load_dataset_json, read_image
 from .evaluate.cli import evaluate_and_report
+from .evaluate.validation import make_validator
 from .train import TrainingDiverged, train
 
 PROG = "ahnet.experiment"
@@ -208,7 +209,7 @@ def run_experiment(args) -> int:
     for v, cfg in configs.items():
         print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
         t = time.time()
-        train(cfg)
+        train(cfg, validator=make_validator(cfg))
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     report = paths.run_paths(runs).report
     eval_json = dataset_json

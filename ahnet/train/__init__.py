@@ -18,12 +18,11 @@ weights as one never stopped.
 
 Modules: ``loop`` (train() in named steps, train_all_folds), ``model`` (build / transfer / restore the
 network), ``data`` (case split, patch datasets from the cache, batch preparation), ``optim`` (Adam, schedule,
-scaler, loss), ``order`` (seeded data order), ``outputs`` (log.csv, progress.png), ``cli`` (the command).
+scaler, loss), ``order`` (seeded data order), ``outputs`` (log.csv, progress.png); ``cli`` (the command, on top of the stages: ``python -m ahnet.train``).
 """
-from .cli import main
 from .data import make_datasets, prepare_batch, split_batch_2d, split_cases
 from .errors import TrainError, TrainingDiverged
-from .loop import train, train_all_folds, validate
+from .loop import Validator, train, train_all_folds, validate
 from .model import build_network, check_patch_size, model_kwargs_for
 from .optim import lr_factor, make_optimizer, make_scheduler
 from .order import EpochSampler, mix_seed
@@ -31,4 +30,4 @@ from .outputs import LOG_COLUMNS
 
 __all__ = ["TrainError", "TrainingDiverged", "EpochSampler", "mix_seed", "lr_factor", "make_optimizer",
            "make_scheduler", "model_kwargs_for", "build_network", "check_patch_size", "split_batch_2d", "split_cases",
-           "make_datasets", "prepare_batch", "validate", "train", "train_all_folds", "main", "LOG_COLUMNS"]
+           "make_datasets", "prepare_batch", "validate", "Validator", "train", "train_all_folds", "LOG_COLUMNS"]

@@ -10,7 +10,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,15 @@ from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
+
+class Validator(Protocol):
+    """Scores a model on the validation cases (higher is better), in eval mode, restoring its mode after.
+    ``name`` is the log column ("val_cpm"). The command line builds one (ahnet.evaluate.validation), since
+    scoring whole cases by detection needs the inference and evaluation stages, which training must not import."""
+    name: str
+
+    def __call__(self, model: nn.Module) -> float | None: ...
+
 
 #: settings a resumed run must share with the run it continues (the data order and the network depend on them)
 RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")
@@ -223,7 +232,8 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, amp: AmpSettings) -> float | None:
-    """Global Dice over all validation patches (sigmoid > 0.5); 1.0 when prediction and label are empty."""
+    """Global Dice over all validation patches (sigmoid > 0.5); None when the patches hold no foreground at all
+    (Dice is undefined there: an empty prediction of an empty label says nothing about a detector)."""
     if loader is None:
         return None
     was_training = model.training
@@ -239,23 +249,28 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
         psum += float(pred.sum())
         tsum += float(t.sum())
     model.train(was_training)
-    return 1.0 if psum + tsum == 0 else 2.0 * inter / (psum + tsum)
+    return None if tsum == 0 else 2.0 * inter / (psum + tsum)
 
 
-def end_epoch(s: Session, val_loader) -> None:
-    """Validate, add the epoch's log row, keep the best score, write last.pt (and best.pt when improved),
-    log.csv and progress.png, print one line."""
+def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> None:
+    """Validate (the validator's score, else patch Dice), add the epoch's log row, keep the best score, write
+    last.pt (and best.pt when improved), log.csv and progress.png, print one line."""
     cfg, p = s.cfg, s.progress
-    val_dice = validate(s.model, val_loader, cfg, s.device, s.amp)
+    t0 = time.perf_counter()
+    val_cpm = validator(s.model) if validator is not None else None
+    val_dice = validate(s.model, val_loader, cfg, s.device, s.amp) if validator is None else None
+    val_seconds = time.perf_counter() - t0
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)
     row = {"epoch": s.epoch + 1, "step": s.step, "loss": mean_loss, "lr": lr_main, "lr_encoder": lr_enc,
            "skipped_steps": p.skipped_epoch, "skipped_total": p.skipped_total,
            "samples_per_s": round(cfg.steps_per_epoch * cfg.batch_size / max(p.epoch_seconds, 1e-9), 3),
-           "val_dice": val_dice, "seconds": round(p.epoch_seconds, 3)}
+           "val_dice": val_dice, "val_cpm": val_cpm, "seconds": round(p.epoch_seconds, 3),
+           "val_seconds": round(val_seconds, 3)}
     p.history = list(p.history) + [row]
-    score = val_dice if val_dice is not None else (-mean_loss if mean_loss is not None else None)
-    improved = score is not None and (p.best_score is None or score > p.best_score)
+    score = val_cpm if val_cpm is not None else val_dice
+    score = score if score is not None else (-mean_loss if mean_loss is not None else None)
+    improved = score is not None and (p.best_score is None or score > p.best_score + cfg.min_delta)
     if improved:
         p.best_score, p.best_epoch = score, s.epoch + 1
     s.epoch += 1
@@ -265,10 +280,31 @@ def end_epoch(s: Session, val_loader) -> None:
         s.save(s.run.best)
     write_log(p.history, s.run.log)
     plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
-    vd = "n/a" if val_dice is None else f"{val_dice:.4f}"
+    name, val = ("val_cpm", val_cpm) if validator is not None else ("val_dice", val_dice)
+    vd = "n/a" if val is None else f"{val:.4f}"
     ml = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
-    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} val_dice {vd} "
+    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} {name} {vd} "
           f"skipped {row['skipped_steps']} {row['samples_per_s']:.1f} samples/s", flush=True)
+
+
+def early_stop(s: Session) -> str | None:
+    """The stop reason when --patience epochs in a row have not beaten the best score (a pure function of the
+    saved counters, so a resumed run decides as the uninterrupted one did), else None."""
+    p, k = s.progress, s.cfg.patience
+    if not k or p.best_epoch is None or s.epoch - p.best_epoch < k:
+        return None
+    return (f"early stop at epoch {s.epoch}: no better validation score for {k} epochs (best epoch "
+            f"{p.best_epoch}, score {p.best_score:.4f})")
+
+
+def resolve_validation(cfg: TrainConfig, validator: Validator | None) -> TrainConfig:
+    """cfg with ``validation`` resolved to what this run uses ("cpm" with a validator, "dice" without), so
+    config.json records what happens; TrainError when cpm is asked for without a validator."""
+    if cfg.validation == "cpm" and validator is None:
+        raise TrainError("--validation cpm needs a validator of whole validation cases (the command line builds it "
+                         "with ahnet.evaluate.validation.make_validator); pass one to train(), or use --validation "
+                         "dice.")
+    return dataclasses.replace(cfg, validation="cpm" if validator is not None else "dice")
 
 
 def summary(s: Session, stopped: str | None) -> dict:
@@ -281,14 +317,16 @@ def summary(s: Session, stopped: str | None) -> dict:
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one training stage; returns summary() (run folder, best Dice, steps, ...).
+          on_step: Callable[[int], None] | None = None, validator: Validator | None = None) -> dict:
+    """Run (or resume) one training stage; returns summary() (run folder, best score, steps, ...).
 
     ``datasets``: optional (train_ds, val_ds) in place of make_datasets(cfg) (each ds[i] a dict with
     "image" / "label" (1, D, H, W) tensors, and ``set_epoch``). ``builder``: optional stand-in for
     ahnet.nets.build_model. ``on_step(global_step)`` is called after each step (tests use it to interrupt).
+    ``validator``: scores the model at each epoch's end (ahnet.evaluate.validation.make_validator(cfg) gives
+    the CPM of whole validation cases); without one, patch Dice.
     """
-    cfg = cfg.resolved()
+    cfg = resolve_validation(cfg.resolved(), validator)
     run = paths.run_paths(cfg.out)
     resume_ck = open_run(cfg, run)                                             # 1. new run or resume
     device = resolve_device(cfg.device)                                        # 2. device and precision
@@ -301,18 +339,21 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     run.root.mkdir(parents=True, exist_ok=True)                                # 6. the run folder
     save_run_config(cfg, run.root)
     sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed)
-    val_loader = validation_loader(val_ds, cfg)
-    stopped = None
-    while s.epoch < cfg.epochs and s.step < s.total_steps:                    # 7. the epochs
+    val_loader = validation_loader(val_ds, cfg) if validator is None else None
+    stopped = early_stop(s)
+    while not stopped and s.epoch < cfg.epochs and s.step < s.total_steps:    # 7. the epochs
         stopped = run_epoch(s, train_ds, sampler, on_step)                     # 8. steps
         if stopped:
             break
-        end_epoch(s, val_loader)                                               # 9. validate, log, checkpoint
+        end_epoch(s, val_loader, validator)                                    # 9. validate, log, checkpoint
+        stopped = early_stop(s)
     return summary(s, stopped)                                                 # 10. what happened
 
 
-def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
-    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k)."""
+def train_all_folds(cfg: TrainConfig, validator_for: Callable[[TrainConfig], Validator | None] | None = None,
+                    **kw) -> list[dict]:
+    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k); ``validator_for(fold
+    config)`` gives each fold its validator (its own validation cases)."""
     if cfg.folds < 2:
         raise TrainError("--all-folds needs --folds K with K >= 2.")
     out = []
@@ -320,5 +361,5 @@ def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
         c = TrainConfig.from_dict({**cfg.to_dict(), "fold": f, "all_folds": False,
                                    "out": str(paths.fold_run(cfg.out, f))})
         print(f"[train] fold {f + 1}/{cfg.folds} -> {c.out}")
-        out.append(train(c, **kw))
+        out.append(train(c, validator=validator_for(c) if validator_for else None, **kw))
     return out
