@@ -207,12 +207,49 @@ def test_settings_are_checked_per_rank_before_any_work(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     cpu = torch.device("cpu")
-    ctx, dev = tdist.plan(TrainConfig(batch_size=4).resolved(), cpu)
+    ctx, dev = tdist.plan("cpu", cpu)
     assert (ctx.rank, ctx.world_size, ctx.backend, dev) == (1, 2, "gloo", cpu)
-    with pytest.raises(TrainError, match="must divide evenly over the 2 ranks"):
-        tdist.plan(TrainConfig(batch_size=5).resolved(), cpu)
+    assert tdist.check_batch(4) == 2
+    with pytest.raises(TrainError, match=r"divide evenly over the 2 ranks .* multiple of 2, e\.g\. --batch-size 4\."):
+        tdist.check_batch(5)
     with pytest.raises(TrainError, match="nccl needs CUDA devices"):
-        tdist.plan(TrainConfig(batch_size=4, dist_backend="nccl").resolved(), cpu)
+        tdist.plan("auto", cpu, "nccl")
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(TrainError, match="must be integers"):
-        tdist.plan(TrainConfig(batch_size=4).resolved(), cpu)
+        tdist.plan("cpu", cpu)
+
+
+@pytest.mark.parametrize("command", ["pipeline", "experiment"])
+def test_multi_stage_commands_check_every_stage_batch_before_training(monkeypatch, tmp_path, capsys, command):
+    import ahnet.experiment
+    import ahnet.pipeline
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.chdir(tmp_path)
+    if command == "pipeline":        # the shared --batch-size 6 fits neither stage over 4 ranks
+        rc = ahnet.pipeline.main(["--batch-size", "6", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
+    else:                            # the demo preset's 2D batch (8) divides by 4, its 3D batch (2) does not
+        rc = ahnet.experiment.main(["--preset", "demo", "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must divide evenly over the 4 ranks" in err[0] and err[0].endswith("(rank 0 of 4)")
+    assert not any(tmp_path.rglob("*.pt")) and not (tmp_path / "data").exists()
+
+
+def test_torchrun_trains_through_the_command_line(tmp_path):
+    """The real path: torchrun -m ahnet.train on a dataset.json (rank 0 builds the cache, rank 1 then reads it),
+    a real network, rank 0 alone printing and writing."""
+    from .data._pipeline_synth import make_dataset
+    js, _ = make_dataset(tmp_path / "ds", n_cases=3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--redirects", "3",
+           "--log-dir", str(tmp_path / "logs"), "-m", "ahnet.train", "--device", "cpu", "--model", "unet3d",
+           "--model-kwargs", '{"base_channels": 4, "max_channels": 16, "z_pool": "none"}', "--patch-size", "4", "32", "32", "--batch-size", "2",
+           "--epochs", "1", "--steps-per-epoch", "2", "--val-patches", "2", "--sync-bn", "--data", str(js),
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    logs = {f.parent.name + "/" + f.name: f.read_text() for f in (tmp_path / "logs").rglob("std*.log")}
+    assert p.returncode == 0, logs
+    assert "[train] done" in logs["0/stdout.log"] and logs["1/stdout.log"] == ""
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["step"] == 2 and ck["world_size"] == 2 and ck["config"]["sync_bn"]
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 3

@@ -47,7 +47,7 @@ from ahnet.losses import DiceLoss
 from .errors import DistributedError, TrainError
 from .syncbn import all_reduce_sum, convert_batchnorm
 
-__all__ = ["DistContext", "env_world", "check_config", "plan", "start", "wrap_model", "global_batch_loss",
+__all__ = ["DistContext", "env_world", "check_batch", "plan", "start", "wrap_model", "global_batch_loss",
            "rank_rng_state", "run_command", "BACKENDS", "PEER_FAILURE_EXIT"]
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -76,13 +76,13 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def check_config(cfg) -> int:
-    """The settings checks that need no device (run before any work, by train() and by the commands that
-    train several stages): the global batch must divide over the ranks. Returns the world size."""
+def check_batch(batch_size: int) -> int:
+    """The global batch must divide over the ranks (checked before any work, by train() and by the commands
+    that train several stages). Returns the world size."""
     _, world, _ = env_world()
-    if world > 1 and cfg.batch_size % world:
-        good = world * max(1, round(cfg.batch_size / world))
-        raise TrainError(f"--batch-size {cfg.batch_size} is the global batch (patches per optimiser step over all "
+    if world > 1 and batch_size % world:
+        good = world * max(1, round(batch_size / world))
+        raise TrainError(f"--batch-size {batch_size} is the global batch (patches per optimiser step over all "
                          f"ranks) and must divide evenly over the {world} ranks torchrun started; use a multiple "
                          f"of {world}, e.g. --batch-size {good}.")
     return world
@@ -266,34 +266,34 @@ WATCHDOG = Watchdog()
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def plan(cfg, device: torch.device) -> tuple[DistContext, torch.device]:
-    """(this rank's DistContext, the device it trains on) from torchrun's environment and the settings; every
-    setting that cannot work raises TrainError here, before the process group or any other work."""
+def plan(device_flag: str, device: torch.device, backend: str = "auto",
+         timeout_s: float = 1800.0) -> tuple[DistContext, torch.device]:
+    """(this rank's DistContext, the device it trains on) from torchrun's environment, --device (as given, and
+    resolved), --dist-backend and --dist-timeout; a setup that cannot work raises TrainError here, before the
+    process group or any other work."""
     rank, world, local = env_world()
-    check_config(cfg)
     if world == 1:
         return DistContext(), device
     if device.type == "cuda":
-        if cfg.device not in ("auto", "cuda"):
-            raise TrainError(f"--device {cfg.device}: under torchrun each rank trains on the GPU of its LOCAL_RANK; "
+        if device_flag not in ("auto", "cuda"):
+            raise TrainError(f"--device {device_flag}: under torchrun each rank trains on the GPU of its LOCAL_RANK; "
                              f"pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES.")
         if local >= torch.cuda.device_count():
             raise TrainError(f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}; start at "
                              f"most that many processes per node (torchrun --nproc_per_node).")
         device = torch.device("cuda", local)
     elif device.type != "cpu":
-        raise TrainError(f"--device {cfg.device}: data-parallel training runs on CUDA GPUs (nccl) or CPUs (gloo).")
-    backend = cfg.dist_backend
+        raise TrainError(f"--device {device_flag}: data-parallel training runs on CUDA GPUs (nccl) or CPUs (gloo).")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise TrainError(f"--dist-backend nccl needs CUDA devices but this rank trains on {device.type} (--device "
-                         f"{cfg.device}); use --dist-backend gloo (or auto) to train on CPUs.")
+                         f"{device_flag}); use --dist-backend gloo (or auto) to train on CPUs.")
     available = {"nccl": dist.is_nccl_available(), "gloo": dist.is_gloo_available()}[backend]
     if not available:
         raise TrainError(f"--dist-backend {backend}: this torch ({torch.__version__}) was built without it; use "
                          f"--dist-backend {'gloo' if backend == 'nccl' else 'nccl'}.")
-    return DistContext(rank, world, local, backend, float(cfg.dist_timeout)), device
+    return DistContext(rank, world, local, backend, float(timeout_s)), device
 
 
 def start(ctx: DistContext, device: torch.device) -> DistContext:

@@ -334,7 +334,8 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     """
     cfg = cfg.resolved()
     run = paths.run_paths(cfg.out)
-    ctx, device = dist.plan(cfg, resolve_device(cfg.device))                   # 1. ranks, device, precision
+    dist.check_batch(cfg.batch_size)                                           # 1. ranks, device, precision
+    ctx, device = dist.plan(cfg.device, resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
     amp = resolve_amp(cfg.amp, device)
     resume_ck = open_run(cfg, run)                                             # 2. new run or resume
     configure_kernels(device, cfg.deterministic)
