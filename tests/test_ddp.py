@@ -164,7 +164,8 @@ def test_a_killed_rank_stops_the_other_with_one_line_and_the_run_resumes_exactly
     ref, got = _tensors(_last(tmp, "ref")), _tensors(_last(tmp, "cut"))
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    rows = [[(r["step"], r["loss"], r["val_dice"]) for r in _last(tmp, n)["metrics"]["history"]] for n in ("ref", "cut")]
+    rows = [[(r["step"], r["loss"], r["val_dice"]) for r in _last(tmp, n)["metrics"]["history"]]
+            for n in ("ref", "cut")]
     assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
@@ -243,7 +244,8 @@ def test_torchrun_trains_through_the_command_line(tmp_path):
     js, _ = make_dataset(tmp_path / "ds", n_cases=3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--redirects", "3",
            "--log-dir", str(tmp_path / "logs"), "-m", "ahnet.train", "--device", "cpu", "--model", "unet3d",
-           "--model-kwargs", '{"base_channels": 4, "max_channels": 16, "z_pool": "none"}', "--patch-size", "4", "32", "32", "--batch-size", "2",
+           "--model-kwargs", '{"base_channels": 4, "max_channels": 16, "z_pool": "none"}', "--patch-size", "4", "32",
+           "32", "--batch-size", "2",
            "--epochs", "1", "--steps-per-epoch", "2", "--val-patches", "2", "--sync-bn", "--data", str(js),
            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

@@ -35,6 +35,7 @@ from .optim import lr_factor, make_optimizer, make_scheduler
 from .order import EpochSampler, mix_seed
 from .outputs import LOG_COLUMNS
 
-__all__ = ["TrainError", "TrainingDiverged", "DistributedError", "EpochSampler", "mix_seed", "lr_factor", "make_optimizer",
+__all__ = ["TrainError", "TrainingDiverged", "DistributedError", "EpochSampler", "mix_seed", "lr_factor",
+           "make_optimizer",
            "make_scheduler", "model_kwargs_for", "build_network", "check_patch_size", "split_batch_2d", "split_cases",
            "make_datasets", "prepare_batch", "validate", "train", "train_all_folds", "main", "LOG_COLUMNS"]

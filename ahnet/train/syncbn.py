@@ -2,13 +2,14 @@
 
 torch.nn.SyncBatchNorm synchronises BatchNorm statistics over the ranks on GPUs only; ``GlobalBatchNorm`` does
 the same through autograd-aware all-reduces (``all_reduce_sum``: the sum over the ranks, whose gradient with
-respect to each rank's term is the sum of the ranks' incoming gradients), so it runs over gloo on CPUs as well. In training mode with a process group of more than one rank it normalises with the mean and
-the biased variance of all ranks' inputs (two all-reduces: per-channel sums and the count, then the centred
-sums of squares, which keeps the variance accurate where mean >> std) and updates the running statistics as
-nn.BatchNorm does for that whole batch (running_var from the unbiased variance, momentum or the cumulative
-average); the backward pass reaches every rank's inputs through the all-reduces. Otherwise (eval mode, or one
-process) it is nn.BatchNorm. Statistics are computed in float32 whatever the input dtype; the output has the
-input's dtype. Parameters and buffers keep BatchNorm's names, so checkpoints load into the plain network.
+respect to each rank's term is the sum of the ranks' incoming gradients), so it runs over gloo on CPUs as well.
+In training mode with a process group of more than one rank it normalises with the mean and the biased variance
+of all ranks' inputs (two all-reduces: per-channel sums and the count, then the centred sums of squares, which
+keeps the variance accurate where mean >> std) and updates the running statistics as nn.BatchNorm does for that
+whole batch (running_var from the unbiased variance, momentum or the cumulative average); the backward pass
+reaches every rank's inputs through the all-reduces. Otherwise (eval mode, or one process) it is nn.BatchNorm.
+Statistics are computed in float32 whatever the input dtype; the output has the input's dtype. Parameters and
+buffers keep BatchNorm's names, so checkpoints load into the plain network.
 """
 from __future__ import annotations
 
