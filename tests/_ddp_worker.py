@@ -4,7 +4,7 @@
 SPEC (JSON): {"runs": [TrainConfig fields, ...]}, trained one after another through ahnet.train.train with the
 CPU-tiny stand-ins below (model_kwargs {"dropout": p} adds dropout); a run may carry faults under "faults":
 {"kill" | "hang" | "nan": {"rank": r, "step": k}}: SIGKILL after step k, sleep after step k, a NaN loss at
-step k, on rank r. Errors follow
+step k, on rank r. "tf32": false turns TF32 off on CUDA. Errors follow
 ``python -m ahnet.train``'s contract (ahnet.train.dist.run_command), so the tests read real error lines.
 """
 import json
@@ -74,6 +74,8 @@ def datasets(cfg):
 def main() -> int:
     spec = json.loads(sys.argv[1])
     rank = int(os.environ.get("RANK", "0"))
+    if spec.get("tf32") is False:               # CUDA: full float32 convolutions, for a tight comparison
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     faults: dict = {}
 
     def builder(name, **kw):
