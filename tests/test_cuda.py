@@ -112,7 +112,8 @@ def _faults(net, nan_step=None, inf_grad_step=None, dtypes=None):
 
 # --------------------------------------------------------------------------------------------- AMP
 def test_fp16_steps_skip_a_nan_loss_in_the_loop_and_an_inf_gradient_in_the_scaler(tmp_path, device):
-    cfg = _cfg(tmp_path, "fp16", device, ckpt_every=1, amp="fp16" if device.type == "cuda" else "bf16")
+    cfg = _cfg(tmp_path, "fp16", device, ckpt_every=1, steps_per_epoch=8,
+               amp="fp16" if device.type == "cuda" else "bf16")
     scaler_on = device.type == "cuda"
     nets, dtypes, params, scales = [], [], {}, {}
 
@@ -132,17 +133,21 @@ def test_fp16_steps_skip_a_nan_loss_in_the_loop_and_an_inf_gradient_in_the_scale
 
     res = train(cfg, datasets=_data(cfg), builder=builder, on_step=on_step)
     final = load_checkpoint(Path(cfg.out) / "checkpoints" / "last.pt")
-    scales[0], scales[6] = (65536.0 if scaler_on else None), final["scaler"].get("scale")
+    last = cfg.steps_per_epoch
+    scales[0], scales[last] = (65536.0 if scaler_on else None), final["scaler"].get("scale")
     assert res["skipped_total"] == 1 and final["metrics"]["history"][0]["skipped_steps"] == 1
     assert set(dtypes) == {torch.float16 if scaler_on else torch.bfloat16}
     assert _same(params[2], params[1]) and scales[2] == scales[1]        # NaN loss: the loop skipped the step
-    assert all(torch.isfinite(p).all() for p in params[6].values())
-    updated = [k for k in (1, 3, 5, 6) if not _same(params[k], params[k - 1])]
-    assert len(updated) >= 2
+    assert all(torch.isfinite(p).all() for p in params[last].values())
+    plain = [k for k in range(1, last + 1) if k not in (2, 4)]
+    updated = [k for k in plain if not _same(params[k], params[k - 1])]
+    assert updated
     if scaler_on:
         assert _same(params[4], params[3]) and scales[4] == scales[3] / 2  # inf gradient: the scaler skipped it
-        for k in (1, 3, 5, 6):    # an update keeps the scale; a genuine fp16 overflow skips and halves it
+        for k in plain:    # an update keeps the scale (growth needs 2000 steps); a genuine overflow halves it
             assert scales[k] == (scales[k - 1] if k in updated else scales[k - 1] / 2), (k, scales)
+    else:
+        assert updated == plain
 
 
 def test_bf16_steps(tmp_path, device):
@@ -181,10 +186,10 @@ def test_channels_last_3d_gives_the_contiguous_outputs_and_gradients(device):
         y0.square().mean().backward()
         y1.square().mean().backward()
     assert layouts == [True]
-    assert torch.allclose(y0, y1, rtol=1e-4, atol=1e-5), float((y0 - y1).abs().max())
+    assert torch.allclose(y0, y1, rtol=1e-3, atol=1e-4), float((y0 - y1).abs().max())
     g0 = {k: p.grad for k, p in plain.named_parameters()}
     g1 = {k: p.grad for k, p in last.named_parameters()}
-    assert _rel(g0, g1, None, g0.keys()) < 1e-4
+    assert _rel(g0, g1, None, g0.keys()) < 1e-3
 
 
 def test_the_training_loop_keeps_channels_last(tmp_path, device):
@@ -271,7 +276,8 @@ def test_resume_with_trilinear_upsampling_stays_within_the_atomic_add_noise(tmp_
     buffers = [k for k in a if "running_" in k]
     figures = {"nondeterministic_kernels": nondet,
                "params_rel_resumed": _rel(a, c, init, params), "params_rel_two_runs": _rel(a, b, init, params),
-               "bn_buffers_rel_resumed": _rel(a, c, None, buffers), "bn_buffers_rel_two_runs": _rel(a, b, None, buffers)}
+               "bn_buffers_rel_resumed": _rel(a, c, None, buffers),
+               "bn_buffers_rel_two_runs": _rel(a, b, None, buffers)}
     record_property("resume_figures", json.dumps(figures))
     if not nondet:
         assert _same(a, b) and _same(a, c), figures

@@ -29,7 +29,8 @@ def _f(v, digits: int = 4) -> str:
 def _machine(doc: dict) -> list[str]:
     m = doc["machine"]
     rows = [("GPU", m.get("gpu")), ("GPUs", m.get("gpu_count")), ("GPU memory (GiB)", m.get("gpu_memory_gib")),
-            ("compute capability", m.get("gpu_capability")), ("driver", m.get("driver")), ("CUDA (torch)", m.get("cuda")),
+            ("compute capability", m.get("gpu_capability")), ("driver", m.get("driver")),
+            ("CUDA (torch)", m.get("cuda")),
             ("cuDNN", m.get("cudnn")), ("torch", m.get("torch")), ("Python", m.get("python")),
             ("CPUs", m.get("cpu_count")), ("commit", (m.get("git") or {}).get("commit"))]
     out = ["| | |", "|---|---|"] + [f"| {k} | {_f(v)} |" for k, v in rows]

@@ -29,7 +29,7 @@ from .synth import write_cases
 
 CURVE_CSV, CURVE_PNG = "learning_curve.csv", "learning_curve.png"
 PAPER = dict(cases=(12, 3), shape=(64, 256, 256), patch=[32, 128, 128], encoder="resnet50", pfn_depth=4,
-             model_kwargs={"z_pool": "paper"}, steps_per_epoch=40, val_patches=16, warmup_steps=20, workers=4)
+             model_kwargs={"z_pool": "paper"}, steps_per_epoch=60, val_patches=16, warmup_steps=20, workers=4)
 TINY = dict(cases=(3, 1), shape=(16, 96, 96), patch=[4, 32, 32], encoder="resnet18", pfn_depth=1,
             model_kwargs={"z_pool": "none"}, steps_per_epoch=2, val_patches=2, warmup_steps=0, workers=0)
 SPACING = (2.5, 0.7, 0.7)
