@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -383,7 +384,16 @@ def run_command(prog: str, body: Callable[[], int | None], codes: Mapping[type, 
     only, a lost peer exits 4, a failed rank leaves at once (a broken process group must not hang its exit) and
     a finished one leaves the group."""
     quiet_other_ranks()
-    rc = cli.run(prog, body, {**(codes or {}), DistributedError: PEER_FAILURE_EXIT})
+    try:
+        rc = cli.run(prog, body, {**(codes or {}), DistributedError: PEER_FAILURE_EXIT})
+    except BaseException as e:                # a bug (its traceback) or an exit: out without waiting on the group
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        if isinstance(e, SystemExit):
+            rc = e.code if isinstance(e.code, int) else 1
+        else:
+            traceback.print_exc()
+            rc = 1
     if dist.is_available() and dist.is_initialized():
         if rc:
             sys.stdout.flush()
