@@ -8,7 +8,7 @@
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
-#   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.gpucheck --help; no setup, no network)
+#   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.bench.gpucheck --help; no setup, no network)
 #   gpu-wheels download the wheels gpu-check installs on a bare GPU machine into .whl/ (carry .whl/ there)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -51,9 +51,13 @@ setup() {
 # gpu-check runs on a bare GPU machine: the active environment, else .venv when there is one, else python3; it
 # never creates an environment or installs from a network (missing optional modules come from .whl/).
 gpu_python() {
-  if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then PY=$(command -v python || command -v python3)
-  elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
-  else PY=$(command -v python3 || command -v python); fi
+  if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then PY=$(command -v python || command -v python3); return; fi
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; return; fi
+  local c
+  for c in python3 python; do   # the first Python on PATH that has torch
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PY=$(command -v "$c"); return; fi
+  done
+  PY=$(command -v python3 || command -v python)
 }
 
 # the wheels gpu-check needs on a machine without a network: MONAI (pure Python), for the bench's peer rows
@@ -76,7 +80,7 @@ case "$cmd" in
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
   demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
   bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
-  gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.gpucheck "$@" ;;
+  gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.bench.gpucheck "$@" ;;
   gpu-wheels) setup test
             "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
               --no-deps -d .whl "${GPU_WHEELS[@]}"

@@ -1,4 +1,4 @@
-"""``python -m ahnet.gpucheck`` (``bash run.sh gpu-check``): parse and check the options, prepare the modules,
+"""``python -m ahnet.bench.gpucheck`` (``bash run.sh gpu-check``): parse and check the options, prepare the modules,
 run the parts, write the report."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from ahnet import cli
 
 from . import env, parts, report, training
 
-PROG = "ahnet.gpucheck"
+PROG = "ahnet.bench.gpucheck"
 PARTS = ("tests", "bench", "train")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def build_parser():

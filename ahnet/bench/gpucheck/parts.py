@@ -3,7 +3,8 @@
 (a) ``pytest -m cuda tests/test_cuda.py`` in a subprocess (CUBLAS_WORKSPACE_CONFIG set before CUDA starts),
     its output and JUnit XML kept; each test's outcome, time and recorded figures are read back. On a CPU
     (``--tiny``) the tests rehearse with AHNET_CUDA_TESTS_ON_CPU=1.
-(b) ahnet.bench's workers, one fresh process per measurement: the training step (forward, loss, backward,
+(b) ahnet.bench's workers, one fresh process per measurement (``--tiny``: in this process, a rehearsal of the
+    specs and the report, not of the memory isolation): the training step (forward, loss, backward,
     Adam; median of ``repeats`` after ``warmup``) and its peak GPU memory, ours against MONAI's AHNet at the
     paper's size (ResNet50, 4 pyramid levels, 32 x 128 x 128, batch 2, float16 AMP on both sides; plain and
     channels-last), and sliding-window inference of a 128 x 512 x 512 volume (window 32 x 128 x 128, overlap
@@ -118,6 +119,15 @@ def _goal_rows(results: list) -> list[dict]:
     return rows
 
 
+def _in_process(spec: dict, timeout: float) -> dict:
+    """A worker's measurement in this process ({"error": ...} when it fails), for the CPU rehearsal."""
+    from ahnet.bench.workers import WORKERS
+    try:
+        return WORKERS[spec["kind"]](spec)
+    except Exception as e:
+        return {"error": [f"{type(e).__name__}: {e}"]}
+
+
 def run_bench(device: str, tiny: bool, have_monai: bool, timeout: float, log) -> dict:
     """Every planned measurement in its own process; the bench's table rows, and the goals."""
     from ahnet.bench.report import format_table, summarise
@@ -131,13 +141,13 @@ def run_bench(device: str, tiny: bool, have_monai: bool, timeout: float, log) ->
     plan = bench_specs(device, tiny, ["ours", "monai"])
     for i, (kind, spec) in enumerate(plan):
         log(f"[gpu-check] bench {i + 1}/{len(plan)}: {kind} {spec['impl']} {spec['dtype']} {spec['levers'] or ''}")
-        res = run_worker(dict(spec, threads=1 if tiny else None), timeout)
+        res = (_in_process if tiny else run_worker)(dict(spec, threads=1 if tiny else None), timeout)
         if "error" in res:
             log(f"    error: {res['error']}")
         results.append({"spec": spec, "result": res})
     rows = summarise(results)
     table = format_table(rows)
     errors = [r for r in results if "error" in r["result"]]
-    return {"ok": not errors, "results": results, "goals": _goal_rows(results), "table": table,
+    return {"ok": not errors, "in_process": tiny, "results": results, "goals": _goal_rows(results), "table": table,
             "rows": [dict(zip(("figure", "ours", "monai", "ratio", "unit"), r)) for r in rows],
             "seconds": round(time.monotonic() - t0, 1)}

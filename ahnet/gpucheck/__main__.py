@@ -1,6 +1,0 @@
-"""``python -m ahnet.gpucheck``: see the package docstring, or ``--help``."""
-import sys
-
-from .cli import main
-
-sys.exit(main())
