@@ -84,6 +84,8 @@ def prepare_modules(root: Path, site: Path) -> dict:
     out = {m: {"version": _version(m), "source": "present", "for": why} for m, why in REQUIRED.items()}
     for m, why in OPTIONAL.items():
         v, source = _version(m), "present"
+        if v is not None and str(getattr(sys.modules.get(m), "__file__", "")).startswith(str(site)):
+            source = f"present in {site} (installed there from {WHEEL_DIR}/ by an earlier check)"
         if v is None:
             wheels = sorted((root / WHEEL_DIR).glob(f"{WHEEL_NAMES[m]}*.whl"))
             if wheels:
