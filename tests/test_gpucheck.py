@@ -34,7 +34,8 @@ def test_tiny_check_runs_every_part_on_a_cpu(tmp_path):
     if have_monai:
         assert bench["ok"] and [g["goal"] for g in bench["goals"]] == ["train_time_ratio", "train_memory_ratio",
                                                                        "infer_seconds"]
-        assert all(g["value"] > 0 for g in bench["goals"])
+        time, _, infer = bench["goals"]           # (the memory row means nothing in one process: not checked)
+        assert time["value"] > 0 and time["met"] == (time["value"] <= 0.8) and infer["value"] > 0
     else:
         assert "gpu-wheels" in bench["skipped"]
     assert train["ok"] and train["epochs"] >= 1 and train["curve"][0]["loss"] > 0
