@@ -220,7 +220,7 @@ def run_experiment(args) -> int:
     for v, cfg in configs.items():
         print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
         t = time.time()
-        train(cfg, validator=make_validator(cfg))
+        train(cfg, validator_for=make_validator)
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     if not ctx.is_main:
         return 0

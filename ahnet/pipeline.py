@@ -116,7 +116,7 @@ def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = (
             continue
         print(f"[pipeline] {stage.upper()} stage -> {cfg.out}" + (f" (encoder from {cfg.init_from})"
                                                                   if stage == "3d" else ""))
-        out[stage] = train(cfg, validator=make_validator(cfg), **train_kw)
+        out[stage] = train(cfg, validator_for=make_validator, **train_kw)
     return out
 
 

@@ -29,7 +29,7 @@ def _main(parser, argv) -> int:
     if cfg.all_folds:
         train_all_folds(cfg, validator_for=make_validator)
         return 0
-    res = train(cfg, validator=make_validator(cfg))
+    res = train(cfg, validator_for=make_validator)
     print(f"[train] done: {res['run']} (best epoch {res['best_epoch']}, checkpoints in "
           f"{Path(res['last']).parent})" + (f"; {res['stopped']}" if res['stopped'] else ""))
     return 0

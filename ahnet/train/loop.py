@@ -24,7 +24,7 @@ from ahnet import paths
 from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.config import TrainConfig, save_run_config
-from ahnet.precision import AmpSettings, configure_kernels, resolve_amp, resolve_device
+from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
 
 from . import dist
 
@@ -146,6 +146,8 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
         model, kw, info = build_network(cfg, builder)
         name = cfg.model
     place_model(model, cfg, device)
+    if device.type == "cpu" and amp.dtype == torch.bfloat16:
+        guard_cpu_bf16_convs(model)                  # a CPU bf16 kernel bug (precision.DepthGuardedConv3d)
     net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
     dist.global_batch_loss(loss_fn, ctx)
@@ -204,11 +206,8 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
     finite, value = s.dist.agree_on_loss(loss)
     if finite:
         s.scaler.scale(loss).backward()
-        if s.cfg.grad_clip > 0:
-            s.scaler.unscale_(s.opt)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
-        s.scaler.step(s.opt)
-        s.scaler.update()
+        finite = step_optimiser(s)
+    if finite:
         p.epoch_loss_sum += value
         p.epoch_loss_n += 1
         p.bad_run = 0
@@ -217,15 +216,38 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
         p.skipped_total += 1
         p.bad_run += 1
         if p.bad_run >= s.cfg.max_bad_steps:
+            other = " / ".join(f"--amp {a}" for a in ("bf16", "off") if a != s.amp.name)
             raise TrainingDiverged(
-                f"{p.bad_run} non-finite losses in a row at step {s.step + 1} (amp {s.amp.name}, lr "
+                f"{p.bad_run} non-finite losses or gradients in a row at step {s.step + 1} (amp {s.amp.name}, lr "
                 f"{group_lrs(s.opt)[0]:.3g}); the run stops. Try a lower --lr (and --lr-encoder), --warmup-steps, "
-                f"--grad-clip 1.0, or --amp bf16 / --amp off; resume from {s.run.last} with --resume.")
+                f"--grad-clip 1.0, or {other}; resume from {s.run.last} with --resume.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "scheduler.step() before optimizer.step()" on skipped steps
         s.sched.step()
     s.step += 1
     return loss
+
+
+def step_optimiser(s: Session) -> bool:
+    """Clip (--grad-clip) and step after backward; False when the step was not taken because a gradient is
+    non-finite. With a GradScaler (fp16) that is the scaler's own business (it skips and lowers the scale);
+    without one (bf16, fp32) nothing else would stop one inf gradient from writing inf into Adam's moments and
+    every weight after them, so the step is skipped and counted like a non-finite loss. Under torchrun the
+    gradients are already averaged over ranks, so every rank decides the same."""
+    if s.scaler.is_enabled():
+        if s.cfg.grad_clip > 0:
+            s.scaler.unscale_(s.opt)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        return True
+    limit = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
+    norm = nn.utils.clip_grad_norm_(s.model.parameters(), limit)
+    if not torch.isfinite(norm):
+        s.opt.zero_grad(set_to_none=True)
+        return False
+    s.opt.step()
+    return True
 
 
 def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[int], None] | None) -> str | None:
@@ -348,8 +370,8 @@ def resolve_validation(cfg: TrainConfig, validator: Validator | None) -> TrainCo
     config.json records what happens; TrainError when cpm is asked for without a validator."""
     if cfg.validation == "cpm" and validator is None:
         raise TrainError("--validation cpm needs a validator of whole validation cases (the command line builds it "
-                         "with ahnet.evaluate.validation.make_validator); pass one to train(), or use --validation "
-                         "dice.")
+                         "with ahnet.evaluate.validation.make_validator); pass validator_for to train(), or use "
+                         "--validation dice.")
     return dataclasses.replace(cfg, validation="cpm" if validator is not None else "dice")
 
 
@@ -363,16 +385,18 @@ def summary(s: Session, stopped: str | None) -> dict:
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
-          on_step: Callable[[int], None] | None = None, validator: Validator | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None,
+          validator_for: Callable[[TrainConfig], Validator | None] | None = None) -> dict:
     """Run (or resume) one training stage; returns summary() (run folder, best score, steps, ...).
 
     ``datasets``: optional (train_ds, val_ds) in place of make_datasets(cfg) (each ds[i] a dict with
     "image" / "label" (1, D, H, W) tensors, and ``set_epoch``). ``builder``: optional stand-in for
     ahnet.nets.build_model. ``on_step(global_step)`` is called after each step (tests use it to interrupt).
-    ``validator``: scores the model at each epoch's end (ahnet.evaluate.validation.make_validator(cfg) gives
-    the CPM of whole validation cases); without one, patch Dice.
+    ``validator_for(cfg)``: gives the validator that scores the model at each epoch's end, called once the run's
+    settings and data are checked (ahnet.evaluate.validation.make_validator gives the CPM of whole validation
+    cases); without one (or when it gives None), patch Dice.
     """
-    cfg = resolve_validation(cfg.resolved(), validator)
+    cfg = cfg.resolved()
     run = paths.run_paths(cfg.out)
     dist.check_batch(cfg.batch_size)                                           # 1. ranks, device, precision
     ctx, device = dist.plan(cfg.device, resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
@@ -382,6 +406,8 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     dist.start(ctx, device)
     dist.check_same_start(ctx, resume_ck, run.last)
     train_ds, val_ds = datasets if datasets is not None else ctx.main_first(lambda: make_datasets(cfg))  # 3. data
+    validator = validator_for(cfg) if validator_for is not None else None
+    cfg = resolve_validation(cfg, validator)
     s = start_session(cfg, run, device, amp, resume_ck, builder, ctx)          # 4. model, optimiser, loss
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
     if ctx.is_main:                                                            # 6. the run folder
@@ -413,5 +439,5 @@ def train_all_folds(cfg: TrainConfig, validator_for: Callable[[TrainConfig], Val
         c = TrainConfig.from_dict({**cfg.to_dict(), "fold": f, "all_folds": False,
                                    "out": str(paths.fold_run(cfg.out, f))})
         print(f"[train] fold {f + 1}/{cfg.folds} -> {c.out}")
-        out.append(train(c, validator=validator_for(c) if validator_for else None, **kw))
+        out.append(train(c, validator_for=validator_for, **kw))
     return out
