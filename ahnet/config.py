@@ -67,6 +67,10 @@ class TrainConfig:
     patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
                                        "32 128 128 for --stage 3d")
     pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
+    hard_fraction: float = _f(0.0, "fraction of the other (negative) patches centred on hard tissue: dense "
+                                   "voxels (> -400 HU) within 3 in-plane voxels of aerated lung (< -600 HU) and "
+                                   "away from nodules, i.e. vessels, airway walls, fissures and pleura "
+                                   "(ahnet.data.sampling.hard_negative_index)")
     augment: str = _f("standard", "training augmentation (ahnet.data.augment): standard = in-plane flips, "
                                   "rot90, rotate/zoom, intensity, noise; randaugment = N ops at magnitude M; "
                                   "none", ["standard", "randaugment", "none"])
@@ -118,8 +122,18 @@ class TrainConfig:
                                      "validation, a checkpoint write, waiting for the others) before every rank "
                                      "stops with one error line")
     # validation, checkpoints, output
-    val_patches: int = _f(16, "validation patches per epoch (fixed set, half on nodules): patch-level "
-                              "Dice, CPU-cheap")
+    validation: str = _f("auto", f"what chooses {paths.BEST} and judges --patience: cpm = detection CPM (LUNA16 "
+                                 "FROC, candidates as evaluation makes them) of whole validation cases through "
+                                 "the inference stage; dice = Dice of --val-patches patches; auto = cpm when the "
+                                 "command line can build it (validation cases with nodules), else dice. "
+                                 "config.json records the one used", ["auto", "cpm", "dice"])
+    val_cases: int = _f(0, "--validation cpm: at most this many validation cases, the first in dataset order "
+                           "(0 = all)")
+    patience: int = _f(0, "stop early after this many epochs in a row without a validation score better than "
+                          "the best by more than --min-delta (0 = train every epoch)")
+    min_delta: float = _f(0.0, "the improvement --patience asks for (score units: CPM or Dice)")
+    val_patches: int = _f(16, "--validation dice: validation patches per epoch (fixed set, half on nodules): "
+                              "patch-level Dice, CPU-cheap")
     ckpt_every: int = _f(0, f"also write {paths.LAST} every N optimiser steps (0 = at the end of each epoch only)")
     out: str = _f(str(paths.RUNS_ROOT / "ahnet"), f"run folder: {paths.CONFIG}, {paths.LOG}, {paths.CHECKPOINTS}/"
                                                   f"{{{paths.LAST},{paths.BEST}}}, {paths.PROGRESS}")
@@ -182,6 +196,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}.")
         if c.lr <= 0 or (c.lr_encoder is not None and c.lr_encoder < 0):
             raise ValueError(f"learning rates must be positive, got lr={c.lr}, lr_encoder={c.lr_encoder}.")
+        if not 0.0 <= c.hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must lie in [0, 1], got {c.hard_fraction}.")
+        if c.val_cases < 0 or c.patience < 0 or not c.min_delta >= 0:
+            raise ValueError(f"val_cases, patience and min_delta must be >= 0, got {c.val_cases}, {c.patience}, "
+                             f"{c.min_delta}.")
         if not c.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got {c.dist_timeout}.")
         if c.folds < 0 or c.folds == 1:

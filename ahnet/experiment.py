@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .data.cache import cache_dataset
 from .data.io import load_dataset_json, read_image
 from .evaluate.cli import evaluate_and_report
+from .evaluate.validation import make_validator
 from .precision import resolve_device
 from .train import TrainingDiverged, train
 from .train import dist
@@ -219,7 +220,7 @@ def run_experiment(args) -> int:
     for v, cfg in configs.items():
         print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
         t = time.time()
-        train(cfg)
+        train(cfg, validator_for=make_validator)
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     if not ctx.is_main:
         return 0

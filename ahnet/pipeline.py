@@ -18,6 +18,7 @@ from typing import Sequence
 from ahnet import cli, paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, add_setting_flag, read_json_config
+from ahnet.evaluate.validation import make_validator
 from ahnet.train import TrainingDiverged, train
 from ahnet.train.dist import check_batch, run_command
 
@@ -115,7 +116,7 @@ def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = (
             continue
         print(f"[pipeline] {stage.upper()} stage -> {cfg.out}" + (f" (encoder from {cfg.init_from})"
                                                                   if stage == "3d" else ""))
-        out[stage] = train(cfg, **train_kw)
+        out[stage] = train(cfg, validator_for=make_validator, **train_kw)
     return out
 
 

@@ -118,6 +118,35 @@ def configure_kernels(device: torch.device, deterministic: bool = False) -> None
         torch.backends.cudnn.deterministic = bool(deterministic)
 
 
+class DepthGuardedConv3d(nn.Conv3d):
+    """A Conv3d that computes in float32 where PyTorch's CPU bfloat16 kernel gets the weight gradient wrong.
+
+    Found here (torch 2.13 CPU, oneDNN): under CPU bf16 autocast, a Conv3d whose input depth D satisfies
+    1 < D < kernel depth (a 3x1x1 or 3x3x3 conv on a 2-slice feature map, the deepest levels of a thin patch)
+    returns a weight gradient of 1e16..inf (fp32 is exact, the input gradient is fine). One such step writes
+    inf into Adam's moments and the run diverges (the issue's "20 non-finite losses in a row"). The forward
+    values are those of nn.Conv3d; the guard only moves the affected calls to float32.
+    """
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and 1 < x.shape[2] < self.kernel_size[0]):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def guard_cpu_bf16_convs(model: nn.Module) -> int:
+    """Turn every plain nn.Conv3d of ``model`` into a DepthGuardedConv3d (in place: same parameters and
+    state-dict keys); returns how many. Training on CPU under bf16 calls it; inference does not need it."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = DepthGuardedConv3d
+            n += 1
+    return n
+
+
 def to_channels_last(obj):
     """A 5D tensor or a module with 5D parameters in channels-last 3D (modules in place, returned); 4D and
     other tensors unchanged."""

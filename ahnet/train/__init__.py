@@ -24,12 +24,11 @@ Modules: ``loop`` (train() in named steps, train_all_folds), ``model`` (build / 
 network), ``data`` (case split, patch datasets from the cache, batch preparation), ``optim`` (Adam, schedule,
 scaler, loss), ``order`` (seeded data order and its shards), ``outputs`` (log.csv, progress.png), ``dist`` (the
 ranks of a torchrun job: sharding, agreement, failures), ``syncbn`` (BatchNorm over the global batch on any
-backend), ``cli`` (the command).
+backend), ``cli`` (the command, on top of the stages: ``python -m ahnet.train``).
 """
-from .cli import main
 from .data import make_datasets, prepare_batch, split_batch_2d, split_cases
 from .errors import DistributedError, TrainError, TrainingDiverged
-from .loop import train, train_all_folds, validate
+from .loop import Validator, train, train_all_folds, validate
 from .model import build_network, check_patch_size, model_kwargs_for
 from .optim import lr_factor, make_optimizer, make_scheduler
 from .order import EpochSampler, mix_seed
@@ -38,4 +37,4 @@ from .outputs import LOG_COLUMNS
 __all__ = ["TrainError", "TrainingDiverged", "DistributedError", "EpochSampler", "mix_seed", "lr_factor",
            "make_optimizer",
            "make_scheduler", "model_kwargs_for", "build_network", "check_patch_size", "split_batch_2d", "split_cases",
-           "make_datasets", "prepare_batch", "validate", "train", "train_all_folds", "main", "LOG_COLUMNS"]
+           "make_datasets", "prepare_batch", "validate", "Validator", "train", "train_all_folds", "LOG_COLUMNS"]

@@ -14,7 +14,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from ahnet import paths
 from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.config import TrainConfig, save_run_config
-from ahnet.precision import AmpSettings, configure_kernels, resolve_amp, resolve_device
+from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
 
 from . import dist
 
@@ -34,6 +34,15 @@ from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
+
+class Validator(Protocol):
+    """Scores a model on the validation cases (higher is better), in eval mode, restoring its mode after.
+    ``name`` is the log column ("val_cpm"). The command line builds one (ahnet.evaluate.validation), since
+    scoring whole cases by detection needs the inference and evaluation stages, which training must not import."""
+    name: str
+
+    def __call__(self, model: nn.Module) -> float | None: ...
+
 
 #: settings a resumed run must share with the run it continues (the data order and the network depend on them)
 RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")
@@ -137,6 +146,8 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
         model, kw, info = build_network(cfg, builder)
         name = cfg.model
     place_model(model, cfg, device)
+    if device.type == "cpu" and amp.dtype == torch.bfloat16:
+        guard_cpu_bf16_convs(model)                  # a CPU bf16 kernel bug (precision.DepthGuardedConv3d)
     net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
     dist.global_batch_loss(loss_fn, ctx)
@@ -195,11 +206,8 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
     finite, value = s.dist.agree_on_loss(loss)
     if finite:
         s.scaler.scale(loss).backward()
-        if s.cfg.grad_clip > 0:
-            s.scaler.unscale_(s.opt)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
-        s.scaler.step(s.opt)
-        s.scaler.update()
+        finite = step_optimiser(s)
+    if finite:
         p.epoch_loss_sum += value
         p.epoch_loss_n += 1
         p.bad_run = 0
@@ -208,15 +216,38 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
         p.skipped_total += 1
         p.bad_run += 1
         if p.bad_run >= s.cfg.max_bad_steps:
+            other = " / ".join(f"--amp {a}" for a in ("bf16", "off") if a != s.amp.name)
             raise TrainingDiverged(
-                f"{p.bad_run} non-finite losses in a row at step {s.step + 1} (amp {s.amp.name}, lr "
+                f"{p.bad_run} non-finite losses or gradients in a row at step {s.step + 1} (amp {s.amp.name}, lr "
                 f"{group_lrs(s.opt)[0]:.3g}); the run stops. Try a lower --lr (and --lr-encoder), --warmup-steps, "
-                f"--grad-clip 1.0, or --amp bf16 / --amp off; resume from {s.run.last} with --resume.")
+                f"--grad-clip 1.0, or {other}; resume from {s.run.last} with --resume.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "scheduler.step() before optimizer.step()" on skipped steps
         s.sched.step()
     s.step += 1
     return loss
+
+
+def step_optimiser(s: Session) -> bool:
+    """Clip (--grad-clip) and step after backward; False when the step was not taken because a gradient is
+    non-finite. With a GradScaler (fp16) that is the scaler's own business (it skips and lowers the scale);
+    without one (bf16, fp32) nothing else would stop one inf gradient from writing inf into Adam's moments and
+    every weight after them, so the step is skipped and counted like a non-finite loss. Under torchrun the
+    gradients are already averaged over ranks, so every rank decides the same."""
+    if s.scaler.is_enabled():
+        if s.cfg.grad_clip > 0:
+            s.scaler.unscale_(s.opt)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        return True
+    limit = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
+    norm = nn.utils.clip_grad_norm_(s.model.parameters(), limit)
+    if not torch.isfinite(norm):
+        s.opt.zero_grad(set_to_none=True)
+        return False
+    s.opt.step()
+    return True
 
 
 def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[int], None] | None) -> str | None:
@@ -262,7 +293,8 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, amp: AmpSettings) -> float | None:
-    """Global Dice over all validation patches (sigmoid > 0.5); 1.0 when prediction and label are empty."""
+    """Global Dice over all validation patches (sigmoid > 0.5); None when the patches hold no foreground at all
+    (Dice is undefined there: an empty prediction of an empty label says nothing about a detector)."""
     if loader is None:
         return None
     was_training = model.training
@@ -278,26 +310,33 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
         psum += float(pred.sum())
         tsum += float(t.sum())
     model.train(was_training)
-    return 1.0 if psum + tsum == 0 else 2.0 * inter / (psum + tsum)
+    return None if tsum == 0 else 2.0 * inter / (psum + tsum)
 
 
-def end_epoch(s: Session, val_loader) -> None:
-    """Validate, add the epoch's log row, keep the best score, write last.pt (and best.pt when improved),
-    log.csv and progress.png, print one line. Under torchrun rank 0 validates and its score is broadcast, so
-    every rank keeps the same counters and decisions; rank 0 writes."""
+def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> None:
+    """Validate (the validator's score, else patch Dice), add the epoch's log row, keep the best score, write
+    last.pt (and best.pt when improved), log.csv and progress.png, print one line. Under torchrun rank 0
+    validates and its score is broadcast, so every rank keeps the same counters and decisions; rank 0 writes."""
     cfg, p = s.cfg, s.progress
     s.dist.progress(f"validating after epoch {s.epoch + 1}")
-    val_dice = s.dist.from_main(lambda: validate(s.model, val_loader, cfg, s.device, s.amp),
-                                f"waiting for rank 0's validation after epoch {s.epoch + 1}")
+    t0 = time.perf_counter()
+    wait = f"waiting for rank 0's validation after epoch {s.epoch + 1}"
+    if validator is not None:
+        val_cpm, val_dice = s.dist.from_main(lambda: validator(s.model), wait), None
+    else:
+        val_cpm, val_dice = None, s.dist.from_main(lambda: validate(s.model, val_loader, cfg, s.device, s.amp), wait)
+    val_seconds = time.perf_counter() - t0
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)
     row = {"epoch": s.epoch + 1, "step": s.step, "loss": mean_loss, "lr": lr_main, "lr_encoder": lr_enc,
            "skipped_steps": p.skipped_epoch, "skipped_total": p.skipped_total,
            "samples_per_s": round(cfg.steps_per_epoch * cfg.batch_size / max(p.epoch_seconds, 1e-9), 3),
-           "val_dice": val_dice, "seconds": round(p.epoch_seconds, 3)}
+           "val_dice": val_dice, "val_cpm": val_cpm, "seconds": round(p.epoch_seconds, 3),
+           "val_seconds": round(val_seconds, 3)}
     p.history = list(p.history) + [row]
-    score = val_dice if val_dice is not None else (-mean_loss if mean_loss is not None else None)
-    improved = score is not None and (p.best_score is None or score > p.best_score)
+    score = val_cpm if val_cpm is not None else val_dice
+    score = score if score is not None else (-mean_loss if mean_loss is not None else None)
+    improved = score is not None and (p.best_score is None or score > p.best_score + cfg.min_delta)
     if improved:
         p.best_score, p.best_epoch = score, s.epoch + 1
     s.epoch += 1
@@ -309,10 +348,31 @@ def end_epoch(s: Session, val_loader) -> None:
         return
     write_log(p.history, s.run.log)
     plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
-    vd = "n/a" if val_dice is None else f"{val_dice:.4f}"
+    name, val = ("val_cpm", val_cpm) if validator is not None else ("val_dice", val_dice)
+    vd = "n/a" if val is None else f"{val:.4f}"
     ml = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
-    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} val_dice {vd} "
+    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} {name} {vd} "
           f"skipped {row['skipped_steps']} {row['samples_per_s']:.1f} samples/s", flush=True)
+
+
+def early_stop(s: Session) -> str | None:
+    """The stop reason when --patience epochs in a row have not beaten the best score (a pure function of the
+    saved counters, so a resumed run decides as the uninterrupted one did), else None."""
+    p, k = s.progress, s.cfg.patience
+    if not k or p.best_epoch is None or s.epoch - p.best_epoch < k:
+        return None
+    return (f"early stop at epoch {s.epoch}: no better validation score for {k} epochs (best epoch "
+            f"{p.best_epoch}, score {p.best_score:.4f})")
+
+
+def resolve_validation(cfg: TrainConfig, validator: Validator | None) -> TrainConfig:
+    """cfg with ``validation`` resolved to what this run uses ("cpm" with a validator, "dice" without), so
+    config.json records what happens; TrainError when cpm is asked for without a validator."""
+    if cfg.validation == "cpm" and validator is None:
+        raise TrainError("--validation cpm needs a validator of whole validation cases (the command line builds it "
+                         "with ahnet.evaluate.validation.make_validator); pass validator_for to train(), or use "
+                         "--validation dice.")
+    return dataclasses.replace(cfg, validation="cpm" if validator is not None else "dice")
 
 
 def summary(s: Session, stopped: str | None) -> dict:
@@ -325,12 +385,16 @@ def summary(s: Session, stopped: str | None) -> dict:
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one training stage; returns summary() (run folder, best Dice, steps, ...).
+          on_step: Callable[[int], None] | None = None,
+          validator_for: Callable[[TrainConfig], Validator | None] | None = None) -> dict:
+    """Run (or resume) one training stage; returns summary() (run folder, best score, steps, ...).
 
     ``datasets``: optional (train_ds, val_ds) in place of make_datasets(cfg) (each ds[i] a dict with
     "image" / "label" (1, D, H, W) tensors, and ``set_epoch``). ``builder``: optional stand-in for
     ahnet.nets.build_model. ``on_step(global_step)`` is called after each step (tests use it to interrupt).
+    ``validator_for(cfg)``: gives the validator that scores the model at each epoch's end, called once the run's
+    settings and data are checked (ahnet.evaluate.validation.make_validator gives the CPM of whole validation
+    cases); without one (or when it gives None), patch Dice.
     """
     cfg = cfg.resolved()
     run = paths.run_paths(cfg.out)
@@ -342,6 +406,8 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     dist.start(ctx, device)
     dist.check_same_start(ctx, resume_ck, run.last)
     train_ds, val_ds = datasets if datasets is not None else ctx.main_first(lambda: make_datasets(cfg))  # 3. data
+    validator = validator_for(cfg) if validator_for is not None else None
+    cfg = resolve_validation(cfg, validator)
     s = start_session(cfg, run, device, amp, resume_ck, builder, ctx)          # 4. model, optimiser, loss
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
     if ctx.is_main:                                                            # 6. the run folder
@@ -349,20 +415,23 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
         save_run_config(cfg, run.root)
     sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed,
                            rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size)
-    val_loader = validation_loader(val_ds, cfg, ctx)
-    stopped = None
+    val_loader = validation_loader(val_ds, cfg, ctx) if validator is None else None
+    stopped = early_stop(s)
     with ctx.watched(f"starting epoch {s.epoch + 1}"):
-        while s.epoch < cfg.epochs and s.step < s.total_steps:                # 7. the epochs
+        while not stopped and s.epoch < cfg.epochs and s.step < s.total_steps:   # 7. the epochs
             stopped = run_epoch(s, train_ds, sampler, on_step)                 # 8. steps
             if stopped:
                 break
-            end_epoch(s, val_loader)                                           # 9. validate, log, checkpoint
+            end_epoch(s, val_loader, validator)                                # 9. validate, log, checkpoint
+            stopped = early_stop(s)                                            #    (same counters on every rank)
         ctx.barrier("waiting for rank 0 to finish writing the run")           # (a next stage reads it)
     return summary(s, stopped)                                                 # 10. what happened
 
 
-def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
-    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k)."""
+def train_all_folds(cfg: TrainConfig, validator_for: Callable[[TrainConfig], Validator | None] | None = None,
+                    **kw) -> list[dict]:
+    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k); ``validator_for(fold
+    config)`` gives each fold its validator (its own validation cases)."""
     if cfg.folds < 2:
         raise TrainError("--all-folds needs --folds K with K >= 2.")
     out = []
@@ -370,5 +439,5 @@ def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
         c = TrainConfig.from_dict({**cfg.to_dict(), "fold": f, "all_folds": False,
                                    "out": str(paths.fold_run(cfg.out, f))})
         print(f"[train] fold {f + 1}/{cfg.folds} -> {c.out}")
-        out.append(train(c, **kw))
+        out.append(train(c, validator_for=validator_for, **kw))
     return out
