@@ -66,7 +66,8 @@ class Matching:
 
     Arrays over relevant nodules (n,): ``nod_scan`` (scan index), ``nod_score`` (best hit probability, -inf when
     missed), ``nod_groups`` {key: object array of group labels, None where unknown}, ``nod_row`` (index into
-    the nodule rows). Arrays over false positives (m,): ``fp_scan``, ``fp_score``.
+    the nodule rows), ``nod_hit_row`` (index into the candidate rows of the best hit, -1 when missed). Arrays
+    over false positives (m,): ``fp_scan``, ``fp_score``, ``fp_row`` (index into the candidate rows).
     """
 
     scan_ids: list
@@ -77,6 +78,8 @@ class Matching:
     fp_scan: np.ndarray
     fp_score: np.ndarray
     counts: dict = field(default_factory=dict)
+    nod_hit_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fp_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_scans(self) -> int:
@@ -85,7 +88,7 @@ class Matching:
 
 def _rows_by_scan(nodules, candidates, index: dict, irrelevant_key: str) -> tuple[dict, dict]:
     """Checked rows grouped by scan position: {scan: [(row, xyz, radius_mm, irrelevant)]} for the nodules and
-    {scan: [(xyz, probability)]} for the candidates; FROCInputError names the first bad row."""
+    {scan: [(xyz, probability, row index)]} for the candidates; FROCInputError names the first bad row."""
     nods_by_scan: dict[int, list] = {}
     for i, r in enumerate(nodules):
         s = str(r.get("seriesuid"))
@@ -110,7 +113,7 @@ def _rows_by_scan(nodules, candidates, index: dict, irrelevant_key: str) -> tupl
             raise FROCInputError(f"candidate row {i} needs a numeric probability; got {r!r}") from e
         if not np.isfinite(p):
             raise FROCInputError(f"candidate row {i} has probability {p}; expected a finite number")
-        cands_by_scan.setdefault(index[s], []).append((_xyz(r, "candidate", i), p))
+        cands_by_scan.setdefault(index[s], []).append((_xyz(r, "candidate", i), p, i))
     return nods_by_scan, cands_by_scan
 
 
@@ -124,8 +127,8 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         raise FROCInputError("scan_ids is empty; give every scan of the evaluated set")
     nods_by_scan, cands_by_scan = _rows_by_scan(nodules, candidates, {s: i for i, s in enumerate(scan_ids)},
                                                 irrelevant_key)
-    nod_scan, nod_score, nod_row = [], [], []
-    fp_scan, fp_score = [], []
+    nod_scan, nod_score, nod_row, nod_hit_row = [], [], [], []
+    fp_scan, fp_score, fp_row = [], [], []
     counts = dict(candidates=len(candidates), tp_candidates=0, fp=0, dropped=0, duplicates=0, multi_hits=0,
                   nodules=0, irrelevant_nodules=0, detected=0)
     for si in range(len(scan_ids)):
@@ -138,8 +141,9 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         if cands:
             cxyz = np.stack([c[0] for c in cands])
             cp = np.array([c[1] for c in cands])
+            crow = np.array([c[2] for c in cands], np.int64)
         else:
-            cxyz, cp = np.zeros((0, 3)), np.zeros(0)
+            cxyz, cp, crow = np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
 
         def hits(group):
             if not group:
@@ -156,6 +160,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
             nod_row.append(n[0])
             k = np.flatnonzero(h_rel[j])
             nod_score.append(cp[k].max() if k.size else -np.inf)
+            nod_hit_row.append(int(crow[k[np.argmax(cp[k])]]) if k.size else -1)
             counts["detected"] += int(k.size > 0)
             counts["duplicates"] += max(int(k.size) - 1, 0)
         is_hit = n_rel_hits > 0
@@ -167,6 +172,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         counts["fp"] += int(fp.sum())
         fp_scan.extend([si] * int(fp.sum()))
         fp_score.extend(cp[fp].tolist())
+        fp_row.extend(crow[fp].tolist())
 
     nod_row_a = np.array(nod_row, dtype=np.int64)
     groups = {}
@@ -176,7 +182,8 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
     return Matching(scan_ids=scan_ids, nod_scan=np.array(nod_scan, dtype=np.int64),
                     nod_score=np.array(nod_score, dtype=np.float64), nod_row=nod_row_a, nod_groups=groups,
                     fp_scan=np.array(fp_scan, dtype=np.int64), fp_score=np.array(fp_score, dtype=np.float64),
-                    counts=counts)
+                    counts=counts, nod_hit_row=np.array(nod_hit_row, dtype=np.int64),
+                    fp_row=np.array(fp_row, dtype=np.int64))
 
 
 def _ordered_entries(m: Matching):
@@ -366,3 +373,92 @@ def interp_curve(fps, sens, fp_rates=FP_RATES) -> np.ndarray:
 def cpm_from_curve(fps, sens, fp_rates=FP_RATES) -> float:
     """CPM of a given FROC curve: the mean of ``interp_curve`` at ``fp_rates``."""
     return float(np.mean(interp_curve(fps, sens, fp_rates)))
+
+
+# ------------------------------------------------------------------------------------------ paired comparisons
+def _cpm_draws(m: Matching, weights: np.ndarray, fp_rates, masks: dict, chunk: int) -> dict:
+    """{mask key: (B,) CPM per resample of ``weights`` (B, S), NaN where the resample has no nodule of it}."""
+    parts = {k: [] for k in masks}
+    for s in range(0, weights.shape[0], chunk):
+        for k, v in _operating_points(m, weights[s:s + chunk], fp_rates, masks).items():
+            parts[k].append(v.mean(1))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def _difference(a: str, b: str, point: dict, draws: dict, key, confidence: float) -> dict:
+    """One pair on one group: the CPM difference a - b, its paired interval and which model it decides for."""
+    pa, pb = point[a][key][0], point[b][key][0]
+    diff = pa - pb if not (np.isnan(pa) or np.isnan(pb)) else np.nan
+    d = draws[a][key] - draws[b][key]
+    ci = _ci(d, confidence) if d.size else None
+    winner = None
+    if ci is not None and not np.isnan(diff):
+        winner = a if ci[0] > 0 else b if ci[1] < 0 else None
+    return {"cpm_a": _num(pa), "cpm_b": _num(pb), "diff": _num(diff), "ci": ci, "winner": winner,
+            "n_bootstrap_used": int((~np.isnan(d)).sum())}
+
+
+def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 1000, seed: int = 0,
+                     confidence: float = 0.95, fp_rates=FP_RATES, irrelevant_key: str = "irrelevant",
+                     group_keys=("type", "location"), chunk: int = 200) -> dict:
+    """CPM differences between models evaluated on the same scans, with paired bootstrap intervals.
+
+    candidates: {model: candidate rows} (two or more models, every row on ``scan_ids``). Each resample of the
+    scans (``bootstrap_weights(len(scan_ids), n_bootstrap, seed)``: the draws evaluate_detection makes with the
+    same seed) is scored for EVERY model, so each pair gets one difference per resample; the interval is the
+    percentile interval of those differences (resamples without a nodule of a group are left out of that group).
+    A pair's ``winner`` is the model with the higher CPM when the interval excludes 0, else None (no decision);
+    a model is ``best`` on a group when it is the winner against every other model.
+
+    Returns {"models", "n_scans", "n_bootstrap", "seed", "confidence", "fp_rates",
+    "cpm": {model: {"overall": cpm, "groups": {key: {label: cpm}}}},
+    "pairs": [{"a", "b", "overall": D, "groups": {key: {label: D}}}] for every pair in model order, D =
+    {"cpm_a", "cpm_b", "diff" (a - b), "ci", "winner", "n_bootstrap_used"},
+    "best": {"overall": model or None, "groups": {key: {label: model or None}}},
+    "best_counts": {model: {key: groups where it is best}}}.
+    """
+    models = list(candidates)
+    if len(models) < 2:
+        raise FROCInputError(f"paired comparisons need two or more models; got {models}")
+    if n_bootstrap < 0:
+        raise FROCInputError(f"n_bootstrap is {n_bootstrap}; expected 0 (no intervals) or a positive count")
+    fp_rates = tuple(float(f) for f in fp_rates)
+    match = {name: match_candidates(nodules, rows, scan_ids, irrelevant_key=irrelevant_key, group_keys=group_keys)
+             for name, rows in candidates.items()}
+    first = match[models[0]]
+    masks = _masks(first)
+    W = bootstrap_weights(first.n_scans, n_bootstrap, seed) if n_bootstrap else np.zeros((0, first.n_scans))
+    point = {n: {k: v.mean(1) for k, v in _operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks).items()}
+             for n, m in match.items()}
+    draws = {n: _cpm_draws(m, W, fp_rates, masks, chunk) for n, m in match.items()}
+    labels = [k for k in masks if k[0] != "all"]
+
+    def by_group(fn):
+        out = {"overall": fn(("all", None)), "groups": {key: {} for key in group_keys}}
+        for k in labels:
+            out["groups"][k[0]][k[1]] = fn(k)
+        return out
+
+    pairs = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            pairs.append({"a": a, "b": b, **by_group(lambda k: _difference(a, b, point, draws, k, confidence))})
+
+    def best(k):                                   # the winner of every pair it is in, if any
+        for cand in models:
+            if all(_pick(p, k)["winner"] == cand for p in pairs if cand in (p["a"], p["b"])):
+                return cand
+        return None
+
+    best_of = by_group(best)
+    counts = {m: {key: sum(v == m for v in best_of["groups"][key].values()) for key in group_keys}
+              for m in models}
+    return {"models": models, "n_scans": first.n_scans, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+            "confidence": confidence, "fp_rates": list(fp_rates),
+            "cpm": {n: by_group(lambda k, n=n: _num(point[n][k][0])) for n in models},
+            "pairs": pairs, "best": best_of, "best_counts": counts}
+
+
+def _pick(pair: dict, key) -> dict:
+    """The entry of a pair (paired_bootstrap) for mask key ("all", None) or (group key, label)."""
+    return pair["overall"] if key[0] == "all" else pair["groups"][key[0]][key[1]]
