@@ -103,7 +103,7 @@ def _blob(shape, centre, sigma_mm, sp=SP, peak=0.9):
     return peak * np.exp(-d2 / (2 * sigma_mm ** 2))
 
 
-def _direct_nms(p, sp, threshold, dist_mm):
+def _direct_nms(p, sp, threshold, dist_mm):  # plain NMS: merge_fraction=None below
     """Local maxima by explicit comparison with the 26 neighbours, then greedy suppression by a plain loop."""
     peaks = []
     for z, y, x in itertools.product(*map(range, p.shape)):
@@ -128,12 +128,12 @@ def test_nms_equals_a_direct_greedy_suppression_on_random_maps(seed):
     sp = (2.5, 0.7, 0.9)
     want = _direct_nms(p, sp, 0.2, 2.6)
     # refine_fraction 1: the support region is the peak voxel alone, so the centre is the peak voxel itself
-    zyx, s, n = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=None)
+    zyx, s, n = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=None, merge_fraction=None)
     assert len(want) > 3
     assert s.tolist() == pytest.approx([v for v, _ in want])
     np.testing.assert_array_equal(zyx, [c for _, c in want])
     assert (n == 1).all()
-    zc, sc, _ = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=2)
+    zc, sc, _ = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=2, merge_fraction=None)
     np.testing.assert_array_equal(zc, zyx[:2])                 # the cap keeps the highest scores
 
 
@@ -144,24 +144,24 @@ def test_nms_distance_is_euclidean_world_mm_with_anisotropic_spacing():
     pz = np.maximum(_blob(shape, (4, 20, 20), 1.0), _blob(shape, (6, 20, 20), 1.0, peak=0.8)).astype(np.float32)
     py = np.maximum(_blob(shape, (5, 14, 20), 1.0), _blob(shape, (5, 20, 20), 1.0, peak=0.8)).astype(np.float32)
     for d, nz, ny in [(4.0, 2, 2), (4.5, 2, 1), (5.0, 1, 1), (6.0, 1, 1)]:
-        assert len(find_peaks(pz, SP, 0.05, "nms", d)[1]) == nz, d   # within d (inclusive): one candidate
-        assert len(find_peaks(py, SP, 0.05, "nms", d)[1]) == ny, d
-    zyx, s, _ = find_peaks(pz, SP, 0.05, "nms", 6.0)
+        assert len(find_peaks(pz, SP, 0.05, "nms", d, merge_fraction=None)[1]) == nz, d   # within d: one
+        assert len(find_peaks(py, SP, 0.05, "nms", d, merge_fraction=None)[1]) == ny, d
+    zyx, s, _ = find_peaks(pz, SP, 0.05, "nms", 6.0, merge_fraction=None)
     assert s[0] == pytest.approx(0.9) and zyx[0][0] == pytest.approx(4, abs=0.3)   # the stronger peak survives
     # the same voxels at isotropic 1 mm spacing: 2 slices = 2 mm, so d = 4 mm now merges the slice pair
-    assert len(find_peaks(pz, (1, 1, 1), 0.05, "nms", 4.0)[1]) == 1
+    assert len(find_peaks(pz, (1, 1, 1), 0.05, "nms", 4.0, merge_fraction=None)[1]) == 1
 
 
 @pytest.mark.parametrize("centre", [(4.5, 20.0, 17.0), (4.5, 20.5, 17.5), (5.0, 19.5, 17.0)])
 def test_subvoxel_centre_of_a_symmetric_blob_is_exact(centre):
     p = _blob((10, 40, 36), centre, 2.0).astype(np.float32)   # 4 mm sigma: a 3-6 mm nodule, 1-2 slices thick
-    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0)
+    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=None)
     assert len(s) == 1 and n[0] > 2
     np.testing.assert_allclose(zyx[0], centre, atol=1e-9)
     # components give the same centre; the unrefined peak would be a whole voxel (2.5 mm in z) off
     zc = find_peaks(p, SP, 0.05, "components")[0]
     np.testing.assert_allclose(zc[0], centre, atol=1e-9)
-    zr = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=1.0)[0]
+    zr = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=1.0, merge_fraction=None)[0]
     assert np.abs(zr[0] - centre).max() < 0.5 + 1e-9
 
 
@@ -169,29 +169,32 @@ def test_refined_centres_of_touching_blobs_stay_on_their_own_blob():
     shape = (10, 40, 50)
     a, b = (4.0, 20.0, 18.0), (4.0, 20.0, 30.0)                     # 8.4 mm apart, touching above 0.5 x peak
     p = np.maximum(_blob(shape, a, 3.0), _blob(shape, b, 3.0, peak=0.85)).astype(np.float32)
-    zyx, s, _ = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=0.3)
+    zyx, s, _ = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=0.3, merge_fraction=None)
     assert len(s) == 2
     # each centre from its own side of the mid-plane: pulled at most a little, never to the middle
     assert abs(zyx[0][2] - a[2]) < 0.5 and abs(zyx[1][2] - b[2]) < 0.5
 
 
-def test_size_aware_merging_joins_peaks_of_one_support_region():
+def test_size_aware_merging_joins_peaks_of_one_region_above_the_merging_level():
     shape = (10, 30, 70)
     # a vessel-like ridge with two maxima 14 columns (9.8 mm) apart: NMS at 5 mm keeps both, merging keeps one
     p = np.maximum(_blob(shape, (4, 15, 25), 2.5), _blob(shape, (4, 15, 39), 2.5, peak=0.85))
     z, y, x = np.indices(shape)
     ridge = (z == 4) & (y == 15) & (x >= 25) & (x <= 39)           # a line dipping to 0.6 between the maxima
     p = np.maximum(p, np.where(ridge, 0.6 + 0.02 * np.abs(x - 32), 0)).astype(np.float32)
-    assert len(find_peaks(p, SP, 0.05, "nms", 5.0)[1]) == 2
-    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0, merge=True)
+    assert len(find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=None)[1]) == 2
+    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=0.5)
     assert len(s) == 1 and s[0] == pytest.approx(0.9)
+    # joined only below the merging level (0.7 x 0.9 = 0.63 > the ridge's 0.6): two again
+    assert len(find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=0.7)[1]) == 2
     # a separate blob (its support region apart) is not merged
     q = np.maximum(p, _blob(shape, (4, 15, 60), 2.0, peak=0.7).astype(np.float32))
-    assert len(find_peaks(q, SP, 0.05, "nms", 5.0, merge=True)[1]) == 2
+    assert len(find_peaks(q, SP, 0.05, "nms", 5.0, merge_fraction=0.5)[1]) == 2
 
 
 def test_default_rule_is_nms_at_a_low_threshold_with_a_cap():
     assert DEFAULT_RULE.method == "nms" and DEFAULT_RULE.threshold <= 0.1 and DEFAULT_RULE.max_candidates
+    assert DEFAULT_RULE.merge_fraction == 0.0                 # merging at the threshold
     p = np.zeros((6, 50, 30), np.float32)
     for i in range(5):
         p[3, 3 + 10 * i, 3] = 0.1 + 0.1 * i                 # five single-voxel peaks 7 mm apart

@@ -1,16 +1,18 @@
 """Detection candidates from a foreground probability map, in world LPS millimetres (LUNA16 rows).
 
 Three rules turn a (z, y, x) probability map into scored points (``CandidateRule``; ``DEFAULT_RULE`` is the one
-evaluate, predict and the experiment use, chosen by measurement: paper_notes/results.md, "Candidates"):
-- "nms" (default): local maxima (a voxel >= its 26 neighbours; a 26-connected plateau of equal maxima is one
-  peak at its centroid) with probability >= ``threshold``, then greedy non-maximum suppression in world mm: in
-  descending score, a peak is kept unless it lies within ``min_distance_mm`` (Euclidean, with the voxel
-  spacing, so anisotropic voxels are measured right) of a kept one. ``merge=True`` adds size-aware merging: a
-  peak inside the support region of a stronger kept peak is dropped too, however far it is. Each kept peak's
-  centre is then refined to sub-voxel precision: the probability-weighted centroid of its support region, the
-  26-connected voxels >= ``refine_fraction`` x its score reached from the peak inside a box of
-  ``REGION_HALF_MM`` around it, without the voxels closer (in mm) to another kept peak. Score = the peak's
-  probability. A symmetric blob centred between two slices gets its centre exactly.
+evaluate, predict and the experiment use, chosen by measurement on three models: paper_notes/candidates.md):
+- "nms" (the default, merging at the threshold): local maxima (a voxel >= its 26 neighbours; a 26-connected
+  plateau of equal maxima is one peak at its centroid) with probability >= ``threshold``, then greedy
+  non-maximum suppression in world mm: in descending score, a peak is kept unless it lies within
+  ``min_distance_mm`` (Euclidean, with the voxel spacing, so anisotropic voxels are measured right) of a kept
+  one. ``merge_fraction`` (None = off) adds size-aware merging: a peak is dropped too, however far, when it
+  lies in the region of a stronger kept peak, the 26-connected voxels with prob >= max(threshold,
+  merge_fraction x its score) reached from it inside a box of ``REGION_HALF_MM`` around it (so a blob or a
+  vessel gives one candidate, and two blobs joined only below that level stay two). Each kept peak's centre
+  is then refined to sub-voxel precision: the probability-weighted centroid of its support region (grown the
+  same way at ``refine_fraction`` x its score), without the voxels closer (in mm) to another kept peak.
+  Score = the peak's probability. A symmetric blob centred between two slices gets its centre exactly.
 - "components": connected components (26-connectivity) of prob >= threshold; score = the component's maximum
   probability; centre = the probability-weighted centroid of the component's voxels.
 - "maxima": voxels equal to the maximum of a box around them (half size ``min_distance_mm`` per axis, so
@@ -43,13 +45,13 @@ class CandidateInputError(ValueError):
 @dataclass(frozen=True)
 class CandidateRule:
     """How a probability map becomes candidates (module docstring): method, the lowest score kept, the NMS
-    distance (mm), the per-scan cap, the support fraction of the sub-voxel centre and size-aware merging."""
+    distance (mm), the per-scan cap, the support fraction of the sub-voxel centre and of size-aware merging."""
     method: str = "nms"
-    threshold: float = 0.05
+    threshold: float = 0.02
     min_distance_mm: float = 5.0
     max_candidates: int | None = 50
     refine_fraction: float = 0.5
-    merge: bool = False
+    merge_fraction: float | None = 0.0      # 0: merge peaks joined above the threshold
 
     def check(self) -> "CandidateRule":
         """The rule itself, or CandidateInputError naming the first bad field."""
@@ -57,13 +59,17 @@ class CandidateRule:
             raise CandidateInputError(f"candidate method {self.method!r} is not known; expected one of "
                                       f"{', '.join(METHODS)}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise CandidateInputError(f"candidate threshold {self.threshold} must be a probability in [0, 1]")
+            raise CandidateInputError(f"candidate threshold {self.threshold} (--candidate-threshold) must be a "
+                                      f"probability in [0, 1]")
         if self.method != "components" and not self.min_distance_mm > 0:
             raise CandidateInputError(f"min_distance_mm {self.min_distance_mm} must be > 0 for {self.method}")
         if self.max_candidates is not None and self.max_candidates < 1:
-            raise CandidateInputError(f"max_candidates {self.max_candidates} must be >= 1 (or None for all)")
+            raise CandidateInputError(f"max_candidates {self.max_candidates} must be >= 1 (or None for all; "
+                                      f"--max-candidates 0)")
         if not 0.0 < self.refine_fraction <= 1.0:
             raise CandidateInputError(f"refine_fraction {self.refine_fraction} must be in (0, 1]")
+        if self.merge_fraction is not None and not 0.0 <= self.merge_fraction <= 1.0:
+            raise CandidateInputError(f"merge_fraction {self.merge_fraction} must be in [0, 1] (or None: no merging)")
         return self
 
     def describe(self) -> str:
@@ -74,9 +80,10 @@ class CandidateRule:
         if self.method == "maxima":
             return (f"box maxima (half size {self.min_distance_mm:g} mm) with p >= {self.threshold:g}, "
                     f"{cap} per scan")
-        return (f"local maxima with p >= {self.threshold:g}, NMS {self.min_distance_mm:g} mm"
-                f"{' + size-aware merging' if self.merge else ''}, centre = weighted centroid of p >= "
-                f"{self.refine_fraction:g} x peak, {cap} per scan")
+        merge = ("" if self.merge_fraction is None else ", merging peaks joined above the threshold"
+                 if self.merge_fraction == 0 else f", merging peaks joined above {self.merge_fraction:g} x peak")
+        return (f"local maxima with p >= {self.threshold:g}, NMS {self.min_distance_mm:g} mm{merge}, centre = "
+                f"weighted centroid of p >= {self.refine_fraction:g} x peak, {cap} per scan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +100,26 @@ def candidate_rule(rule: CandidateRule | None = None, **fields) -> CandidateRule
         raise CandidateInputError(f"unknown candidate option {unknown[0]!r}; expected "
                                   f"{', '.join(base.to_dict())}")
     return replace(base, **fields).check()
+
+
+def add_candidate_arguments(parser) -> None:
+    """The candidate rule's flags (defaults: DEFAULT_RULE), shared by every command that writes candidates."""
+    d = DEFAULT_RULE
+    parser.add_argument("--candidates", choices=METHODS, default=d.method,
+                        help=f"candidate rule (ahnet.infer.candidates; default {d.method}: {d.describe()})")
+    parser.add_argument("--candidate-threshold", type=float, default=d.threshold,
+                        help=f"lowest probability a candidate may have (default {d.threshold:g})")
+    parser.add_argument("--min-distance-mm", type=float, default=d.min_distance_mm,
+                        help=f"nms: suppression distance; maxima: box half size, mm (default {d.min_distance_mm:g})")
+    parser.add_argument("--max-candidates", type=int, default=d.max_candidates,
+                        help=f"candidates kept per scan, highest scores first; 0 = all (default {d.max_candidates})")
+
+
+def rule_from_arguments(args) -> CandidateRule:
+    """The checked CandidateRule of parsed add_candidate_arguments flags (CandidateInputError names a bad one)."""
+    return candidate_rule(method=args.candidates, threshold=args.candidate_threshold,
+                          min_distance_mm=args.min_distance_mm,
+                          max_candidates=None if args.max_candidates == 0 else args.max_candidates)
 
 
 def _geom(spacing, origin, direction):
@@ -140,11 +167,11 @@ def _groups(prob, mask):
     return zyx, scores, np.bincount(lab.ravel(), minlength=n + 1)[1:], seeds
 
 
-def _support(prob, seed, score, fraction, half):
-    """The support region of a peak: (box slices, bool mask over the box) of the 26-connected voxels with
-    prob >= fraction * score reached from ``seed`` inside the box of ``half`` voxels per axis around it."""
+def _support(prob, seed, level, half):
+    """The region of a peak: (box slices, bool mask over the box) of the 26-connected voxels with prob >= level
+    (<= the peak's score) reached from ``seed`` inside the box of ``half`` voxels per axis around it."""
     box = tuple(slice(max(int(c) - h, 0), int(c) + h + 1) for c, h in zip(seed, half))
-    lab, _ = ndimage.label(prob[box] >= np.float32(fraction * score), structure=_FULL)
+    lab, _ = ndimage.label(prob[box] >= np.float32(level), structure=_FULL)
     local = tuple(int(c) - b.start for c, b in zip(seed, box))
     return box, lab == lab[local]
 
@@ -182,9 +209,9 @@ def _nms(prob, sp, rule: CandidateRule):
             continue
         kept.append(i)
         out_of_play[tree.query_ball_point(mm[i], rule.min_distance_mm)] = True
-        regions[i] = _support(prob, seeds[i], scores[i], rule.refine_fraction, half)
-        if rule.merge:                                          # peaks inside this peak's support region
-            box, reg = regions[i]
+        regions[i] = _support(prob, seeds[i], rule.refine_fraction * scores[i], half)
+        if rule.merge_fraction is not None:                     # peaks inside this peak's merging region
+            box, reg = _support(prob, seeds[i], max(rule.threshold, rule.merge_fraction * scores[i]), half)
             for j in tree.query_ball_point(mm[i], reach):
                 local = seeds[j] - [b.start for b in box]
                 if (local >= 0).all() and (local < reg.shape).all() and reg[tuple(local)]:
@@ -208,7 +235,7 @@ def find_peaks(prob, spacing=(1, 1, 1), threshold: float = DEFAULT_RULE.threshol
     """Scored points of a (z, y, x) probability map: (zyx (n, 3) float voxel coords, scores (n,), sizes (n,)).
 
     The rule: ``rule`` (default DEFAULT_RULE) with threshold, method, min_distance_mm and any other ``fields``
-    (max_candidates, refine_fraction, merge) replaced. Sorted by score descending (ties by position); sizes =
+    (max_candidates, refine_fraction, merge_fraction) replaced. Sorted by score descending (ties by position); sizes =
     voxels per component, plateau or support region.
     """
     rule = candidate_rule(rule, threshold=threshold, method=method, min_distance_mm=min_distance_mm, **fields)
@@ -241,7 +268,7 @@ def extract_candidates(prob, geometry=None, *, spacing=None, origin=(0.0, 0.0, 0
     prob: (z, y, x) foreground probabilities. geometry: an object with ``spacing`` (sz, sy, sx), ``origin``
     (x, y, z) and ``direction`` (3x3) such as ahnet.data.io.Volume, or pass spacing/origin/direction directly.
     The rule: ``rule`` (default DEFAULT_RULE) with ``fields`` (method, threshold, min_distance_mm,
-    max_candidates, refine_fraction, merge) replaced.
+    max_candidates, refine_fraction, merge_fraction) replaced.
     """
     rule = candidate_rule(rule, **fields)
     if geometry is not None:
