@@ -67,7 +67,8 @@ class Matching:
     Arrays over relevant nodules (n,): ``nod_scan`` (scan index), ``nod_score`` (best hit probability, -inf when
     missed), ``nod_groups`` {key: object array of group labels, None where unknown}, ``nod_row`` (index into
     the nodule rows), ``nod_hit_row`` (index into the candidate rows of the best hit, -1 when missed). Arrays
-    over false positives (m,): ``fp_scan``, ``fp_score``, ``fp_row`` (index into the candidate rows).
+    over false positives (m,): ``fp_scan``, ``fp_score``, ``fp_row`` (index into the candidate rows);
+    ``dropped_row``: the candidate rows dropped on irrelevant findings (every other row hits a nodule).
     """
 
     scan_ids: list
@@ -80,6 +81,7 @@ class Matching:
     counts: dict = field(default_factory=dict)
     nod_hit_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     fp_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dropped_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_scans(self) -> int:
@@ -128,7 +130,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
     nods_by_scan, cands_by_scan = _rows_by_scan(nodules, candidates, {s: i for i, s in enumerate(scan_ids)},
                                                 irrelevant_key)
     nod_scan, nod_score, nod_row, nod_hit_row = [], [], [], []
-    fp_scan, fp_score, fp_row = [], [], []
+    fp_scan, fp_score, fp_row, dropped_row = [], [], [], []
     counts = dict(candidates=len(candidates), tp_candidates=0, fp=0, dropped=0, duplicates=0, multi_hits=0,
                   nodules=0, irrelevant_nodules=0, detected=0)
     for si in range(len(scan_ids)):
@@ -173,6 +175,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         fp_scan.extend([si] * int(fp.sum()))
         fp_score.extend(cp[fp].tolist())
         fp_row.extend(crow[fp].tolist())
+        dropped_row.extend(crow[dropped].tolist())
 
     nod_row_a = np.array(nod_row, dtype=np.int64)
     groups = {}
@@ -183,7 +186,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
                     nod_score=np.array(nod_score, dtype=np.float64), nod_row=nod_row_a, nod_groups=groups,
                     fp_scan=np.array(fp_scan, dtype=np.int64), fp_score=np.array(fp_score, dtype=np.float64),
                     counts=counts, nod_hit_row=np.array(nod_hit_row, dtype=np.int64),
-                    fp_row=np.array(fp_row, dtype=np.int64))
+                    fp_row=np.array(fp_row, dtype=np.int64), dropped_row=np.array(dropped_row, dtype=np.int64))
 
 
 def _ordered_entries(m: Matching):
@@ -249,6 +252,26 @@ def froc_curve(m: Matching):
     return fps, sens, np.concatenate([[np.inf], score[ends]])
 
 
+def found_at(m: Matching, fp_rate: float = 1.0) -> tuple[float, np.ndarray]:
+    """The operating point at ``fp_rate`` false positives per scan: (threshold, found (n,) bool over the relevant
+    nodules). The threshold is that of the last FROC vertex with at most fp_rate FP/scan (no interpolation: a
+    nodule is found when its best hit scores >= it); +inf when even the first vertex has more."""
+    fps, _, thr = froc_curve(m)
+    k = int(np.flatnonzero(fps <= fp_rate + 1e-12).max())
+    return float(thr[k]), m.nod_score >= thr[k]
+
+
+def _found_summary(m: Matching, fp_rate: float) -> dict:
+    """found_at as JSON: {fp_rate, threshold (None for +inf), n_found, n, groups {key: {label: [found, n]}}}."""
+    t, found = found_at(m, fp_rate)
+    groups = {}
+    for key, lab in m.nod_groups.items():
+        groups[key] = {g: [int(found[lab == g].sum()), int((lab == g).sum())]
+                       for g in sorted({v for v in lab if v is not None})}
+    return {"fp_rate": fp_rate, "threshold": t if np.isfinite(t) else None, "n_found": int(found.sum()),
+            "n": int(found.size), "groups": groups}
+
+
 def _masks(m: Matching):
     masks = {("all", None): np.ones(m.nod_score.size, bool)}
     for key, lab in m.nod_groups.items():
@@ -288,7 +311,8 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
 
     Returns keys: n_scans, n_nodules, fp_rates, sensitivity (list per rate), sensitivity_ci (list of [lo, hi]),
     cpm, cpm_ci, froc {fps, sensitivity} (the curve's vertices), froc_band {fps, lower, upper} (bootstrap
-    interval at ``band_rates``, default 33 log-spaced rates 1/8..8), counts (matching counts),
+    interval at ``band_rates``, default 33 log-spaced rates 1/8..8), counts (matching counts), found (the
+    nodules found at 1 FP/scan: found_at as {fp_rate, threshold, n_found, n, groups {key: {label: [found, n]}}}),
     groups {key: {label: {n, sensitivity, sensitivity_ci, cpm, cpm_ci, n_bootstrap_used}}}, n_bootstrap, seed.
     Sensitivities are None (not NaN) where undefined (no nodules).
     """
@@ -334,7 +358,8 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
            "froc": {"fps": fps.tolist(), "sensitivity": [_num(x) for x in sens_curve]},
            "froc_band": {"fps": band.tolist(), "sensitivity": [_num(x) for x in p_all[F:]],
                          "lower": None, "upper": None},
-           "counts": m.counts, "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
+           "counts": m.counts, "found": _found_summary(m, 1.0),
+           "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
            "groups": {k: {} for k in group_keys}}
     if n_bootstrap:
         ci = _ci(b_all[:, F:], confidence)

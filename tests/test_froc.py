@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ahnet.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_from_curve, evaluate_detection,
-                        froc_curve, interp_curve, match_candidates, paired_bootstrap)
+                        found_at, froc_curve, interp_curve, match_candidates, paired_bootstrap)
 
 
 def nod(s, x, y, z, d, t=None, irrelevant=False, loc=None):
@@ -56,6 +56,16 @@ def test_hand_case_sensitivities_counts_and_cpm():
     loc = r["groups"]["location"]
     assert loc["isolated"]["n"] == 2 and loc["juxta-pleural"]["n"] == 1
     assert r["sensitivity_ci"] is None and r["cpm_ci"] is None
+    # at 1 FP/scan (vertex (.75, .5), threshold .3): N1 (.9) and N3 (.4) found, N2 and N4 missed
+    f = r["found"]
+    assert (f["threshold"], f["n_found"], f["n"]) == (0.3, 2, 4)
+    assert f["groups"]["type"] == {"T01": [2, 2], "T02": [0, 1], "T03": [0, 1]}
+    m = match_candidates(NODULES, CANDS, SCANS)
+    assert found_at(m, 0.25) == (0.8, pytest.approx(np.array([True, False, False, False])))   # vertex (.25, .25)
+    assert found_at(m, 0.1)[0] == 0.9                    # the first vertex above 0 FP/scan holds N1 alone
+    # which candidate rows: N1's best hit is row 0 (.9), N3's row 4; FPs rows 2, 5, 6; row 3 dropped
+    assert m.nod_hit_row.tolist() == [0, -1, 4, -1] and sorted(m.fp_row.tolist()) == [2, 5, 6]
+    assert m.dropped_row.tolist() == [3]
 
 
 def test_radius_is_inclusive_and_just_outside_is_fp():
