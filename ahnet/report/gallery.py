@@ -56,7 +56,7 @@ def _title(crop, n_models):
 
 def _grid(plt, rows: list, labels: list, title: str, n_models: int):
     ncol = max(1, max(len(r) for r in rows))
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol + 1.4, 2.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol + 1.4, 2.1 * len(rows) + 0.4), squeeze=False)
     for i, (row, label) in enumerate(zip(rows, labels)):
         for j in range(ncol):
             ax = axes[i, j]
@@ -66,7 +66,7 @@ def _grid(plt, rows: list, labels: list, title: str, n_models: int):
                 ax.axis("off")
         axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(rows)))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))      # half an inch for the title
     return fig
 
 
