@@ -71,7 +71,8 @@ class TrainConfig:
                                   "rot90, rotate/zoom, intensity, noise; randaugment = N ops at magnitude M; "
                                   "none", ["standard", "randaugment", "none"])
     randaugment: list = _f([2, 5], "--augment randaugment: N ops per patch and magnitude M (0..10)")
-    batch_size: int = _f(2, "patches per optimiser step")
+    batch_size: int = _f(2, "patches per optimiser step (under torchrun: over all ranks, each taking an equal "
+                            "share)")
     num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process)")
     # optimisation
     epochs: int = _f(20, "number of epochs")
@@ -104,6 +105,18 @@ class TrainConfig:
                                 "its step)")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     seed: int = _f(0, "seed of the sampler, the DataLoader order, the weights and the fold split")
+    deterministic: bool = _f(False, "CUDA: deterministic kernels wherever they exist (no cuDNN autotuning, "
+                                    "deterministic cuDNN / cuBLAS / max-pool backward; slower); AH-Net's trilinear "
+                                    "upsampling backward has none (ahnet.precision)")
+    # several processes (torchrun --nproc_per_node N -m ahnet.train ...; README "Scaling up")
+    sync_bn: bool = _f(False, "under torchrun: BatchNorm statistics (and the batch Dice) over the global batch of "
+                              "all ranks, as one process with the whole --batch-size computes them; advised when "
+                              "each rank holds 1-2 patches")
+    dist_backend: str = _f("auto", "under torchrun: process-group backend, auto = nccl on CUDA, gloo on CPUs",
+                           ["auto", "nccl", "gloo"])
+    dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank may go without progress (a step, rank 0's "
+                                     "validation, a checkpoint write, waiting for the others) before every rank "
+                                     "stops with one error line")
     # validation, checkpoints, output
     val_patches: int = _f(16, "validation patches per epoch (fixed set, half on nodules): patch-level "
                               "Dice, CPU-cheap")
@@ -169,6 +182,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}.")
         if c.lr <= 0 or (c.lr_encoder is not None and c.lr_encoder < 0):
             raise ValueError(f"learning rates must be positive, got lr={c.lr}, lr_encoder={c.lr_encoder}.")
+        if not c.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {c.dist_timeout}.")
         if c.folds < 0 or c.folds == 1:
             raise ValueError(f"folds must be 0 (use the dataset split) or >= 2, got {c.folds}.")
         if c.fold is not None:

@@ -10,6 +10,8 @@ TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train``
 who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
 step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped.
+Under ``torchrun`` (README "Scaling up") every variant trains on all ranks; rank 0 prepares the data first and
+alone evaluates; the presets' batches must divide by the number of ranks (checked before any work).
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from .config import TrainConfig
 from .data.cache import cache_dataset
 from .data.io import load_dataset_json, read_image
 from .evaluate.cli import evaluate_and_report
+from .precision import resolve_device
 from .report.claims import found_line
 from .train import TrainingDiverged, train
+from .train import dist
 
 PROG = "ahnet.experiment"
 
@@ -147,11 +151,11 @@ def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
 
 
 def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path, seed: int, device: str,
-                   spacing: List[float]) -> TrainConfig:
+                   spacing: List[float], sync_bn: bool = False) -> TrainConfig:
     """The training configuration of one variant (resolved: every check done before any training starts)."""
     model, init, pfn = parse_variant(variant)
     d = dict(data=str(dataset_json), cache_dir=str(paths.cache_dir(dataset_json)), encoder=preset.encoder,
-             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True)
+             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True, sync_bn=sync_bn)
     if model == "mcgcn":
         d.update(stage="2d", model="mcgcn", patch_size=list(preset.patch_2d), batch_size=preset.batch_2d,
                  epochs=preset.epochs_2d, steps_per_epoch=preset.steps_2d)
@@ -202,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                    f"any of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm over the global batch of all ranks (python -m ahnet.train --help)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the report's intervals")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: run_experiment(args), codes={TrainingDiverged: 3})
+    return dist.run_command(PROG, lambda: run_experiment(args), codes={TrainingDiverged: 3})
 
 
 def run_experiment(args) -> int:
@@ -221,16 +227,21 @@ def run_experiment(args) -> int:
         parse_variant(v)
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
+    for v in variants:
+        dist.check_batch(preset.batch_2d if parse_variant(v)[0] == "mcgcn" else preset.batch_3d)
     t0 = time.time()
+    ctx, device = dist.plan(args.device, resolve_device(args.device))
+    dist.start(ctx, device)
     if args.data:
         dataset_json = Path(args.data)
-        cache_dataset(dataset_json)
+        ctx.main_first(lambda: cache_dataset(dataset_json))
     else:
-        dataset_json = prepare_data(paths.DATA_ROOT / name, preset, args.seed)
+        dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
     if not args.data:
         check_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     spacing = data_spacing(dataset_json)
-    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing) for v in variants}
+    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
+               for v in variants}
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
     for v, cfg in configs.items():
@@ -238,6 +249,8 @@ def run_experiment(args) -> int:
         t = time.time()
         train(cfg)
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
+    if not ctx.is_main:
+        return 0
     report = paths.run_paths(runs).report
     eval_json = dataset_json
     if (preset.test_phantom or preset.test_cases > 0) and not args.data:

@@ -131,6 +131,21 @@ def _write_h5(path: Path, img: Volume, label: np.ndarray, attrs: dict, chunks, c
                 f.attrs[k] = v
 
 
+def write_case_file(path, image: np.ndarray, label: np.ndarray, spacing, case_id: str, split: str = "train",
+                    chunks=DEFAULT_CHUNKS) -> Path:
+    """One cache file straight from arrays: ``image`` float32 (z, y, x) already scaled to [0, 1], ``label`` int16
+    instance mask, ``spacing`` (sz, sy, sx) mm, origin 0 and identity direction, nodules from the mask. For
+    data that never had a source file (the GPU check's synthetic cases); build_cache never reuses such a file
+    (it has no source sha1). Atomic, like every cache write. Returns the path."""
+    path = Path(path)
+    label = check_label(np.asarray(label), str(path))
+    vol = Volume(np.asarray(image, np.float32), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), np.eye(3))
+    attrs = dict(spacing=np.asarray(vol.spacing, float), origin=np.zeros(3), direction=np.eye(3).reshape(-1),
+                 case_id=str(case_id), split=str(split), nodules=json.dumps(_nodules_from_mask(label, vol.spacing)))
+    _write_h5(path, vol, label, attrs, chunks, None)
+    return path
+
+
 def read_cache_attrs(path) -> dict | None:
     """attrs of a cache file as plain values, or None when it is missing or unreadable."""
     import h5py

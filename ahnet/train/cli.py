@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ahnet import cli
 from ahnet.config import build_parser, load_config
 
+from .dist import run_command
 from .errors import TrainingDiverged
 from .loop import train, train_all_folds
 
@@ -14,9 +14,10 @@ PROG = "ahnet.train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad settings or input (one error line), 3 the run diverged."""
+    """Exit codes: 0 done, 2 bad settings or input (one error line), 3 the run diverged, 4 (under torchrun) a
+    rank lost the others."""
     parser = build_parser(PROG)
-    return cli.run(PROG, lambda: _main(parser, argv), codes={TrainingDiverged: 3})
+    return run_command(PROG, lambda: _main(parser, argv), codes={TrainingDiverged: 3})
 
 
 def _main(parser, argv) -> int:

@@ -3,6 +3,10 @@
 A run's state between steps is a ``Session``: the configuration, the device and precision, the model and its
 optimiser, scheduler, scaler and loss, the position (epoch, step) and the counters (``Progress``) that every
 checkpoint carries, so that ``--resume`` continues exactly where the run stopped.
+
+Under torchrun the session also holds its rank's place (``dist``, ahnet.train.dist) and the module a step calls
+(``net``: DistributedDataParallel around ``model``): every rank runs these same steps on its shard of each
+batch, rank 0 alone validates (the score is broadcast) and writes.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from ahnet import paths
 from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.config import TrainConfig, save_run_config
-from ahnet.precision import AmpSettings, resolve_amp, resolve_device
+from ahnet.precision import AmpSettings, configure_kernels, resolve_amp, resolve_device
+
+from . import dist
 
 from .data import make_datasets, prepare_batch
 from .errors import TrainError, TrainingDiverged
@@ -68,6 +74,12 @@ class Session:
     progress: Progress = field(default_factory=Progress)
     epoch: int = 0
     step: int = 0
+    dist: dist.DistContext = field(default_factory=dist.DistContext)
+    net: nn.Module | None = None          # what a step calls: DDP around model under torchrun, else model
+
+    @property
+    def trainer(self) -> nn.Module:
+        return self.model if self.net is None else self.net
 
     @property
     def total_steps(self) -> int:
@@ -75,14 +87,21 @@ class Session:
         return full if self.cfg.max_steps is None else min(self.cfg.max_steps, full)
 
     def save(self, path) -> None:
-        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically."""
-        save_checkpoint({
+        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; under
+        torchrun every rank calls it (their RNG states are gathered) and rank 0 writes."""
+        rng = self.dist.gather(capture_rng_state())
+        if not self.dist.is_main:
+            return
+        ck = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_name": self.model_name, "model_kwargs": self.model_kwargs, "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
-            "step": self.step, "rng": capture_rng_state(), "config": self.cfg.to_dict(),
+            "step": self.step, "rng": rng[0], "config": self.cfg.to_dict(),
             "metrics": dataclasses.asdict(self.progress), "init": self.init_info, "stage": self.cfg.stage,
-            "amp": self.amp.name, "format": 1}, path)
+            "amp": self.amp.name, "format": 1}
+        if self.dist.enabled:
+            ck.update(world_size=self.dist.world_size, rng_ranks=rng)
+        save_checkpoint(ck, path)
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -106,8 +125,11 @@ def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
 
 
 def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, amp: AmpSettings,
-                  resume_ck: dict | None, builder: Builder | None) -> Session:
-    """Build (or rebuild from the resume checkpoint) the model, place it, and make its optimisation."""
+                  resume_ck: dict | None, builder: Builder | None,
+                  ctx: dist.DistContext | None = None) -> Session:
+    """Build (or rebuild from the resume checkpoint) the model, place it, wrap it for the ranks of ``ctx``
+    (DistributedDataParallel, --sync-bn), and make its optimisation."""
+    ctx = ctx or dist.DistContext()
     if resume_ck is not None:
         model, kw, info = restore_network(resume_ck, cfg, run.last, builder)
         name = resume_ck["model_name"]
@@ -115,15 +137,18 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
         model, kw, info = build_network(cfg, builder)
         name = cfg.model
     place_model(model, cfg, device)
+    net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
-    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn)
+    dist.global_batch_loss(loss_fn, ctx)
+    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn, dist=ctx, net=net)
 
 
 def restore_or_seed(s: Session, resume_ck: dict | None) -> None:
     """A resumed session gets its optimiser, scheduler, scaler, counters, position and RNG states back; a new
-    one seeds the global RNG from the run's seed."""
+    one seeds the global RNG from the run's seed (and its rank under torchrun)."""
+    rank = s.dist.rank
     if resume_ck is None:
-        torch.manual_seed(mix_seed(s.cfg.seed, 11))
+        torch.manual_seed(mix_seed(s.cfg.seed, 11) if rank == 0 else mix_seed(s.cfg.seed, 11, rank))
         return
     s.opt.load_state_dict(resume_ck["optimizer"])
     with warnings.catch_warnings():
@@ -134,36 +159,48 @@ def restore_or_seed(s: Session, resume_ck: dict | None) -> None:
     known = {f.name for f in dataclasses.fields(Progress)}
     s.progress = Progress(**{k: v for k, v in resume_ck["metrics"].items() if k in known})
     s.epoch, s.step = int(resume_ck["epoch"]), int(resume_ck["step"])
-    restore_rng_state(resume_ck["rng"])
+    state = dist.rank_rng_state(s.dist, resume_ck)
+    if state is None:
+        torch.manual_seed(mix_seed(s.cfg.seed, 11, s.step, rank))
+        print(f"[train] {s.run.last} was written by {resume_ck.get('world_size', 1)} rank(s), this run has "
+              f"{s.dist.world_size}: the random streams (dropout) start afresh, so the run continues with the same "
+              f"data but is not bitwise the one never stopped.")
+    else:
+        restore_rng_state(state)
     print(f"[train] resuming {s.run.root} at epoch {s.epoch}, step {s.step}.")
 
 
-def validation_loader(val_ds, cfg: TrainConfig) -> DataLoader | None:
-    """The fixed validation patches (epoch 0 of the validation dataset), in order."""
-    if val_ds is None:
+def validation_loader(val_ds, cfg: TrainConfig, ctx: dist.DistContext | None = None) -> DataLoader | None:
+    """The fixed validation patches (epoch 0 of the validation dataset), in order; under torchrun on rank 0
+    only (None elsewhere), in batches of one rank's share."""
+    ctx = ctx or dist.DistContext()
+    if val_ds is None or not ctx.is_main:
         return None
     if hasattr(val_ds, "set_epoch"):
         val_ds.set_epoch(0)
-    return DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    return DataLoader(val_ds, batch_size=cfg.batch_size // ctx.world_size, shuffle=False,
+                      num_workers=cfg.num_workers)
 
 
 def train_step(s: Session, batch: dict) -> torch.Tensor:
     """One optimiser step on a batch; a non-finite loss skips the step (TrainingDiverged after max_bad_steps
-    in a row). The scheduler steps either way."""
+    in a row). The scheduler steps either way. Under torchrun a non-finite loss on any rank skips the step on
+    every rank, and the loss counted is the global batch's."""
     x, y = prepare_batch(batch, s.cfg, s.device)
     s.opt.zero_grad(set_to_none=True)
     with s.amp.autocast(s.device):
-        logits = s.model(x)
+        logits = s.trainer(x)
     loss = s.loss_fn(logits, y)
     p = s.progress
-    if torch.isfinite(loss):
+    finite, value = s.dist.agree_on_loss(loss)
+    if finite:
         s.scaler.scale(loss).backward()
         if s.cfg.grad_clip > 0:
             s.scaler.unscale_(s.opt)
             nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
         s.scaler.step(s.opt)
         s.scaler.update()
-        p.epoch_loss_sum += float(loss.detach())
+        p.epoch_loss_sum += value
         p.epoch_loss_n += 1
         p.bad_run = 0
     else:
@@ -190,7 +227,8 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
     sampler.set_epoch(s.epoch, start * cfg.batch_size)
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(s.epoch)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size // s.dist.world_size, sampler=sampler,
+                        num_workers=cfg.num_workers,
                         drop_last=True, pin_memory=s.device.type == "cuda",
                         generator=torch.Generator().manual_seed(mix_seed(cfg.seed, s.epoch, 3)))
     if start == 0:
@@ -200,6 +238,7 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
     t0 = time.perf_counter()
     try:
         for batch in loader:
+            s.dist.progress(f"step {s.step + 1}")
             loss = train_step(s, batch)
             bar.update(1)
             if not bar.disable:
@@ -244,9 +283,12 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
 
 def end_epoch(s: Session, val_loader) -> None:
     """Validate, add the epoch's log row, keep the best score, write last.pt (and best.pt when improved),
-    log.csv and progress.png, print one line."""
+    log.csv and progress.png, print one line. Under torchrun rank 0 validates and its score is broadcast, so
+    every rank keeps the same counters and decisions; rank 0 writes."""
     cfg, p = s.cfg, s.progress
-    val_dice = validate(s.model, val_loader, cfg, s.device, s.amp)
+    s.dist.progress(f"validating after epoch {s.epoch + 1}")
+    val_dice = s.dist.from_main(lambda: validate(s.model, val_loader, cfg, s.device, s.amp),
+                                f"waiting for rank 0's validation after epoch {s.epoch + 1}")
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)
     row = {"epoch": s.epoch + 1, "step": s.step, "loss": mean_loss, "lr": lr_main, "lr_encoder": lr_enc,
@@ -263,6 +305,8 @@ def end_epoch(s: Session, val_loader) -> None:
     s.save(s.run.last)
     if improved:
         s.save(s.run.best)
+    if not s.dist.is_main:
+        return
     write_log(p.history, s.run.log)
     plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
     vd = "n/a" if val_dice is None else f"{val_dice:.4f}"
@@ -290,24 +334,30 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     """
     cfg = cfg.resolved()
     run = paths.run_paths(cfg.out)
-    resume_ck = open_run(cfg, run)                                             # 1. new run or resume
-    device = resolve_device(cfg.device)                                        # 2. device and precision
+    dist.check_batch(cfg.batch_size)                                           # 1. ranks, device, precision
+    ctx, device = dist.plan(cfg.device, resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
     amp = resolve_amp(cfg.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_ds, val_ds = datasets if datasets is not None else make_datasets(cfg)   # 3. data
-    s = start_session(cfg, run, device, amp, resume_ck, builder)               # 4. model, optimiser, loss
+    resume_ck = open_run(cfg, run)                                             # 2. new run or resume
+    configure_kernels(device, cfg.deterministic)
+    dist.start(ctx, device)
+    dist.check_same_start(ctx, resume_ck, run.last)
+    train_ds, val_ds = datasets if datasets is not None else ctx.main_first(lambda: make_datasets(cfg))  # 3. data
+    s = start_session(cfg, run, device, amp, resume_ck, builder, ctx)          # 4. model, optimiser, loss
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
-    run.root.mkdir(parents=True, exist_ok=True)                                # 6. the run folder
-    save_run_config(cfg, run.root)
-    sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed)
-    val_loader = validation_loader(val_ds, cfg)
+    if ctx.is_main:                                                            # 6. the run folder
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, run.root)
+    sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed,
+                           rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size)
+    val_loader = validation_loader(val_ds, cfg, ctx)
     stopped = None
-    while s.epoch < cfg.epochs and s.step < s.total_steps:                    # 7. the epochs
-        stopped = run_epoch(s, train_ds, sampler, on_step)                     # 8. steps
-        if stopped:
-            break
-        end_epoch(s, val_loader)                                               # 9. validate, log, checkpoint
+    with ctx.watched(f"starting epoch {s.epoch + 1}"):
+        while s.epoch < cfg.epochs and s.step < s.total_steps:                # 7. the epochs
+            stopped = run_epoch(s, train_ds, sampler, on_step)                 # 8. steps
+            if stopped:
+                break
+            end_epoch(s, val_loader)                                           # 9. validate, log, checkpoint
+        ctx.barrier("waiting for rank 0 to finish writing the run")           # (a next stage reads it)
     return summary(s, stopped)                                                 # 10. what happened
 
 
