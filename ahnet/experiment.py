@@ -31,6 +31,7 @@ from .data.io import load_dataset_json, read_image
 from .evaluate.cli import evaluate_and_report
 from .evaluate.validation import make_validator
 from .precision import resolve_device
+from .report.claims import found_line
 from .train import TrainingDiverged, train
 from .train import dist
 
@@ -57,6 +58,8 @@ class Preset:
     test_cases: int = 0          # > 0: evaluate on an extra phantom of this many test-only cases (more nodules
                                  # per type than the training phantom's own test split); its shapes come from
                                  # the LIDC scans reserved for testing, as the test split's always do
+    test_phantom: Optional[str] = None   # evaluate on this held-out test phantom (ahnet.data.phantom.TEST_PHANTOMS:
+                                         # every type equally often); wins over test_cases
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
@@ -70,8 +73,8 @@ ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
                    steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
-                   variants=["mcgcn-2d", "ahnet-transfer"]),
-    "cpu": Preset(cases=32, test_cases=30, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
+                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo"),
+    "cpu": Preset(cases=32, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=50, lr=1e-3,
                   variants=ALL_VARIANTS),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
@@ -115,11 +118,34 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     return dataset_json
 
 
+def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
+    """Refuse (ValueError, before any training) a test folder that holds another phantom than the preset's
+    held-out test phantom, e.g. one an earlier version generated with other sizes or seed."""
+    from .data.phantom import held_out_seed
+    from .data.phantom.heldout import test_phantom_options
+    dataset_json = data_dir / paths.DATASET
+    if not preset.test_phantom or not dataset_json.is_file():
+        return
+    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
+    want = test_phantom_options(preset.test_phantom)
+    have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+    keys = ("size", "slices", "thickness", "spacing", "negatives", "exact", "n_cases")
+    npc = have.get("nodules_per_case")
+    same = all(have.get(k) == want[k] for k in keys) and have["seed"] == held_out_seed(seed) and \
+        list(npc if isinstance(npc, list) else [npc, npc]) == [want["nodules_per_case"]] * 2
+    if not same:
+        raise ValueError(f"{data_dir} holds another phantom than the {preset.test_phantom!r} test phantom of seed "
+                         f"{seed}; move it away and run again to generate the test phantom there")
+
+
 def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
-    from .data.phantom import generate_dataset
+    from .data.phantom import generate_dataset, generate_test_phantom
     dataset_json = data_dir / paths.DATASET
-    if not dataset_json.is_file():
+    if preset.test_phantom and not dataset_json.is_file():
+        print(f"[experiment] generating the {preset.test_phantom!r} test-only phantom in {data_dir}", flush=True)
+        generate_test_phantom(data_dir, preset.test_phantom, seed=seed)
+    elif not dataset_json.is_file():
         print(f"[experiment] generating {preset.test_cases} test-only phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.test_cases, seed=seed + 1_000_003, size=preset.size, split=(0, 0, 1))
     return dataset_json
@@ -212,6 +238,8 @@ def run_experiment(args) -> int:
         ctx.main_first(lambda: cache_dataset(dataset_json))
     else:
         dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
+    if not args.data:
+        check_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     spacing = data_spacing(dataset_json)
     configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
                for v in variants}
@@ -226,18 +254,21 @@ def run_experiment(args) -> int:
         return 0
     report = paths.run_paths(runs).report
     eval_json = dataset_json
-    if preset.test_cases > 0 and not args.data:
+    if (preset.test_phantom or preset.test_cases > 0) and not args.data:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
-    evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
-                        n_bootstrap=args.bootstrap, window=preset.window,
-                        title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
+    rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
+                              n_bootstrap=args.bootstrap, window=preset.window,
+                              title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")
+    for m in rep["model_order"]:
+        if rep["models"][m]["found"]:
+            print("[experiment] " + found_line(m, rep["models"][m]["found"]))
     return 0
 
 

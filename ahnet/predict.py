@@ -16,7 +16,9 @@ models is refused unless ``--allow-mixed``, which then averages them, each model
 Per case: HU clipped to [-1000, 400] and scaled to [0, 1] (as the training cache), native spacing; writes
 ``<out>/<case_id>_prob.nii.gz`` (float32) and ``<out>/<case_id>_mask.nii.gz`` (uint8, prob >= threshold) with the
 input's spacing, origin and direction, then drops the case's arrays before the next one. ``<out>/candidates.csv``
-holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set.
+holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set, by the candidate rule of
+``--candidates`` and its flags (default ahnet.infer.DEFAULT_RULE: local maxima with p >= 0.02, NMS in world mm,
+merging, sub-voxel centres; ``--candidates components --candidate-threshold 0.5`` gives the older components).
 
 Window (3D): the one rule of ahnet.infer.window_for: ``--window``, else the largest ``patch_size`` in the runs'
 training configs, else DEFAULT_WINDOW; rounded up to the models' input multiple and never larger than the volume
@@ -37,7 +39,8 @@ import numpy as np
 from . import cli
 from .data import io
 from .data.preprocess import clip_and_scale
-from .infer import DEFAULT_WINDOW, Ensemble, extract_candidates, load_ensemble, predict_volume
+from .infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
+                    extract_candidates, load_ensemble, predict_volume, rule_from_arguments)
 from .precision import AMP_MODES
 
 PROG = "ahnet.predict"
@@ -133,9 +136,10 @@ def _progress(items, **kw):
 
 
 def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
-                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
-                  min_distance_mm: float = 5.0, channels_last: bool = False) -> dict:
-    """Predict every Case, writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv.
+                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
+                  candidates: CandidateRule | None = None, channels_last: bool = False) -> dict:
+    """Predict every Case, writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and
+    <out>/candidates.csv (by the rule ``candidates``, default ahnet.infer.DEFAULT_RULE).
 
     One case in memory at a time (image, scaled image, probability map; accumulators inside ahnet.infer).
     Returns {"cases": [case_id], "candidates": n rows, "csv": path}.
@@ -145,6 +149,7 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
         raise PredictInputError(f"--out {out} is a file; expected a folder (created if missing)")
     if not 0.0 <= threshold <= 1.0:
         raise PredictInputError(f"--threshold {threshold} must be a probability in [0, 1]")
+    rule = candidate_rule(candidates)
     ens.check(window, amp)                                  # --window and --amp before the first case
     out.mkdir(parents=True, exist_ok=True)
     rows, done = [], []
@@ -156,8 +161,7 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
         vol.array = None
         io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
         io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
-        rows += extract_candidates(prob, vol, seriesuid=case.case_id, threshold=threshold, method=candidates,
-                                   min_distance_mm=min_distance_mm)
+        rows += extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
         del prob, vol
         done.append(case.case_id)
     csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
@@ -182,10 +186,8 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--channels-last", action="store_true",
                     help="3D models in channels-last 3D memory (same values; faster with --amp bf16 / AMP)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    ap.add_argument("--threshold", type=float, default=0.5, help="mask and candidate threshold on probability")
-    ap.add_argument("--candidates", choices=("components", "maxima"), default="components",
-                    help="candidate method: connected components or local maxima (ahnet.infer.candidates)")
-    ap.add_argument("--min-distance-mm", type=float, default=5.0, help="local-maxima neighbourhood half size")
+    ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability")
+    add_candidate_arguments(ap)
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     return ap
 
@@ -196,11 +198,11 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> int:
+    rule = rule_from_arguments(a)
     cases = find_cases(a.input, a.split)
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
     res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
-                        amp=a.amp, threshold=a.threshold, candidates=a.candidates,
-                        min_distance_mm=a.min_distance_mm, channels_last=a.channels_last)
+                        amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     return 0

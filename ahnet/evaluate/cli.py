@@ -2,8 +2,10 @@
 
     python -m ahnet.evaluate --runs runs/A runs/B --data data/phantom/dataset.json --out report/
 
-Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm) and the report files (ahnet.report). Bad input:
-one line ``ahnet.evaluate: error: ...`` on stderr and exit code 2.
+Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm; the candidate rule of ``--candidates``, default
+ahnet.infer.DEFAULT_RULE) and the report files (ahnet.report: tables, paired comparisons between the runs,
+learning curves from the runs' logs, a gallery of crops). Bad input: one line ``ahnet.evaluate: error: ...`` on
+stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from pathlib import Path
 
 from .. import cli, paths
 from ..data.io import read_annotations_csv, write_candidates_csv
-from ..infer import DEFAULT_WINDOW, load_ensemble
+from ..infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
+from ..infer import rule_from_arguments
 from ..precision import AMP_MODES, resolve_device
 from ..report import build_report
-from . import evaluate_predictions, load_cases, predict_runs, run_names
+from ..report.claims import claim_sentence, found_line
+from . import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
 
 PROG = "ahnet.evaluate"
 
@@ -36,9 +40,10 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
-    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold for masks and candidates")
-    ap.add_argument("--candidates", choices=("components", "maxima"), default="components",
-                    help="candidate method: connected components or local maxima (ahnet.infer.candidates)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="3D models in channels-last 3D memory (same values; faster with --amp bf16)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the segmentation masks")
+    add_candidate_arguments(ap)
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
@@ -53,36 +58,48 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
-                        threshold=a.threshold, candidates=a.candidates, n_bootstrap=a.bootstrap, seed=a.seed,
-                        title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta, amp=a.amp)
+                        threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
+                        seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
+                        tta=a.tta, amp=a.amp, channels_last=a.channels_last)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
-                        threshold: float = 0.5, candidates: str = "components", n_bootstrap: int = 1000,
+                        threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option and run is checked before the first image is read.
-    ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
+    threshold: the masks'; candidates: the candidate rule (None = ahnet.infer.DEFAULT_RULE). ``predict_kw``:
+    window, overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} must be a probability in [0, 1]")
+    if n_bootstrap < 0:
+        raise ValueError(f"--bootstrap {n_bootstrap} must be >= 0")
+    rule = candidate_rule(candidates)
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
         load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
     ann = read_annotations_csv(Path(annotations) if annotations else paths.annotations_csv(data))
     cases, images = load_cases(data, split)
     probs = predict_runs(runs, images, device, **predict_kw)
-    results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=candidates,
+    results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                    n_bootstrap=n_bootstrap, seed=seed)
     out = Path(out)
     for name, r in results.items():
         write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"])
     rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
-                        for k, v in results.items()}, out, title=title)
+                        for k, v in results.items()}, out, title=title,
+                       comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
+                       runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
+                       candidates=rule.describe())
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")
+        if r["found"]:
+            print("  " + found_line(m, r["found"]))
+    if claim_sentence(rep["comparisons"]):
+        print(claim_sentence(rep["comparisons"]))
     print(f"report: {out / 'report.html'}")
     return rep
 
