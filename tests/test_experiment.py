@@ -64,16 +64,16 @@ def test_end_to_end_tiny_interrupted_then_resumed_without_retraining(tmp_path, m
     monkeypatch.setitem(PRESETS, "demo", tiny)
     real_train, steps = experiment.train, []
 
-    def train(cfg, interrupt=None):
+    def train(cfg, interrupt=None, validator_for=None):
         def on_step(step):
             steps.append((cfg.out, step))
             if interrupt and cfg.out.endswith(interrupt):
                 raise KeyboardInterrupt
-        return real_train(cfg, on_step=on_step)
+        return real_train(cfg, on_step=on_step, validator_for=validator_for)
 
     argv = ["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]
     runs = Path("runs/phantom-demo")                          # relative: the experiment's own spelling
-    monkeypatch.setattr(experiment, "train", lambda cfg: train(cfg, interrupt="ahnet-transfer"))
+    monkeypatch.setattr(experiment, "train", lambda cfg, **kw: train(cfg, interrupt="ahnet-transfer", **kw))
     with pytest.raises(KeyboardInterrupt):
         experiment.main(argv)
     assert [s for s in steps if s[0].endswith("mcgcn-2d")] == [(str(runs / "mcgcn-2d"), k) for k in (1, 2)]
