@@ -1,12 +1,12 @@
 """The paper's comparison as one command: data -> 2D stage -> transfer -> 3D variants -> per-type report.
 
     python -m ahnet.experiment --preset demo     # `bash run.sh demo`: 2D MC-GCN and AH-Net after transfer
-    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (about an hour, 2 cores)
+    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (under 2 hours, 2 cores)
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
-a 3D U-Net from scratch; AH-Net after transfer at pyramid depths 0..4 ("PFN depth"). Each variant is a
-TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
+a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0 and 2). Each
+variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
 who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
 step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped.
@@ -30,7 +30,7 @@ from .data.cache import cache_dataset
 from .data.io import load_dataset_json, read_image
 from .evaluate.cli import evaluate_and_report
 from .evaluate.validation import make_validator
-from .precision import resolve_device
+from .precision import cpu_native_bf16, resolve_device
 from .report.claims import found_line
 from .train import TrainingDiverged, train
 from .train import dist
@@ -63,20 +63,26 @@ class Preset:
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
-    extra: Dict = field(default_factory=dict)
+    recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
+                                                 # early stopping); paper_notes/results.md measures them
 
 
 # Variant names: "<model>-<init>[-pfn<K>]"; "mcgcn-2d" is the 2D stage itself.
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
+# The cpu preset's comparison within its 2-hour budget: pyramid depths 0, 2 and the paper's 4 (pfn1 / pfn3 on
+# request with --variants).
+CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0",
+                "ahnet-transfer-pfn2"]
+
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
-                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
-                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo"),
-    "cpu": Preset(cases=32, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
-                  steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=50, lr=1e-3,
-                  variants=ALL_VARIANTS),
+                   steps_2d=60, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=100, lr=1e-3,
+                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo", recipe=dict(val_cases=4)),
+    "cpu": Preset(cases=64, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
+                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=5, steps_3d=250, lr=1e-3,
+                  variants=CPU_VARIANTS, recipe=dict(hard_fraction=0.3, val_cases=10, patience=3)),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
@@ -156,7 +162,8 @@ def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path,
     """The training configuration of one variant (resolved: every check done before any training starts)."""
     model, init, pfn = parse_variant(variant)
     d = dict(data=str(dataset_json), cache_dir=str(paths.cache_dir(dataset_json)), encoder=preset.encoder,
-             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True, sync_bn=sync_bn)
+             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True, sync_bn=sync_bn,
+             amp=fast_amp(device), **preset.recipe)
     if model == "mcgcn":
         d.update(stage="2d", model="mcgcn", patch_size=list(preset.patch_2d), batch_size=preset.batch_2d,
                  epochs=preset.epochs_2d, steps_per_epoch=preset.steps_2d)
@@ -167,12 +174,22 @@ def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path,
     if model == "unet3d":
         kwargs["base_channels"] = preset.unet_base
     d.update(stage="3d", model=model, patch_size=list(preset.patch_3d), batch_size=preset.batch_3d,
-             epochs=preset.epochs_3d, steps_per_epoch=preset.steps_3d, model_kwargs=kwargs)
+             epochs=preset.epochs_3d, steps_per_epoch=preset.steps_3d, model_kwargs=kwargs,
+             channels_last=d["amp"] != "off")
     if model == "ahnet":
         d.update(pfn_depth=pfn, init=init)
         if init == "transfer":
             d["init_from"] = str(runs / "mcgcn-2d")
     return TrainConfig.from_dict(d, variant).resolved()
+
+
+def fast_amp(device: str) -> str:
+    """The experiment's precision: fp16 + GradScaler on CUDA, bf16 on a CPU that computes bfloat16 natively
+    (with channels-last 3D: 0.22 s instead of 0.54 s a step, paper_notes/performance.md), else float32."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return "fp16"
+    return "bf16" if dev.type == "cpu" and cpu_native_bf16() else "off"
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -262,7 +279,8 @@ def run_experiment(args) -> int:
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
     rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
-                              n_bootstrap=args.bootstrap, window=preset.window,
+                              n_bootstrap=args.bootstrap, window=preset.window, amp=fast_amp(args.device),
+                              channels_last=fast_amp(args.device) != "off",
                               title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from ahnet.config import TrainConfig
+
 from ahnet import experiment
 from ahnet.config import load_config
 from ahnet.experiment import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
@@ -23,7 +25,9 @@ def test_every_preset_variant_is_valid_and_cpu_preset_runs_the_papers_comparison
     for preset in PRESETS.values():
         for v in preset.variants:
             parse_variant(v)
-    assert set(PRESETS["cpu"].variants) == set(ALL_VARIANTS)
+        TrainConfig(**preset.recipe).resolved()           # the recipe's settings are TrainConfig's, checked
+    assert {"mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"} <= set(
+        PRESETS["cpu"].variants) and set(PRESETS["paper"].variants) == set(ALL_VARIANTS)
 
 
 def test_variant_configs_and_their_printed_commands(tmp_path):
