@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -38,6 +39,24 @@ def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> A
 
 #: the network a stage trains when --model is not given
 DEFAULT_MODEL = {"2d": "mcgcn", "3d": "ahnet"}
+
+#: the range of each numeric setting: (low, high, low end open, high end open); None = unbounded. Every float
+#: setting must also be finite. Checked by TrainConfig.resolved(), so flags, --config files and from_dict alike.
+LIMITS = {
+    "lr": (0, None, True, False), "lr_encoder": (0, None, False, False),
+    "weight_decay": (0, None, False, False), "min_lr_ratio": (0, 1, False, False),
+    "poly_power": (0, None, True, False), "grad_clip": (0, None, False, False),
+    "focal_alpha": (0, 1, False, False), "focal_gamma": (0, None, False, False),
+    "dice_smooth": (0, None, False, False), "pos_fraction": (0, 1, False, False),
+    "warmup_steps": (0, None, False, False), "max_steps": (1, None, False, False),
+    "ckpt_every": (0, None, False, False), "val_patches": (0, None, False, False),
+    "num_workers": (0, None, False, False), "max_bad_steps": (1, None, False, False),
+    "seed": (0, 2 ** 63 - 1, False, False), "pfn_depth": (0, None, False, False),
+    "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
+    "steps_per_epoch": (1, None, False, False),
+}
+#: the most voxels one training patch may have (2^28, e.g. 256 x 1024 x 1024); more is a typing mistake
+MAX_PATCH_VOXELS = 2 ** 28
 
 
 @dataclass
@@ -164,11 +183,14 @@ class TrainConfig:
         if c.imagenet_weights and c.stage != "2d":
             raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
                              "--init transfer.")
-        for name in ("batch_size", "epochs", "steps_per_epoch"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}.")
-        if c.lr <= 0 or (c.lr_encoder is not None and c.lr_encoder < 0):
-            raise ValueError(f"learning rates must be positive, got lr={c.lr}, lr_encoder={c.lr_encoder}.")
+        check_limits(c)
+        if math.prod(c.patch_size) > MAX_PATCH_VOXELS:
+            raise ValueError(f"--patch-size {' '.join(map(str, c.patch_size))} is {math.prod(c.patch_size):.3g} voxels "
+                             f"per patch; at most {MAX_PATCH_VOXELS:.3g}.")
+        ra = list(c.randaugment)
+        if not (len(ra) == 2 and all(isinstance(v, (int, float)) for v in ra) and float(ra[0]).is_integer()
+                and 0 <= ra[0] <= 100 and 0 <= ra[1] <= 10):
+            raise ValueError(f"--randaugment N M: N ops (an integer 0 .. 100) at magnitude M (0 .. 10), got {ra}.")
         if c.folds < 0 or c.folds == 1:
             raise ValueError(f"folds must be 0 (use the dataset split) or >= 2, got {c.folds}.")
         if c.fold is not None:
@@ -182,6 +204,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_limits(c: TrainConfig) -> None:
+    """Every numeric setting finite (floats) and within LIMITS; ValueError naming the flag otherwise."""
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag} {v} is not a finite number.")
+        if f.name in LIMITS:
+            lo, hi, lo_open, hi_open = LIMITS[f.name]
+            ok = ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+            if not ok:
+                raise ValueError(f"{flag} must be {cli.describe_range(lo, hi, lo_open, hi_open)}, got {v:g}.")
 
 
 # ------------------------------------------------------------------------------------------------- parser

@@ -18,6 +18,7 @@ from ahnet import cli, paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, add_setting_flag, read_json_config
 from ahnet.train import TrainingDiverged, train
+from ahnet.train.guard import preflight
 
 __all__ = ["build_parser", "stage_configs", "run_pipeline", "main"]
 
@@ -100,8 +101,12 @@ def _finished(cfg: TrainConfig) -> bool:
 
 def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = ("2d", "3d"),
                  **train_kw) -> dict:
-    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. The 3D stage's transfer
-    step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. Both stages' settings,
+    output places and networks are checked before the first stage starts (ahnet.train.guard.preflight); the 3D
+    stage's transfer step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
+        if stage in stages:
+            preflight(cfg, train_kw.get("builder"))
     out: dict = {}
     for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
         if stage not in stages:

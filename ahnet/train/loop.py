@@ -24,14 +24,11 @@ from ahnet.precision import AmpSettings, resolve_amp, resolve_device
 
 from .data import make_datasets, prepare_batch
 from .errors import TrainError, TrainingDiverged
+from .guard import check_finite, check_resume, preflight, run_lock
 from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
-
-#: settings a resumed run must share with the run it continues (the data order and the network depend on them)
-RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")
-
 
 @dataclass
 class Progress:
@@ -75,7 +72,9 @@ class Session:
         return full if self.cfg.max_steps is None else min(self.cfg.max_steps, full)
 
     def save(self, path) -> None:
-        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically."""
+        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; never one
+        with non-finite weights (TrainingDiverged)."""
+        check_finite(self.model, self.step, self.run)
         save_checkpoint({
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_name": self.model_name, "model_kwargs": self.model_kwargs, "optimizer": self.opt.state_dict(),
@@ -88,7 +87,7 @@ class Session:
 # ------------------------------------------------------------------------------------------------- steps
 def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
     """The checkpoint to resume from (None for a new run). An existing run needs --resume, and a resume the same
-    RESUME_KEYS settings; TrainError otherwise."""
+    settings but those of guard.RESUME_MAY_CHANGE; TrainError otherwise."""
     if not run.last.exists():
         if cfg.resume:
             print(f"[train] --resume: no {run.last} yet, starting a new run.")
@@ -97,11 +96,7 @@ def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
         raise TrainError(f"{run.root} already holds a run ({paths.CHECKPOINTS}/{paths.LAST}); pass --resume to "
                          f"continue it or choose another --out.")
     ck = load_checkpoint(run.last)
-    saved = ck.get("config") or {}
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise TrainError(f"--resume: {key} was {saved[key]!r} in {run.last} but is now {getattr(cfg, key)!r}; "
-                             f"an exact resume needs the same value.")
+    check_resume(ck.get("config") or {}, cfg, run.last)
     return ck
 
 
@@ -243,9 +238,14 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
 
 
 def end_epoch(s: Session, val_loader) -> None:
-    """Validate, add the epoch's log row, keep the best score, write last.pt (and best.pt when improved),
-    log.csv and progress.png, print one line."""
+    """Validate, add the epoch's log row, keep the best score, write best.pt (when improved), log.csv and
+    progress.png, then last.pt (a kill before last.pt leaves it older, so --resume redoes this epoch's end and
+    rewrites the others), print one line. An epoch whose every step was skipped stops the run (TrainingDiverged)."""
     cfg, p = s.cfg, s.progress
+    if p.epoch_loss_n == 0 and p.skipped_epoch > 0:
+        raise TrainingDiverged(f"every step of epoch {s.epoch + 1} ({p.skipped_epoch}) had a non-finite loss and was "
+                               f"skipped; the run stops without saving it. Check --focal-gamma, --dice-smooth and "
+                               f"--lr, or try --amp off.")
     val_dice = validate(s.model, val_loader, cfg, s.device, s.amp)
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)
@@ -260,11 +260,11 @@ def end_epoch(s: Session, val_loader) -> None:
         p.best_score, p.best_epoch = score, s.epoch + 1
     s.epoch += 1
     p.new_epoch()
-    s.save(s.run.last)
     if improved:
         s.save(s.run.best)
     write_log(p.history, s.run.log)
     plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
+    s.save(s.run.last)
     vd = "n/a" if val_dice is None else f"{val_dice:.4f}"
     ml = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
     print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} val_dice {vd} "
@@ -287,8 +287,16 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     ``datasets``: optional (train_ds, val_ds) in place of make_datasets(cfg) (each ds[i] a dict with
     "image" / "label" (1, D, H, W) tensors, and ``set_epoch``). ``builder``: optional stand-in for
     ahnet.nets.build_model. ``on_step(global_step)`` is called after each step (tests use it to interrupt).
+    Settings, output places and the network are checked first (guard.preflight); the run folder is locked.
     """
     cfg = cfg.resolved()
+    preflight(cfg, builder)                                                    # 0. checks before any work
+    with run_lock(cfg.out):
+        return _train(cfg, datasets, builder, on_step)
+
+
+def _train(cfg: TrainConfig, datasets, builder: Builder | None, on_step: Callable[[int], None] | None) -> dict:
+    """train() of a checked configuration, with the run folder locked."""
     run = paths.run_paths(cfg.out)
     resume_ck = open_run(cfg, run)                                             # 1. new run or resume
     device = resolve_device(cfg.device)                                        # 2. device and precision
