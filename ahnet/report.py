@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path, write_text_atomic
 from .data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
 
 TIE_TOL = 1e-9
@@ -310,9 +311,10 @@ def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluatio
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = _figures(rep)
-    for name, data in figs.items():
-        (out / name).write_bytes(data)
-    (out / "report.json").write_text(json.dumps(rep, indent=1, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text(_markdown(rep, figs, title), encoding="utf-8")
-    (out / "report.html").write_text(_html(rep, figs, title), encoding="utf-8")
+    for name, data in figs.items():                   # every file atomically: a kill leaves old or new, not half
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=1, allow_nan=False))
+    write_text_atomic(out / "report.md", _markdown(rep, figs, title))
+    write_text_atomic(out / "report.html", _html(rep, figs, title))
     return rep
