@@ -25,8 +25,9 @@ from typing import Dict, List, Optional
 from . import cli, paths
 from .config import TrainConfig
 from .data.cache import cache_dataset
-from .data.io import load_dataset_json, read_image
+from .data.io import load_dataset_json, read_scan
 from .evaluate.cli import evaluate_and_report
+from .precision import resolve_device
 from .train import TrainingDiverged, train
 
 PROG = "ahnet.experiment"
@@ -94,8 +95,10 @@ def parse_variant(name: str):
 
 def data_spacing(dataset_json: Path) -> List[float]:
     """(sz, sy, sx) of the first case: the z-pooling schedule is chosen for it."""
-    first = load_dataset_json(dataset_json)[0]
-    return [round(float(s), 4) for s in read_image(first["image"]).spacing]
+    cases = load_dataset_json(dataset_json)
+    if not cases:
+        raise ValueError(f"{dataset_json} lists no cases under 'training'")
+    return [round(float(s), 4) for s in read_scan(cases[0]["image"]).spacing]
 
 
 def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
@@ -175,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", help=f"subset of variants to train (default: the preset's); "
                    f"any of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the report's intervals")
+    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
+    p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
+                   help="bootstrap resamples of the report's intervals (0 = none)")
     return p
 
 
@@ -193,6 +197,10 @@ def run_experiment(args) -> int:
     variants = list(args.variants or preset.variants)
     for v in variants:
         parse_variant(v)
+    resolve_device(args.device)                       # the options and output places before any data work
+    cli.check_output_dir(runs, "--name")
+    if not args.data:
+        cli.check_output_dir(paths.DATA_ROOT / name, "--name")
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
     t0 = time.time()
