@@ -123,23 +123,23 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_output_dir(path, flag: str = "--out", access: Callable[[str, int], bool] = os.access) -> Path:
+def check_output_dir(path, flag: str = "--out", access: Callable[[str, int], bool] | None = None) -> Path:
     """Check before any work that ``path`` can be an output folder: an existing folder we may write into, or a
     missing one whose nearest existing parent is such a folder. ValueError (one sentence naming ``flag``)
-    otherwise. ``access``: os.access (tests inject another). Creates nothing."""
+    otherwise. ``access``: os.access when None (tests inject another). Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; expected a folder (created if missing)")
     base = _nearest_existing(path.absolute())
     if not base.is_dir():
         raise ValueError(f"{flag} {path}: {base} is a file, so the folder cannot be created there")
-    if not access(str(base), os.W_OK | os.X_OK):
+    if not (access or os.access)(str(base), os.W_OK | os.X_OK):
         what = "folder" if base == path.absolute() else f"folder cannot be created: {base}"
         raise ValueError(f"{flag} {path}: permission denied (the {what} is not writable for this user)")
     return path
 
 
-def check_output_file(path, flag: str = "--out", access: Callable[[str, int], bool] = os.access) -> Path:
+def check_output_file(path, flag: str = "--out", access: Callable[[str, int], bool] | None = None) -> Path:
     """Check before any work that a file can be written at ``path`` (not a folder; its folder writable or
     creatable, as check_output_dir; an existing file replaced only when its folder is writable)."""
     path = Path(path)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from . import cli, paths
 from .atomic import write_text_atomic
+from .data.checks import read_json
 from .losses import LOSSES
 from .nets import ENCODERS, MODELS
 from .precision import AMP_MODES
@@ -55,7 +56,7 @@ LIMITS = {
     "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
     "steps_per_epoch": (1, None, False, False),
 }
-#: the most voxels one training patch may have (2^28, e.g. 256 x 1024 x 1024); more is a typing mistake
+#: the most voxels of one step's patches (batch x D x H x W: 2^28, e.g. 1 x 256 x 1024 x 1024); more is a typo
 MAX_PATCH_VOXELS = 2 ** 28
 
 
@@ -154,6 +155,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill stage-dependent defaults and check the combination; ValueError names what is wrong."""
+        check_kinds(self)
         c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
         for f in fields(c):
             ch = f.metadata.get("choices")
@@ -168,6 +170,9 @@ class TrainConfig:
                              f"{c.stage} (which trains {', '.join(others)}); use --stage {MODELS[c.model].stage}.")
         if c.patch_size is None:
             c.patch_size = [3, 128, 128] if c.stage == "2d" else [32, 128, 128]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+                   for v in c.patch_size):
+            raise ValueError(f"patch_size must be three positive ints D H W, got {c.patch_size}.")
         c.patch_size = [int(v) for v in c.patch_size]
         if len(c.patch_size) != 3 or min(c.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints D H W, got {c.patch_size}.")
@@ -184,9 +189,10 @@ class TrainConfig:
             raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
                              "--init transfer.")
         check_limits(c)
-        if math.prod(c.patch_size) > MAX_PATCH_VOXELS:
-            raise ValueError(f"--patch-size {' '.join(map(str, c.patch_size))} is {math.prod(c.patch_size):.3g} voxels "
-                             f"per patch; at most {MAX_PATCH_VOXELS:.3g}.")
+        if c.batch_size * math.prod(c.patch_size) > MAX_PATCH_VOXELS:
+            raise ValueError(f"--batch-size {c.batch_size} x --patch-size {' '.join(map(str, c.patch_size))} is "
+                             f"{c.batch_size * math.prod(c.patch_size):.3g} voxels per step; at most "
+                             f"{MAX_PATCH_VOXELS:.3g}.")
         ra = list(c.randaugment)
         if not (len(ra) == 2 and all(isinstance(v, (int, float)) for v in ra) and float(ra[0]).is_integer()
                 and 0 <= ra[0] <= 100 and 0 <= ra[1] <= 10):
@@ -206,8 +212,30 @@ class TrainConfig:
         return asdict(self)
 
 
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple),
+          "dict": (dict,)}
+
+
+def _check_kind(name: str, declared, v) -> None:
+    """ValueError when ``v`` is not of the field's declared kind (a --config file or from_dict can put anything)."""
+    kinds = [k.strip() for k in str(declared).split("|")]
+    if v is None and "None" in kinds:
+        return
+    want = [_KINDS[k] for k in kinds if k in _KINDS]
+    ok = any(isinstance(v, t) and not (isinstance(v, bool) and bool not in t) for t in want)
+    if want and not ok:
+        raise ValueError(f"setting {name} = {v!r}: expected {' or '.join(k for k in kinds if k != 'None')}"
+                         f"{' or null' if 'None' in kinds else ''}.")
+
+
+def check_kinds(c: TrainConfig) -> None:
+    """Every setting of its declared kind (int, float, str, bool, list, dict, or null where allowed)."""
+    for f in fields(c):
+        _check_kind(f.name, f.type, getattr(c, f.name))
+
+
 def check_limits(c: TrainConfig) -> None:
-    """Every numeric setting finite (floats) and within LIMITS; ValueError naming the flag otherwise."""
+    """Numeric settings finite (floats) and within LIMITS; ValueError naming the flag otherwise."""
     for f in fields(c):
         v = getattr(c, f.name)
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -285,12 +313,9 @@ def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) ->
 def read_json_config(path: str | os.PathLike) -> dict:
     """The settings of a JSON config file (a run's config.json works too: its "config" entry is used)."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist.")
+    d = read_json(path, "config file")
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a JSON object of settings.")
     if "config" in d and isinstance(d["config"], dict) and "versions" in d:

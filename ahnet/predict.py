@@ -197,13 +197,16 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
                                       overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
                                       channels_last=channels_last)
             except (ValueError, OSError) as e:
-                failed.append((case.case_id, cli.one_line(e)))
+                why = cli.one_line(e).rstrip(".")
+                failed.append((case.case_id, why))
                 if not skip_bad:
-                    csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
-                    raise PredictInputError(f"case {case.case_id}: {cli.one_line(e)} (the candidates of the "
-                                            f"{len(done)} case(s) before it are in {csv_path}; --skip-bad goes on "
-                                            f"past bad scans)") from None
-                cli.warn(PROG, f"skipped case {case.case_id}: {cli.one_line(e)}")
+                    done_note = ""
+                    if done:                                 # the scans that succeeded keep their candidates
+                        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+                        done_note = f"; the candidates of the {len(done)} case(s) before it are in {csv_path}"
+                    raise PredictInputError(f"case {case.case_id}: {why}{done_note} (--skip-bad goes on past bad "
+                                            f"scans)") from None
+                cli.warn(PROG, f"skipped case {case.case_id}: {why}")
                 continue
             done.append(case.case_id)
         csv_path = io.write_candidates_csv(out / "candidates.csv", rows)

@@ -16,6 +16,7 @@ import torch
 
 from ahnet import cli, paths
 from ahnet.checkpoint import save_checkpoint
+from ahnet.nets import AHNet3d
 from ahnet.nets.blocks import UPSAMPLE_MODES
 from ahnet.nets.resnet import ENCODERS, parse_encoder
 from ahnet.nets.transfer import (Source2d, format_table, fresh_encoder, load_source, source_from_model,
@@ -97,6 +98,8 @@ def _main(args) -> int:
                   out_channels=args.out_channels)
     if args.encoder:
         kwargs["encoder"] = args.encoder
+    with torch.random.fork_rng(devices=[]):     # the 3D options, before a source is read or a fresh one measured
+        AHNet3d(**{"encoder": args.encoder or args.fresh_encoder, **kwargs})
     source = choose_source(args)
     out = cli.check_output_file(args.out or default_out(source), "--out")
     t0 = time.time()

@@ -166,8 +166,7 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
             by_case.setdefault(str(r["seriesuid"]), []).append(r)
     if splits is not None:
         cases = [c for c in cases if c["split"] in set(splits)]
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir)                    # created with its first file: a bad first case leaves none
     remove_temps(cache_dir)
     settings = dict(version=CACHE_VERSION, target_spacing=None if target_spacing is None else list(target_spacing),
                     hu=[HU_MIN, HU_MAX], nan_policy=nan_policy, chunks=list(chunks) if chunks else None,
