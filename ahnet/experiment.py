@@ -29,6 +29,7 @@ from .data.io import load_dataset_json, read_scan
 from .evaluate.cli import evaluate_and_report
 from .precision import resolve_device
 from .train import TrainingDiverged, train
+from .train.guard import preflight
 
 PROG = "ahnet.experiment"
 
@@ -211,6 +212,8 @@ def run_experiment(args) -> int:
         dataset_json = prepare_data(paths.DATA_ROOT / name, preset, args.seed)
     spacing = data_spacing(dataset_json)
     configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing) for v in variants}
+    for v, cfg in configs.items():                   # every variant's network and places before the first trains
+        preflight(cfg, sources=cfg.init != "transfer")
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
     for v, cfg in configs.items():

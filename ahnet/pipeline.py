@@ -106,7 +106,7 @@ def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = (
     stage's transfer step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
     for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
         if stage in stages:
-            preflight(cfg, train_kw.get("builder"))
+            preflight(cfg, train_kw.get("builder"), sources=not (stage == "3d" and "2d" in stages))
     out: dict = {}
     for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
         if stage not in stages:

@@ -133,6 +133,34 @@ class Ctx:
         img = self.scan(arr, spacing)
         return self.dataset({"training": [{"image": str(img), "case_id": "s", "split": "test"}]}, ann="")
 
+    def dicom_missing_slice(self) -> Path:
+        from .data.test_io import write_dicom_series
+        arr = np.random.default_rng(2).integers(-1000, 400, size=(6, 16, 16)).astype(np.int16)
+        write_dicom_series(self.t / "dcm", arr, (2.5, 0.75, 0.75), (-100.0, -50.0, 20.0), np.eye(3))
+        (self.t / "dcm" / "slice003.dcm").unlink()
+        return self.t / "dcm"
+
+    def negative_label(self) -> Path:
+        lab = self.t / "lab.nii.gz"
+        write_image(lab, -np.ones((12, 48, 48), np.int16), spacing=(2.5, 0.8, 0.8))
+        img = self.scan(HU)
+        return self.dataset({"training": [{"image": str(img), "label": str(lab), "case_id": "s"}]}, ann="")
+
+    def run_with(self, content: bytes) -> Path:
+        """A run folder whose checkpoints/last.pt holds ``content``."""
+        (self.t / "r" / "checkpoints").mkdir(parents=True)
+        (self.t / "r" / "checkpoints" / "last.pt").write_bytes(content)
+        return self.t / "r"
+
+    def checkpoint_3d(self) -> Path:
+        torch.save({"model": {}, "model_name": "unet3d", "model_kwargs": {}}, self.t / "u.pt")
+        return self.t / "u.pt"
+
+    def four_d(self) -> Path:
+        import nibabel as nib
+        nib.save(nib.Nifti1Image(np.full((16, 16, 4, 3), -500, np.float32), np.eye(4)), str(self.t / "f.nii.gz"))
+        return self.t / "f.nii.gz"
+
     def latin1(self) -> Path:
         text = json.dumps({"training": [{"image": str(self.w.image(0)), "case_id": "caf\u00e9"}]}, ensure_ascii=False)
         return self.dataset(raw=text.encode("latin-1"))
@@ -156,8 +184,8 @@ def tr(c: Ctx, *extra, data=None, tiny=TINY_3D):
 
 
 def tr_ahnet(c: Ctx, *extra):
-    return tr(c, "--model", "ahnet", "--encoder", "resnet18", "--model-kwargs", '{"growth": 4}', *extra,
-              tiny=TINY_3D[2:])
+    return tr(c, "--model", "ahnet", "--encoder", "resnet18", "--model-kwargs", '{"growth": 4, "z_pool": "none"}',
+              *extra, tiny=TINY_3D[2:])
 
 
 def pl(c: Ctx, *extra):
@@ -228,11 +256,17 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("cache", "annotations latin-1", lambda c: ca(c, data=c.dataset(
         ann="seriesuid,coordX,coordY,coordZ,diameter_mm\ncaf\xe9,1,2,3,4\n".encode("latin-1"))),
      "annotations.csv: not UTF-8"),
-    ("cache", "image missing", lambda c: ca(c, data=c.dataset({"training": [{"image": str(c.t / "no.nii.gz")}]}, ann="")),
-     "cannot read the source files of case no"),
+    ("cache", "image missing", lambda c: ca(c, data=c.dataset({"training": [{"image": str(c.t / "n.nii.gz")}]},
+                                                              ann="")),
+     "cannot read the source files of case n"),
     ("cache", "spacing 1e30 mm", lambda c: ca(c, data=c.scan_dataset(HU, (1e30, 0.8, 0.8))), "not a CT voxel size"),
     ("cache", "intensities in [0, 1]", lambda c: ca(c, data=c.scan_dataset(np.clip(HU / 1000 + 0.5, 0, 1))),
      "not Hounsfield units"),
+    ("cache", "mask label negative", lambda c: ca(c, data=c.negative_label()), "mask values span [-1, -1]"),
+    ("cache", "case_id twice", lambda c: ca(c, data=c.dataset({"training": [{"image": "a.nii", "case_id": "a"},
+                                                                           {"image": "b.nii", "case_id": "a"}]})),
+     "case_id 'a' appears twice"),
+    ("cache", "nan policy bogus", lambda c: ca(c, "--nan-policy", "bogus"), "argument --nan-policy"),
     # ----------------------------------------------------------------------------------------------- train
     ("train", "lr inf", lambda c: tr(c, "--lr", "inf"), "--lr inf is not a finite number"),
     ("train", "lr nan", lambda c: tr(c, "--lr", "nan"), "--lr nan is not a finite number"),
@@ -260,6 +294,24 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "not UTF-8 text"),
     ("train", "config wrong type", lambda c: tr(c, "--config", c.file("c.json", '{"lr": "abc"}')),
      "setting lr = 'abc': expected float"),
+    ("train", "config unknown key", lambda c: tr(c, "--config", c.file("c.json", '{"bogus": 1}')),
+     "unknown setting(s) ['bogus']"),
+    ("train", "model kwargs wrong type", lambda c: tr_ahnet(c, "--model-kwargs", '{"growth": "x"}'),
+     "do not build ahnet"),
+    ("train", "patch not a multiple", lambda c: tr_ahnet(c, "--patch-size", "4", "30", "30"),
+     "must divide by (1, 32, 32); try --patch-size 4 32 32"),
+    ("train", "fp16 on a CPU", lambda c: tr(c, "--amp", "fp16"), "--amp fp16 needs a CUDA device"),
+    ("train", "all folds without folds", lambda c: tr(c, "--all-folds"), "--all-folds needs --folds K"),
+    ("train", "init-from missing", lambda c: tr_ahnet(c, "--init", "transfer", "--init-from", c.t / "no2d"),
+     "--init-from: run"),
+    ("train", "imagenet weights missing", lambda c: tr(c, "--stage", "2d", "--model", "mcgcn", "--encoder", "resnet18",
+                                                       "--patch-size", "3", "32", "32", "--model-kwargs", "{}",
+                                                       "--imagenet-weights", c.t / "none.pth"),
+     "--imagenet-weights"),
+    ("train", "resume a truncated last.pt", lambda c: tr(c, "--resume", "--out", c.run_with(
+        c.w.run.joinpath("checkpoints", "best.pt").read_bytes()[:1000])), "last.pt is not a readable torch checkpoint"),
+    ("train", "resume a pickle", lambda c: tr(c, "--resume", "--out", c.run_with(b"\x80\x04K\x01.")),
+     "last.pt is not a readable torch checkpoint"),
     # -------------------------------------------------------------------------------------------- pipeline
     ("pipeline", "pfn depth negative", lambda c: pl(c, "--pfn-depth", "-3"), "--pfn-depth must be >= 0"),
     ("pipeline", "3d model kwargs unknown", lambda c: pl(c, "--model-kwargs-3d", '{"bogus": 1}'),
@@ -267,6 +319,10 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("pipeline", "lr 3d nan", lambda c: pl(c, "--lr-3d", "nan"), "--lr nan"),
     ("pipeline", "runs dir is a file", lambda c: pl(c, "--runs-dir", c.file()), "is a file"),
     ("pipeline", "stages bogus", lambda c: pl(c, "--stages", "4d"), "--stages takes"),
+    ("pipeline", "config sections", lambda c: pl(c, "--config", c.file("c.json", '{"bogus": {}}')),
+     "top-level keys must be common, 2d, 3d"),
+    ("pipeline", "config wrong type", lambda c: pl(c, "--config", c.file("c.json", '{"common": {"lr": "x"}}')),
+     "setting lr = 'x': expected float"),
     # --------------------------------------------------------------------------------------------- predict
     ("predict", "threshold 2", lambda c: pr(c, "--threshold", "2"), "argument --threshold"),
     ("predict", "min distance nan", lambda c: pr(c, "--min-distance-mm", "nan"), "argument --min-distance-mm"),
@@ -293,6 +349,16 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("predict", "truncated scan", lambda c: pr(c, inp=c.truncated()), "cannot read as NIfTI"),
     ("predict", "runs not a checkpoint", lambda c: pr(c, runs=c.file("m.pt")), "m.pt is not a"),
     ("predict", "split of an image", lambda c: pr(c, "--split", "test", inp=c.w.image(0)), "dataset.json input only"),
+    ("predict", "DICOM slice missing", lambda c: pr(c, inp=c.dicom_missing_slice()),
+     "slices 2 and 3 are 5 mm apart where the others are 2.5 mm (a missing slice?)"),
+    ("predict", "4D volume", lambda c: pr(c, inp=c.four_d()), "expected a 3D volume, got 4D"),
+    ("predict", "NaN voxel", lambda c: pr(c, inp=c.scan(np.where(HU == HU.max(), np.nan, HU))), "1 voxels are NaN"),
+    ("predict", "a mask as the scan", lambda c: pr(c, inp=c.scan((HU > 0).astype(np.uint8))), "not Hounsfield"),
+    ("predict", "test list a string", lambda c: pr(c, inp=c.dataset({"test": "imagesTs"})),
+     "'test' holds a string; expected a list"),
+    ("predict", "test entry without image", lambda c: pr(c, inp=c.dataset({"test": [{"label": "x"}]})),
+     "entry 0 of 'test': \"image\" is null"),
+    ("predict", "run given twice", lambda c: pr(c, runs=c.w.run)[:3] + [c.w.run] + pr(c)[3:], "is given twice"),
     # -------------------------------------------------------------------------------------------- evaluate
     ("evaluate", "threshold 2", lambda c: ev(c, "--threshold", "2"), "argument --threshold"),
     ("evaluate", "bootstrap negative", lambda c: ev(c, "--bootstrap", "-1"), "argument --bootstrap"),
@@ -311,6 +377,13 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("evaluate", "split absent", lambda c: ev(c, "--split", "nosuch"), "no case with split 'nosuch'"),
     ("evaluate", "run missing", lambda c: ["--runs", c.t / "norun", "--data", c.w.ds, "--out", c.out],
      "norun not found"),
+    ("evaluate", "two runs of one name", lambda c: ev(c)[:2] + [c.w.run] + ev(c)[2:], "two runs are named 'run'"),
+    ("evaluate", "label not an integer", lambda c: ev(c, data=c.dataset(
+        ann="seriesuid,coordX,coordY,coordZ,diameter_mm,label\ncase_001,-40,-30,-90,6,abc\n")), "label = 'abc'"),
+    ("evaluate", "annotation columns missing", lambda c: ev(c, data=c.dataset(ann="seriesuid,coordX\nx,1\n")),
+     "missing columns ['coordY', 'coordZ', 'diameter_mm']"),
+    ("evaluate", "annotation row too long", lambda c: ev(c, data=c.dataset(
+        ann="seriesuid,coordX,coordY,coordZ,diameter_mm\ncase_001,1,2,3,4,5\n")), "line 2 has more fields"),
     # -------------------------------------------------------------------------------------------- transfer
     ("transfer", "check size 0", lambda c: wt(c, "--check-size", "0", "0", "0"), "argument --check-size"),
     ("transfer", "check size huge", lambda c: wt(c, "--check-size", "1024", "1024", "1024"), "is more than"),
@@ -322,6 +395,10 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("transfer", "out not writable", lambda c: wt(c, out=c.read_only()), "permission denied"),
     ("transfer", "source not a checkpoint", lambda c: ["--source", c.file(), "--out", c.t / "o.pt"],
      "not a readable checkpoint"),
+    ("transfer", "source a 3D checkpoint", lambda c: ["--source", c.checkpoint_3d(), "--out", c.t / "o.pt"],
+     "the transfer needs a 2D 'mcgcn' one"),
+    ("transfer", "source missing", lambda c: ["--source", c.t / "none.pt", "--out", c.t / "o.pt"],
+     "2D checkpoint not found"),
     # ------------------------------------------------------------------------------------------ experiment
     ("experiment", "data missing", lambda c: ["--data", c.t / "nope.json"], "dataset.json not found"),
     ("experiment", "data image number", lambda c: ["--data", c.dataset({"training": [{"image": 5}]})],
@@ -330,12 +407,15 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "device bogus", lambda c: ["--device", "bogus", "--data", c.w.ds], "not a torch device"),
     ("experiment", "bootstrap negative", lambda c: ["--bootstrap", "-1"], "argument --bootstrap"),
     ("experiment", "runs folder is a file", lambda c: c.file("runs") and ["--data", c.w.ds], "runs is a file"),
+    ("experiment", "preset bogus", lambda c: ["--preset", "huge"], "argument --preset: invalid choice"),
+    ("experiment", "unet3d transfer", lambda c: ["--variants", "unet3d-transfer"], "unet3d has no 2D counterpart"),
     # ----------------------------------------------------------------------------------------------- bench
     ("bench", "unknown flag", lambda c: ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench", "overlap 1.5", lambda c: ["--device", "cpu", "--overlap", "1.5"], "--overlap must be in [0, 1)"),
     ("bench", "device bogus", lambda c: ["--device", "gpu7"], "not a torch device"),
     ("bench", "timeout nan", lambda c: ["--device", "cpu", "--timeout", "nan"], "--timeout must be positive"),
     ("bench", "out is a file", lambda c: ["--device", "cpu", "--out", c.file()], "is a file"),
+    ("bench", "patch 0", lambda c: ["--device", "cpu", "--patch", "0", "1", "1"], "--patch needs positive sizes"),
 ]
 
 

@@ -8,7 +8,7 @@ that says what was assumed.
   each case an image path string or an object with "image" (a path string), optional "label" (a path string or
   null), "case_id" (string or integer) and "split" (string).
 - Annotations (LUNA16 rows): finite world coordinates (x, y, z) mm, a diameter > 0 mm, a seriesuid that is a
-  case of the dataset, a centre inside its scan.
+  case of the dataset, a centre inside its scan, an instance ``label`` (when given) an integer >= 1.
 - Scans: a voxel size between 0.05 and 20 mm per axis, at least 8 x 8 voxels in-plane, more than one value, and
   Hounsfield units (not intensities scaled to [0, 1]; a scan with no voxel below -500 HU gets a warning); DICOM
   slices evenly spaced (a gap means a missing slice).
@@ -124,6 +124,10 @@ def check_annotation_rows(rows: Sequence[dict], path, case_ids: Iterable[str] | 
         d = r.get("diameter_mm")
         if not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             raise DataError(f"{path}: line {lineno}: diameter_mm = {d!r}; expected a diameter in mm > 0.")
+        lab = r.get("label")
+        if lab not in (None, "") and not (isinstance(lab, int) and not isinstance(lab, bool) and lab >= 1):
+            raise DataError(f"{path}: line {lineno}: label = {lab!r}; expected the nodule's instance label in its "
+                            f"mask, an integer >= 1 (or an empty cell).")
     if case_ids is not None:
         known = {str(c) for c in case_ids}
         unknown = sorted({str(r["seriesuid"]) for r in rows} - known)

@@ -308,10 +308,14 @@ def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
         raise DataError(f"{path}: DICOM series {series_uid} has {len(files)} slice; expected a 3D series.")
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)     # ITK's own multi-line warning; check_slice_positions says it
     try:
         img = reader.Execute()
     except Exception as e:
         raise DataError(f"{path}: cannot read DICOM series {series_uid} ({type(e).__name__}: {e}).") from e
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     normal = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
     positions = []
     for i in range(len(files)):

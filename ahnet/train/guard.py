@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import json
 import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -64,16 +65,32 @@ def check_output_places(cfg: TrainConfig) -> None:
 
 
 def check_network(cfg: TrainConfig, builder=None) -> None:
-    """Build the network of ``cfg`` once (global RNG untouched): TrainError or ValueError in one sentence."""
-    from .model import model_kwargs_for
+    """Build the network of ``cfg`` once (global RNG untouched) and fit the patch size to it: TrainError or
+    ValueError in one sentence."""
+    from .model import check_patch_size, model_kwargs_for
     with torch.random.fork_rng(devices=[]):
-        build_checked(cfg.model, model_kwargs_for(cfg), builder)
+        check_patch_size(build_checked(cfg.model, model_kwargs_for(cfg), builder), cfg)
 
 
-def preflight(cfg: TrainConfig, builder=None) -> None:
-    """Everything about a resolved ``cfg`` that can be checked before the run reads data (module docstring)."""
+def check_sources(cfg: TrainConfig) -> None:
+    """The files a new run starts from exist: --init-from (a run or checkpoint) and --imagenet-weights."""
+    if cfg.init == "transfer":
+        try:
+            paths.resolve_checkpoint(cfg.init_from)
+        except paths.LayoutError as e:
+            raise TrainError(f"--init-from: {e}") from None
+    if cfg.imagenet_weights and not Path(cfg.imagenet_weights).is_file():
+        raise TrainError(f"--imagenet-weights {cfg.imagenet_weights} not found (a torchvision ResNet state-dict "
+                         f"file; nothing is downloaded).")
+
+
+def preflight(cfg: TrainConfig, builder=None, sources: bool = True) -> None:
+    """Everything about a resolved ``cfg`` that can be checked before the run reads data (module docstring);
+    ``sources``: also the files it starts from (the pipeline's 3D stage starts from a 2D run not made yet)."""
     check_output_places(cfg)
     check_network(cfg, builder)
+    if sources:
+        check_sources(cfg)
 
 
 def _rank() -> int:
