@@ -164,12 +164,12 @@ def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "aut
     return out
 
 
-def _predict_case(case: Case, ens: Ensemble, out: Path, threshold: float, candidates: str, min_distance_mm: float,
-                  **predict_kw) -> list:
+def _predict_case(case: Case, out: Path, probability, threshold: float, candidates: str,
+                  min_distance_mm: float) -> list:
     """One scan -> its _prob and _mask files (each written atomically) and its candidate rows."""
     vol = io.read_scan(case.image)
     scale_in_place(vol.array)
-    prob = predict_volume(ens, vol.array, **predict_kw)
+    prob = probability(vol.array)
     vol.array = None
     io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
     io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
@@ -177,25 +177,22 @@ def _predict_case(case: Case, ens: Ensemble, out: Path, threshold: float, candid
                               min_distance_mm=min_distance_mm)
 
 
-def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
-                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
-                  min_distance_mm: float = 5.0, channels_last: bool = False, skip_bad: bool = False) -> dict:
-    """Predict every Case, writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv.
+def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: str = "components",
+                      min_distance_mm: float = 5.0, skip_bad: bool = False) -> dict:
+    """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
+    writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv, with --out locked.
 
-    One case in memory at a time (image, scaled image, probability map; accumulators inside ahnet.infer). The
-    options are checked first (check_options); --out is locked for the run. A scan that fails: the candidates
-    of the scans done are written, then PredictInputError, or with ``skip_bad`` a warning and the next scan.
+    One case in memory at a time. A scan that fails: the candidates of the scans done are written, then
+    PredictInputError, or with ``skip_bad`` a warning and the next scan.
     Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path}.
     """
-    out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, min_distance_mm, skip_bad)
+    out = Path(out)
     rows, done, failed = [], [], []
     with folder_lock(out, "--out"):
         remove_temps(out, only_dead=False)
         for case in _progress(cases, desc="predict", unit="case"):
             try:
-                rows += _predict_case(case, ens, out, threshold, candidates, min_distance_mm, window=window,
-                                      overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
-                                      channels_last=channels_last)
+                rows += _predict_case(case, out, probability, threshold, candidates, min_distance_mm)
             except (ValueError, OSError) as e:
                 why = cli.one_line(e).rstrip(".")
                 failed.append((case.case_id, why))
@@ -211,6 +208,19 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
             done.append(case.case_id)
         csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
     return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
+
+
+def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
+                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
+                  min_distance_mm: float = 5.0, channels_last: bool = False, skip_bad: bool = False) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
+    write its files (write_predictions), the options checked first (check_options)."""
+    out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, min_distance_mm, skip_bad)
+
+    def probability(image01):
+        return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
+                              channels_last=channels_last)
+    return write_predictions(cases, out, probability, threshold, candidates, min_distance_mm, skip_bad)
 
 
 def build_parser() -> cli.Parser:
