@@ -18,7 +18,7 @@ from ahnet import cli, paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, add_setting_flag, read_json_config
 from ahnet.train import TrainingDiverged, train
-from ahnet.train.guard import preflight
+from ahnet.train.guard import check_resume, preflight
 
 __all__ = ["build_parser", "stage_configs", "run_pipeline", "main"]
 
@@ -95,8 +95,14 @@ def stage_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
 
 
 def _finished(cfg: TrainConfig) -> bool:
+    """The stage's run has all its epochs; TrainError when its settings differ from this call's (a resume may
+    not change what was trained, finished or not)."""
     last = paths.run_paths(cfg.out).last
-    return last.is_file() and int(load_checkpoint(last)["epoch"]) >= cfg.epochs
+    if not last.is_file():
+        return False
+    ck = load_checkpoint(last)
+    check_resume(ck.get("config") or {}, cfg, last)
+    return int(ck["epoch"]) >= cfg.epochs
 
 
 def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = ("2d", "3d"),
