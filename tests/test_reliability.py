@@ -28,7 +28,7 @@ import torch
 import ahnet.train.loop as loop
 from ahnet import cli
 from ahnet import predict as pr
-from ahnet.atomic import LOCK_NAME, folder_lock, is_temp, remove_temps
+from ahnet.atomic import LOCK_NAME, is_temp, remove_temps
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig
 from ahnet.data import checks

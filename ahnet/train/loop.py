@@ -30,6 +30,7 @@ from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
 
+
 @dataclass
 class Progress:
     """The counters of a run, saved as the checkpoint's "metrics" (plain values)."""
