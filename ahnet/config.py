@@ -51,7 +51,7 @@ LIMITS = {
     "dice_smooth": (0, None, False, False), "pos_fraction": (0, 1, False, False),
     "warmup_steps": (0, None, False, False), "max_steps": (1, None, False, False),
     "ckpt_every": (0, None, False, False), "val_patches": (0, None, False, False),
-    "num_workers": (0, None, False, False), "max_bad_steps": (1, None, False, False),
+    "num_workers": (0, 256, False, False), "max_bad_steps": (1, None, False, False),
     "seed": (0, 2 ** 63 - 1, False, False), "pfn_depth": (0, None, False, False),
     "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
     "steps_per_epoch": (1, None, False, False),

@@ -152,6 +152,16 @@ class Ctx:
         (self.t / "r" / "checkpoints" / "last.pt").write_bytes(content)
         return self.t / "r"
 
+    def diverged_run(self) -> Path:
+        """A run folder whose best.pt holds a NaN weight (what a diverged run saved before training refused to)."""
+        m = build_model("unet3d", **UNET)
+        state = m.state_dict()
+        next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+        (self.t / "nan" / "checkpoints").mkdir(parents=True)
+        torch.save({"model": state, "model_name": "unet3d", "model_kwargs": m.config},
+                   self.t / "nan" / "checkpoints" / "best.pt")
+        return self.t / "nan"
+
     def checkpoint_3d(self) -> Path:
         torch.save({"model": {}, "model_name": "unet3d", "model_kwargs": {}}, self.t / "u.pt")
         return self.t / "u.pt"
@@ -301,6 +311,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("train", "patch not a multiple", lambda c: tr_ahnet(c, "--patch-size", "4", "30", "30"),
      "must divide by (1, 32, 32); try --patch-size 4 32 32"),
     ("train", "fp16 on a CPU", lambda c: tr(c, "--amp", "fp16"), "--amp fp16 needs a CUDA device"),
+    ("train", "workers absurd", lambda c: tr(c, "--num-workers", "100000"), "--num-workers must be in [0, 256]"),
     ("train", "all folds without folds", lambda c: tr(c, "--all-folds"), "--all-folds needs --folds K"),
     ("train", "init-from missing", lambda c: tr_ahnet(c, "--init", "transfer", "--init-from", c.t / "no2d"),
      "--init-from: run"),
@@ -358,6 +369,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "'test' holds a string; expected a list"),
     ("predict", "test entry without image", lambda c: pr(c, inp=c.dataset({"test": [{"label": "x"}]})),
      "entry 0 of 'test': \"image\" is null"),
+    ("predict", "run with NaN weights", lambda c: pr(c, runs=c.diverged_run()), "holds non-finite weights"),
     ("predict", "run given twice", lambda c: pr(c, runs=c.w.run)[:3] + [c.w.run] + pr(c)[3:], "is given twice"),
     # -------------------------------------------------------------------------------------------- evaluate
     ("evaluate", "threshold 2", lambda c: ev(c, "--threshold", "2"), "argument --threshold"),
