@@ -108,7 +108,9 @@ def run_lock(out) -> Iterator[None]:
         yield
         return
     with folder_lock(out, "run folder"):
-        remove_temps(out, recursive=True, only_dead=False)
+        run = paths.run_paths(out)                 # not run/report: an evaluation may be writing there
+        for folder in (run.root, run.checkpoints):
+            remove_temps(folder, only_dead=False)
         yield
 
 
