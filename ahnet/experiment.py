@@ -27,13 +27,14 @@ from typing import Dict, List, Optional
 from . import cli, paths
 from .config import TrainConfig
 from .data.cache import cache_dataset
-from .data.io import load_dataset_json, read_image
+from .data.io import load_dataset_json, read_scan
 from .evaluate.cli import evaluate_and_report
 from .evaluate.validation import make_validator
 from .precision import cpu_native_bf16, resolve_device
 from .report.claims import found_line
 from .train import TrainingDiverged, train
 from .train import dist
+from .train.guard import preflight
 
 PROG = "ahnet.experiment"
 
@@ -108,8 +109,10 @@ def parse_variant(name: str):
 
 def data_spacing(dataset_json: Path) -> List[float]:
     """(sz, sy, sx) of the first case: the z-pooling schedule is chosen for it."""
-    first = load_dataset_json(dataset_json)[0]
-    return [round(float(s), 4) for s in read_image(first["image"]).spacing]
+    cases = load_dataset_json(dataset_json)
+    if not cases:
+        raise ValueError(f"{dataset_json} lists no cases under 'training'")
+    return [round(float(s), 4) for s in read_scan(cases[0]["image"]).spacing]
 
 
 def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
@@ -223,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", help=f"subset of variants to train (default: the preset's); "
                    f"any of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch of all ranks (python -m ahnet.train --help)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the report's intervals")
+    p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
+                   help="bootstrap resamples of the report's intervals (0 = none)")
     return p
 
 
@@ -243,6 +247,10 @@ def run_experiment(args) -> int:
     variants = list(args.variants or preset.variants)
     for v in variants:
         parse_variant(v)
+    resolve_device(args.device)                       # the options and output places before any data work
+    cli.check_output_dir(runs, "--name")
+    if not args.data:
+        cli.check_output_dir(paths.DATA_ROOT / name, "--name")
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
     for v in variants:
@@ -260,6 +268,8 @@ def run_experiment(args) -> int:
     spacing = data_spacing(dataset_json)
     configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
                for v in variants}
+    for v, cfg in configs.items():                   # every variant's network and places before the first trains
+        preflight(cfg, sources=cfg.init != "transfer")
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
     for v, cfg in configs.items():

@@ -21,6 +21,7 @@ from ahnet.config import TrainConfig, add_setting_flag, read_json_config
 from ahnet.evaluate.validation import make_validator
 from ahnet.train import TrainingDiverged, train
 from ahnet.train.dist import check_batch, run_command
+from ahnet.train.guard import check_resume, preflight
 
 __all__ = ["build_parser", "stage_configs", "run_pipeline", "main"]
 
@@ -98,14 +99,24 @@ def stage_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
 
 
 def _finished(cfg: TrainConfig) -> bool:
+    """The stage's run has all its epochs; TrainError when its settings differ from this call's (a resume may
+    not change what was trained, finished or not)."""
     last = paths.run_paths(cfg.out).last
-    return last.is_file() and int(load_checkpoint(last)["epoch"]) >= cfg.epochs
+    if not last.is_file():
+        return False
+    ck = load_checkpoint(last)
+    check_resume(ck.get("config") or {}, cfg, last)
+    return int(ck["epoch"]) >= cfg.epochs
 
 
 def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = ("2d", "3d"),
                  **train_kw) -> dict:
-    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. The 3D stage's transfer
-    step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. Both stages' settings,
+    output places and networks are checked before the first stage starts (ahnet.train.guard.preflight); the 3D
+    stage's transfer step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
+        if stage in stages:
+            preflight(cfg, train_kw.get("builder"), sources=not (stage == "3d" and "2d" in stages))
     out: dict = {}
     for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
         if stage not in stages:

@@ -92,12 +92,14 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, want", [([], "absent not found"), (["--device", "bogus"], "not a torch device"),
-                                         (["--threshold", "2"], "must be a probability"),
-                                         (["--sw-batch", "x"], "invalid int value")])
+                                         (["--threshold", "2"], "expected a probability in [0, 1], got '2'"),
+                                         (["--sw-batch", "x"],
+                                          "argument --sw-batch: expected an integer in [1, 4096], got 'x'")])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, extra, want):
     ds = tmp_path / "dataset.json"
     ds.write_text('{"training": []}', encoding="utf-8")
-    with pytest.raises(SystemExit) if "--sw-batch" in extra else contextlib.nullcontext() as e:
+    usage = {"--sw-batch", "--threshold"} & set(extra)              # argparse errors: SystemExit(2)
+    with pytest.raises(SystemExit) if usage else contextlib.nullcontext() as e:
         rc = ev_cli.main(["--runs", str(tmp_path / "absent"), "--data", str(ds), *extra])
     assert (e.value.code if e else rc) == 2
     err = capsys.readouterr().err.strip()

@@ -186,16 +186,22 @@ def test_resume_refuses_changed_batch_size(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
-    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=3, epochs=3)
+    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=3, epochs=3, steps_per_epoch=4)
 
     def nan_builder(name, **kw):
         return NanModel(**kw)
 
     with pytest.raises(TrainingDiverged, match=r"3 non-finite losses or gradients in a row.*lower --lr.*--amp bf16"):
         train(cfg, datasets=_data(cfg), builder=nan_builder)
-    # the first epoch (2 skipped steps < 3) completed and was logged with its skipped steps
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
-    assert rows[0]["skipped_steps"] == "2" and rows[0]["loss"] == ""
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_an_epoch_whose_every_step_was_skipped_stops_the_run_unsaved(tmp_path):
+    """Fewer bad steps than --max-bad-steps, but none of the epoch's steps trained: not a success."""
+    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=20, epochs=3)
+    with pytest.raises(TrainingDiverged, match=r"every step of epoch 1 \(2\) had a non-finite loss"):
+        train(cfg, datasets=_data(cfg), builder=lambda name, **kw: NanModel(**kw))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.csv").exists()
 
 
 def test_one_bad_step_is_skipped_and_counted(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cli
 from .plan import build_plan, lever_name
 from .report import format_table, machine_info, summarise
 from .workers import WORKERS, run_worker
@@ -21,8 +22,7 @@ DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side 
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="python -m ahnet.bench", description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--patch", type=int, nargs=3, default=[32, 128, 128], metavar=("D", "H", "W"),
                    help="training patch in our (D, H, W); MONAI gets W x H x D")
@@ -90,8 +90,9 @@ def check_args(args) -> None:
         raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
-    if args.timeout <= 0:
+    if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive; got {args.timeout}")
+    cli.check_output_dir(args.out, "--out")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import load_dataset_json, read_image
+from ..data.checks import check_inside
+from ..data.io import load_dataset_json, read_image, read_scan
 from ..data.preprocess import clip_and_scale
 from ..froc import evaluate_detection, paired_bootstrap
 from ..infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
@@ -32,15 +33,21 @@ class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
 
 
-def load_cases(dataset_json, split: str = "test") -> tuple[list, dict]:
+def load_cases(dataset_json, split: str = "test", annotations: list | None = None,
+               annotations_csv=None) -> tuple[list, dict]:
     """(cases, images) of one split of a dataset.json: cases [{"case_id", "geometry" (the image Volume),
-    "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}."""
+    "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}.
+    Each scan is checked for sense as CT (ahnet.data.checks); with ``annotations`` (rows of ``annotations_csv``),
+    each case's nodules must lie inside its scan."""
     entries = [e for e in load_dataset_json(dataset_json) if e.get("split") == split]
     if not entries:
         raise EvaluateInputError(f"{dataset_json} has no case with split {split!r}")
     cases, images = [], {}
     for e in entries:
-        vol = read_image(e["image"])
+        vol = read_scan(e["image"])
+        if annotations is not None:
+            check_inside([a for a in annotations if str(a["seriesuid"]) == e["case_id"]], vol, e["case_id"],
+                         annotations_csv)
         lab = read_image(e["label"]).array.astype(np.int32) if e.get("label") else None
         images[e["case_id"]] = clip_and_scale(vol.array)
         cases.append({"case_id": e["case_id"], "geometry": vol, "label": lab})

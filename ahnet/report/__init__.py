@@ -357,7 +357,7 @@ def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluatio
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = _figures(rep, gallery)
-    for name, data in figs.items():
+    for name, data in figs.items():                   # every file atomically: a kill leaves old or new, not half
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(data)
     write_text_atomic(out / "report.json", json.dumps(rep, indent=1, allow_nan=False))

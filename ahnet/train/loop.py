@@ -30,6 +30,7 @@ from . import dist
 
 from .data import make_datasets, prepare_batch
 from .errors import TrainError, TrainingDiverged
+from .guard import check_finite, check_resume, preflight, run_lock
 from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
@@ -44,8 +45,6 @@ class Validator(Protocol):
     def __call__(self, model: nn.Module) -> float | None: ...
 
 
-#: settings a resumed run must share with the run it continues (the data order and the network depend on them)
-RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")
 
 
 @dataclass
@@ -96,8 +95,10 @@ class Session:
         return full if self.cfg.max_steps is None else min(self.cfg.max_steps, full)
 
     def save(self, path) -> None:
-        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; under
-        torchrun every rank calls it (their RNG states are gathered) and rank 0 writes."""
+        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; never one
+        with non-finite weights (TrainingDiverged). Under torchrun every rank calls it (their RNG states are
+        gathered) and rank 0 writes."""
+        check_finite(self.model, self.step, self.run)
         rng = self.dist.gather(capture_rng_state())
         if not self.dist.is_main:
             return
@@ -116,7 +117,7 @@ class Session:
 # ------------------------------------------------------------------------------------------------- steps
 def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
     """The checkpoint to resume from (None for a new run). An existing run needs --resume, and a resume the same
-    RESUME_KEYS settings; TrainError otherwise."""
+    settings but those of guard.RESUME_MAY_CHANGE; TrainError otherwise."""
     if not run.last.exists():
         if cfg.resume:
             print(f"[train] --resume: no {run.last} yet, starting a new run.")
@@ -125,11 +126,7 @@ def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
         raise TrainError(f"{run.root} already holds a run ({paths.CHECKPOINTS}/{paths.LAST}); pass --resume to "
                          f"continue it or choose another --out.")
     ck = load_checkpoint(run.last)
-    saved = ck.get("config") or {}
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise TrainError(f"--resume: {key} was {saved[key]!r} in {run.last} but is now {getattr(cfg, key)!r}; "
-                             f"an exact resume needs the same value.")
+    check_resume(ck.get("config") or {}, cfg, run.last)
     return ck
 
 
@@ -315,9 +312,15 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
 
 def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> None:
     """Validate (the validator's score, else patch Dice), add the epoch's log row, keep the best score, write
-    last.pt (and best.pt when improved), log.csv and progress.png, print one line. Under torchrun rank 0
-    validates and its score is broadcast, so every rank keeps the same counters and decisions; rank 0 writes."""
+    best.pt (when improved), log.csv and progress.png, then last.pt (a kill before last.pt leaves it older, so
+    --resume redoes this epoch's end and rewrites the others), print one line. An epoch whose every step was
+    skipped stops the run (TrainingDiverged). Under torchrun rank 0 validates and its score is broadcast, so
+    every rank keeps the same counters and decisions; rank 0 writes."""
     cfg, p = s.cfg, s.progress
+    if p.epoch_loss_n == 0 and p.skipped_epoch > 0:
+        raise TrainingDiverged(f"every step of epoch {s.epoch + 1} ({p.skipped_epoch}) had a non-finite loss or "
+                               f"gradient and was skipped; the run stops without saving it. Check --focal-gamma, "
+                               f"--dice-smooth and --lr, or try --amp off.")
     s.dist.progress(f"validating after epoch {s.epoch + 1}")
     t0 = time.perf_counter()
     wait = f"waiting for rank 0's validation after epoch {s.epoch + 1}"
@@ -341,13 +344,14 @@ def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> Non
         p.best_score, p.best_epoch = score, s.epoch + 1
     s.epoch += 1
     p.new_epoch()
-    s.save(s.run.last)
     if improved:
-        s.save(s.run.best)
+        s.save(s.run.best)                           # every rank calls save (RNG states gathered); rank 0 writes
+    if s.dist.is_main:
+        write_log(p.history, s.run.log)
+        plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
+    s.save(s.run.last)
     if not s.dist.is_main:
         return
-    write_log(p.history, s.run.log)
-    plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
     name, val = ("val_cpm", val_cpm) if validator is not None else ("val_dice", val_dice)
     vd = "n/a" if val is None else f"{val:.4f}"
     ml = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
@@ -395,8 +399,17 @@ def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
     ``validator_for(cfg)``: gives the validator that scores the model at each epoch's end, called once the run's
     settings and data are checked (ahnet.evaluate.validation.make_validator gives the CPM of whole validation
     cases); without one (or when it gives None), patch Dice.
+    Settings, output places and the network are checked first (guard.preflight); the run folder is locked.
     """
     cfg = cfg.resolved()
+    preflight(cfg, builder)                                                    # 0. checks before any work
+    with run_lock(cfg.out):
+        return _train(cfg, datasets, builder, on_step, validator_for)
+
+
+def _train(cfg: TrainConfig, datasets, builder: Builder | None, on_step: Callable[[int], None] | None,
+           validator_for: Callable[[TrainConfig], Validator | None] | None) -> dict:
+    """train() of a checked configuration, with the run folder locked."""
     run = paths.run_paths(cfg.out)
     dist.check_batch(cfg.batch_size)                                           # 1. ranks, device, precision
     ctx, device = dist.plan(cfg.device, resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
