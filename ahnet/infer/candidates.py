@@ -108,7 +108,8 @@ def add_candidate_arguments(parser) -> None:
     d = DEFAULT_RULE
     parser.add_argument("--candidates", choices=METHODS, default=d.method,
                         help=f"candidate rule (ahnet.infer.candidates; default {d.method}: {d.describe()})")
-    parser.add_argument("--candidate-threshold", type=cli.number(float, 0, 1, what="a probability"), default=d.threshold,
+    parser.add_argument("--candidate-threshold", type=cli.number(float, 0, 1, what="a probability"),
+                        default=d.threshold,
                         help=f"lowest probability a candidate may have (default {d.threshold:g})")
     parser.add_argument("--min-distance-mm", type=cli.number(float, 0, 1000, lo_open=True), default=d.min_distance_mm,
                         help=f"nms: suppression distance; maxima: box half size, mm (default {d.min_distance_mm:g})")
