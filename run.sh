@@ -9,6 +9,8 @@
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet; --serving: Triton (python -m ahnet.bench --help)
 #   serve      Triton server for an exported ensemble   (python -m ahnet.serve --help; export: python -m ahnet.export)
+#   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.bench.gpucheck --help; no setup, no network)
+#   gpu-wheels download the wheels gpu-check installs on a bare GPU machine into .whl/ (carry .whl/ there)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
@@ -47,6 +49,21 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# gpu-check runs on a bare GPU machine: the active environment, else .venv when there is one, else python3; it
+# never creates an environment or installs from a network (missing optional modules come from .whl/).
+gpu_python() {
+  if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then PY=$(command -v python || command -v python3); return; fi
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; return; fi
+  local c
+  for c in python3 python; do   # the first Python on PATH that has torch
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PY=$(command -v "$c"); return; fi
+  done
+  PY=$(command -v python3 || command -v python)
+}
+
+# the wheels gpu-check needs on a machine without a network: MONAI (pure Python), for the bench's peer rows
+GPU_WHEELS=("monai==1.6.1")
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -66,6 +83,11 @@ case "$cmd" in
   bench)    extras="test,peer"; [[ " $* " == *" --serving "* ]] && extras="test,peer,serve"   # the serving section
             setup "$extras"; exec "$PY" -m ahnet.bench "$@" ;;
   serve)    setup "test,serve"; exec "$PY" -m ahnet.serve "$@" ;;
-  help|-h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+  gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.bench.gpucheck "$@" ;;
+  gpu-wheels) setup test
+            "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+              --no-deps -d .whl "${GPU_WHEELS[@]}"
+            ls -l .whl ;;
+  help|-h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
 esac

@@ -4,15 +4,29 @@
         write_csv(tmp)
     # renamed over the target on success; removed on error
 
-The temporary file sits in the target's folder (so the rename is atomic) and is named `.<name>.tmp-<pid><suffix>`,
-keeping the suffix so format-sniffing writers (nibabel, matplotlib) still work.
+The temporary file sits in the target's folder (so the rename is atomic) and is named `.<name>.tmp-<pid>`, plus
+the suffix for the formats whose writers pick the format by the name (nibabel, SimpleITK, matplotlib), so a
+temporary never matches ``*.h5``, ``*.pt``, ``*.csv`` or ``*.json``; it is hidden (a leading dot) for the others.
+A kill leaves such a file behind: ``remove_temps`` clears them (those of processes that are gone, or all of them
+for the holder of the folder's lock).
+
+``folder_lock(folder)``: one writer per output folder (an advisory ``flock`` on ``<folder>/.ahnet.lock``); a
+second writer gets ``FolderBusy`` naming the holder's pid; the kernel drops the lock of a killed process, so
+the next writer takes over its lock file.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+#: suffixes kept on temporary names: their writers choose the format by the file name
+SNIFFED_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".png", ".svg", ".pdf")
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)(\.[A-Za-z0-9.]+)?$")
+LOCK_NAME = ".ahnet.lock"
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,8 +44,52 @@ def fsync_dir(path: Path) -> None:
 
 
 def _suffix(path: Path) -> str:
-    name = path.name
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix
+    name = path.name.lower()
+    return next((s for s in SNIFFED_SUFFIXES if name.endswith(s)), "")
+
+
+def temp_path(path) -> Path:
+    """The temporary name of ``path`` for this process (see the module docstring)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{_suffix(path)}")
+
+
+def is_temp(path) -> bool:
+    """True for a temporary name written by atomic_path."""
+    return _TEMP.match(Path(path).name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_temps(folder, recursive: bool = False, only_dead: bool = True) -> list:
+    """Remove the temporary files that killed writes left in ``folder`` (and its subfolders with
+    ``recursive``); ``only_dead``: only those whose writing process is gone (else every one but this
+    process's own, for the holder of the folder's lock). Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in (folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*")):
+        m = _TEMP.match(p.name)
+        if m is None or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or (only_dead and _alive(pid)):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 @contextmanager
@@ -42,7 +100,7 @@ def atomic_path(path, durable: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{_suffix(path)}")
+    tmp = temp_path(path)
     try:
         yield tmp
         if durable:
@@ -61,3 +119,75 @@ def write_text_atomic(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ locks
+class FolderBusy(ValueError):
+    """Another live process holds the folder's lock (one sentence naming it)."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+        return f"pid {int(text.split()[0])}"
+    except (OSError, ValueError, IndexError):
+        return "another process"
+
+
+def _remove_created(created: list) -> None:
+    """Remove the folders this lock created (deepest first) when they are still empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def folder_lock(folder, what: str = "output folder") -> Iterator[Path]:
+    """Hold the one-writer lock of ``folder`` (created if missing) for the block; FolderBusy when a live
+    process holds it. On an error inside the block, the folders this call created are removed again when
+    they are still empty (bad input leaves nothing behind)."""
+    import fcntl
+
+    folder = Path(folder)
+    created = []
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        created.insert(0, p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise FolderBusy(f"{what} {folder} is in use by {holder} (a second writer would mix their files); "
+                             f"wait for it to finish or choose another folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:    # not a lock file its last holder removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    ok = False
+    try:
+        yield path
+        ok = True
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        if not ok:
+            _remove_created(created)

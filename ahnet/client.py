@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import cli, predict
-from .infer import sliding_window_predict, window_for
+from .infer import CandidateRule, add_candidate_arguments, rule_from_arguments, sliding_window_predict, window_for
 from .serve import store
 
 PROG = "ahnet.client"
@@ -166,17 +166,17 @@ def remote_probability(remote: RemoteWindows, default_window, window=None, overl
 
 
 def run_cases(conn: Connection, model: str, cases, out, window=None, overlap: float = 0.5, batch: int = 4,
-              tta: bool = False, threshold: float = 0.5, method: str = "components",
-              min_distance_mm: float = 5.0) -> dict:
-    """Predict every case through the server and write ahnet.predict's files; returns {"cases", "candidates",
-    "csv"}."""
+              tta: bool = False, threshold: float = 0.5, candidates: CandidateRule | None = None) -> dict:
+    """Predict every case through the server and write ahnet.predict's files (candidates by the rule
+    ``candidates``, default ahnet.infer.DEFAULT_RULE, as ahnet.predict); returns {"cases", "failed",
+    "candidates", "csv"}."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
     if window is not None:
         window_for((1, 1, 1), multiple, meta["window"], window)          # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
     probability = remote_probability(remote, meta["window"], window, overlap, batch, tta)
-    return predict.write_predictions(cases, out, probability, threshold, method, min_distance_mm)
+    return predict.write_predictions(cases, out, probability, threshold, candidates)
 
 
 def build_parser() -> cli.Parser:
@@ -193,9 +193,9 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
     ap.add_argument("--batch", type=int, default=4, help="windows per request")
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
-    ap.add_argument("--threshold", type=float, default=0.5, help="mask and candidate threshold on probability")
-    ap.add_argument("--candidates", choices=("components", "maxima"), default="components")
-    ap.add_argument("--min-distance-mm", type=float, default=5.0, help="local-maxima neighbourhood half size")
+    ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
+                    help="mask threshold on probability, in [0, 1]")
+    add_candidate_arguments(ap)
     ap.add_argument("--retries", type=int, default=3, help="retries of a refused connection")
     ap.add_argument("--retry-wait", type=float, default=1.0, help="seconds between retries")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
@@ -211,7 +211,7 @@ def _check(a) -> None:
         raise ClientError(f"--batch {a.batch} must be >= 1")
     if a.retries < 0 or a.retry_wait < 0 or a.timeout <= 0:
         raise ClientError("--retries and --retry-wait must be >= 0 and --timeout > 0")
-    predict.check_outputs(a.out, a.threshold)
+    cli.check_output_dir(a.out, "--out")
 
 
 def main(argv=None) -> int:
@@ -226,7 +226,7 @@ def _main(a) -> int:
     conn.ready()
     model = a.model or model_info(conn)["name"]
     res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
-                    threshold=a.threshold, method=a.candidates, min_distance_mm=a.min_distance_mm)
+                    threshold=a.threshold, candidates=rule_from_arguments(a))
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     return 0

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 
 from . import cli, paths
 from .atomic import write_text_atomic
+from .data.checks import read_json
 from .losses import LOSSES
 from .nets import ENCODERS, MODELS
 from .precision import AMP_MODES
@@ -38,6 +40,26 @@ def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> A
 
 #: the network a stage trains when --model is not given
 DEFAULT_MODEL = {"2d": "mcgcn", "3d": "ahnet"}
+
+#: the range of each numeric setting: (low, high, low end open, high end open); None = unbounded. Every float
+#: setting must also be finite. Checked by TrainConfig.resolved(), so flags, --config files and from_dict alike.
+LIMITS = {
+    "lr": (0, None, True, False), "lr_encoder": (0, None, False, False),
+    "weight_decay": (0, None, False, False), "min_lr_ratio": (0, 1, False, False),
+    "poly_power": (0, None, True, False), "grad_clip": (0, None, False, False),
+    "focal_alpha": (0, 1, False, False), "focal_gamma": (0, None, False, False),
+    "dice_smooth": (0, None, False, False), "pos_fraction": (0, 1, False, False),
+    "warmup_steps": (0, None, False, False), "max_steps": (1, None, False, False),
+    "ckpt_every": (0, None, False, False), "val_patches": (0, None, False, False),
+    "num_workers": (0, 256, False, False), "max_bad_steps": (1, None, False, False),
+    "seed": (0, 2 ** 63 - 1, False, False), "pfn_depth": (0, None, False, False),
+    "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
+    "steps_per_epoch": (1, None, False, False), "hard_fraction": (0, 1, False, False),
+    "val_cases": (0, None, False, False), "patience": (0, None, False, False), "min_delta": (0, None, False, False),
+    "dist_timeout": (0, None, True, False),
+}
+#: the most voxels of one step's patches (batch x D x H x W: 2^28, e.g. 1 x 256 x 1024 x 1024); more is a typo
+MAX_PATCH_VOXELS = 2 ** 28
 
 
 @dataclass
@@ -67,11 +89,16 @@ class TrainConfig:
     patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
                                        "32 128 128 for --stage 3d")
     pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
+    hard_fraction: float = _f(0.0, "fraction of the other (negative) patches centred on hard tissue: dense "
+                                   "voxels (> -400 HU) within 3 in-plane voxels of aerated lung (< -600 HU) and "
+                                   "away from nodules, i.e. vessels, airway walls, fissures and pleura "
+                                   "(ahnet.data.sampling.hard_negative_index)")
     augment: str = _f("standard", "training augmentation (ahnet.data.augment): standard = in-plane flips, "
                                   "rot90, rotate/zoom, intensity, noise; randaugment = N ops at magnitude M; "
                                   "none", ["standard", "randaugment", "none"])
     randaugment: list = _f([2, 5], "--augment randaugment: N ops per patch and magnitude M (0..10)")
-    batch_size: int = _f(2, "patches per optimiser step")
+    batch_size: int = _f(2, "patches per optimiser step (under torchrun: over all ranks, each taking an equal "
+                            "share)")
     num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process)")
     # optimisation
     epochs: int = _f(20, "number of epochs")
@@ -104,9 +131,31 @@ class TrainConfig:
                                 "its step)")
     device: str = _f("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     seed: int = _f(0, "seed of the sampler, the DataLoader order, the weights and the fold split")
+    deterministic: bool = _f(False, "CUDA: deterministic kernels wherever they exist (no cuDNN autotuning, "
+                                    "deterministic cuDNN / cuBLAS / max-pool backward; slower); AH-Net's trilinear "
+                                    "upsampling backward has none (ahnet.precision)")
+    # several processes (torchrun --nproc_per_node N -m ahnet.train ...; README "Scaling up")
+    sync_bn: bool = _f(False, "under torchrun: BatchNorm statistics (and the batch Dice) over the global batch of "
+                              "all ranks, as one process with the whole --batch-size computes them; advised when "
+                              "each rank holds 1-2 patches")
+    dist_backend: str = _f("auto", "under torchrun: process-group backend, auto = nccl on CUDA, gloo on CPUs",
+                           ["auto", "nccl", "gloo"])
+    dist_timeout: float = _f(1800.0, "under torchrun: seconds a rank may go without progress (a step, rank 0's "
+                                     "validation, a checkpoint write, waiting for the others) before every rank "
+                                     "stops with one error line")
     # validation, checkpoints, output
-    val_patches: int = _f(16, "validation patches per epoch (fixed set, half on nodules): patch-level "
-                              "Dice, CPU-cheap")
+    validation: str = _f("auto", f"what chooses {paths.BEST} and judges --patience: cpm = detection CPM (LUNA16 "
+                                 "FROC, candidates as evaluation makes them) of whole validation cases through "
+                                 "the inference stage; dice = Dice of --val-patches patches; auto = cpm when the "
+                                 "command line can build it (validation cases with nodules), else dice. "
+                                 "config.json records the one used", ["auto", "cpm", "dice"])
+    val_cases: int = _f(0, "--validation cpm: at most this many validation cases, the first in dataset order "
+                           "(0 = all)")
+    patience: int = _f(0, "stop early after this many epochs in a row without a validation score better than "
+                          "the best by more than --min-delta (0 = train every epoch)")
+    min_delta: float = _f(0.0, "the improvement --patience asks for (score units: CPM or Dice)")
+    val_patches: int = _f(16, "--validation dice: validation patches per epoch (fixed set, half on nodules): "
+                              "patch-level Dice, CPU-cheap")
     ckpt_every: int = _f(0, f"also write {paths.LAST} every N optimiser steps (0 = at the end of each epoch only)")
     out: str = _f(str(paths.RUNS_ROOT / "ahnet"), f"run folder: {paths.CONFIG}, {paths.LOG}, {paths.CHECKPOINTS}/"
                                                   f"{{{paths.LAST},{paths.BEST}}}, {paths.PROGRESS}")
@@ -135,6 +184,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill stage-dependent defaults and check the combination; ValueError names what is wrong."""
+        check_kinds(self)
         c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
         for f in fields(c):
             ch = f.metadata.get("choices")
@@ -149,6 +199,9 @@ class TrainConfig:
                              f"{c.stage} (which trains {', '.join(others)}); use --stage {MODELS[c.model].stage}.")
         if c.patch_size is None:
             c.patch_size = [3, 128, 128] if c.stage == "2d" else [32, 128, 128]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+                   for v in c.patch_size):
+            raise ValueError(f"patch_size must be three positive ints D H W, got {c.patch_size}.")
         c.patch_size = [int(v) for v in c.patch_size]
         if len(c.patch_size) != 3 or min(c.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints D H W, got {c.patch_size}.")
@@ -164,11 +217,15 @@ class TrainConfig:
         if c.imagenet_weights and c.stage != "2d":
             raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
                              "--init transfer.")
-        for name in ("batch_size", "epochs", "steps_per_epoch"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}.")
-        if c.lr <= 0 or (c.lr_encoder is not None and c.lr_encoder < 0):
-            raise ValueError(f"learning rates must be positive, got lr={c.lr}, lr_encoder={c.lr_encoder}.")
+        check_limits(c)
+        if c.batch_size * math.prod(c.patch_size) > MAX_PATCH_VOXELS:
+            raise ValueError(f"--batch-size {c.batch_size} x --patch-size {' '.join(map(str, c.patch_size))} is "
+                             f"{c.batch_size * math.prod(c.patch_size):.3g} voxels per step; at most "
+                             f"{MAX_PATCH_VOXELS:.3g}.")
+        ra = list(c.randaugment)
+        if not (len(ra) == 2 and all(isinstance(v, (int, float)) for v in ra) and float(ra[0]).is_integer()
+                and 0 <= ra[0] <= 100 and 0 <= ra[1] <= 10):
+            raise ValueError(f"--randaugment N M: N ops (an integer 0 .. 100) at magnitude M (0 .. 10), got {ra}.")
         if c.folds < 0 or c.folds == 1:
             raise ValueError(f"folds must be 0 (use the dataset split) or >= 2, got {c.folds}.")
         if c.fold is not None:
@@ -182,6 +239,44 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple),
+          "dict": (dict,)}
+
+
+def _check_kind(name: str, declared, v) -> None:
+    """ValueError when ``v`` is not of the field's declared kind (a --config file or from_dict can put anything)."""
+    kinds = [k.strip() for k in str(declared).split("|")]
+    if v is None and "None" in kinds:
+        return
+    want = [_KINDS[k] for k in kinds if k in _KINDS]
+    ok = any(isinstance(v, t) and not (isinstance(v, bool) and bool not in t) for t in want)
+    if want and not ok:
+        raise ValueError(f"setting {name} = {v!r}: expected {' or '.join(k for k in kinds if k != 'None')}"
+                         f"{' or null' if 'None' in kinds else ''}.")
+
+
+def check_kinds(c: TrainConfig) -> None:
+    """Every setting of its declared kind (int, float, str, bool, list, dict, or null where allowed)."""
+    for f in fields(c):
+        _check_kind(f.name, f.type, getattr(c, f.name))
+
+
+def check_limits(c: TrainConfig) -> None:
+    """Numeric settings finite (floats) and within LIMITS; ValueError naming the flag otherwise."""
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flag} {v} is not a finite number.")
+        if f.name in LIMITS:
+            lo, hi, lo_open, hi_open = LIMITS[f.name]
+            ok = ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+            if not ok:
+                raise ValueError(f"{flag} must be {cli.describe_range(lo, hi, lo_open, hi_open)}, got {v:g}.")
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -247,12 +342,9 @@ def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) ->
 def read_json_config(path: str | os.PathLike) -> dict:
     """The settings of a JSON config file (a run's config.json works too: its "config" entry is used)."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist.")
+    d = read_json(path, "config file")
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a JSON object of settings.")
     if "config" in d and isinstance(d["config"], dict) and "versions" in d:

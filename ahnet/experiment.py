@@ -1,15 +1,17 @@
 """The paper's comparison as one command: data -> 2D stage -> transfer -> 3D variants -> per-type report.
 
     python -m ahnet.experiment --preset demo     # `bash run.sh demo`: 2D MC-GCN and AH-Net after transfer
-    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (about an hour, 2 cores)
+    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (under 2 hours, 2 cores)
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
-a 3D U-Net from scratch; AH-Net after transfer at pyramid depths 0..4 ("PFN depth"). Each variant is a
-TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
+a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0 and 2). Each
+variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
 who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
 step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped.
+Under ``torchrun`` (README "Scaling up") every variant trains on all ranks; rank 0 prepares the data first and
+alone evaluates; the presets' batches must divide by the number of ranks (checked before any work).
 """
 from __future__ import annotations
 
@@ -25,9 +27,14 @@ from typing import Dict, List, Optional
 from . import cli, paths
 from .config import TrainConfig
 from .data.cache import cache_dataset
-from .data.io import load_dataset_json, read_image
+from .data.io import load_dataset_json, read_scan
 from .evaluate.cli import evaluate_and_report
+from .evaluate.validation import make_validator
+from .precision import cpu_native_bf16, resolve_device
+from .report.claims import found_line
 from .train import TrainingDiverged, train
+from .train import dist
+from .train.guard import preflight
 
 PROG = "ahnet.experiment"
 
@@ -52,23 +59,31 @@ class Preset:
     test_cases: int = 0          # > 0: evaluate on an extra phantom of this many test-only cases (more nodules
                                  # per type than the training phantom's own test split); its shapes come from
                                  # the LIDC scans reserved for testing, as the test split's always do
+    test_phantom: Optional[str] = None   # evaluate on this held-out test phantom (ahnet.data.phantom.TEST_PHANTOMS:
+                                         # every type equally often); wins over test_cases
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
-    extra: Dict = field(default_factory=dict)
+    recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
+                                                 # early stopping); paper_notes/results.md measures them
 
 
 # Variant names: "<model>-<init>[-pfn<K>]"; "mcgcn-2d" is the 2D stage itself.
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
+# The cpu preset's comparison within its 2-hour budget: pyramid depths 0, 2 and the paper's 4 (pfn1 / pfn3 on
+# request with --variants).
+CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0",
+                "ahnet-transfer-pfn2"]
+
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
-                   steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=40, lr=1e-3,
-                   variants=["mcgcn-2d", "ahnet-transfer"]),
-    "cpu": Preset(cases=32, test_cases=30, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=8,
-                  steps_2d=40, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=50, lr=1e-3,
-                  variants=ALL_VARIANTS),
+                   steps_2d=60, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=100, lr=1e-3,
+                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo", recipe=dict(val_cases=4)),
+    "cpu": Preset(cases=64, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
+                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=5, steps_3d=250, lr=1e-3,
+                  variants=CPU_VARIANTS, recipe=dict(hard_fraction=0.3, val_cases=10, patience=3)),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
@@ -94,8 +109,10 @@ def parse_variant(name: str):
 
 def data_spacing(dataset_json: Path) -> List[float]:
     """(sz, sy, sx) of the first case: the z-pooling schedule is chosen for it."""
-    first = load_dataset_json(dataset_json)[0]
-    return [round(float(s), 4) for s in read_image(first["image"]).spacing]
+    cases = load_dataset_json(dataset_json)
+    if not cases:
+        raise ValueError(f"{dataset_json} lists no cases under 'training'")
+    return [round(float(s), 4) for s in read_scan(cases[0]["image"]).spacing]
 
 
 def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
@@ -110,22 +127,46 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     return dataset_json
 
 
+def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
+    """Refuse (ValueError, before any training) a test folder that holds another phantom than the preset's
+    held-out test phantom, e.g. one an earlier version generated with other sizes or seed."""
+    from .data.phantom import held_out_seed
+    from .data.phantom.heldout import test_phantom_options
+    dataset_json = data_dir / paths.DATASET
+    if not preset.test_phantom or not dataset_json.is_file():
+        return
+    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
+    want = test_phantom_options(preset.test_phantom)
+    have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+    keys = ("size", "slices", "thickness", "spacing", "negatives", "exact", "n_cases")
+    npc = have.get("nodules_per_case")
+    same = all(have.get(k) == want[k] for k in keys) and have["seed"] == held_out_seed(seed) and \
+        list(npc if isinstance(npc, list) else [npc, npc]) == [want["nodules_per_case"]] * 2
+    if not same:
+        raise ValueError(f"{data_dir} holds another phantom than the {preset.test_phantom!r} test phantom of seed "
+                         f"{seed}; move it away and run again to generate the test phantom there")
+
+
 def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
-    from .data.phantom import generate_dataset
+    from .data.phantom import generate_dataset, generate_test_phantom
     dataset_json = data_dir / paths.DATASET
-    if not dataset_json.is_file():
+    if preset.test_phantom and not dataset_json.is_file():
+        print(f"[experiment] generating the {preset.test_phantom!r} test-only phantom in {data_dir}", flush=True)
+        generate_test_phantom(data_dir, preset.test_phantom, seed=seed)
+    elif not dataset_json.is_file():
         print(f"[experiment] generating {preset.test_cases} test-only phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.test_cases, seed=seed + 1_000_003, size=preset.size, split=(0, 0, 1))
     return dataset_json
 
 
 def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path, seed: int, device: str,
-                   spacing: List[float]) -> TrainConfig:
+                   spacing: List[float], sync_bn: bool = False) -> TrainConfig:
     """The training configuration of one variant (resolved: every check done before any training starts)."""
     model, init, pfn = parse_variant(variant)
     d = dict(data=str(dataset_json), cache_dir=str(paths.cache_dir(dataset_json)), encoder=preset.encoder,
-             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True)
+             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True, sync_bn=sync_bn,
+             amp=fast_amp(device), **preset.recipe)
     if model == "mcgcn":
         d.update(stage="2d", model="mcgcn", patch_size=list(preset.patch_2d), batch_size=preset.batch_2d,
                  epochs=preset.epochs_2d, steps_per_epoch=preset.steps_2d)
@@ -136,12 +177,22 @@ def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path,
     if model == "unet3d":
         kwargs["base_channels"] = preset.unet_base
     d.update(stage="3d", model=model, patch_size=list(preset.patch_3d), batch_size=preset.batch_3d,
-             epochs=preset.epochs_3d, steps_per_epoch=preset.steps_3d, model_kwargs=kwargs)
+             epochs=preset.epochs_3d, steps_per_epoch=preset.steps_3d, model_kwargs=kwargs,
+             channels_last=d["amp"] != "off")
     if model == "ahnet":
         d.update(pfn_depth=pfn, init=init)
         if init == "transfer":
             d["init_from"] = str(runs / "mcgcn-2d")
     return TrainConfig.from_dict(d, variant).resolved()
+
+
+def fast_amp(device: str) -> str:
+    """The experiment's precision: fp16 + GradScaler on CUDA, bf16 on a CPU that computes bfloat16 natively
+    (with channels-last 3D: 0.22 s instead of 0.54 s a step, paper_notes/performance.md), else float32."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return "fp16"
+    return "bf16" if dev.type == "cpu" and cpu_native_bf16() else "off"
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -175,14 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", help=f"subset of variants to train (default: the preset's); "
                    f"any of {', '.join(ALL_VARIANTS)}")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the report's intervals")
+    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm over the global batch of all ranks (python -m ahnet.train --help)")
+    p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
+                   help="bootstrap resamples of the report's intervals (0 = none)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: run_experiment(args), codes={TrainingDiverged: 3})
+    return dist.run_command(PROG, lambda: run_experiment(args), codes={TrainingDiverged: 3})
 
 
 def run_experiment(args) -> int:
@@ -193,37 +247,56 @@ def run_experiment(args) -> int:
     variants = list(args.variants or preset.variants)
     for v in variants:
         parse_variant(v)
+    resolve_device(args.device)                       # the options and output places before any data work
+    cli.check_output_dir(runs, "--name")
+    if not args.data:
+        cli.check_output_dir(paths.DATA_ROOT / name, "--name")
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
+    for v in variants:
+        dist.check_batch(preset.batch_2d if parse_variant(v)[0] == "mcgcn" else preset.batch_3d)
     t0 = time.time()
+    ctx, device = dist.plan(args.device, resolve_device(args.device))
+    dist.start(ctx, device)
     if args.data:
         dataset_json = Path(args.data)
-        cache_dataset(dataset_json)
+        ctx.main_first(lambda: cache_dataset(dataset_json))
     else:
-        dataset_json = prepare_data(paths.DATA_ROOT / name, preset, args.seed)
+        dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
+    if not args.data:
+        check_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     spacing = data_spacing(dataset_json)
-    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing) for v in variants}
+    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
+               for v in variants}
+    for v, cfg in configs.items():                   # every variant's network and places before the first trains
+        preflight(cfg, sources=cfg.init != "transfer")
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
     for v, cfg in configs.items():
         print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
         t = time.time()
-        train(cfg)
+        train(cfg, validator_for=make_validator)
         print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
+    if not ctx.is_main:
+        return 0
     report = paths.run_paths(runs).report
     eval_json = dataset_json
-    if preset.test_cases > 0 and not args.data:
+    if (preset.test_phantom or preset.test_cases > 0) and not args.data:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
-    evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
-                        n_bootstrap=args.bootstrap, window=preset.window,
-                        title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
+    rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
+                              n_bootstrap=args.bootstrap, window=preset.window, amp=fast_amp(args.device),
+                              channels_last=fast_amp(args.device) != "off",
+                              title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")
+    for m in rep["model_order"]:
+        if rep["models"][m]["found"]:
+            print("[experiment] " + found_line(m, rep["models"][m]["found"]))
     return 0
 
 

@@ -24,7 +24,7 @@ def groups_from_annotations(annotations_csv: str | os.PathLike,
     if not p.is_file():
         return {}
     out: dict[str, set[str]] = {}
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:     # a byte-order mark is not part of a column name
         reader = csv.DictReader(f)
         if reader.fieldnames is None or column not in reader.fieldnames or "seriesuid" not in reader.fieldnames:
             return {}

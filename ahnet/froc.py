@@ -66,7 +66,9 @@ class Matching:
 
     Arrays over relevant nodules (n,): ``nod_scan`` (scan index), ``nod_score`` (best hit probability, -inf when
     missed), ``nod_groups`` {key: object array of group labels, None where unknown}, ``nod_row`` (index into
-    the nodule rows). Arrays over false positives (m,): ``fp_scan``, ``fp_score``.
+    the nodule rows), ``nod_hit_row`` (index into the candidate rows of the best hit, -1 when missed). Arrays
+    over false positives (m,): ``fp_scan``, ``fp_score``, ``fp_row`` (index into the candidate rows);
+    ``dropped_row``: the candidate rows dropped on irrelevant findings (every other row hits a nodule).
     """
 
     scan_ids: list
@@ -77,6 +79,9 @@ class Matching:
     fp_scan: np.ndarray
     fp_score: np.ndarray
     counts: dict = field(default_factory=dict)
+    nod_hit_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fp_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dropped_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_scans(self) -> int:
@@ -85,7 +90,7 @@ class Matching:
 
 def _rows_by_scan(nodules, candidates, index: dict, irrelevant_key: str) -> tuple[dict, dict]:
     """Checked rows grouped by scan position: {scan: [(row, xyz, radius_mm, irrelevant)]} for the nodules and
-    {scan: [(xyz, probability)]} for the candidates; FROCInputError names the first bad row."""
+    {scan: [(xyz, probability, row index)]} for the candidates; FROCInputError names the first bad row."""
     nods_by_scan: dict[int, list] = {}
     for i, r in enumerate(nodules):
         s = str(r.get("seriesuid"))
@@ -110,7 +115,7 @@ def _rows_by_scan(nodules, candidates, index: dict, irrelevant_key: str) -> tupl
             raise FROCInputError(f"candidate row {i} needs a numeric probability; got {r!r}") from e
         if not np.isfinite(p):
             raise FROCInputError(f"candidate row {i} has probability {p}; expected a finite number")
-        cands_by_scan.setdefault(index[s], []).append((_xyz(r, "candidate", i), p))
+        cands_by_scan.setdefault(index[s], []).append((_xyz(r, "candidate", i), p, i))
     return nods_by_scan, cands_by_scan
 
 
@@ -124,8 +129,8 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         raise FROCInputError("scan_ids is empty; give every scan of the evaluated set")
     nods_by_scan, cands_by_scan = _rows_by_scan(nodules, candidates, {s: i for i, s in enumerate(scan_ids)},
                                                 irrelevant_key)
-    nod_scan, nod_score, nod_row = [], [], []
-    fp_scan, fp_score = [], []
+    nod_scan, nod_score, nod_row, nod_hit_row = [], [], [], []
+    fp_scan, fp_score, fp_row, dropped_row = [], [], [], []
     counts = dict(candidates=len(candidates), tp_candidates=0, fp=0, dropped=0, duplicates=0, multi_hits=0,
                   nodules=0, irrelevant_nodules=0, detected=0)
     for si in range(len(scan_ids)):
@@ -138,8 +143,9 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         if cands:
             cxyz = np.stack([c[0] for c in cands])
             cp = np.array([c[1] for c in cands])
+            crow = np.array([c[2] for c in cands], np.int64)
         else:
-            cxyz, cp = np.zeros((0, 3)), np.zeros(0)
+            cxyz, cp, crow = np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
 
         def hits(group):
             if not group:
@@ -156,6 +162,7 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
             nod_row.append(n[0])
             k = np.flatnonzero(h_rel[j])
             nod_score.append(cp[k].max() if k.size else -np.inf)
+            nod_hit_row.append(int(crow[k[np.argmax(cp[k])]]) if k.size else -1)
             counts["detected"] += int(k.size > 0)
             counts["duplicates"] += max(int(k.size) - 1, 0)
         is_hit = n_rel_hits > 0
@@ -167,6 +174,8 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
         counts["fp"] += int(fp.sum())
         fp_scan.extend([si] * int(fp.sum()))
         fp_score.extend(cp[fp].tolist())
+        fp_row.extend(crow[fp].tolist())
+        dropped_row.extend(crow[dropped].tolist())
 
     nod_row_a = np.array(nod_row, dtype=np.int64)
     groups = {}
@@ -176,7 +185,8 @@ def match_candidates(nodules, candidates, scan_ids, irrelevant_key: str = "irrel
     return Matching(scan_ids=scan_ids, nod_scan=np.array(nod_scan, dtype=np.int64),
                     nod_score=np.array(nod_score, dtype=np.float64), nod_row=nod_row_a, nod_groups=groups,
                     fp_scan=np.array(fp_scan, dtype=np.int64), fp_score=np.array(fp_score, dtype=np.float64),
-                    counts=counts)
+                    counts=counts, nod_hit_row=np.array(nod_hit_row, dtype=np.int64),
+                    fp_row=np.array(fp_row, dtype=np.int64), dropped_row=np.array(dropped_row, dtype=np.int64))
 
 
 def _ordered_entries(m: Matching):
@@ -242,6 +252,26 @@ def froc_curve(m: Matching):
     return fps, sens, np.concatenate([[np.inf], score[ends]])
 
 
+def found_at(m: Matching, fp_rate: float = 1.0) -> tuple[float, np.ndarray]:
+    """The operating point at ``fp_rate`` false positives per scan: (threshold, found (n,) bool over the relevant
+    nodules). The threshold is that of the last FROC vertex with at most fp_rate FP/scan (no interpolation: a
+    nodule is found when its best hit scores >= it); +inf when even the first vertex has more."""
+    fps, _, thr = froc_curve(m)
+    k = int(np.flatnonzero(fps <= fp_rate + 1e-12).max())
+    return float(thr[k]), m.nod_score >= thr[k]
+
+
+def _found_summary(m: Matching, fp_rate: float) -> dict:
+    """found_at as JSON: {fp_rate, threshold (None for +inf), n_found, n, groups {key: {label: [found, n]}}}."""
+    t, found = found_at(m, fp_rate)
+    groups = {}
+    for key, lab in m.nod_groups.items():
+        groups[key] = {g: [int(found[lab == g].sum()), int((lab == g).sum())]
+                       for g in sorted({v for v in lab if v is not None})}
+    return {"fp_rate": fp_rate, "threshold": t if np.isfinite(t) else None, "n_found": int(found.sum()),
+            "n": int(found.size), "groups": groups}
+
+
 def _masks(m: Matching):
     masks = {("all", None): np.ones(m.nod_score.size, bool)}
     for key, lab in m.nod_groups.items():
@@ -281,7 +311,8 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
 
     Returns keys: n_scans, n_nodules, fp_rates, sensitivity (list per rate), sensitivity_ci (list of [lo, hi]),
     cpm, cpm_ci, froc {fps, sensitivity} (the curve's vertices), froc_band {fps, lower, upper} (bootstrap
-    interval at ``band_rates``, default 33 log-spaced rates 1/8..8), counts (matching counts),
+    interval at ``band_rates``, default 33 log-spaced rates 1/8..8), counts (matching counts), found (the
+    nodules found at 1 FP/scan: found_at as {fp_rate, threshold, n_found, n, groups {key: {label: [found, n]}}}),
     groups {key: {label: {n, sensitivity, sensitivity_ci, cpm, cpm_ci, n_bootstrap_used}}}, n_bootstrap, seed.
     Sensitivities are None (not NaN) where undefined (no nodules).
     """
@@ -327,7 +358,8 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
            "froc": {"fps": fps.tolist(), "sensitivity": [_num(x) for x in sens_curve]},
            "froc_band": {"fps": band.tolist(), "sensitivity": [_num(x) for x in p_all[F:]],
                          "lower": None, "upper": None},
-           "counts": m.counts, "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
+           "counts": m.counts, "found": _found_summary(m, 1.0),
+           "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
            "groups": {k: {} for k in group_keys}}
     if n_bootstrap:
         ci = _ci(b_all[:, F:], confidence)
@@ -366,3 +398,92 @@ def interp_curve(fps, sens, fp_rates=FP_RATES) -> np.ndarray:
 def cpm_from_curve(fps, sens, fp_rates=FP_RATES) -> float:
     """CPM of a given FROC curve: the mean of ``interp_curve`` at ``fp_rates``."""
     return float(np.mean(interp_curve(fps, sens, fp_rates)))
+
+
+# ------------------------------------------------------------------------------------------ paired comparisons
+def _cpm_draws(m: Matching, weights: np.ndarray, fp_rates, masks: dict, chunk: int) -> dict:
+    """{mask key: (B,) CPM per resample of ``weights`` (B, S), NaN where the resample has no nodule of it}."""
+    parts = {k: [] for k in masks}
+    for s in range(0, weights.shape[0], chunk):
+        for k, v in _operating_points(m, weights[s:s + chunk], fp_rates, masks).items():
+            parts[k].append(v.mean(1))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def _difference(a: str, b: str, point: dict, draws: dict, key, confidence: float) -> dict:
+    """One pair on one group: the CPM difference a - b, its paired interval and which model it decides for."""
+    pa, pb = point[a][key][0], point[b][key][0]
+    diff = pa - pb if not (np.isnan(pa) or np.isnan(pb)) else np.nan
+    d = draws[a][key] - draws[b][key]
+    ci = _ci(d, confidence) if d.size else None
+    winner = None
+    if ci is not None and not np.isnan(diff):
+        winner = a if ci[0] > 0 else b if ci[1] < 0 else None
+    return {"cpm_a": _num(pa), "cpm_b": _num(pb), "diff": _num(diff), "ci": ci, "winner": winner,
+            "n_bootstrap_used": int((~np.isnan(d)).sum())}
+
+
+def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 1000, seed: int = 0,
+                     confidence: float = 0.95, fp_rates=FP_RATES, irrelevant_key: str = "irrelevant",
+                     group_keys=("type", "location"), chunk: int = 200) -> dict:
+    """CPM differences between models evaluated on the same scans, with paired bootstrap intervals.
+
+    candidates: {model: candidate rows} (two or more models, every row on ``scan_ids``). Each resample of the
+    scans (``bootstrap_weights(len(scan_ids), n_bootstrap, seed)``: the draws evaluate_detection makes with the
+    same seed) is scored for EVERY model, so each pair gets one difference per resample; the interval is the
+    percentile interval of those differences (resamples without a nodule of a group are left out of that group).
+    A pair's ``winner`` is the model with the higher CPM when the interval excludes 0, else None (no decision);
+    a model is ``best`` on a group when it is the winner against every other model.
+
+    Returns {"models", "n_scans", "n_bootstrap", "seed", "confidence", "fp_rates",
+    "cpm": {model: {"overall": cpm, "groups": {key: {label: cpm}}}},
+    "pairs": [{"a", "b", "overall": D, "groups": {key: {label: D}}}] for every pair in model order, D =
+    {"cpm_a", "cpm_b", "diff" (a - b), "ci", "winner", "n_bootstrap_used"},
+    "best": {"overall": model or None, "groups": {key: {label: model or None}}},
+    "best_counts": {model: {key: groups where it is best}}}.
+    """
+    models = list(candidates)
+    if len(models) < 2:
+        raise FROCInputError(f"paired comparisons need two or more models; got {models}")
+    if n_bootstrap < 0:
+        raise FROCInputError(f"n_bootstrap is {n_bootstrap}; expected 0 (no intervals) or a positive count")
+    fp_rates = tuple(float(f) for f in fp_rates)
+    match = {name: match_candidates(nodules, rows, scan_ids, irrelevant_key=irrelevant_key, group_keys=group_keys)
+             for name, rows in candidates.items()}
+    first = match[models[0]]
+    masks = _masks(first)
+    W = bootstrap_weights(first.n_scans, n_bootstrap, seed) if n_bootstrap else np.zeros((0, first.n_scans))
+    point = {n: {k: v.mean(1) for k, v in _operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks).items()}
+             for n, m in match.items()}
+    draws = {n: _cpm_draws(m, W, fp_rates, masks, chunk) for n, m in match.items()}
+    labels = [k for k in masks if k[0] != "all"]
+
+    def by_group(fn):
+        out = {"overall": fn(("all", None)), "groups": {key: {} for key in group_keys}}
+        for k in labels:
+            out["groups"][k[0]][k[1]] = fn(k)
+        return out
+
+    pairs = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            pairs.append({"a": a, "b": b, **by_group(lambda k: _difference(a, b, point, draws, k, confidence))})
+
+    def best(k):                                   # the winner of every pair it is in, if any
+        for cand in models:
+            if all(_pick(p, k)["winner"] == cand for p in pairs if cand in (p["a"], p["b"])):
+                return cand
+        return None
+
+    best_of = by_group(best)
+    counts = {m: {key: sum(v == m for v in best_of["groups"][key].values()) for key in group_keys}
+              for m in models}
+    return {"models": models, "n_scans": first.n_scans, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+            "confidence": confidence, "fp_rates": list(fp_rates),
+            "cpm": {n: by_group(lambda k, n=n: _num(point[n][k][0])) for n in models},
+            "pairs": pairs, "best": best_of, "best_counts": counts}
+
+
+def _pick(pair: dict, key) -> dict:
+    """The entry of a pair (paired_bootstrap) for mask key ("all", None) or (group key, label)."""
+    return pair["overall"] if key[0] == "all" else pair["groups"][key[0]][key[1]]

@@ -180,7 +180,9 @@ class DiceLoss(nn.Module):
     sample and channel, then reduces. ``smooth_nr`` / ``smooth_dr`` (default 1e-5 each) keep the ratio
     defined when a patch and its prediction are both empty (Dice -> 1, loss -> 0) and barely change it
     otherwise. ``include_background=False`` drops channel 0 (multi-class only). Reduction "none" returns
-    (C,) with batch=True or (N, C) with batch=False.
+    (C,) with batch=True or (N, C) with batch=False. ``sum_reduce`` (attribute, default None): with batch=True,
+    a function applied to the stacked (intersection, denominator) sums; data-parallel training sets an
+    autograd-aware all-reduce, so that the Dice is the global batch's over all ranks (ahnet.train.dist).
     """
 
     def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = True,
@@ -191,6 +193,7 @@ class DiceLoss(nn.Module):
         self.batch = bool(batch)
         self.include_background = bool(include_background)
         self.reduction = _check_reduction(reduction)
+        self.sum_reduce = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -201,6 +204,8 @@ class DiceLoss(nn.Module):
             dims = ([0] if self.batch else []) + list(range(2, x.dim()))
             inter = (p * t).sum(dim=dims)
             denom = p.sum(dim=dims) + t.sum(dim=dims)
+            if self.batch and self.sum_reduce is not None:
+                inter, denom = self.sum_reduce(torch.stack([inter, denom])).unbind(0)
             dice = (2.0 * inter + self.smooth_nr) / (denom + self.smooth_dr)
             return _reduce(1.0 - dice, self.reduction)
 

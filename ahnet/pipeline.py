@@ -5,7 +5,8 @@ encoder into runs/NAME-3d; the 3D stage's transfer step checks that the transfer
 trained checkpoint and prints the table (ahnet.nets.transfer) before any 3D step. Flags shared by both stages
 are given once (each as ``python -m ahnet.train`` defines it); stage-specific ones have a -2d / -3d suffix.
 ``--resume`` picks up whichever stage is unfinished. ``--config FILE``: JSON {"common": {...}, "2d": {...},
-"3d": {...}} of TrainConfig settings, applied before the flags.
+"3d": {...}} of TrainConfig settings, applied before the flags. Under ``torchrun`` both stages train on every
+rank (ahnet.train.dist); both stages' batches are checked against the number of ranks before the first step.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from typing import Sequence
 from ahnet import cli, paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, add_setting_flag, read_json_config
+from ahnet.evaluate.validation import make_validator
 from ahnet.train import TrainingDiverged, train
+from ahnet.train.dist import check_batch, run_command
+from ahnet.train.guard import check_resume, preflight
 
 __all__ = ["build_parser", "stage_configs", "run_pipeline", "main"]
 
@@ -25,7 +29,8 @@ PROG = "ahnet.pipeline"
 
 SHARED = ("encoder", "data", "cache_dir", "seed", "device", "amp", "num_workers", "batch_size", "steps_per_epoch",
           "loss", "focal_alpha", "focal_gamma", "augment", "pos_fraction", "val_patches", "schedule", "warmup_steps",
-          "ckpt_every", "folds", "fold", "max_bad_steps", "grad_clip")
+          "ckpt_every", "folds", "fold", "max_bad_steps", "grad_clip", "deterministic", "sync_bn", "dist_backend",
+          "dist_timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +99,24 @@ def stage_configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig]:
 
 
 def _finished(cfg: TrainConfig) -> bool:
+    """The stage's run has all its epochs; TrainError when its settings differ from this call's (a resume may
+    not change what was trained, finished or not)."""
     last = paths.run_paths(cfg.out).last
-    return last.is_file() and int(load_checkpoint(last)["epoch"]) >= cfg.epochs
+    if not last.is_file():
+        return False
+    ck = load_checkpoint(last)
+    check_resume(ck.get("config") or {}, cfg, last)
+    return int(ck["epoch"]) >= cfg.epochs
 
 
 def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = ("2d", "3d"),
                  **train_kw) -> dict:
-    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. The 3D stage's transfer
-    step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    """Run the chosen stages in order; returns {"2d": summary or "skipped", "3d": ...}. Both stages' settings,
+    output places and networks are checked before the first stage starts (ahnet.train.guard.preflight); the 3D
+    stage's transfer step (ahnet.train) checks the transfer and prints its table before the first 3D step."""
+    for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
+        if stage in stages:
+            preflight(cfg, train_kw.get("builder"), sources=not (stage == "3d" and "2d" in stages))
     out: dict = {}
     for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
         if stage not in stages:
@@ -112,13 +127,13 @@ def run_pipeline(cfg2: TrainConfig, cfg3: TrainConfig, stages: Sequence[str] = (
             continue
         print(f"[pipeline] {stage.upper()} stage -> {cfg.out}" + (f" (encoder from {cfg.init_from})"
                                                                   if stage == "3d" else ""))
-        out[stage] = train(cfg, **train_kw)
+        out[stage] = train(cfg, validator_for=make_validator, **train_kw)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: _main(args), codes={TrainingDiverged: 3})
+    return run_command(PROG, lambda: _main(args), codes={TrainingDiverged: 3})
 
 
 def _main(args) -> int:
@@ -127,6 +142,9 @@ def _main(args) -> int:
     bad = [s for s in stages if s not in ("2d", "3d")]
     if bad or not stages:
         raise ValueError(f"--stages takes 2d, 3d or 2d,3d; got {getattr(args, 'stages', '')!r}.")
+    for stage, cfg in (("2d", cfg2), ("3d", cfg3)):
+        if stage in stages:
+            check_batch(cfg.batch_size)
     res = run_pipeline(cfg2, cfg3, stages)
     if "3d" in res:
         print(f"[pipeline] done: 3D model in {paths.run_paths(cfg3.out).checkpoints}; next: evaluation "

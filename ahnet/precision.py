@@ -9,10 +9,21 @@ and slower than float32. ``auto`` stays float32 on every CPU so that CPU results
 
 channels-last 3D (N, C, D, H, W stored as N, D, H, W, C): oneDNN's and cuDNN's preferred layout for reduced
 precision convolutions; the same values in another order (``to_channels_last``), a speed lever only.
+
+Kernels (``configure_kernels``, ``--deterministic``): by default cuDNN autotunes (benchmark mode: the fastest
+algorithm per shape, timed at its first use; the choice, and with it the rounding, can differ from run to run),
+and the backward of overlapping max-pooling (AH-Net's stem) accumulates with atomic adds. Deterministic: no
+autotuning, cuDNN's deterministic algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8 for cuBLAS (read when CUDA starts
+in this process) and torch.use_deterministic_algorithms(warn_only=True), which switches max-pooling's backward to
+its deterministic kernel. Two CUDA kernels of AH-Net's backward pass have no deterministic version and stay
+run-to-run variable (atomic adds; torch warns naming them): the trilinear upsampling (decoder and pyramid,
+``upsample="trilinear"``, the default) and adaptive max-pooling where a pyramid grid does not divide the map.
+``upsample="nearest"`` at the usual sizes avoids both (paper_notes/training.md "Determinism on CUDA").
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +105,46 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> AmpSettings:
             raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off.")
         return AmpSettings(torch.bfloat16, False)
     raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}.")
+
+
+def configure_kernels(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning on CUDA (the default), or deterministic kernels wherever they exist (module docstring).
+    Call before the first CUDA operation of the process so that the cuBLAS setting takes effect."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = bool(deterministic)
+
+
+class DepthGuardedConv3d(nn.Conv3d):
+    """A Conv3d that computes in float32 where PyTorch's CPU bfloat16 kernel gets the weight gradient wrong.
+
+    Found here (torch 2.13 CPU, oneDNN): under CPU bf16 autocast, a Conv3d whose input depth D satisfies
+    1 < D < kernel depth (a 3x1x1 or 3x3x3 conv on a 2-slice feature map, the deepest levels of a thin patch)
+    returns a weight gradient of 1e16..inf (fp32 is exact, the input gradient is fine). One such step writes
+    inf into Adam's moments and the run diverges (the issue's "20 non-finite losses in a row"). The forward
+    values are those of nn.Conv3d; the guard only moves the affected calls to float32.
+    """
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and 1 < x.shape[2] < self.kernel_size[0]):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def guard_cpu_bf16_convs(model: nn.Module) -> int:
+    """Turn every plain nn.Conv3d of ``model`` into a DepthGuardedConv3d (in place: same parameters and
+    state-dict keys); returns how many. Training on CPU under bf16 calls it; inference does not need it."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = DepthGuardedConv3d
+            n += 1
+    return n
 
 
 def to_channels_last(obj):

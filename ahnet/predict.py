@@ -3,8 +3,10 @@
     python -m ahnet.predict --input scans/ --runs runs/ahnet_cv --out pred/ [--tta] [--window D H W]
 
 Inputs (``--input``): one image file (.nii, .nii.gz, .mha, .mhd, .nrrd), a DICOM series folder, a folder of image
-files (not recursive; other files are ignored), or a Decathlon ``dataset.json`` (``--split`` picks cases; default
-all). case_id = the file name without its suffix, the DICOM folder's name, or the dataset's ``case_id``.
+files (not recursive; other and hidden files are ignored), or a Decathlon ``dataset.json``: its "training" cases and
+its "test" list (paths or objects, as the Medical Segmentation Decathlon's test-only datasets; split "test"),
+``--split`` picks (default all). case_id = the file name without its suffix, the DICOM folder's name, or the
+dataset's ``case_id``. Every scan is checked for sense as CT in HU (ahnet.data.checks) when it is read.
 
 Models (``--runs``): run folders (their trained checkpoint), checkpoint files, a folder of ``fold<k>`` runs, or
 the name ``runs/X`` of a cross-validation that ``ahnet.train --all-folds`` wrote as sibling folders
@@ -16,12 +18,20 @@ models is refused unless ``--allow-mixed``, which then averages them, each model
 Per case: HU clipped to [-1000, 400] and scaled to [0, 1] (as the training cache), native spacing; writes
 ``<out>/<case_id>_prob.nii.gz`` (float32) and ``<out>/<case_id>_mask.nii.gz`` (uint8, prob >= threshold) with the
 input's spacing, origin and direction, then drops the case's arrays before the next one. ``<out>/candidates.csv``
-holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set.
+holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set, by the candidate rule of
+``--candidates`` and its flags (default ahnet.infer.DEFAULT_RULE: local maxima with p >= 0.02, NMS in world mm,
+merging, sub-voxel centres; ``--candidates components --candidate-threshold 0.5`` gives the older components).
 
 Window (3D): the one rule of ahnet.infer.window_for: ``--window``, else the largest ``patch_size`` in the runs'
 training configs, else DEFAULT_WINDOW; rounded up to the models' input multiple and never larger than the volume
 rounded up to that multiple. Bad input (missing file, folder without images, a file that is not a checkpoint,
-mismatched runs) prints one line ``ahnet.predict: error: ...`` and exits with code 2.
+mismatched runs, an option out of range, an --out that is a file or not writable) prints one line
+``ahnet.predict: error: ...`` and exits with code 2 before anything is written.
+
+Batches: a scan that fails (corrupt, no sense as CT) stops the run with exit code 2, after writing the candidates
+of the scans done before it; with ``--skip-bad`` the run goes on, names each failure in a warning line, and exits
+with code 1 at the end (the scans that succeeded have their files and candidates). One predict at a time writes
+into an --out folder (a lock; a second one is refused); temporary files of a killed run are removed.
 
 This module imports the inference stage only, never the evaluation modules.
 """
@@ -34,9 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
+from .atomic import folder_lock, remove_temps
 from .data import io
 from .data.preprocess import clip_and_scale
-from .infer import DEFAULT_WINDOW, Ensemble, extract_candidates, load_ensemble, predict_volume
+from .infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
+                    extract_candidates, load_ensemble, predict_volume, rule_from_arguments)
 from .precision import AMP_MODES
 
 PROG = "ahnet.predict"
@@ -82,21 +94,21 @@ def find_cases(input_path, split=None) -> list:
         raise PredictInputError(f"--split {split!r} applies to a dataset.json input only; {p} is not one")
     if p.is_file():
         if p.suffix.lower() == ".json":
-            entries = io.load_dataset_json(p)
+            entries = io.load_dataset_json(p, ("training", "test"))
             if split is not None:
                 want = {s.strip() for s in str(split).split(",") if s.strip()}
                 entries = [e for e in entries if e.get("split") in want]
                 if not entries:
                     raise PredictInputError(f"{p} has no case with split {split!r}")
             if not entries:
-                raise PredictInputError(f"{p} lists no cases under 'training'")
+                raise PredictInputError(f"{p} lists no cases under 'training' or 'test'")
             return [Case(e["case_id"], Path(e["image"])) for e in entries]
         stem = _image_stem(p)
         if stem is None:
             raise PredictInputError(f"input {p} is not an image file; expected .nii, .nii.gz, .mha, .mhd, .nrrd, "
                                     f"a folder or a dataset.json")
         return [Case(stem, p)]
-    files = sorted(f for f in p.iterdir() if f.is_file() and _image_stem(f) is not None)
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _image_stem(f) is not None)
     if files:
         cases, seen = [], {}
         for f in files:
@@ -131,56 +143,82 @@ def _progress(items, **kw):
     return tqdm(items, disable=cli.quiet(), file=sys.stderr, **kw)
 
 
-def check_outputs(out, threshold: float) -> Path:
-    """--out (a folder, created if missing) and --threshold, checked before any work (PredictInputError)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PredictInputError(f"--out {out} is a file; expected a folder (created if missing)")
+def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "auto", threshold: float = 0.5,
+                  overlap: float = 0.5, sw_batch: int = 2, skip_bad: bool = False) -> Path:
+    """Every option and the output place, before any scan is read (PredictInputError in one sentence); without
+    ``skip_bad`` also that every scan exists. Returns --out as a Path."""
+    out = cli.check_output_dir(out, "--out")
     if not 0.0 <= threshold <= 1.0:
         raise PredictInputError(f"--threshold {threshold} must be a probability in [0, 1]")
+    if not 0.0 <= overlap < 1.0:
+        raise PredictInputError(f"--overlap {overlap} must be a fraction in [0, 1)")
+    if int(sw_batch) < 1:
+        raise PredictInputError(f"--sw-batch {sw_batch} must be >= 1")
+    ens.check(window, amp)                                  # --window and --amp before the first case
+    missing = [c for c in cases if not Path(c.image).exists()]
+    if missing and not skip_bad:
+        raise PredictInputError(f"scan {missing[0].image} of case {missing[0].case_id} not found"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                + "; fix the input or pass --skip-bad to predict the others")
     return out
 
 
-def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: str = "components",
-                      min_distance_mm: float = 5.0) -> dict:
-    """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32
-    probabilities), writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz and <out>/candidates.csv.
+def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule) -> list:
+    """One scan -> its _prob and _mask files (each written atomically) and its candidate rows."""
+    vol = io.read_scan(case.image)
+    scale_in_place(vol.array)
+    prob = probability(vol.array)
+    vol.array = None
+    io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
+    io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
+    return extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
 
-    One case in memory at a time (image, scaled image, probability map). Returns {"cases": [case_id],
-    "candidates": n rows, "csv": path}. ahnet.client writes its files through this too.
+
+def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
+                      skip_bad: bool = False) -> dict:
+    """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
+    writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and <out>/candidates.csv (by the rule
+    ``candidates``, default ahnet.infer.DEFAULT_RULE), with --out locked.
+
+    One case in memory at a time. A scan that fails: the candidates of the scans done are written, then
+    PredictInputError, or with ``skip_bad`` a warning and the next scan.
+    Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path}.
     """
-    out = check_outputs(out, threshold)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, done = [], []
-    for case in _progress(cases, desc="predict", unit="case"):
-        vol = io.read_image(case.image)
-        scale_in_place(vol.array)
-        prob = probability(vol.array)
-        vol.array = None
-        io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
-        io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
-        rows += extract_candidates(prob, vol, seriesuid=case.case_id, threshold=threshold, method=candidates,
-                                   min_distance_mm=min_distance_mm)
-        del prob, vol
-        done.append(case.case_id)
-    csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
-    return {"cases": done, "candidates": len(rows), "csv": csv_path}
+    out, rule = Path(out), candidate_rule(candidates)
+    rows, done, failed = [], [], []
+    with folder_lock(out, "--out"):
+        remove_temps(out, only_dead=False)
+        for case in _progress(cases, desc="predict", unit="case"):
+            try:
+                rows += _predict_case(case, out, probability, threshold, rule)
+            except (ValueError, OSError) as e:
+                why = cli.one_line(e).rstrip(".")
+                failed.append((case.case_id, why))
+                if not skip_bad:
+                    done_note = ""
+                    if done:                                 # the scans that succeeded keep their candidates
+                        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+                        done_note = f"; the candidates of the {len(done)} case(s) before it are in {csv_path}"
+                    raise PredictInputError(f"case {case.case_id}: {why}{done_note} (--skip-bad goes on past bad "
+                                            f"scans)") from None
+                cli.warn(PROG, f"skipped case {case.case_id}: {why}")
+                continue
+            done.append(case.case_id)
+        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+    return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
 
 
 def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
-                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5, candidates: str = "components",
-                  min_distance_mm: float = 5.0, channels_last: bool = False) -> dict:
-    """Predict every Case with the ensemble (ahnet.infer.predict_volume) and write its files (write_predictions).
-
-    Accumulators live inside ahnet.infer. Returns {"cases": [case_id], "candidates": n rows, "csv": path}.
-    """
-    check_outputs(out, threshold)
-    ens.check(window, amp)                                  # --window and --amp before the first case
+                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
+                  candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
+    write its files (write_predictions), the options checked first (check_options)."""
+    out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
 
     def probability(image01):
         return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
                               channels_last=channels_last)
-    return write_predictions(cases, out, probability, threshold, candidates, min_distance_mm)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad)
 
 
 def build_parser() -> cli.Parser:
@@ -190,10 +228,12 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--runs", nargs="+", required=True,
                     help="run folders, checkpoint files, or cross-validations (X for X-fold<k>); ensemble mean")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+    ap.add_argument("--window", type=cli.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
                     help="3D window (default: the runs' patch_size, else %s)" % (DEFAULT_WINDOW,))
-    ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
-    ap.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass (x4 slices for 2D models)")
+    ap.add_argument("--overlap", type=cli.number(float, 0, 1, hi_open=True), default=0.5,
+                    help="window overlap fraction in [0, 1)")
+    ap.add_argument("--sw-batch", type=cli.number(int, 1, 4096), default=2,
+                    help="windows per forward pass (x4 slices for 2D models)")
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16 = bfloat16 (about 2x faster on a "
@@ -201,11 +241,12 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--channels-last", action="store_true",
                     help="3D models in channels-last 3D memory (same values; faster with --amp bf16 / AMP)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    ap.add_argument("--threshold", type=float, default=0.5, help="mask and candidate threshold on probability")
-    ap.add_argument("--candidates", choices=("components", "maxima"), default="components",
-                    help="candidate method: connected components or local maxima (ahnet.infer.candidates)")
-    ap.add_argument("--min-distance-mm", type=float, default=5.0, help="local-maxima neighbourhood half size")
+    ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
+                    help="mask threshold on probability, in [0, 1]")
+    add_candidate_arguments(ap)
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
     return ap
 
 
@@ -215,13 +256,19 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> int:
+    cli.check_output_dir(a.out, "--out")
+    rule = rule_from_arguments(a)
     cases = find_cases(a.input, a.split)
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
     res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
-                        amp=a.amp, threshold=a.threshold, candidates=a.candidates,
-                        min_distance_mm=a.min_distance_mm, channels_last=a.channels_last)
+                        amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last,
+                        skip_bad=a.skip_bad)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
+    if res["failed"]:
+        ids = [cid for cid, _ in res["failed"]]
+        return cli.fail(PROG, f"{len(ids)} of {len(cases)} case(s) failed ({', '.join(ids[:5])}"
+                              f"{', ...' if len(ids) > 5 else ''}); the other {len(res['cases'])} are in {a.out}", 1)
     return 0
 
 

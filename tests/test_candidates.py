@@ -1,10 +1,13 @@
-"""Candidates from probability maps: component scores/centroids, local maxima, world coordinates."""
+"""Candidates from probability maps: component scores/centroids, local maxima, NMS in world mm with sub-voxel
+centres (against direct computations), world coordinates."""
+import itertools
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ahnet.infer.candidates import (CandidateInputError, extract_candidates, find_peaks, voxel_to_world,
-                              world_to_voxel)
+from ahnet.infer.candidates import (DEFAULT_RULE, CandidateInputError, CandidateRule, extract_candidates, find_peaks,
+                                    voxel_to_world, world_to_voxel)
 
 SP = (2.5, 0.7, 0.8)
 ORIGIN = (-150.0, -170.0, -300.0)
@@ -29,7 +32,7 @@ def test_components_score_is_max_and_centre_is_weighted_centroid():
     p[3, 4, 5] = 0.7                          # diagonal (26-) neighbour of (2,3,4): same component
     p[5, 7, 0] = 0.55                         # another component
     p[0, 0, 7] = 0.4                          # below threshold
-    zyx, s, n = find_peaks(p, SP, threshold=0.5)
+    zyx, s, n = find_peaks(p, SP, threshold=0.5, method="components")
     assert s.tolist() == pytest.approx([0.9, 0.55]) and n.tolist() == [3, 1]
     w = np.array([0.9, 0.6, 0.7])
     pts = np.array([[2, 3, 3], [2, 3, 4], [3, 4, 5]], float)
@@ -56,7 +59,7 @@ def test_extract_candidates_world_rows_and_geometry_object():
     p = np.zeros((5, 6, 7), np.float32)
     p[4, 5, 6] = 0.8
     p[1, 1, 1] = 0.95
-    rows = extract_candidates(p, spacing=SP, origin=ORIGIN, direction=ROT, seriesuid="c1")
+    rows = extract_candidates(p, spacing=SP, origin=ORIGIN, direction=ROT, seriesuid="c1", method="components")
     assert [r["probability"] for r in rows] == pytest.approx([0.95, 0.8])
     assert set(rows[0]) == {"seriesuid", "coordX", "coordY", "coordZ", "probability"}
     np.testing.assert_allclose([rows[1]["coordX"], rows[1]["coordY"], rows[1]["coordZ"]],
@@ -67,7 +70,7 @@ def test_extract_candidates_world_rows_and_geometry_object():
 
         def voxel_to_world(self, zyx):
             return voxel_to_world(zyx, SP, ORIGIN, ROT) + 1000.0
-    r2 = extract_candidates(p, Geo(), max_candidates=1)
+    r2 = extract_candidates(p, Geo(), max_candidates=1, method="components")
     assert len(r2) == 1 and r2[0]["coordX"] == pytest.approx(rows[0]["coordX"] + 1000)
     assert extract_candidates(np.zeros((3, 3, 3)), spacing=SP) == []
 
@@ -81,3 +84,120 @@ def test_bad_inputs():
         extract_candidates(np.zeros((2, 2, 2)))
     with pytest.raises(CandidateInputError, match="NaN"):
         find_peaks(np.full((2, 2, 2), np.nan))
+    with pytest.raises(CandidateInputError, match="threshold 1.5"):
+        find_peaks(np.zeros((2, 2, 2)), threshold=1.5)
+    with pytest.raises(CandidateInputError, match="min_distance_mm 0"):
+        find_peaks(np.zeros((2, 2, 2)), method="nms", min_distance_mm=0)
+    with pytest.raises(CandidateInputError, match="max_candidates 0"):
+        extract_candidates(np.zeros((2, 2, 2)), spacing=SP, max_candidates=0)
+    with pytest.raises(CandidateInputError, match="refine_fraction"):
+        CandidateRule(refine_fraction=0.0).check()
+    with pytest.raises(CandidateInputError, match="unknown candidate option 'radius'"):
+        extract_candidates(np.zeros((2, 2, 2)), spacing=SP, radius=3)
+
+
+# ------------------------------------------------------------------------------------ NMS in world millimetres
+def _blob(shape, centre, sigma_mm, sp=SP, peak=0.9):
+    z, y, x = np.indices(shape).astype(float)
+    d2 = ((z - centre[0]) * sp[0]) ** 2 + ((y - centre[1]) * sp[1]) ** 2 + ((x - centre[2]) * sp[2]) ** 2
+    return peak * np.exp(-d2 / (2 * sigma_mm ** 2))
+
+
+def _direct_nms(p, sp, threshold, dist_mm):  # plain NMS: merge_fraction=None below
+    """Local maxima by explicit comparison with the 26 neighbours, then greedy suppression by a plain loop."""
+    peaks = []
+    for z, y, x in itertools.product(*map(range, p.shape)):
+        v = p[z, y, x]
+        nb = p[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+        if v >= threshold and v >= nb.max():
+            peaks.append((float(v), (z, y, x)))
+    peaks.sort(key=lambda t: (-t[0], t[1]))
+    kept = []
+    for v, c in peaks:
+        if all(sum(((a - b) * s) ** 2 for a, b, s in zip(c, k, sp)) ** 0.5 > dist_mm for _, k in kept):
+            kept.append((v, c))
+    return kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nms_equals_a_direct_greedy_suppression_on_random_maps(seed):
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    p = ndimage.gaussian_filter(rng.random((8, 14, 14)), 1.0).astype(np.float32)   # distinct values, many peaks
+    p = (p - p.min()) / (p.max() - p.min())
+    sp = (2.5, 0.7, 0.9)
+    want = _direct_nms(p, sp, 0.2, 2.6)
+    # refine_fraction 1: the support region is the peak voxel alone, so the centre is the peak voxel itself
+    zyx, s, n = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=None, merge_fraction=None)
+    assert len(want) > 3
+    assert s.tolist() == pytest.approx([v for v, _ in want])
+    np.testing.assert_array_equal(zyx, [c for _, c in want])
+    assert (n == 1).all()
+    zc, sc, _ = find_peaks(p, sp, 0.2, "nms", 2.6, refine_fraction=1.0, max_candidates=2, merge_fraction=None)
+    np.testing.assert_array_equal(zc, zyx[:2])                 # the cap keeps the highest scores
+
+
+def test_nms_distance_is_euclidean_world_mm_with_anisotropic_spacing():
+    shape = (12, 40, 40)
+    # two peaks 2 slices apart (5.0 mm at 2.5 mm slices) and two peaks 6 rows apart (4.2 mm at 0.7 mm):
+    # in voxels the in-plane pair is 3x farther apart, in mm it is the closer one
+    pz = np.maximum(_blob(shape, (4, 20, 20), 1.0), _blob(shape, (6, 20, 20), 1.0, peak=0.8)).astype(np.float32)
+    py = np.maximum(_blob(shape, (5, 14, 20), 1.0), _blob(shape, (5, 20, 20), 1.0, peak=0.8)).astype(np.float32)
+    for d, nz, ny in [(4.0, 2, 2), (4.5, 2, 1), (5.0, 1, 1), (6.0, 1, 1)]:
+        assert len(find_peaks(pz, SP, 0.05, "nms", d, merge_fraction=None)[1]) == nz, d   # within d: one
+        assert len(find_peaks(py, SP, 0.05, "nms", d, merge_fraction=None)[1]) == ny, d
+    zyx, s, _ = find_peaks(pz, SP, 0.05, "nms", 6.0, merge_fraction=None)
+    assert s[0] == pytest.approx(0.9) and zyx[0][0] == pytest.approx(4, abs=0.3)   # the stronger peak survives
+    # the same voxels at isotropic 1 mm spacing: 2 slices = 2 mm, so d = 4 mm now merges the slice pair
+    assert len(find_peaks(pz, (1, 1, 1), 0.05, "nms", 4.0, merge_fraction=None)[1]) == 1
+
+
+@pytest.mark.parametrize("centre", [(4.5, 20.0, 17.0), (4.5, 20.5, 17.5), (5.0, 19.5, 17.0)])
+def test_subvoxel_centre_of_a_symmetric_blob_is_exact(centre):
+    p = _blob((10, 40, 36), centre, 2.0).astype(np.float32)   # 4 mm sigma: a 3-6 mm nodule, 1-2 slices thick
+    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=None)
+    assert len(s) == 1 and n[0] > 2
+    np.testing.assert_allclose(zyx[0], centre, atol=1e-9)
+    # components give the same centre; the unrefined peak would be a whole voxel (2.5 mm in z) off
+    zc = find_peaks(p, SP, 0.05, "components")[0]
+    np.testing.assert_allclose(zc[0], centre, atol=1e-9)
+    zr = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=1.0, merge_fraction=None)[0]
+    assert np.abs(zr[0] - centre).max() < 0.5 + 1e-9
+
+
+def test_refined_centres_of_touching_blobs_stay_on_their_own_blob():
+    shape = (10, 40, 50)
+    a, b = (4.0, 20.0, 18.0), (4.0, 20.0, 30.0)                     # 8.4 mm apart, touching above 0.5 x peak
+    p = np.maximum(_blob(shape, a, 3.0), _blob(shape, b, 3.0, peak=0.85)).astype(np.float32)
+    zyx, s, _ = find_peaks(p, SP, 0.05, "nms", 5.0, refine_fraction=0.3, merge_fraction=None)
+    assert len(s) == 2
+    # each centre from its own side of the mid-plane: pulled at most a little, never to the middle
+    assert abs(zyx[0][2] - a[2]) < 0.5 and abs(zyx[1][2] - b[2]) < 0.5
+
+
+def test_size_aware_merging_joins_peaks_of_one_region_above_the_merging_level():
+    shape = (10, 30, 70)
+    # a vessel-like ridge with two maxima 14 columns (9.8 mm) apart: NMS at 5 mm keeps both, merging keeps one
+    p = np.maximum(_blob(shape, (4, 15, 25), 2.5), _blob(shape, (4, 15, 39), 2.5, peak=0.85))
+    z, y, x = np.indices(shape)
+    ridge = (z == 4) & (y == 15) & (x >= 25) & (x <= 39)           # a line dipping to 0.6 between the maxima
+    p = np.maximum(p, np.where(ridge, 0.6 + 0.02 * np.abs(x - 32), 0)).astype(np.float32)
+    assert len(find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=None)[1]) == 2
+    zyx, s, n = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=0.5)
+    assert len(s) == 1 and s[0] == pytest.approx(0.9)
+    # joined only below the merging level (0.7 x 0.9 = 0.63 > the ridge's 0.6): two again
+    assert len(find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=0.7)[1]) == 2
+    # a separate blob (its support region apart) is not merged
+    q = np.maximum(p, _blob(shape, (4, 15, 60), 2.0, peak=0.7).astype(np.float32))
+    assert len(find_peaks(q, SP, 0.05, "nms", 5.0, merge_fraction=0.5)[1]) == 2
+
+
+def test_default_rule_is_nms_at_a_low_threshold_with_a_cap():
+    assert DEFAULT_RULE.method == "nms" and DEFAULT_RULE.threshold <= 0.1 and DEFAULT_RULE.max_candidates
+    assert DEFAULT_RULE.merge_fraction == 0.0                 # merging at the threshold
+    p = np.zeros((6, 50, 30), np.float32)
+    for i in range(5):
+        p[3, 3 + 10 * i, 3] = 0.1 + 0.1 * i                 # five single-voxel peaks 7 mm apart
+    rows = extract_candidates(p, spacing=SP, max_candidates=3)
+    assert [r["probability"] for r in rows] == pytest.approx([0.5, 0.4, 0.3])
+    assert "NMS 5 mm" in DEFAULT_RULE.describe()

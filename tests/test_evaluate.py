@@ -92,13 +92,46 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, want", [([], "absent not found"), (["--device", "bogus"], "not a torch device"),
-                                         (["--threshold", "2"], "must be a probability"),
-                                         (["--sw-batch", "x"], "invalid int value")])
+                                         (["--threshold", "2"], "expected a probability in [0, 1], got '2'"),
+                                         (["--sw-batch", "x"],
+                                          "argument --sw-batch: expected an integer in [1, 4096], got 'x'")])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, extra, want):
     ds = tmp_path / "dataset.json"
     ds.write_text('{"training": []}', encoding="utf-8")
-    with pytest.raises(SystemExit) if "--sw-batch" in extra else contextlib.nullcontext() as e:
+    usage = {"--sw-batch", "--threshold"} & set(extra)              # argparse errors: SystemExit(2)
+    with pytest.raises(SystemExit) if usage else contextlib.nullcontext() as e:
         rc = ev_cli.main(["--runs", str(tmp_path / "absent"), "--data", str(ds), *extra])
     assert (e.value.code if e else rc) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ahnet.evaluate: error:") and len(err.splitlines()) == 1 and want in err
+
+
+def test_gallery_crops_show_the_nodule_its_contour_and_the_candidates():
+    c1, a1, p1 = _case("c1", [(5, 10, 10), (6, 28, 30)])
+    c2, a2, p2 = _case("c2", [(6, 20, 20)])
+    fp = np.zeros_like(p2)
+    fp[2:4, 30:33, 5:8] = 0.95                                  # a false positive scoring above every nodule
+    p1 = p1.copy()
+    p1[c1["label"] == 2] = 0.0                                  # the second nodule of c1 is missed
+    probs = {"ahnet-transfer": {"c1": p1, "c2": np.maximum(p2, fp)}, "other": {"c1": p1 * 0, "c2": p2}}
+    cases = [c1, c2]
+    images = {"c1": (c1["label"] > 0).astype(np.float32), "c2": (c2["label"] > 0).astype(np.float32)}
+    res = ev.evaluate_predictions(probs, cases, a1 + a2, n_bootstrap=0)
+    g = ev.gallery_crops(res, cases, images, a1 + a2, n_hits=2, n_misses=2, n_false_positives=3, half_mm=7.0)
+    assert g["focus"] == "ahnet-transfer"                       # AH-Net after transfer, not the first model
+    assert g["thresholds"]["ahnet-transfer"] == pytest.approx(0.9)   # 1 FP over 2 scans: the nodules' 0.9 passes
+    t01, t03 = g["types"]["T01"], g["types"]["T03"]
+    assert [c["kind"] for c in t01] == ["hit", "hit"] and [c["kind"] for c in t03] == ["miss"]
+    hit, (miss,) = t01[1], t03                                   # c2's nodule (label 1, T01); c1's label 2 (T03)
+    assert (hit["seriesuid"], miss["seriesuid"]) == ("c2", "c1") and miss["score"] is None
+    assert hit["found_by"] == ["ahnet-transfer", "other"] and miss["found_by"] == []
+    assert hit["slice"] == 6 and hit["image"].shape == hit["contour"].shape == (21, 21)   # 7 mm / 0.7 mm each side
+    np.testing.assert_array_equal(hit["contour"], c2["label"][6, 10:31, 10:31] == 1)
+    assert hit["image"].max() == pytest.approx(400.0) and hit["image"].min() == pytest.approx(-1000.0)   # HU
+    (mk,) = hit["marks"]                                         # the candidate at the nodule's centre
+    assert (mk["row"], mk["col"], mk["status"], mk["above_threshold"]) == (pytest.approx(10), pytest.approx(10),
+                                                                            "hit", True)
+    (f,) = g["false_positives"]["ahnet-transfer"]
+    assert f["kind"] == "fp" and f["score"] == pytest.approx(0.95) and f["seriesuid"] == "c2"
+    assert f["marks"][0]["status"] == "fp" and f["slice"] in (2, 3)
+    assert g["false_positives"]["other"] == []

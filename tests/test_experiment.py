@@ -1,6 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
+
+from ahnet.config import TrainConfig
 
 from ahnet import experiment
 from ahnet.config import load_config
@@ -22,7 +25,9 @@ def test_every_preset_variant_is_valid_and_cpu_preset_runs_the_papers_comparison
     for preset in PRESETS.values():
         for v in preset.variants:
             parse_variant(v)
-    assert set(PRESETS["cpu"].variants) == set(ALL_VARIANTS)
+        TrainConfig(**preset.recipe).resolved()           # the recipe's settings are TrainConfig's, checked
+    assert {"mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"} <= set(
+        PRESETS["cpu"].variants) and set(PRESETS["paper"].variants) == set(ALL_VARIANTS)
 
 
 def test_variant_configs_and_their_printed_commands(tmp_path):
@@ -42,18 +47,81 @@ def test_variant_configs_and_their_printed_commands(tmp_path):
         assert load_config(shlex.split(cmd[3]))[0].resolved() == c
 
 
+def _files(folder):
+    """{relative path: (sha256, mtime_ns)} of every file under a folder."""
+    import hashlib
+    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_end_to_end_tiny(tmp_path, monkeypatch):
-    """The demo's chain on a tiny phantom: data -> 2D -> transfer -> 3D -> report (what `run.sh demo` runs)."""
+def test_end_to_end_tiny_interrupted_then_resumed_without_retraining(tmp_path, monkeypatch):
+    """The demo's chain on a tiny phantom (data -> 2D -> transfer -> 3D -> report, what `run.sh demo` runs),
+    stopped by Ctrl-C in the 3D run after the 2D run finished, then run again: the finished run is not retrained
+    (no training step, its checkpoints untouched), the stopped one is trained, and the report is written; a
+    third call retrains nothing at all."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CI", "true")
     tiny = Preset(cases=4, size=96, encoder="resnet18", patch_2d=[3, 64, 64], batch_2d=2, epochs_2d=1, steps_2d=2,
                   patch_3d=[16, 64, 64], batch_3d=1, epochs_3d=1, steps_3d=2, lr=1e-3,
                   variants=["ahnet-transfer"], window=[16, 96, 96])
     monkeypatch.setitem(PRESETS, "demo", tiny)
-    assert experiment.main(["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]) == 0
-    report = json.loads((tmp_path / "runs/phantom-demo/report/report.json").read_text(encoding="utf-8"))
+    real_train, steps = experiment.train, []
+
+    def train(cfg, interrupt=None, validator_for=None):
+        def on_step(step):
+            steps.append((cfg.out, step))
+            if interrupt and cfg.out.endswith(interrupt):
+                raise KeyboardInterrupt
+        return real_train(cfg, on_step=on_step, validator_for=validator_for)
+
+    argv = ["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]
+    runs = Path("runs/phantom-demo")                          # relative: the experiment's own spelling
+    monkeypatch.setattr(experiment, "train", lambda cfg, **kw: train(cfg, interrupt="ahnet-transfer", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        experiment.main(argv)
+    assert [s for s in steps if s[0].endswith("mcgcn-2d")] == [(str(runs / "mcgcn-2d"), k) for k in (1, 2)]
+    assert not (runs / "report/report.json").exists()
+    done = _files(runs / "mcgcn-2d/checkpoints")
+    assert {"best.pt", "last.pt"} <= set(done)
+
+    steps.clear()
+    monkeypatch.setattr(experiment, "train", train)
+    assert experiment.main(argv) == 0
+    assert steps == [(str(runs / "ahnet-transfer"), 1), (str(runs / "ahnet-transfer"), 2)]   # 2D run: no step
+    assert _files(runs / "mcgcn-2d/checkpoints") == done
+    report = json.loads((runs / "report/report.json").read_text(encoding="utf-8"))
     assert set(report["models"]) == {"mcgcn-2d", "ahnet-transfer"}
-    assert (tmp_path / "runs/phantom-demo/report/report.html").is_file()
-    # a second call resumes: nothing is retrained, the report is rebuilt
-    assert experiment.main(["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]) == 0
+    assert (runs / "report/report.html").is_file()
+    assert report["comparisons"]["claims"][0]["a"] == "ahnet-transfer"
+    assert set(report["learning_curves"]) == {"mcgcn-2d", "ahnet-transfer"}
+
+    # a third call resumes both finished runs: nothing is retrained, the report is rebuilt
+    steps.clear()
+    both = {v: _files(runs / v / "checkpoints") for v in ("mcgcn-2d", "ahnet-transfer")}
+    assert experiment.main(argv) == 0
+    assert steps == [] and {v: _files(runs / v / "checkpoints") for v in both} == both
+
+
+def test_demo_and_cpu_evaluate_on_their_held_out_test_phantoms_and_refuse_another(tmp_path):
+    from ahnet.data.phantom import TEST_PHANTOMS, held_out_seed
+    from ahnet.experiment import check_test_data
+    assert PRESETS["demo"].test_phantom == "demo" and PRESETS["cpu"].test_phantom == "cpu"
+    cpu = TEST_PHANTOMS["cpu"]
+    assert cpu["n_cases"] * cpu["nodules_per_case"] >= 240                  # >= 20 nodules of each of 12 types
+    o = TEST_PHANTOMS["demo"]
+
+    def write(seed, per_case, n_cases=o["n_cases"]):
+        d = tmp_path / f"t{seed}-{per_case}-{n_cases}"
+        d.mkdir(exist_ok=True)
+        opts = {k: o[k] for k in ("size", "slices", "thickness", "spacing")}
+        opts.update(nodules_per_case=[per_case, per_case], negatives=0.0, exact=True, balance=True)
+        (d / "dataset.json").write_text(json.dumps({"options": opts, "numTraining": n_cases, "seed": seed}))
+        return d
+
+    check_test_data(write(held_out_seed(0), o["nodules_per_case"]), PRESETS["demo"], 0)     # the right one
+    check_test_data(tmp_path / "absent", PRESETS["demo"], 0)                                 # generated later
+    for d, seed in [(write(held_out_seed(0), 3), 0), (write(held_out_seed(0), o["nodules_per_case"], 30), 0),
+                    (write(held_out_seed(0), o["nodules_per_case"]), 1)]:
+        with pytest.raises(ValueError, match="holds another phantom than the 'demo' test phantom"):
+            check_test_data(d, PRESETS["demo"], seed)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ahnet.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_from_curve, evaluate_detection,
-                        froc_curve, interp_curve, match_candidates)
+                        found_at, froc_curve, interp_curve, match_candidates, paired_bootstrap)
 
 
 def nod(s, x, y, z, d, t=None, irrelevant=False, loc=None):
@@ -56,6 +56,16 @@ def test_hand_case_sensitivities_counts_and_cpm():
     loc = r["groups"]["location"]
     assert loc["isolated"]["n"] == 2 and loc["juxta-pleural"]["n"] == 1
     assert r["sensitivity_ci"] is None and r["cpm_ci"] is None
+    # at 1 FP/scan (vertex (.75, .5), threshold .3): N1 (.9) and N3 (.4) found, N2 and N4 missed
+    f = r["found"]
+    assert (f["threshold"], f["n_found"], f["n"]) == (0.3, 2, 4)
+    assert f["groups"]["type"] == {"T01": [2, 2], "T02": [0, 1], "T03": [0, 1]}
+    m = match_candidates(NODULES, CANDS, SCANS)
+    assert found_at(m, 0.25) == (0.8, pytest.approx(np.array([True, False, False, False])))   # vertex (.25, .25)
+    assert found_at(m, 0.1)[0] == 0.9                    # the first vertex above 0 FP/scan holds N1 alone
+    # which candidate rows: N1's best hit is row 0 (.9), N3's row 4; FPs rows 2, 5, 6; row 3 dropped
+    assert m.nod_hit_row.tolist() == [0, -1, 4, -1] and sorted(m.fp_row.tolist()) == [2, 5, 6]
+    assert m.dropped_row.tolist() == [3]
 
 
 def test_radius_is_inclusive_and_just_outside_is_fp():
@@ -200,3 +210,78 @@ def test_bootstrap_seeded_and_fast():
     assert dt < 5.0, f"1000 resamples over 50 scans took {dt:.2f} s"
     band = r1["froc_band"]
     assert all(lo <= hi for lo, hi in zip(band["lower"], band["upper"]))
+
+
+# ------------------------------------------------------------------------------------------ paired bootstrap
+def _three_models(seed, n_scans=10):
+    """Nodules of three types and two locations, and three models' candidates (hits at random scores, FPs)."""
+    rng = np.random.default_rng(seed)
+    scans = [f"s{i}" for i in range(n_scans)]
+    nods, cands = [], {"A": [], "B": [], "C": []}
+    for s in scans:
+        for k in range(rng.integers(0, 4)):
+            t = ["T01", "T02", "T03"][rng.integers(0, 3)]
+            nods.append(nod(s, 40.0 * k, 0, 0, 8, t, loc=["isolated", "juxta-pleural"][k % 2]))
+        for name, skill in (("A", 0.8), ("B", 0.4), ("C", 0.4)):
+            for n in [n for n in nods if n["seriesuid"] == s]:
+                if rng.random() < skill:
+                    cands[name].append(cand(s, n["coordX"] + 1, 0, 0, round(rng.random(), 2)))
+            for _ in range(rng.integers(0, 5)):
+                cands[name].append(cand(s, 500 + 10 * rng.random(), 0, 0, round(rng.random(), 2)))
+    return nods, cands, scans
+
+
+def _direct_resample_cpms(nods, cands, scans, idx):
+    """One resample by hand: the drawn scans copied under new names, every model evaluated from scratch."""
+    pos = {s: [k for k, i in enumerate(idx) if scans[i] == s] for s in scans}
+    copy = lambda rows: [dict(r, seriesuid=f"r{k}") for r in rows for k in pos[r["seriesuid"]]]
+    out = {}
+    for name, rows in cands.items():
+        r = evaluate_detection(copy(nods), copy(rows), [f"r{k}" for k in range(len(idx))], n_bootstrap=0)
+        out[name] = {"overall": r["cpm"], **{t: g["cpm"] for t, g in r["groups"]["type"].items()}}
+    return out
+
+
+def test_paired_bootstrap_equals_a_direct_loop_over_the_same_resamples():
+    nods, cands, scans = _three_models(3)
+    B, seed = 40, 7
+    res = paired_bootstrap(nods, cands, scans, n_bootstrap=B, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(scans), size=(B, len(scans)))   # bootstrap_weights' draws
+    per = [_direct_resample_cpms(nods, cands, scans, idx[b]) for b in range(B)]
+    full = {n: evaluate_detection(nods, rows, scans, n_bootstrap=0) for n, rows in cands.items()}
+    assert [(p["a"], p["b"]) for p in res["pairs"]] == [("A", "B"), ("A", "C"), ("B", "C")]
+    for p in res["pairs"]:
+        a, b = p["a"], p["b"]
+        for group in ["overall", "T01", "T02", "T03"]:
+            d = np.array([np.nan if r[a].get(group) is None else r[a][group] - r[b][group] for r in per])
+            ok = ~np.isnan(d)
+            got = p["overall"] if group == "overall" else p["groups"]["type"][group]
+            want_pt = (full[a]["cpm"] - full[b]["cpm"] if group == "overall"
+                       else full[a]["groups"]["type"][group]["cpm"] - full[b]["groups"]["type"][group]["cpm"])
+            assert got["diff"] == pytest.approx(want_pt, abs=1e-12)
+            assert got["n_bootstrap_used"] == ok.sum()
+            np.testing.assert_allclose(got["ci"], np.percentile(d[ok], [2.5, 97.5]), atol=1e-12)
+            lo, hi = got["ci"]
+            assert got["winner"] == (a if lo > 0 else b if hi < 0 else None)
+    assert res["cpm"]["A"]["overall"] == pytest.approx(full["A"]["cpm"])
+    # the same draws as each model's own interval in evaluate_detection with that seed
+    own = evaluate_detection(nods, cands["A"], scans, n_bootstrap=B, seed=seed)
+    cpm_a = np.array([r["A"]["overall"] for r in per])
+    np.testing.assert_allclose(own["cpm_ci"], np.percentile(cpm_a, [2.5, 97.5]), atol=1e-12)
+
+
+def test_paired_bootstrap_decisions_and_best_model():
+    nods, cands, scans = _three_models(5, n_scans=30)
+    cands["A"] = [cand(n["seriesuid"], n["coordX"], 0, 0, 0.99) for n in nods]   # finds everything, no FP
+    res = paired_bootstrap(nods, cands, scans, n_bootstrap=200, seed=0)
+    ab = res["pairs"][0]
+    assert ab["overall"]["winner"] == "A" and ab["overall"]["ci"][0] > 0
+    assert res["best"]["overall"] == "A"
+    assert res["best_counts"]["A"]["type"] == sum(v == "A" for v in res["best"]["groups"]["type"].values())
+    same = paired_bootstrap(nods, {"X": cands["B"], "Y": cands["B"]}, scans, n_bootstrap=50)
+    d = same["pairs"][0]["overall"]
+    assert d["diff"] == 0 and d["ci"] == [0.0, 0.0] and d["winner"] is None and same["best"]["overall"] is None
+    none = paired_bootstrap(nods, cands, scans, n_bootstrap=0)
+    assert none["pairs"][0]["overall"]["ci"] is None and none["best"]["overall"] is None
+    with pytest.raises(FROCInputError, match="two or more models"):
+        paired_bootstrap(nods, {"A": cands["A"]}, scans)

@@ -102,7 +102,8 @@ def single(world):
     thr = float(np.quantile(p_direct, 0.98))
     out = world["d"] / "out_single"
     rc = pr.main(["--input", str(world["img"]), "--runs", str(world["runs"]["a"]), "--out", str(out),
-                  "--window", "16", "32", "32", "--overlap", "0.5", "--sw-batch", "2", "--threshold", repr(thr)])
+                  "--window", "16", "32", "32", "--overlap", "0.5", "--sw-batch", "2", "--threshold", repr(thr),
+                  "--candidates", "components", "--candidate-threshold", repr(thr)])
     assert rc == 0
     return {"out": out, "p_direct": p_direct, "thr": thr}
 
@@ -192,7 +193,7 @@ def test_folder_and_dataset_json_inputs(world, capsys, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)     # a person at a terminal
     assert pr.main(["--input", str(d), "--runs", str(world["runs"]["a"]), "--out", str(out),
-                    "--threshold", "0.0"]) == 0
+                    "--threshold", "0.0", "--candidates", "components", "--candidate-threshold", "0"]) == 0
     assert "predict" in capsys.readouterr().err                       # the tqdm bar over cases
     assert sorted(p.name for p in out.iterdir()) == ["c1_mask.nii.gz", "c1_prob.nii.gz", "c2_mask.nii.gz",
                                                      "c2_prob.nii.gz", "candidates.csv"]
@@ -238,7 +239,7 @@ def test_mixed_2d_and_3d_runs(world, whole, capsys):
 
 @pytest.mark.parametrize("case", ["missing_input", "empty_folder", "not_an_image", "not_a_checkpoint",
                                   "foreign_dict", "no_best", "missing_run", "window", "split", "split_no_json",
-                                  "twice", "fp16_on_cpu"])
+                                  "twice", "fp16_on_cpu", "candidate_threshold", "max_candidates"])
 def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
     img, run = str(world["img"]), str(world["runs"]["a"])
     args = {"input": img, "runs": [run]}
@@ -274,6 +275,10 @@ def test_bad_inputs_exit_2_with_one_sentence(world, tmp_path, capsys, case):
         args["runs"], want = [run, str(world["runs"]["a"] / "checkpoints" / "best.pt")], "is given twice"
     elif case == "fp16_on_cpu":
         extra, want = ["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"
+    elif case == "candidate_threshold":
+        extra, want = ["--candidate-threshold", "1.5"], "(--candidate-threshold) must be a probability"
+    elif case == "max_candidates":
+        extra, want = ["--max-candidates", "-3"], "max_candidates -3 must be >= 1"
     rc = pr.main(["--input", args["input"], "--runs", *args["runs"], "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert rc == 2

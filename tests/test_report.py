@@ -121,3 +121,90 @@ def test_a_type_nobody_detects_has_no_winner():
     from ahnet.report import pick_winners
     assert pick_winners({"a": 0.0, "b": 0.0})["models"] == []
     assert pick_winners({"a": 0.0, "b": 0.1})["models"] == ["b"]
+
+
+# ------------------------------------------------------------------ paired comparisons, learning curves, gallery
+def _three_models(seed=3, n_scans=24):
+    """Nodules of every type and three models' candidates: ahnet-transfer finds most, the others fewer."""
+    rng = np.random.default_rng(seed)
+    scans = [f"s{i}" for i in range(n_scans)]
+    nod, cands = [], {"mcgcn-2d": [], "ahnet-transfer": [], "unet3d-scratch": []}
+    for s in scans:
+        for k in range(3):
+            nod.append({"seriesuid": s, "coordX": 40.0 * k, "coordY": 0, "coordZ": 0, "diameter_mm": 8,
+                        "type": TYPES[rng.integers(0, 12)], "location": ["isolated", "juxta-pleural"][k % 2]})
+        for name, skill in (("ahnet-transfer", .9), ("mcgcn-2d", .5), ("unet3d-scratch", .4)):
+            for n in nod[-3:]:
+                if rng.random() < skill:
+                    cands[name].append({"seriesuid": s, "coordX": n["coordX"], "coordY": 1, "coordZ": 0,
+                                        "probability": rng.uniform(.5, 1)})
+            for _ in range(rng.integers(0, 4)):
+                cands[name].append({"seriesuid": s, "coordX": 500, "coordY": 0, "coordZ": rng.random() * 99,
+                                    "probability": rng.random() * .8})
+    return nod, cands, scans
+
+
+def _log(run, rows, columns):
+    (run / "checkpoints").mkdir(parents=True)
+    lines = [",".join(columns)] + [",".join("" if v is None else str(v) for v in r) for r in rows]
+    (run / "log.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_report_sections_claims_curves_found_and_gallery(tmp_path):
+    from ahnet.froc import paired_bootstrap
+    nod, cands, scans = _three_models()
+    res = {m: {"detection": evaluate_detection(nod, c, scans, n_bootstrap=200, seed=0), "segmentation": None}
+           for m, c in cands.items()}
+    comp = paired_bootstrap(nod, cands, scans, n_bootstrap=200, seed=0)      # pairs in this model order
+    runs = {m: tmp_path / "runs" / m for m in cands}
+    _log(runs["ahnet-transfer"], [(1, 10, .9, "", .2), (2, 20, .7, .4, .5), (3, 30, .6, .6, .3), (4, 40, .5, .6, .4)],
+         ["epoch", "step", "loss", "val_dice", "val_cpm"])                   # val_cpm present: it is the score
+    _log(runs["mcgcn-2d"], [(1, 5, .9, .1), (2, 10, .8, "None")], ["epoch", "step", "loss", "val_dice"])
+    gallery = {"focus": "ahnet-transfer", "thresholds": {"ahnet-transfer": .9}, "half_mm": 5.0,
+               "types": {"T01": [_crop("hit"), _crop("miss")]}, "false_positives": {"mcgcn-2d": [_crop("fp")]}}
+    rep = build_report(res, tmp_path / "rep", comparisons=comp, runs=runs, gallery=gallery, candidates="a rule")
+    j = json.loads((tmp_path / "rep" / "report.json").read_text(encoding="utf-8"))
+    assert j == json.loads(json.dumps(rep))
+    c = j["comparisons"]
+    assert [(k["a"], k["b"]) for k in c["claims"]] == [("ahnet-transfer", "mcgcn-2d"),
+                                                        ("ahnet-transfer", "unet3d-scratch")]
+    raw = comp["pairs"][0]                                       # (mcgcn-2d, ahnet-transfer): turned round
+    assert (raw["a"], raw["b"]) == ("mcgcn-2d", "ahnet-transfer")
+    first = c["claims"][0]
+    assert first["overall"]["diff"] == pytest.approx(-raw["overall"]["diff"])
+    assert first["overall"]["ci"] == pytest.approx([-raw["overall"]["ci"][1], -raw["overall"]["ci"][0]])
+    assert first["overall"]["winner"] == "ahnet-transfer" and first["overall"]["ci"][0] > 0
+    for t, d in first["types"].items():                          # "won" only where the interval excludes 0
+        if d and d["ci"]:
+            assert (t in first["types_won_a"]) == (d["ci"][0] > 0) and (t in first["types_won_b"]) == (d["ci"][1] < 0)
+    n_best = sum(v == "ahnet-transfer" for v in c["best_decisive"]["types"].values())
+    assert c["claim_test"] == {"model": "ahnet-transfer", "types_best_decisive": n_best, "needed": 6, "of": 12,
+                               "against": ["mcgcn-2d", "unet3d-scratch"], "holds": n_best >= 6}
+    cur = j["learning_curves"]
+    assert set(cur) == {"ahnet-transfer", "mcgcn-2d"}            # unet3d-scratch has no log
+    assert cur["ahnet-transfer"]["val_metric"] == "val_cpm" and cur["ahnet-transfer"]["best_step"] == 20
+    assert cur["mcgcn-2d"]["val_metric"] == "val_dice" and cur["mcgcn-2d"]["val"] == [.1, None]
+    f = j["models"]["ahnet-transfer"]["found"]
+    assert f["n"] == len(nod) and f["n_found"] == res["ahnet-transfer"]["detection"]["found"]["n_found"]
+    assert "image" not in j["gallery"]["types"]["T01"][0] and j["gallery"]["types"]["T01"][0]["kind"] == "hit"
+    d = tmp_path / "rep"
+    for name in ("learning_curves.png", "gallery_types.png", "gallery_false_positives.png"):
+        assert (d / name).stat().st_size > 0
+    html = (d / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 8
+    md = (d / "report.md").read_text(encoding="utf-8")
+    want = (f"AH-Net after transfer: {f['n_found']} of {f['n']} nodules found at 1 false positive per scan, every "
+            f"type at least once: {'yes' if f['every_type'] else 'no'}")
+    assert want in md and want in html
+    assert "no decision" in md or all(k["types_no_decision"] == [] for k in c["claims"])
+    assert "![gallery_types.png](gallery_types.png)" in md and "Candidates: a rule." in md
+
+
+def _crop(kind):
+    img = np.full((15, 15), -800.0, np.float32)
+    img[5:10, 5:10] = 40.0
+    return {"model": "m", "kind": kind, "seriesuid": "s0", "centre_zyx": [1.0, 7.0, 7.0], "slice": 1,
+            "pixel_mm": [0.7, 0.7], "image": img, "contour": img > 0, "type": "T01", "location": "isolated",
+            "diameter_mm": 3.5, "score": None if kind == "miss" else .95, "found_by": ["m"],
+            "marks": [{"row": 7.0, "col": 7.0, "score": .95, "status": "fp" if kind == "fp" else "hit",
+                       "above_threshold": True}]}

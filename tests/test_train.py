@@ -13,7 +13,8 @@ import torch.nn as nn
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, build_parser, load_config
 from ahnet.precision import resolve_amp
-from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, main, make_optimizer,
+from ahnet.train.cli import main
+from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, make_optimizer,
                          split_batch_2d, train, train_all_folds)
 
 
@@ -155,7 +156,7 @@ def test_resume_is_exact(tmp_path, ckpt_every, crash_at):
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
-    drop = ("samples_per_s", "seconds")
+    drop = ("samples_per_s", "seconds", "val_seconds")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in a["metrics"]["history"]]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in b["metrics"]["history"]]
 
@@ -185,16 +186,22 @@ def test_resume_refuses_changed_batch_size(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
-    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=3, epochs=3)
+    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=3, epochs=3, steps_per_epoch=4)
 
     def nan_builder(name, **kw):
         return NanModel(**kw)
 
-    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row.*lower --lr.*--amp bf16"):
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses or gradients in a row.*lower --lr.*--amp bf16"):
         train(cfg, datasets=_data(cfg), builder=nan_builder)
-    # the first epoch (2 skipped steps < 3) completed and was logged with its skipped steps
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
-    assert rows[0]["skipped_steps"] == "2" and rows[0]["loss"] == ""
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_an_epoch_whose_every_step_was_skipped_stops_the_run_unsaved(tmp_path):
+    """Fewer bad steps than --max-bad-steps, but none of the epoch's steps trained: not a success."""
+    cfg = _cfg(tmp_path, model="unet3d", max_bad_steps=20, epochs=3)
+    with pytest.raises(TrainingDiverged, match=r"every step of epoch 1 \(2\) had a non-finite loss"):
+        train(cfg, datasets=_data(cfg), builder=lambda name, **kw: NanModel(**kw))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.csv").exists()
 
 
 def test_one_bad_step_is_skipped_and_counted(tmp_path):
@@ -217,6 +224,42 @@ def test_one_bad_step_is_skipped_and_counted(tmp_path):
     assert res["skipped_total"] == 1
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert rows[0]["skipped_steps"] == "1" and rows[0]["val_dice"] == ""
+    assert all(torch.isfinite(p).all() for p in model_ref["m"].parameters())
+
+
+class _InfGradOnce(torch.autograd.Function):
+    """Identity forward; an infinite gradient on the backward of the chosen call (the loss stays finite)."""
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _InfGradOnce.calls += 1
+        return g * float("inf") if _InfGradOnce.calls == 2 else g
+
+
+def test_an_infinite_gradient_under_a_finite_loss_is_skipped(tmp_path):
+    """Without a GradScaler (bf16, fp32) one inf gradient would write inf into Adam's moments and every weight:
+    the step is skipped and counted, and the weights stay finite."""
+    cfg = _cfg(tmp_path, epochs=1, steps_per_epoch=3)
+    _InfGradOnce.calls = 0
+    model_ref = {}
+
+    class Spiky(Tiny3d):
+        def forward(self, x):
+            h = _InfGradOnce.apply(self.encoder(x))
+            return self.head(self.drop(h))
+
+    def b(name, **kw):
+        model_ref["m"] = Spiky(**kw)
+        return model_ref["m"]
+
+    res = train(cfg, datasets=(_data(cfg)[0], None), builder=b)
+    assert _InfGradOnce.calls == 3
+    assert res["skipped_total"] == 1 and res["history"][0]["loss"] is not None
     assert all(torch.isfinite(p).all() for p in model_ref["m"].parameters())
 
 

@@ -7,7 +7,8 @@ import torch
 
 from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig
-from ahnet.train import main, train
+from ahnet.train import train
+from ahnet.train.cli import main
 
 from .data._pipeline_synth import make_dataset
 

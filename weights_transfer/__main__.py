@@ -16,12 +16,14 @@ import torch
 
 from ahnet import cli, paths
 from ahnet.checkpoint import save_checkpoint
+from ahnet.nets import AHNet3d
 from ahnet.nets.blocks import UPSAMPLE_MODES
 from ahnet.nets.resnet import ENCODERS, parse_encoder
 from ahnet.nets.transfer import (Source2d, format_table, fresh_encoder, load_source, source_from_model,
                                  transfer_and_verify)
 
 PROG = "weights_transfer"
+MAX_CHECK_VOXELS = 2 ** 20     # the verification volume: a ResNet50 encoder on 1M voxels already takes GBs
 
 
 def newest_2d_checkpoint(runs: Path) -> Optional[Path]:
@@ -53,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pfn-depth", type=int, default=4, help="pyramid pooling levels of the 3D net (0 = off, 4 = paper)")
     p.add_argument("--upsample", default="trilinear", choices=UPSAMPLE_MODES)
     p.add_argument("--z-pool", default="paper", choices=("paper", "spacing", "none"))
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("SZ", "SY", "SX"), help="voxel spacing in mm, "
-                   "for --z-pool spacing")
+    p.add_argument("--spacing", type=cli.number(float, 0.05, 20), nargs=3, metavar=("SZ", "SY", "SX"),
+                   help="voxel spacing in mm (0.05 to 20), for --z-pool spacing")
     p.add_argument("--out-channels", type=int, default=1)
-    p.add_argument("--check-size", type=int, nargs=3, default=(5, 64, 64), metavar=("D", "H", "W"),
-                   help="volume size of the verification (default 5 64 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-size", type=cli.number(int, 1, 1024), nargs=3, default=(5, 64, 64), metavar=("D", "H", "W"),
+                   help="volume size of the verification, at most %d voxels (default 5 64 64)" % MAX_CHECK_VOXELS)
+    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     return p
 
 
@@ -87,16 +89,23 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.out is not None:
+        cli.check_output_file(args.out, "--out")
+    if args.check_size[0] * args.check_size[1] * args.check_size[2] > MAX_CHECK_VOXELS:
+        raise ValueError(f"--check-size {' '.join(map(str, args.check_size))} is more than {MAX_CHECK_VOXELS} voxels; "
+                         f"the verification needs no more than the default 5 64 64")
     kwargs = dict(pfn_depth=args.pfn_depth, upsample=args.upsample, z_pool=args.z_pool, spacing=args.spacing,
                   out_channels=args.out_channels)
     if args.encoder:
         kwargs["encoder"] = args.encoder
+    with torch.random.fork_rng(devices=[]):     # the 3D options, before a source is read or a fresh one measured
+        AHNet3d(**{"encoder": args.encoder or args.fresh_encoder, **kwargs})
     source = choose_source(args)
+    out = cli.check_output_file(args.out or default_out(source), "--out")
     t0 = time.time()
     model, rows = transfer_and_verify(source, tuple(args.check_size), args.seed, **kwargs)
     print(format_table(rows))
     print(f"verified in {time.time() - t0:.1f} s")
-    out = args.out or default_out(source)
     save_checkpoint({"model": model.state_dict(), "model_name": "ahnet", "model_kwargs": model.config,
                      "transfer": {"source": source.origin, "source_depth": source.depth,
                                   "max_abs_err_float32": max(r.err_float32 for r in rows),

@@ -23,8 +23,9 @@ of synthetic cases against what a training step consumes. Output: a table with r
 
 Modules: ``cli`` (options, the run), ``plan`` (what is measured), ``workers`` and ``data_worker`` (the
 measurements, one process each), ``measure`` (timing and peak memory), ``report`` (the table), ``layout`` and
-``monai_port`` (MONAI's slice-last layout, and loading a MONAI AHNet state dict into AHNet3d). MONAI itself is
-imported only inside the workers and the tests; the rest of the package never imports this one.
+``monai_port`` (MONAI's slice-last layout, and loading a MONAI AHNet state dict into AHNet3d), ``gpucheck`` (the
+GPU proof, ``bash run.sh gpu-check``: the CUDA tests, these workers at the paper's size, a timed training run).
+MONAI itself is imported only inside the workers and the tests; the rest of the package never imports this one.
 """
 from .cli import check_args, main, parse_args
 from .plan import build_plan, lever_name, parse_infer_levers, parse_levers, peer_levers

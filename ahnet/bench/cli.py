@@ -96,8 +96,9 @@ def check_args(args) -> None:
         raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
-    if args.timeout <= 0:
+    if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive; got {args.timeout}")
+    cli.check_output_dir(args.out, "--out")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -12,8 +12,9 @@ File ``<cache_dir>/<case_id>.h5``:
 
 Writes are atomic: a temporary file in the same folder (``.<case_id>.h5.tmp-<pid>``, never matching ``*.h5``)
 is written, flushed, fsynced and renamed over the target, so a killed build leaves either the old complete
-file or none. A case whose input is bad raises DataError (or is skipped with ``errors="skip"``) and leaves no
-``.h5`` (a stale one from an older source is removed).
+file or none, and the next build removes the temporary files of killed ones. A case whose input is bad raises
+DataError (or is skipped with ``errors="skip"``) and leaves no ``.h5`` (a stale one from an older source is
+removed). The annotations are read and checked (ahnet.data.checks) before any case is.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from .. import cli, paths
-from ..atomic import atomic_path
-from .io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image
+from ..atomic import atomic_path, remove_temps
+from .checks import SPACING_RANGE_MM, check_inside
+from .io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image, read_scan
 from .preprocess import HU_MAX, HU_MIN, check_label, clip_and_scale, resample
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,8 @@ def file_sha1(paths: Sequence, h=None) -> "hashlib._Hash":
 def _nodules_from_annotations(rows, vol: Volume, csv_path, case_id, label: np.ndarray) -> list[dict]:
     out = []
     present = set(np.unique(label).tolist()) - {0}
-    for k, r in enumerate(rows):
-        xyz = np.array([r["coordX"], r["coordY"], r["coordZ"]], dtype=float)
-        zyx = vol.world_to_voxel(xyz)
-        if not vol.contains_voxel(zyx)[0]:
-            raise DataError(f"{csv_path}: annotation of {case_id} at world (x, y, z) = {tuple(xyz)} mm lies outside "
-                            f"the volume (voxel (z, y, x) = {tuple(np.round(zyx, 2))}, shape {vol.shape}).")
+    centres = check_inside(rows, vol, case_id, csv_path)
+    for k, (r, zyx) in enumerate(zip(rows, centres)):
         lab = r.get("label")
         lab = int(lab) if lab is not None else k + 1
         if present and lab not in present:
@@ -100,7 +98,7 @@ def prepare_case(case: dict, target_spacing=None, annotation_rows=None, annotati
 
     Raises DataError on any bad input (see io.read_image, io.check_pair, preprocess.check_label, annotations).
     """
-    img = read_image(case["image"], nan_policy=nan_policy)
+    img = read_scan(case["image"], nan_policy=nan_policy)
     if case.get("label"):
         lab = read_image(case["label"], dtype=None, nan_policy="raise")
         check_pair(img, lab, case["image"], case["label"])
@@ -129,6 +127,21 @@ def _write_h5(path: Path, img: Volume, label: np.ndarray, attrs: dict, chunks, c
             f.create_dataset("fg_voxels", data=foreground_index(label))
             for k, v in attrs.items():
                 f.attrs[k] = v
+
+
+def write_case_file(path, image: np.ndarray, label: np.ndarray, spacing, case_id: str, split: str = "train",
+                    chunks=DEFAULT_CHUNKS) -> Path:
+    """One cache file straight from arrays: ``image`` float32 (z, y, x) already scaled to [0, 1], ``label`` int16
+    instance mask, ``spacing`` (sz, sy, sx) mm, origin 0 and identity direction, nodules from the mask. For
+    data that never had a source file (the GPU check's synthetic cases); build_cache never reuses such a file
+    (it has no source sha1). Atomic, like every cache write. Returns the path."""
+    path = Path(path)
+    label = check_label(np.asarray(label), str(path))
+    vol = Volume(np.asarray(image, np.float32), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), np.eye(3))
+    attrs = dict(spacing=np.asarray(vol.spacing, float), origin=np.zeros(3), direction=np.eye(3).reshape(-1),
+                 case_id=str(case_id), split=str(split), nodules=json.dumps(_nodules_from_mask(label, vol.spacing)))
+    _write_h5(path, vol, label, attrs, chunks, None)
+    return path
 
 
 def read_cache_attrs(path) -> dict | None:
@@ -161,15 +174,15 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
     from tqdm.auto import tqdm
 
     cases = load_dataset_json(dataset_json)
-    if splits is not None:
-        cases = [c for c in cases if c["split"] in set(splits)]
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     by_case: dict[str, list] | None = None
     if annotations_csv is not None:
         by_case = {}
-        for r in read_annotations_csv(annotations_csv):
+        for r in read_annotations_csv(annotations_csv, [c["case_id"] for c in cases], dataset_json):
             by_case.setdefault(str(r["seriesuid"]), []).append(r)
+    if splits is not None:
+        cases = [c for c in cases if c["split"] in set(splits)]
+    cache_dir = Path(cache_dir)                    # created with its first file: a bad first case leaves none
+    remove_temps(cache_dir)
     settings = dict(version=CACHE_VERSION, target_spacing=None if target_spacing is None else list(target_spacing),
                     hu=[HU_MIN, HU_MAX], nan_policy=nan_policy, chunks=list(chunks) if chunks else None,
                     compression=compression)
@@ -237,15 +250,15 @@ def main(argv=None) -> int:
                                                  f"{paths.ANNOTATIONS} beside it when there is one")
     ap.add_argument("--out", default=None, help=f"cache folder, one <case_id>.h5 per case (default: "
                                                 f"{paths.CACHE_ROOT}/<dataset folder name>, where training looks)")
-    ap.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SY", "SX"),
-                    help="in-plane target spacing in mm (z is kept)")
+    ap.add_argument("--spacing", type=cli.number(float, *SPACING_RANGE_MM), nargs=2, default=None,
+                    metavar=("SY", "SX"), help="in-plane target spacing in mm (z is kept); %g to %g" % SPACING_RANGE_MM)
     ap.add_argument("--nan-policy", choices=["raise", "repair"], default="raise")
     ap.add_argument("--skip-bad", action="store_true", help="log bad cases and go on instead of stopping")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     def body() -> int:
-        out = paths.cache_dir(a.data) if a.out is None else Path(a.out)
+        out = cli.check_output_dir(paths.cache_dir(a.data) if a.out is None else Path(a.out))
         got = cache_dataset(a.data, out, progress=not cli.quiet(), target_spacing=a.spacing,
                             nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise")
         print(f"{len(got)} cases cached in {out}")

@@ -8,11 +8,13 @@ Conventions (the only place where they are converted):
   in and on the way out, and the array is transposed.
 
 Every problem with an input file raises :class:`DataError` (a ``ValueError``) whose message names the file and
-what was expected.
+what was expected; what the content must be (dataset.json entries, annotation rows, a scan that makes sense as
+CT) is ahnet.data.checks'.
 """
 from __future__ import annotations
 
 import csv
+import io as _io
 import json
 import contextlib
 import locale
@@ -24,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..atomic import atomic_path
+from .checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
+                     dataset_entries, decode_utf8, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,6 @@ _INT_COLUMNS = {"label", "class"}
 _FLOAT_COLUMNS = {"coordX", "coordY", "coordZ", "diameter_mm", "probability", "volume_mm3", "texture",
                   "spiculation", "lobulation", "calcification", "subtlety", "malignancy", "sphericity",
                   "margin", "internalStructure"}
-
-
-class DataError(ValueError):
-    """A data file is unusable; the message names the file and the problem."""
 
 
 def index_to_world_matrix(spacing, direction=np.eye(3)) -> np.ndarray:
@@ -128,6 +128,8 @@ def validate_volume(vol: Volume, path, nan_policy: str = "raise") -> Volume:
     nan_policy: "raise" (default) or "repair" (NaN/inf replaced by the array's finite minimum, a warning logged).
     """
     a = vol.array
+    if np.iscomplexobj(a):
+        raise DataError(f"{path}: complex voxels ({a.dtype}); expected real intensities.")
     if a.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got {a.ndim}D with shape {tuple(a.shape)}.")
     if min(a.shape) < 1:
@@ -305,10 +307,25 @@ def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
     if len(files) < 2:
         raise DataError(f"{path}: DICOM series {series_uid} has {len(files)} slice; expected a 3D series.")
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)     # ITK's own multi-line warning; check_slice_positions says it
     try:
         img = reader.Execute()
     except Exception as e:
         raise DataError(f"{path}: cannot read DICOM series {series_uid} ({type(e).__name__}: {e}).") from e
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    normal = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(len(files)):
+        ipp = reader.GetMetaData(i, "0020|0032") if reader.HasMetaDataKey(i, "0020|0032") else ""
+        try:
+            positions.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")])))
+        except ValueError:
+            positions = []
+            break
+    check_slice_positions(positions, path, series_uid)
     return _sitk_to_volume(img, path)
 
 
@@ -336,6 +353,13 @@ def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: st
     vol = validate_volume(vol, path, nan_policy=nan_policy)
     if dtype is not None and vol.array.dtype != dtype:
         vol.array = vol.array.astype(dtype)
+    return vol
+
+
+def read_scan(path, nan_policy: str = "raise", series_uid: str | None = None) -> Volume:
+    """A CT scan: read_image (float32), then checked for sense as CT in HU (ahnet.data.checks.check_scan)."""
+    vol = read_image(path, nan_policy=nan_policy, series_uid=series_uid)
+    check_scan(vol, path)
     return vol
 
 
@@ -413,7 +437,7 @@ def _convert(col: str, value: str, path, lineno: int):
         try:
             f = float(value)
         except ValueError:
-            if col in ("coordX", "coordY", "coordZ", "probability"):
+            if col in ("coordX", "coordY", "coordZ", "probability", "diameter_mm"):
                 raise DataError(f"{path}: line {lineno}: column {col} = {value!r} is not a number.") from None
             return value
         if col in _INT_COLUMNS and f.is_integer():
@@ -426,7 +450,7 @@ def _read_csv(path, required: Sequence[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found.")
-    with open(path, newline="", encoding="utf-8") as f:
+    with _io.StringIO(decode_utf8(path.read_bytes(), path), newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
@@ -444,12 +468,14 @@ def _read_csv(path, required: Sequence[str]) -> list[dict]:
     return rows
 
 
-def read_annotations_csv(path) -> list[dict]:
-    """LUNA16 annotations (seriesuid, coordX, coordY, coordZ, diameter_mm; world LPS mm) plus any extra columns.
+def read_annotations_csv(path, case_ids: Iterable[str] | None = None, dataset=None) -> list[dict]:
+    """LUNA16 annotations (seriesuid, coordX, coordY, coordZ, diameter_mm; world LPS mm) plus any extra columns,
+    checked (ahnet.data.checks.check_annotation_rows: finite coordinates, diameter > 0, and with ``case_ids`` a
+    seriesuid that is a case of ``dataset``). The one reader of annotations: cache, evaluation and experiment.
 
     Returns one dict per row; known numeric columns as float (``label`` as int), others as str.
     """
-    return _read_csv(path, ANNOTATION_COLUMNS)
+    return check_annotation_rows(_read_csv(path, ANNOTATION_COLUMNS), path, case_ids, dataset)
 
 
 def read_candidates_csv(path) -> list[dict]:
@@ -494,29 +520,19 @@ def write_annotations_csv(path, rows: Iterable[dict], columns: Sequence[str] | N
 
 # --------------------------------------------------------------------------------------------------- dataset.json
 
-def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
+def load_dataset_json(path, section: str | Sequence[str] = "training") -> list[dict[str, Any]]:
     """Decathlon-style dataset.json -> [{"case_id", "image" (abs path str), "label" (abs str or None), "split"}].
 
-    Relative paths resolve against the json's folder. case_id defaults to the image file name without suffix;
-    split defaults to "train". Extra keys of each entry are kept.
+    section: the list(s) of cases to read, "training" (default) or e.g. ("training", "test") (a Decathlon test
+    list holds paths or objects; its cases' split defaults to "test"). Relative paths resolve against the json's
+    folder. case_id defaults to the image file name without suffix; split defaults to "train". Extra keys of
+    each entry are kept. Content errors: ahnet.data.checks.dataset_entries.
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: dataset.json not found.") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}).") from e
-    if not isinstance(meta, dict) or section not in meta or not isinstance(meta[section], list):
-        raise DataError(f"{path}: expected a JSON object with a list under '{section}'.")
+    sections = (section,) if isinstance(section, str) else tuple(section)
     root = path.resolve().parent
     out, seen = [], set()
-    for i, e in enumerate(meta[section]):
-        if isinstance(e, str):
-            e = {"image": e}
-        if not isinstance(e, dict) or "image" not in e:
-            raise DataError(f"{path}: entry {i} of '{section}' has no 'image'.")
+    for sec, i, e in dataset_entries(read_json(path), path, sections):
         img = (root / e["image"]).resolve()
         lab = e.get("label")
         lab = (root / lab).resolve() if lab else None
@@ -525,12 +541,13 @@ def load_dataset_json(path, section: str = "training") -> list[dict[str, Any]]:
             if name.lower().endswith(s):
                 name = name[: -len(s)]
                 break
-        cid = str(e.get("case_id", name))
+        cid = str(e["case_id"]) if e.get("case_id") is not None else name
         if cid in seen:
             raise DataError(f"{path}: case_id {cid!r} appears twice.")
         seen.add(cid)
         entry = dict(e)
-        entry.update(case_id=cid, image=str(img), label=str(lab) if lab else None, split=e.get("split", "train"))
+        entry.update(case_id=cid, image=str(img), label=str(lab) if lab else None,
+                     split=e.get("split", SECTION_SPLIT.get(sec, "train")))
         out.append(entry)
     return out
 

@@ -5,12 +5,16 @@ direction; the new spacing is exactly the target, and the new size is round(old_
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 
 from .io import DataError, Volume
 
 HU_MIN, HU_MAX = -1000.0, 400.0
+#: the most voxels a resampled volume may have (2^30: 4 GiB as float32); more is a wrong target spacing
+MAX_VOXELS = 2 ** 30
 
 
 def clip_and_scale(hu: np.ndarray, lo: float = HU_MIN, hi: float = HU_MAX) -> np.ndarray:
@@ -29,16 +33,21 @@ def target_grid(shape, spacing, target_spacing):
         t = [None] + t
     if len(t) != 3:
         raise ValueError(f"target_spacing {target_spacing}: expected (sy, sx) or (sz, sy, sx) in mm.")
+    if any(ts is not None and not (isinstance(ts, (int, float)) and math.isfinite(ts) and ts > 0) for ts in t):
+        raise ValueError(f"target_spacing {list(target_spacing)}: expected finite values > 0 mm.")
     new_shape, new_spacing = [], []
     for n, s, ts in zip(shape, spacing, t):
         if ts is None or np.isclose(ts, s, rtol=1e-6):
             new_shape.append(int(n))
             new_spacing.append(float(s))
         else:
-            if ts <= 0:
-                raise ValueError(f"target_spacing {target_spacing}: expected values > 0 mm.")
             new_shape.append(max(1, int(round(n * s / ts))))
             new_spacing.append(float(ts))
+    voxels = math.prod(new_shape)
+    if voxels > MAX_VOXELS:
+        raise ValueError(f"target_spacing {list(target_spacing)} mm turns a {tuple(shape)} volume of spacing "
+                         f"{tuple(round(float(v), 4) for v in spacing)} mm into {tuple(new_shape)} = {voxels:.3g} "
+                         f"voxels (at most {MAX_VOXELS:.3g}); use a coarser spacing.")
     return tuple(new_shape), tuple(new_spacing)
 
 

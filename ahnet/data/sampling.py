@@ -7,7 +7,9 @@ i])`` and it decides, in order, positive or negative, the case, the centre, then
   instances (uniform, so small nodules count as much as large ones), one voxel of it (uniform), and the patch
   centre = that voxel + an integer jitter of at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
   always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
-- negative: any case (uniform), centre uniform over the volume's voxels. It may touch a nodule by chance.
+- negative: any case (uniform); with probability ``hard_fraction`` the centre is one of the case's hard
+  voxels (``hard_negative_index``: vessels, airway walls, fissures, pleura), else uniform over the volume's
+  voxels. It may touch a nodule by chance.
 - the patch is read from the chunked ``image`` / ``label`` datasets and padded with 0 (air after scaling) where
   it passes a border.
 
@@ -37,7 +39,8 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, cache_paths: Sequence, patch_size=(16, 96, 96), samples_per_epoch: int = 1000,
-                 pos_fraction: float = 0.5, augment: Callable | None = None, seed: int = 0, jitter: float = 0.5):
+                 pos_fraction: float = 0.5, augment: Callable | None = None, seed: int = 0, jitter: float = 0.5,
+                 hard_fraction: float = 0.0):
         import h5py
 
         self.paths = [str(p) for p in cache_paths]
@@ -72,6 +75,10 @@ class PatchDataset(Dataset):
             self._fg.append(fg[:, :3].astype(np.int64))
             self._inst.append(bounds)
         self.pos_cases = [k for k, b in enumerate(self._inst) if b]
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ValueError(f"PatchDataset: hard_fraction {hard_fraction}; expected a value in [0, 1].")
+        self.hard_fraction = float(hard_fraction)
+        self._hard = [hard_negative_index(p) for p in self.paths] if self.hard_fraction > 0 else []
         self._pid = None
         self._files: dict = {}
 
@@ -124,7 +131,11 @@ class PatchDataset(Dataset):
             centre = voxel + rng.integers(-self.jitter_max, self.jitter_max + 1)
         else:
             k = int(rng.integers(len(self.paths)))
-            centre = rng.integers(0, np.asarray(self.shapes[k]))
+            hard = self._hard[k] if self.hard_fraction > 0 else ()
+            if len(hard) and rng.random() < self.hard_fraction:
+                centre = hard[int(rng.integers(len(hard)))]
+            else:
+                centre = rng.integers(0, np.asarray(self.shapes[k]))
         return rng, k, tuple(int(c) for c in centre), positive
 
     def read_patch(self, k: int, centre) -> tuple[np.ndarray, np.ndarray]:
@@ -150,3 +161,33 @@ class PatchDataset(Dataset):
             img, lab = self.augment(img, lab, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
                 "label": torch.from_numpy((np.asarray(lab) > 0).astype(np.float32))[None]}
+
+
+def hard_negative_index(path, dense_hu: float = -400.0, aerated_hu: float = -600.0, reach: int = 3,
+                        margin: int = 4, max_voxels: int = 50_000) -> np.ndarray:
+    """(n, 3) int64 voxels (z, y, x) of one cached case where a detector is most easily fooled: dense tissue
+    (> ``dense_hu``) within ``reach`` in-plane voxels of aerated lung (< ``aerated_hu``), more than ``margin``
+    voxels from any nodule voxel: vessels, airway walls, fissures and the pleura. The two thresholds are the
+    textbook soft-tissue / aerated-lung boundary of any chest CT, not constants of a generator. At most
+    ``max_voxels`` rows (a seeded subsample)."""
+    import h5py
+    from scipy import ndimage
+
+    from .preprocess import HU_MAX, HU_MIN
+
+    def scaled(hu):
+        return (hu - HU_MIN) / (HU_MAX - HU_MIN)
+
+    with h5py.File(path, "r") as f:
+        img = f["image"][...]
+        nodule = f["label"][...] > 0
+    plane = np.zeros((1, 2 * reach + 1, 2 * reach + 1), bool)
+    plane[0] = True
+    near_air = ndimage.binary_dilation(img < scaled(aerated_hu), structure=plane)
+    cand = (img > scaled(dense_hu)) & near_air
+    if nodule.any():
+        cand &= ~ndimage.binary_dilation(nodule, iterations=margin)
+    zyx = np.argwhere(cand)
+    if len(zyx) > max_voxels:
+        zyx = zyx[np.sort(np.random.default_rng(0).choice(len(zyx), max_voxels, replace=False))]
+    return zyx.astype(np.int64)

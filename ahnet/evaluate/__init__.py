@@ -4,9 +4,11 @@
 For each run (``--runs``; a cross-validation ``X`` = the ensemble of its ``X-fold<k>`` runs): the model(s) through
 the inference stage (ahnet.infer: load_ensemble, predict_volume with its window rule) on every case of the chosen
 split (HU clipped to [-1000, 400] and scaled to [0, 1] as the cache does; native spacing); then candidates
-(ahnet.infer.candidates) in world mm, FROC/CPM per type and location (ahnet.froc) against the dataset's
-annotations and Dice/HD95 per nodule (ahnet.segmetrics, mask = probability >= threshold, nodule k = instance label
-k of the label file, joined to the annotation row whose ``label`` is k).
+(ahnet.infer.candidates, by a CandidateRule, default DEFAULT_RULE) in world mm, FROC/CPM per type and location
+(ahnet.froc) against the dataset's annotations and Dice/HD95 per nodule (ahnet.segmetrics, mask = probability >=
+threshold, nodule k = instance label k of the label file, joined to the annotation row whose ``label`` is k).
+Between models: ``compare_models`` (paired bootstrap CPM differences on the same scan resamples); for the eye:
+``gallery_crops`` (module ``gallery``: hits, misses and false positives as crops).
 """
 from __future__ import annotations
 
@@ -15,28 +17,37 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import load_dataset_json, read_image
+from ..data.checks import check_inside
+from ..data.io import load_dataset_json, read_image, read_scan
 from ..data.preprocess import clip_and_scale
-from ..froc import evaluate_detection
-from ..infer import extract_candidates, load_ensemble, predict_volume
+from ..froc import evaluate_detection, paired_bootstrap
+from ..infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
 from ..segmetrics import aggregate_seg, nodule_seg_metrics
+from .gallery import gallery_crops
 
-__all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions"]
+__all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions",
+           "compare_models", "gallery_crops"]
 
 
 class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
 
 
-def load_cases(dataset_json, split: str = "test") -> tuple[list, dict]:
+def load_cases(dataset_json, split: str = "test", annotations: list | None = None,
+               annotations_csv=None) -> tuple[list, dict]:
     """(cases, images) of one split of a dataset.json: cases [{"case_id", "geometry" (the image Volume),
-    "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}."""
+    "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}.
+    Each scan is checked for sense as CT (ahnet.data.checks); with ``annotations`` (rows of ``annotations_csv``),
+    each case's nodules must lie inside its scan."""
     entries = [e for e in load_dataset_json(dataset_json) if e.get("split") == split]
     if not entries:
         raise EvaluateInputError(f"{dataset_json} has no case with split {split!r}")
     cases, images = [], {}
     for e in entries:
-        vol = read_image(e["image"])
+        vol = read_scan(e["image"])
+        if annotations is not None:
+            check_inside([a for a in annotations if str(a["seriesuid"]) == e["case_id"]], vol, e["case_id"],
+                         annotations_csv)
         lab = read_image(e["label"]).array.astype(np.int32) if e.get("label") else None
         images[e["case_id"]] = clip_and_scale(vol.array)
         cases.append({"case_id": e["case_id"], "geometry": vol, "label": lab})
@@ -67,15 +78,17 @@ def predict_runs(runs, images: dict, device="cpu", **predict_kw) -> dict:
 
 
 def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold: float = 0.5,
-                         candidates: str = "components", n_bootstrap: int = 1000, seed: int = 0,
+                         candidates: CandidateRule | str | None = None, n_bootstrap: int = 1000, seed: int = 0,
                          margin_mm: float = 5.0) -> dict:
     """Detection and segmentation results per model, ready for ahnet.report.build_report.
 
     probs: {model: {case_id: (z, y, x) probabilities}}; cases: [{"case_id", "geometry" (spacing, origin,
     direction [, voxel_to_world]), "label" ((z, y, x) instance mask or None)}]; annotations: LUNA16 rows with
-    ``type``, ``location`` and ``label`` (instance label in the case's mask) where known.
-    Returns {model: {"detection", "segmentation", "candidates"}}.
+    ``type``, ``location`` and ``label`` (instance label in the case's mask) where known. threshold: the
+    segmentation mask's; candidates: the CandidateRule (or a method name; None = DEFAULT_RULE).
+    Returns {model: {"detection", "segmentation", "candidates", "seg_rows"}}.
     """
+    rule = candidate_rule(method=candidates) if isinstance(candidates, str) else candidate_rule(candidates)
     scan_ids = [c["case_id"] for c in cases]
     known = set(scan_ids)
     ann = [a for a in annotations if str(a["seriesuid"]) in known]
@@ -87,8 +100,7 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
         cands, seg_rows = [], []
         for c in cases:
             p = by_case[c["case_id"]]
-            cands += extract_candidates(p, c["geometry"], seriesuid=c["case_id"], threshold=threshold,
-                                        method=candidates)
+            cands += extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
             if c.get("label") is None:
                 continue
             rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]
@@ -102,3 +114,16 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
                      "segmentation": aggregate_seg(seg_rows, n_bootstrap=n_bootstrap, seed=seed) if seg_rows else None,
                      "candidates": cands, "seg_rows": seg_rows}
     return out
+
+
+def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: int = 1000,
+                   seed: int = 0) -> dict | None:
+    """Paired comparisons of every pair of models (ahnet.froc.paired_bootstrap on their candidates, on the scan
+    resamples of each model's own intervals); None with fewer than two models."""
+    if len(results) < 2:
+        return None
+    scan_ids = [c["case_id"] for c in cases]
+    known = set(scan_ids)
+    ann = [a for a in annotations if str(a["seriesuid"]) in known]
+    return paired_bootstrap(ann, {k: v["candidates"] for k, v in results.items()}, scan_ids,
+                            n_bootstrap=n_bootstrap, seed=seed)

@@ -2,8 +2,12 @@
 
     python -m ahnet.evaluate --runs runs/A runs/B --data data/phantom/dataset.json --out report/
 
-Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm) and the report files (ahnet.report). Bad input:
-one line ``ahnet.evaluate: error: ...`` on stderr and exit code 2.
+Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm; the candidate rule of ``--candidates``, default
+ahnet.infer.DEFAULT_RULE) and the report files (ahnet.report: tables, paired comparisons between the runs,
+learning curves from the runs' logs, a gallery of crops), each atomically, with --out locked against a second
+writer. Bad input (an option out of range, an --out that is a file or not writable, a dataset.json or annotations
+CSV that does not check, a scan that makes no sense as CT): one line ``ahnet.evaluate: error: ...`` on stderr and
+exit code 2, before any prediction and with nothing written.
 """
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import sys
 from pathlib import Path
 
 from .. import cli, paths
-from ..data.io import read_annotations_csv, write_candidates_csv
-from ..infer import DEFAULT_WINDOW, load_ensemble
+from ..atomic import folder_lock, remove_temps
+from ..data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
+from ..infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
+from ..infer import rule_from_arguments
 from ..precision import AMP_MODES, resolve_device
 from ..report import build_report
-from . import evaluate_predictions, load_cases, predict_runs, run_names
+from ..report.claims import claim_sentence, found_line
+from . import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
 
 PROG = "ahnet.evaluate"
 
@@ -29,18 +36,23 @@ def build_parser() -> cli.Parser:
                     help=f"annotations CSV (default: the {paths.ANNOTATIONS} beside --data)")
     ap.add_argument("--out", default=paths.REPORT, help="output folder")
     ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
-    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+    ap.add_argument("--window", type=cli.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
                     help=f"3D window (default: the run's patch_size, else {DEFAULT_WINDOW}; ahnet.infer.window_for)")
-    ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
-    ap.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass (x4 slices for 2D models)")
+    ap.add_argument("--overlap", type=cli.number(float, 0, 1, hi_open=True), default=0.5,
+                    help="window overlap fraction in [0, 1)")
+    ap.add_argument("--sw-batch", type=cli.number(int, 1, 4096), default=2,
+                    help="windows per forward pass (x4 slices for 2D models)")
     ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
-    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold for masks and candidates")
-    ap.add_argument("--candidates", choices=("components", "maxima"), default="components",
-                    help="candidate method: connected components or local maxima (ahnet.infer.candidates)")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="3D models in channels-last 3D memory (same values; faster with --amp bf16)")
+    ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
+                    help="probability threshold of the segmentation masks, in [0, 1]")
+    add_candidate_arguments(ap)
+    ap.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
+                    help="bootstrap resamples of the confidence intervals (0 = none)")
+    ap.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ap.add_argument("--title", default="AH-Net per-type evaluation")
     return ap
@@ -53,36 +65,52 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
-                        threshold=a.threshold, candidates=a.candidates, n_bootstrap=a.bootstrap, seed=a.seed,
-                        title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta, amp=a.amp)
+                        threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
+                        seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
+                        tta=a.tta, amp=a.amp, channels_last=a.channels_last)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
-                        threshold: float = 0.5, candidates: str = "components", n_bootstrap: int = 1000,
+                        threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
-    ``out``; returns the report dict. Every option and run is checked before the first image is read.
-    ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
+    ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
+    first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
+    (None = ahnet.infer.DEFAULT_RULE). ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last
+    (ahnet.infer.predict_volume)."""
+    out = cli.check_output_dir(out, "--out")
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} must be a probability in [0, 1]")
+    if int(n_bootstrap) < 0:
+        raise ValueError(f"--bootstrap {n_bootstrap} must be >= 0 (0 = no intervals)")
+    rule = candidate_rule(candidates)
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
         load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
-    ann = read_annotations_csv(Path(annotations) if annotations else paths.annotations_csv(data))
-    cases, images = load_cases(data, split)
-    probs = predict_runs(runs, images, device, **predict_kw)
-    results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=candidates,
-                                   n_bootstrap=n_bootstrap, seed=seed)
-    out = Path(out)
-    for name, r in results.items():
-        write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"])
-    rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
-                        for k, v in results.items()}, out, title=title)
+    ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
+    ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
+    cases, images = load_cases(data, split, ann, ann_csv)
+    with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
+        remove_temps(out, recursive=True, only_dead=False)
+        probs = predict_runs(runs, images, device, **predict_kw)
+        results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
+                                       n_bootstrap=n_bootstrap, seed=seed)
+        for name, r in results.items():
+            write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"])
+        rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
+                            for k, v in results.items()}, out, title=title,
+                           comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
+                           runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
+                           candidates=rule.describe())
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")
+        if r["found"]:
+            print("  " + found_line(m, r["found"]))
+    if claim_sentence(rep["comparisons"]):
+        print(claim_sentence(rep["comparisons"]))
     print(f"report: {out / 'report.html'}")
     return rep
 

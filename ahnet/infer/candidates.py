@@ -1,11 +1,24 @@
 """Detection candidates from a foreground probability map, in world LPS millimetres (LUNA16 rows).
 
-Two ways to turn a (z, y, x) probability map into scored points:
+Three rules turn a (z, y, x) probability map into scored points (``CandidateRule``; ``DEFAULT_RULE`` is the one
+evaluate, predict and the experiment use, chosen by measurement on three models: paper_notes/candidates.md):
+- "nms" (the default, merging at the threshold): local maxima (a voxel >= its 26 neighbours; a 26-connected
+  plateau of equal maxima is one peak at its centroid) with probability >= ``threshold``, then greedy
+  non-maximum suppression in world mm: in descending score, a peak is kept unless it lies within
+  ``min_distance_mm`` (Euclidean, with the voxel spacing, so anisotropic voxels are measured right) of a kept
+  one. ``merge_fraction`` (None = off) adds size-aware merging: a peak is dropped too, however far, when it
+  lies in the region of a stronger kept peak, the 26-connected voxels with prob >= max(threshold,
+  merge_fraction x its score) reached from it inside a box of ``REGION_HALF_MM`` around it (so a blob or a
+  vessel gives one candidate, and two blobs joined only below that level stay two). Each kept peak's centre
+  is then refined to sub-voxel precision: the probability-weighted centroid of its support region (grown the
+  same way at ``refine_fraction`` x its score), without the voxels closer (in mm) to another kept peak.
+  Score = the peak's probability. A symmetric blob centred between two slices gets its centre exactly.
 - "components": connected components (26-connectivity) of prob >= threshold; score = the component's maximum
   probability; centre = the probability-weighted centroid of the component's voxels.
 - "maxima": voxels equal to the maximum of a box around them (half size ``min_distance_mm`` per axis, so
   anisotropic in voxels) and >= threshold; a plateau of equal maxima (26-connected) gives one candidate at its
   centroid; score = the maximum's probability.
+``max_candidates`` keeps the highest scores of a scan (None: all).
 
 Geometry follows SimpleITK: world (x, y, z) = origin + direction @ ((i, j, k) * (sx, sy, sz)), with (i, j, k) =
 (x, y, z) voxel indices, i.e. the reverse of the array's (z, y, x) order: ahnet.data.io's conversion, used
@@ -13,14 +26,102 @@ here with input checks (the tests check it against SimpleITK).
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
+
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
+from .. import cli
 from ..data import io
+
+METHODS = ("nms", "components", "maxima")
+REGION_HALF_MM = 20.0     # half size of the box in which a peak's support region is grown (a 40 mm nodule fits)
 
 
 class CandidateInputError(ValueError):
     """A probability map, geometry or option that candidate extraction cannot use."""
+
+
+@dataclass(frozen=True)
+class CandidateRule:
+    """How a probability map becomes candidates (module docstring): method, the lowest score kept, the NMS
+    distance (mm), the per-scan cap, the support fraction of the sub-voxel centre and of size-aware merging."""
+    method: str = "nms"
+    threshold: float = 0.02
+    min_distance_mm: float = 5.0
+    max_candidates: int | None = 50
+    refine_fraction: float = 0.5
+    merge_fraction: float | None = 0.0      # 0: merge peaks joined above the threshold
+
+    def check(self) -> "CandidateRule":
+        """The rule itself, or CandidateInputError naming the first bad field."""
+        if self.method not in METHODS:
+            raise CandidateInputError(f"candidate method {self.method!r} is not known; expected one of "
+                                      f"{', '.join(METHODS)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise CandidateInputError(f"candidate threshold {self.threshold} (--candidate-threshold) must be a "
+                                      f"probability in [0, 1]")
+        if self.method != "components" and not self.min_distance_mm > 0:
+            raise CandidateInputError(f"min_distance_mm {self.min_distance_mm} must be > 0 for {self.method}")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise CandidateInputError(f"max_candidates {self.max_candidates} must be >= 1 (or None for all; "
+                                      f"--max-candidates 0)")
+        if not 0.0 < self.refine_fraction <= 1.0:
+            raise CandidateInputError(f"refine_fraction {self.refine_fraction} must be in (0, 1]")
+        if self.merge_fraction is not None and not 0.0 <= self.merge_fraction <= 1.0:
+            raise CandidateInputError(f"merge_fraction {self.merge_fraction} must be in [0, 1] (or None: no merging)")
+        return self
+
+    def describe(self) -> str:
+        """One line for reports and logs."""
+        cap = "all" if self.max_candidates is None else f"at most {self.max_candidates}"
+        if self.method == "components":
+            return f"connected components of p >= {self.threshold:g}, {cap} per scan"
+        if self.method == "maxima":
+            return (f"box maxima (half size {self.min_distance_mm:g} mm) with p >= {self.threshold:g}, "
+                    f"{cap} per scan")
+        merge = ("" if self.merge_fraction is None else ", merging peaks joined above the threshold"
+                 if self.merge_fraction == 0 else f", merging peaks joined above {self.merge_fraction:g} x peak")
+        return (f"local maxima with p >= {self.threshold:g}, NMS {self.min_distance_mm:g} mm{merge}, centre = "
+                f"weighted centroid of p >= {self.refine_fraction:g} x peak, {cap} per scan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_RULE = CandidateRule()
+
+
+def candidate_rule(rule: CandidateRule | None = None, **fields) -> CandidateRule:
+    """``rule`` (default DEFAULT_RULE) with ``fields`` replaced, checked."""
+    base = DEFAULT_RULE if rule is None else rule
+    unknown = sorted(set(fields) - set(base.to_dict()))
+    if unknown:
+        raise CandidateInputError(f"unknown candidate option {unknown[0]!r}; expected "
+                                  f"{', '.join(base.to_dict())}")
+    return replace(base, **fields).check()
+
+
+def add_candidate_arguments(parser) -> None:
+    """The candidate rule's flags (defaults: DEFAULT_RULE), shared by every command that writes candidates."""
+    d = DEFAULT_RULE
+    parser.add_argument("--candidates", choices=METHODS, default=d.method,
+                        help=f"candidate rule (ahnet.infer.candidates; default {d.method}: {d.describe()})")
+    parser.add_argument("--candidate-threshold", type=cli.number(float, 0, 1, what="a probability"),
+                        default=d.threshold,
+                        help=f"lowest probability a candidate may have (default {d.threshold:g})")
+    parser.add_argument("--min-distance-mm", type=cli.number(float, 0, 1000, lo_open=True), default=d.min_distance_mm,
+                        help=f"nms: suppression distance; maxima: box half size, mm (default {d.min_distance_mm:g})")
+    parser.add_argument("--max-candidates", type=cli.number(int, 0, 10 ** 6), default=d.max_candidates,
+                        help=f"candidates kept per scan, highest scores first; 0 = all (default {d.max_candidates})")
+
+
+def rule_from_arguments(args) -> CandidateRule:
+    """The checked CandidateRule of parsed add_candidate_arguments flags (CandidateInputError names a bad one)."""
+    return candidate_rule(method=args.candidates, threshold=args.candidate_threshold,
+                          min_distance_mm=args.min_distance_mm,
+                          max_candidates=None if args.max_candidates == 0 else args.max_candidates)
 
 
 def _geom(spacing, origin, direction):
@@ -48,65 +149,136 @@ def world_to_voxel(xyz, spacing, origin=(0, 0, 0), direction=np.eye(3)) -> np.nd
     return np.atleast_2d(io.world_to_voxel(xyz, sp, org, d))
 
 
-def find_peaks(prob, spacing=(1, 1, 1), threshold: float = 0.5, method: str = "components",
-               min_distance_mm: float = 5.0):
+_FULL = ndimage.generate_binary_structure(3, 3)     # 26-connectivity
+
+
+def _empty():
+    return np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
+
+
+def _groups(prob, mask):
+    """26-connected groups of ``mask``: (centroids (n, 3) voxel zyx, max scores (n,), sizes (n,), the voxel of
+    each group's maximum (n, 3) int) or None when there is none; centroids weighted by ``mask`` values."""
+    lab, n = ndimage.label(mask, structure=_FULL)
+    if n == 0:
+        return None
+    idx = np.arange(1, n + 1)
+    scores = np.asarray(ndimage.maximum(prob, lab, idx), np.float64)
+    zyx = np.array(ndimage.center_of_mass(mask, lab, idx), np.float64).reshape(n, 3)
+    seeds = np.array(ndimage.maximum_position(prob, lab, idx), np.int64).reshape(n, 3)
+    return zyx, scores, np.bincount(lab.ravel(), minlength=n + 1)[1:], seeds
+
+
+def _support(prob, seed, level, half):
+    """The region of a peak: (box slices, bool mask over the box) of the 26-connected voxels with prob >= level
+    (<= the peak's score) reached from ``seed`` inside the box of ``half`` voxels per axis around it."""
+    box = tuple(slice(max(int(c) - h, 0), int(c) + h + 1) for c, h in zip(seed, half))
+    lab, _ = ndimage.label(prob[box] >= np.float32(level), structure=_FULL)
+    local = tuple(int(c) - b.start for c, b in zip(seed, box))
+    return box, lab == lab[local]
+
+
+def _refine(prob, box, region, sp, own_mm, others_mm):
+    """Probability-weighted centroid (voxel zyx) and size of ``region`` without the voxels nearer (mm) to one
+    of ``others_mm`` (k, 3) than to ``own_mm``; None when nothing is left."""
+    coords = np.stack(np.nonzero(region), 1) + np.array([b.start for b in box])
+    if len(others_mm):
+        mm = coords * sp
+        own = ((mm - own_mm) ** 2).sum(1)
+        other = ((mm[:, None, :] - others_mm[None]) ** 2).sum(2).min(1)
+        coords = coords[own <= other]
+    if not len(coords):
+        return None, 0
+    w = prob[tuple(coords.T)].astype(np.float64)
+    return (w[:, None] * coords).sum(0) / w.sum(), len(coords)
+
+
+def _nms(prob, sp, rule: CandidateRule):
+    """The "nms" rule (module docstring): refined centres (n, 3), scores, support sizes, unsorted."""
+    mx = ndimage.maximum_filter(prob, size=3, mode="nearest")
+    found = _groups(prob, ((prob >= mx) & (prob >= rule.threshold)).astype(np.float64))
+    if found is None:
+        return _empty()
+    zyx, scores, _, seeds = found
+    mm = zyx * sp
+    tree = cKDTree(mm)
+    half = np.ceil(REGION_HALF_MM / sp).astype(int)
+    reach = float(np.linalg.norm(half * sp))                    # the box's corner, mm
+    out_of_play = np.zeros(len(scores), bool)
+    kept, regions = [], {}
+    for i in np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0], -scores)):
+        if out_of_play[i]:
+            continue
+        kept.append(i)
+        out_of_play[tree.query_ball_point(mm[i], rule.min_distance_mm)] = True
+        regions[i] = _support(prob, seeds[i], rule.refine_fraction * scores[i], half)
+        if rule.merge_fraction is not None:                     # peaks inside this peak's merging region
+            box, reg = _support(prob, seeds[i], max(rule.threshold, rule.merge_fraction * scores[i]), half)
+            for j in tree.query_ball_point(mm[i], reach):
+                local = seeds[j] - [b.start for b in box]
+                if (local >= 0).all() and (local < reg.shape).all() and reg[tuple(local)]:
+                    out_of_play[j] = True
+        if rule.max_candidates is not None and len(kept) >= rule.max_candidates:
+            break
+    kept = np.array(kept, np.int64)
+    kept_tree = cKDTree(mm[kept])
+    centres, sizes = zyx[kept].copy(), np.zeros(len(kept), np.int64)
+    for n, i in enumerate(kept):
+        near = [kept[k] for k in kept_tree.query_ball_point(mm[i], 2 * reach) if kept[k] != i]
+        c, size = _refine(prob, *regions[i], sp, mm[i], mm[near] if near else np.zeros((0, 3)))
+        if c is not None:
+            centres[n], sizes[n] = c, size
+    return centres, scores[kept], sizes
+
+
+def find_peaks(prob, spacing=(1, 1, 1), threshold: float = DEFAULT_RULE.threshold,
+               method: str = DEFAULT_RULE.method, min_distance_mm: float = DEFAULT_RULE.min_distance_mm, *,
+               rule: CandidateRule | None = None, **fields):
     """Scored points of a (z, y, x) probability map: (zyx (n, 3) float voxel coords, scores (n,), sizes (n,)).
 
-    Sorted by score descending (ties by position). sizes = voxels per component (or per plateau).
+    The rule: ``rule`` (default DEFAULT_RULE) with threshold, method, min_distance_mm and any other ``fields``
+    (max_candidates, refine_fraction, merge_fraction) replaced. Sorted by score descending (ties by position); sizes =
+    voxels per component, plateau or support region.
     """
+    rule = candidate_rule(rule, threshold=threshold, method=method, min_distance_mm=min_distance_mm, **fields)
     prob = np.asarray(prob, np.float32)
     if prob.ndim != 3:
         raise CandidateInputError(f"probability map has shape {prob.shape}; expected (z, y, x)")
     if not np.isfinite(prob).all():
         raise CandidateInputError("probability map holds NaN or inf; expected finite probabilities")
     sp = np.asarray(spacing, np.float64)
-    full = ndimage.generate_binary_structure(3, 3)
-    if method == "components":
-        lab, n = ndimage.label(prob >= threshold, structure=full)
-        if n == 0:
-            return np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
-        idx = np.arange(1, n + 1)
-        scores = np.asarray(ndimage.maximum(prob, lab, idx), np.float64)
-        # weights clipped at a tiny positive value so a component of zeros (threshold <= 0) still has a centre
-        w = np.maximum(prob, np.float32(1e-12))
-        zyx = np.array(ndimage.center_of_mass(w, lab, idx), np.float64).reshape(n, 3)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    elif method == "maxima":
-        if min_distance_mm <= 0:
-            raise CandidateInputError(f"min_distance_mm {min_distance_mm} must be > 0 for local maxima")
-        half = np.floor(min_distance_mm / sp).astype(int)
-        mx = ndimage.maximum_filter(prob, size=tuple(2 * half + 1), mode="constant", cval=-np.inf)
-        peak = (prob == mx) & (prob >= threshold)
-        lab, n = ndimage.label(peak, structure=full)
-        if n == 0:
-            return np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
-        idx = np.arange(1, n + 1)
-        scores = np.asarray(ndimage.maximum(prob, lab, idx), np.float64)
-        zyx = np.array(ndimage.center_of_mass(peak.astype(np.float64), lab, idx), np.float64).reshape(n, 3)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    if rule.method == "nms":
+        zyx, scores, sizes = _nms(prob, sp, rule)
     else:
-        raise CandidateInputError(f"method {method!r} is not known; expected 'components' or 'maxima'")
-    order = np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0], -scores))
+        if rule.method == "components":
+            # weights clipped at a tiny positive value so a component of zeros (threshold <= 0) has a centre
+            mask = np.where(prob >= rule.threshold, np.maximum(prob, np.float32(1e-12)), 0).astype(np.float64)
+        else:
+            half = np.floor(rule.min_distance_mm / sp).astype(int)
+            mx = ndimage.maximum_filter(prob, size=tuple(2 * half + 1), mode="constant", cval=-np.inf)
+            mask = ((prob == mx) & (prob >= rule.threshold)).astype(np.float64)
+        found = _groups(prob, mask)
+        zyx, scores, sizes = found[:3] if found is not None else _empty()
+    order = np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0], -scores))[:rule.max_candidates]
     return zyx[order], scores[order], sizes[order]
 
 
 def extract_candidates(prob, geometry=None, *, spacing=None, origin=(0.0, 0.0, 0.0), direction=np.eye(3),
-                       seriesuid: str = "", threshold: float = 0.5, method: str = "components",
-                       min_distance_mm: float = 5.0, max_candidates: int | None = None) -> list:
+                       seriesuid: str = "", rule: CandidateRule | None = None, **fields) -> list:
     """LUNA16 candidate rows {seriesuid, coordX, coordY, coordZ, probability} (world LPS mm) from a map.
 
     prob: (z, y, x) foreground probabilities. geometry: an object with ``spacing`` (sz, sy, sx), ``origin``
     (x, y, z) and ``direction`` (3x3) such as ahnet.data.io.Volume, or pass spacing/origin/direction directly.
-    max_candidates keeps the highest scores.
+    The rule: ``rule`` (default DEFAULT_RULE) with ``fields`` (method, threshold, min_distance_mm,
+    max_candidates, refine_fraction, merge_fraction) replaced.
     """
+    rule = candidate_rule(rule, **fields)
     if geometry is not None:
         spacing, origin, direction = geometry.spacing, geometry.origin, geometry.direction
     if spacing is None:
         raise CandidateInputError("give a geometry (spacing, origin, direction) or spacing= in mm (sz, sy, sx)")
     _geom(spacing, origin, direction)
-    zyx, scores, _ = find_peaks(prob, spacing, threshold, method, min_distance_mm)
-    if max_candidates is not None:
-        zyx, scores = zyx[:max_candidates], scores[:max_candidates]
+    zyx, scores, _ = find_peaks(prob, spacing, rule.threshold, rule.method, rule.min_distance_mm, rule=rule)
     if geometry is not None and hasattr(geometry, "voxel_to_world"):
         xyz = np.asarray(geometry.voxel_to_world(zyx), np.float64).reshape(-1, 3)
     else:

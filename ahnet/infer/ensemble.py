@@ -78,6 +78,11 @@ def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> M
         raise InferenceInputError(f"{path}: cannot rebuild model {name!r} from its model_kwargs and state dict "
                                   f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"
                                   ) from None
+    bad = [k for k, v in ck["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InferenceInputError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                                  f"the run it comes from diverged; it cannot predict")
     if kw.get("out_channels", 1) != 1:
         raise InferenceInputError(f"checkpoint {path} has out_channels {kw.get('out_channels')}; inference gives "
                                   f"one foreground probability and needs 1")

@@ -16,19 +16,25 @@ function of (seed, epoch), and a checkpoint holds model, optimiser, scaler, sche
 position inside the epoch; so a run stopped at any step and resumed with ``--resume`` ends with the same
 weights as one never stopped.
 
+Several GPUs or nodes: ``torchrun --nproc_per_node N -m ahnet.train ...`` trains with DistributedDataParallel;
+``--batch-size`` is then the global batch, each rank takes its shard of every step's patches, rank 0 validates
+and writes, and N ranks with ``--sync-bn`` compute what one process with the whole batch computes (``dist``).
+
 Modules: ``loop`` (train() in named steps, train_all_folds), ``model`` (build / transfer / restore the
 network), ``data`` (case split, patch datasets from the cache, batch preparation), ``optim`` (Adam, schedule,
-scaler, loss), ``order`` (seeded data order), ``outputs`` (log.csv, progress.png), ``cli`` (the command).
+scaler, loss), ``order`` (seeded data order and its shards), ``outputs`` (log.csv, progress.png), ``dist`` (the
+ranks of a torchrun job: sharding, agreement, failures), ``syncbn`` (BatchNorm over the global batch on any
+backend), ``cli`` (the command, on top of the stages: ``python -m ahnet.train``).
 """
-from .cli import main
 from .data import make_datasets, prepare_batch, split_batch_2d, split_cases
-from .errors import TrainError, TrainingDiverged
-from .loop import train, train_all_folds, validate
+from .errors import DistributedError, TrainError, TrainingDiverged
+from .loop import Validator, train, train_all_folds, validate
 from .model import build_network, check_patch_size, model_kwargs_for
 from .optim import lr_factor, make_optimizer, make_scheduler
 from .order import EpochSampler, mix_seed
 from .outputs import LOG_COLUMNS
 
-__all__ = ["TrainError", "TrainingDiverged", "EpochSampler", "mix_seed", "lr_factor", "make_optimizer",
+__all__ = ["TrainError", "TrainingDiverged", "DistributedError", "EpochSampler", "mix_seed", "lr_factor",
+           "make_optimizer",
            "make_scheduler", "model_kwargs_for", "build_network", "check_patch_size", "split_batch_2d", "split_cases",
-           "make_datasets", "prepare_batch", "validate", "train", "train_all_folds", "main", "LOG_COLUMNS"]
+           "make_datasets", "prepare_batch", "validate", "Validator", "train", "train_all_folds", "LOG_COLUMNS"]

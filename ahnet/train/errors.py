@@ -8,3 +8,8 @@ class TrainError(ValueError):
 
 class TrainingDiverged(TrainError):
     """Too many non-finite losses in a row."""
+
+
+class DistributedError(TrainError):
+    """The ranks of a torchrun job could not form their process group, or lost one of them (a rank died, hung
+    or its connection broke); every rank stops with one line (exit code 4) and the run continues with --resume."""

@@ -3,6 +3,10 @@
 A run's state between steps is a ``Session``: the configuration, the device and precision, the model and its
 optimiser, scheduler, scaler and loss, the position (epoch, step) and the counters (``Progress``) that every
 checkpoint carries, so that ``--resume`` continues exactly where the run stopped.
+
+Under torchrun the session also holds its rank's place (``dist``, ahnet.train.dist) and the module a step calls
+(``net``: DistributedDataParallel around ``model``): every rank runs these same steps on its shard of each
+batch, rank 0 alone validates (the score is broadcast) and writes.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -20,17 +24,27 @@ from ahnet import paths
 from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.config import TrainConfig, save_run_config
-from ahnet.precision import AmpSettings, resolve_amp, resolve_device
+from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
+
+from . import dist
 
 from .data import make_datasets, prepare_batch
 from .errors import TrainError, TrainingDiverged
+from .guard import check_finite, check_resume, preflight, run_lock
 from .model import Builder, build_network, place_model, restore_network
 from .optim import group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
 
-#: settings a resumed run must share with the run it continues (the data order and the network depend on them)
-RESUME_KEYS = ("seed", "batch_size", "steps_per_epoch", "patch_size", "stage", "model")
+class Validator(Protocol):
+    """Scores a model on the validation cases (higher is better), in eval mode, restoring its mode after.
+    ``name`` is the log column ("val_cpm"). The command line builds one (ahnet.evaluate.validation), since
+    scoring whole cases by detection needs the inference and evaluation stages, which training must not import."""
+    name: str
+
+    def __call__(self, model: nn.Module) -> float | None: ...
+
+
 
 
 @dataclass
@@ -68,6 +82,12 @@ class Session:
     progress: Progress = field(default_factory=Progress)
     epoch: int = 0
     step: int = 0
+    dist: dist.DistContext = field(default_factory=dist.DistContext)
+    net: nn.Module | None = None          # what a step calls: DDP around model under torchrun, else model
+
+    @property
+    def trainer(self) -> nn.Module:
+        return self.model if self.net is None else self.net
 
     @property
     def total_steps(self) -> int:
@@ -75,20 +95,29 @@ class Session:
         return full if self.cfg.max_steps is None else min(self.cfg.max_steps, full)
 
     def save(self, path) -> None:
-        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically."""
-        save_checkpoint({
+        """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; never one
+        with non-finite weights (TrainingDiverged). Under torchrun every rank calls it (their RNG states are
+        gathered) and rank 0 writes."""
+        check_finite(self.model, self.step, self.run)
+        rng = self.dist.gather(capture_rng_state())
+        if not self.dist.is_main:
+            return
+        ck = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_name": self.model_name, "model_kwargs": self.model_kwargs, "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
-            "step": self.step, "rng": capture_rng_state(), "config": self.cfg.to_dict(),
+            "step": self.step, "rng": rng[0], "config": self.cfg.to_dict(),
             "metrics": dataclasses.asdict(self.progress), "init": self.init_info, "stage": self.cfg.stage,
-            "amp": self.amp.name, "format": 1}, path)
+            "amp": self.amp.name, "format": 1}
+        if self.dist.enabled:
+            ck.update(world_size=self.dist.world_size, rng_ranks=rng)
+        save_checkpoint(ck, path)
 
 
 # ------------------------------------------------------------------------------------------------- steps
 def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
     """The checkpoint to resume from (None for a new run). An existing run needs --resume, and a resume the same
-    RESUME_KEYS settings; TrainError otherwise."""
+    settings but those of guard.RESUME_MAY_CHANGE; TrainError otherwise."""
     if not run.last.exists():
         if cfg.resume:
             print(f"[train] --resume: no {run.last} yet, starting a new run.")
@@ -97,17 +126,16 @@ def open_run(cfg: TrainConfig, run: paths.RunPaths) -> dict | None:
         raise TrainError(f"{run.root} already holds a run ({paths.CHECKPOINTS}/{paths.LAST}); pass --resume to "
                          f"continue it or choose another --out.")
     ck = load_checkpoint(run.last)
-    saved = ck.get("config") or {}
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise TrainError(f"--resume: {key} was {saved[key]!r} in {run.last} but is now {getattr(cfg, key)!r}; "
-                             f"an exact resume needs the same value.")
+    check_resume(ck.get("config") or {}, cfg, run.last)
     return ck
 
 
 def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, amp: AmpSettings,
-                  resume_ck: dict | None, builder: Builder | None) -> Session:
-    """Build (or rebuild from the resume checkpoint) the model, place it, and make its optimisation."""
+                  resume_ck: dict | None, builder: Builder | None,
+                  ctx: dist.DistContext | None = None) -> Session:
+    """Build (or rebuild from the resume checkpoint) the model, place it, wrap it for the ranks of ``ctx``
+    (DistributedDataParallel, --sync-bn), and make its optimisation."""
+    ctx = ctx or dist.DistContext()
     if resume_ck is not None:
         model, kw, info = restore_network(resume_ck, cfg, run.last, builder)
         name = resume_ck["model_name"]
@@ -115,15 +143,20 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
         model, kw, info = build_network(cfg, builder)
         name = cfg.model
     place_model(model, cfg, device)
+    if device.type == "cpu" and amp.dtype == torch.bfloat16:
+        guard_cpu_bf16_convs(model)                  # a CPU bf16 kernel bug (precision.DepthGuardedConv3d)
+    net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
-    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn)
+    dist.global_batch_loss(loss_fn, ctx)
+    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn, dist=ctx, net=net)
 
 
 def restore_or_seed(s: Session, resume_ck: dict | None) -> None:
     """A resumed session gets its optimiser, scheduler, scaler, counters, position and RNG states back; a new
-    one seeds the global RNG from the run's seed."""
+    one seeds the global RNG from the run's seed (and its rank under torchrun)."""
+    rank = s.dist.rank
     if resume_ck is None:
-        torch.manual_seed(mix_seed(s.cfg.seed, 11))
+        torch.manual_seed(mix_seed(s.cfg.seed, 11) if rank == 0 else mix_seed(s.cfg.seed, 11, rank))
         return
     s.opt.load_state_dict(resume_ck["optimizer"])
     with warnings.catch_warnings():
@@ -134,36 +167,45 @@ def restore_or_seed(s: Session, resume_ck: dict | None) -> None:
     known = {f.name for f in dataclasses.fields(Progress)}
     s.progress = Progress(**{k: v for k, v in resume_ck["metrics"].items() if k in known})
     s.epoch, s.step = int(resume_ck["epoch"]), int(resume_ck["step"])
-    restore_rng_state(resume_ck["rng"])
+    state = dist.rank_rng_state(s.dist, resume_ck)
+    if state is None:
+        torch.manual_seed(mix_seed(s.cfg.seed, 11, s.step, rank))
+        print(f"[train] {s.run.last} was written by {resume_ck.get('world_size', 1)} rank(s), this run has "
+              f"{s.dist.world_size}: the random streams (dropout) start afresh, so the run continues with the same "
+              f"data but is not bitwise the one never stopped.")
+    else:
+        restore_rng_state(state)
     print(f"[train] resuming {s.run.root} at epoch {s.epoch}, step {s.step}.")
 
 
-def validation_loader(val_ds, cfg: TrainConfig) -> DataLoader | None:
-    """The fixed validation patches (epoch 0 of the validation dataset), in order."""
-    if val_ds is None:
+def validation_loader(val_ds, cfg: TrainConfig, ctx: dist.DistContext | None = None) -> DataLoader | None:
+    """The fixed validation patches (epoch 0 of the validation dataset), in order; under torchrun on rank 0
+    only (None elsewhere), in batches of one rank's share."""
+    ctx = ctx or dist.DistContext()
+    if val_ds is None or not ctx.is_main:
         return None
     if hasattr(val_ds, "set_epoch"):
         val_ds.set_epoch(0)
-    return DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    return DataLoader(val_ds, batch_size=cfg.batch_size // ctx.world_size, shuffle=False,
+                      num_workers=cfg.num_workers)
 
 
 def train_step(s: Session, batch: dict) -> torch.Tensor:
     """One optimiser step on a batch; a non-finite loss skips the step (TrainingDiverged after max_bad_steps
-    in a row). The scheduler steps either way."""
+    in a row). The scheduler steps either way. Under torchrun a non-finite loss on any rank skips the step on
+    every rank, and the loss counted is the global batch's."""
     x, y = prepare_batch(batch, s.cfg, s.device)
     s.opt.zero_grad(set_to_none=True)
     with s.amp.autocast(s.device):
-        logits = s.model(x)
+        logits = s.trainer(x)
     loss = s.loss_fn(logits, y)
     p = s.progress
-    if torch.isfinite(loss):
+    finite, value = s.dist.agree_on_loss(loss)
+    if finite:
         s.scaler.scale(loss).backward()
-        if s.cfg.grad_clip > 0:
-            s.scaler.unscale_(s.opt)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
-        s.scaler.step(s.opt)
-        s.scaler.update()
-        p.epoch_loss_sum += float(loss.detach())
+        finite = step_optimiser(s)
+    if finite:
+        p.epoch_loss_sum += value
         p.epoch_loss_n += 1
         p.bad_run = 0
     else:
@@ -171,15 +213,38 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
         p.skipped_total += 1
         p.bad_run += 1
         if p.bad_run >= s.cfg.max_bad_steps:
+            other = " / ".join(f"--amp {a}" for a in ("bf16", "off") if a != s.amp.name)
             raise TrainingDiverged(
-                f"{p.bad_run} non-finite losses in a row at step {s.step + 1} (amp {s.amp.name}, lr "
+                f"{p.bad_run} non-finite losses or gradients in a row at step {s.step + 1} (amp {s.amp.name}, lr "
                 f"{group_lrs(s.opt)[0]:.3g}); the run stops. Try a lower --lr (and --lr-encoder), --warmup-steps, "
-                f"--grad-clip 1.0, or --amp bf16 / --amp off; resume from {s.run.last} with --resume.")
+                f"--grad-clip 1.0, or {other}; resume from {s.run.last} with --resume.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "scheduler.step() before optimizer.step()" on skipped steps
         s.sched.step()
     s.step += 1
     return loss
+
+
+def step_optimiser(s: Session) -> bool:
+    """Clip (--grad-clip) and step after backward; False when the step was not taken because a gradient is
+    non-finite. With a GradScaler (fp16) that is the scaler's own business (it skips and lowers the scale);
+    without one (bf16, fp32) nothing else would stop one inf gradient from writing inf into Adam's moments and
+    every weight after them, so the step is skipped and counted like a non-finite loss. Under torchrun the
+    gradients are already averaged over ranks, so every rank decides the same."""
+    if s.scaler.is_enabled():
+        if s.cfg.grad_clip > 0:
+            s.scaler.unscale_(s.opt)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        return True
+    limit = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
+    norm = nn.utils.clip_grad_norm_(s.model.parameters(), limit)
+    if not torch.isfinite(norm):
+        s.opt.zero_grad(set_to_none=True)
+        return False
+    s.opt.step()
+    return True
 
 
 def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[int], None] | None) -> str | None:
@@ -190,7 +255,8 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
     sampler.set_epoch(s.epoch, start * cfg.batch_size)
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(s.epoch)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size // s.dist.world_size, sampler=sampler,
+                        num_workers=cfg.num_workers,
                         drop_last=True, pin_memory=s.device.type == "cuda",
                         generator=torch.Generator().manual_seed(mix_seed(cfg.seed, s.epoch, 3)))
     if start == 0:
@@ -200,6 +266,7 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
     t0 = time.perf_counter()
     try:
         for batch in loader:
+            s.dist.progress(f"step {s.step + 1}")
             loss = train_step(s, batch)
             bar.update(1)
             if not bar.disable:
@@ -223,7 +290,8 @@ def run_epoch(s: Session, train_ds, sampler: EpochSampler, on_step: Callable[[in
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, amp: AmpSettings) -> float | None:
-    """Global Dice over all validation patches (sigmoid > 0.5); 1.0 when prediction and label are empty."""
+    """Global Dice over all validation patches (sigmoid > 0.5); None when the patches hold no foreground at all
+    (Dice is undefined there: an empty prediction of an empty label says nothing about a detector)."""
     if loader is None:
         return None
     was_training = model.training
@@ -239,36 +307,76 @@ def validate(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, a
         psum += float(pred.sum())
         tsum += float(t.sum())
     model.train(was_training)
-    return 1.0 if psum + tsum == 0 else 2.0 * inter / (psum + tsum)
+    return None if tsum == 0 else 2.0 * inter / (psum + tsum)
 
 
-def end_epoch(s: Session, val_loader) -> None:
-    """Validate, add the epoch's log row, keep the best score, write last.pt (and best.pt when improved),
-    log.csv and progress.png, print one line."""
+def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> None:
+    """Validate (the validator's score, else patch Dice), add the epoch's log row, keep the best score, write
+    best.pt (when improved), log.csv and progress.png, then last.pt (a kill before last.pt leaves it older, so
+    --resume redoes this epoch's end and rewrites the others), print one line. An epoch whose every step was
+    skipped stops the run (TrainingDiverged). Under torchrun rank 0 validates and its score is broadcast, so
+    every rank keeps the same counters and decisions; rank 0 writes."""
     cfg, p = s.cfg, s.progress
-    val_dice = validate(s.model, val_loader, cfg, s.device, s.amp)
+    if p.epoch_loss_n == 0 and p.skipped_epoch > 0:
+        raise TrainingDiverged(f"every step of epoch {s.epoch + 1} ({p.skipped_epoch}) had a non-finite loss or "
+                               f"gradient and was skipped; the run stops without saving it. Check --focal-gamma, "
+                               f"--dice-smooth and --lr, or try --amp off.")
+    s.dist.progress(f"validating after epoch {s.epoch + 1}")
+    t0 = time.perf_counter()
+    wait = f"waiting for rank 0's validation after epoch {s.epoch + 1}"
+    if validator is not None:
+        val_cpm, val_dice = s.dist.from_main(lambda: validator(s.model), wait), None
+    else:
+        val_cpm, val_dice = None, s.dist.from_main(lambda: validate(s.model, val_loader, cfg, s.device, s.amp), wait)
+    val_seconds = time.perf_counter() - t0
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)
     row = {"epoch": s.epoch + 1, "step": s.step, "loss": mean_loss, "lr": lr_main, "lr_encoder": lr_enc,
            "skipped_steps": p.skipped_epoch, "skipped_total": p.skipped_total,
            "samples_per_s": round(cfg.steps_per_epoch * cfg.batch_size / max(p.epoch_seconds, 1e-9), 3),
-           "val_dice": val_dice, "seconds": round(p.epoch_seconds, 3)}
+           "val_dice": val_dice, "val_cpm": val_cpm, "seconds": round(p.epoch_seconds, 3),
+           "val_seconds": round(val_seconds, 3)}
     p.history = list(p.history) + [row]
-    score = val_dice if val_dice is not None else (-mean_loss if mean_loss is not None else None)
-    improved = score is not None and (p.best_score is None or score > p.best_score)
+    score = val_cpm if val_cpm is not None else val_dice
+    score = score if score is not None else (-mean_loss if mean_loss is not None else None)
+    improved = score is not None and (p.best_score is None or score > p.best_score + cfg.min_delta)
     if improved:
         p.best_score, p.best_epoch = score, s.epoch + 1
     s.epoch += 1
     p.new_epoch()
-    s.save(s.run.last)
     if improved:
-        s.save(s.run.best)
-    write_log(p.history, s.run.log)
-    plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
-    vd = "n/a" if val_dice is None else f"{val_dice:.4f}"
+        s.save(s.run.best)                           # every rank calls save (RNG states gathered); rank 0 writes
+    if s.dist.is_main:
+        write_log(p.history, s.run.log)
+        plot_progress(p.history, s.run.progress, title=f"{s.run.root.name}: {s.model_name} ({cfg.stage})")
+    s.save(s.run.last)
+    if not s.dist.is_main:
+        return
+    name, val = ("val_cpm", val_cpm) if validator is not None else ("val_dice", val_dice)
+    vd = "n/a" if val is None else f"{val:.4f}"
     ml = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
-    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} val_dice {vd} "
+    print(f"[train] epoch {s.epoch}/{cfg.epochs} step {s.step} loss {ml} {name} {vd} "
           f"skipped {row['skipped_steps']} {row['samples_per_s']:.1f} samples/s", flush=True)
+
+
+def early_stop(s: Session) -> str | None:
+    """The stop reason when --patience epochs in a row have not beaten the best score (a pure function of the
+    saved counters, so a resumed run decides as the uninterrupted one did), else None."""
+    p, k = s.progress, s.cfg.patience
+    if not k or p.best_epoch is None or s.epoch - p.best_epoch < k:
+        return None
+    return (f"early stop at epoch {s.epoch}: no better validation score for {k} epochs (best epoch "
+            f"{p.best_epoch}, score {p.best_score:.4f})")
+
+
+def resolve_validation(cfg: TrainConfig, validator: Validator | None) -> TrainConfig:
+    """cfg with ``validation`` resolved to what this run uses ("cpm" with a validator, "dice" without), so
+    config.json records what happens; TrainError when cpm is asked for without a validator."""
+    if cfg.validation == "cpm" and validator is None:
+        raise TrainError("--validation cpm needs a validator of whole validation cases (the command line builds it "
+                         "with ahnet.evaluate.validation.make_validator); pass validator_for to train(), or use "
+                         "--validation dice.")
+    return dataclasses.replace(cfg, validation="cpm" if validator is not None else "dice")
 
 
 def summary(s: Session, stopped: str | None) -> dict:
@@ -281,38 +389,62 @@ def summary(s: Session, stopped: str | None) -> dict:
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, datasets=None, builder: Builder | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one training stage; returns summary() (run folder, best Dice, steps, ...).
+          on_step: Callable[[int], None] | None = None,
+          validator_for: Callable[[TrainConfig], Validator | None] | None = None) -> dict:
+    """Run (or resume) one training stage; returns summary() (run folder, best score, steps, ...).
 
     ``datasets``: optional (train_ds, val_ds) in place of make_datasets(cfg) (each ds[i] a dict with
     "image" / "label" (1, D, H, W) tensors, and ``set_epoch``). ``builder``: optional stand-in for
     ahnet.nets.build_model. ``on_step(global_step)`` is called after each step (tests use it to interrupt).
+    ``validator_for(cfg)``: gives the validator that scores the model at each epoch's end, called once the run's
+    settings and data are checked (ahnet.evaluate.validation.make_validator gives the CPM of whole validation
+    cases); without one (or when it gives None), patch Dice.
+    Settings, output places and the network are checked first (guard.preflight); the run folder is locked.
     """
     cfg = cfg.resolved()
+    preflight(cfg, builder)                                                    # 0. checks before any work
+    with run_lock(cfg.out):
+        return _train(cfg, datasets, builder, on_step, validator_for)
+
+
+def _train(cfg: TrainConfig, datasets, builder: Builder | None, on_step: Callable[[int], None] | None,
+           validator_for: Callable[[TrainConfig], Validator | None] | None) -> dict:
+    """train() of a checked configuration, with the run folder locked."""
     run = paths.run_paths(cfg.out)
-    resume_ck = open_run(cfg, run)                                             # 1. new run or resume
-    device = resolve_device(cfg.device)                                        # 2. device and precision
+    dist.check_batch(cfg.batch_size)                                           # 1. ranks, device, precision
+    ctx, device = dist.plan(cfg.device, resolve_device(cfg.device), cfg.dist_backend, cfg.dist_timeout)
     amp = resolve_amp(cfg.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_ds, val_ds = datasets if datasets is not None else make_datasets(cfg)   # 3. data
-    s = start_session(cfg, run, device, amp, resume_ck, builder)               # 4. model, optimiser, loss
+    resume_ck = open_run(cfg, run)                                             # 2. new run or resume
+    configure_kernels(device, cfg.deterministic)
+    dist.start(ctx, device)
+    dist.check_same_start(ctx, resume_ck, run.last)
+    train_ds, val_ds = datasets if datasets is not None else ctx.main_first(lambda: make_datasets(cfg))  # 3. data
+    validator = validator_for(cfg) if validator_for is not None else None
+    cfg = resolve_validation(cfg, validator)
+    s = start_session(cfg, run, device, amp, resume_ck, builder, ctx)          # 4. model, optimiser, loss
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
-    run.root.mkdir(parents=True, exist_ok=True)                                # 6. the run folder
-    save_run_config(cfg, run.root)
-    sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed)
-    val_loader = validation_loader(val_ds, cfg)
-    stopped = None
-    while s.epoch < cfg.epochs and s.step < s.total_steps:                    # 7. the epochs
-        stopped = run_epoch(s, train_ds, sampler, on_step)                     # 8. steps
-        if stopped:
-            break
-        end_epoch(s, val_loader)                                               # 9. validate, log, checkpoint
+    if ctx.is_main:                                                            # 6. the run folder
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, run.root)
+    sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed,
+                           rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size)
+    val_loader = validation_loader(val_ds, cfg, ctx) if validator is None else None
+    stopped = early_stop(s)
+    with ctx.watched(f"starting epoch {s.epoch + 1}"):
+        while not stopped and s.epoch < cfg.epochs and s.step < s.total_steps:   # 7. the epochs
+            stopped = run_epoch(s, train_ds, sampler, on_step)                 # 8. steps
+            if stopped:
+                break
+            end_epoch(s, val_loader, validator)                                # 9. validate, log, checkpoint
+            stopped = early_stop(s)                                            #    (same counters on every rank)
+        ctx.barrier("waiting for rank 0 to finish writing the run")           # (a next stage reads it)
     return summary(s, stopped)                                                 # 10. what happened
 
 
-def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
-    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k)."""
+def train_all_folds(cfg: TrainConfig, validator_for: Callable[[TrainConfig], Validator | None] | None = None,
+                    **kw) -> list[dict]:
+    """Train folds 0 .. K-1 one after another, fold k into paths.fold_run(cfg.out, k); ``validator_for(fold
+    config)`` gives each fold its validator (its own validation cases)."""
     if cfg.folds < 2:
         raise TrainError("--all-folds needs --folds K with K >= 2.")
     out = []
@@ -320,5 +452,5 @@ def train_all_folds(cfg: TrainConfig, **kw) -> list[dict]:
         c = TrainConfig.from_dict({**cfg.to_dict(), "fold": f, "all_folds": False,
                                    "out": str(paths.fold_run(cfg.out, f))})
         print(f"[train] fold {f + 1}/{cfg.folds} -> {c.out}")
-        out.append(train(c, **kw))
+        out.append(train(c, validator_for=validator_for, **kw))
     return out

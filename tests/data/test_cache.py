@@ -172,7 +172,7 @@ BAD = {"truncated": r"case_001.nii.gz: cannot read as NIfTI",
        "nan": r"case_001.nii.gz: 1 voxels are NaN",
        "mask_shape": r"labelsTr/case_001.nii.gz: mask shape \(z, y, x\) \(12, 48, 46\) differs from image",
        "zero_spacing": r"case_001.nii: spacing .* expected finite values > 0",
-       "outside": r"annotations.csv: annotation of case_001 at world .* lies outside the volume"}
+       "outside": r"annotations.csv: the nodule of case_001 at world .* lies outside its scan"}
 
 
 @pytest.mark.parametrize("how", list(BAD))

@@ -1,4 +1,5 @@
 """python -m weights_transfer: the command over ahnet.nets.transfer (source choice, table, exit codes)."""
+import pytest
 import torch
 
 from ahnet.nets import MCGCN, AHNet3d
@@ -41,5 +42,7 @@ def test_cli_mismatch_exits_2(tmp_path, monkeypatch, capsys):
     assert main(["--source", str(tmp_path / "r18.pt"), "--encoder", "resnet50"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("weights_transfer: error: ") and "ResNet18" in err and len(err.strip().splitlines()) == 1
-    assert main(["--check-size", "0", "0", "0"]) == 2
-    assert "three positive sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                      # a usage error now, before the source is read
+        main(["--check-size", "0", "0", "0"])
+    assert e.value.code == 2
+    assert "argument --check-size: expected an integer in [1, 1024], got '0'" in capsys.readouterr().err

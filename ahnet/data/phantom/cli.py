@@ -10,6 +10,8 @@ import logging
 import time
 from typing import Tuple
 
+from ... import cli
+from ...cli import number
 from . import __doc__ as _package_doc
 from .dataset import generate_dataset
 from .heldout import TEST_PHANTOMS, generate_test_phantom, held_out_seed
@@ -18,6 +20,7 @@ PROG = "ahnet.data.phantom"
 DEFAULTS = dict(cases=16, seed=0, size=192, slices=None, z_extent=100.0, thickness=2.5, spacing=0.7,
                 nodules_per_case=(1, 3), negatives=0.15, shapes="lidc", noise=(10.0, 40.0), vessel_density=1.0,
                 no_balance=False, previews=3, split=(0.7, 0.15, 0.15), exact=False)
+MAX_CASES = 100_000
 # CLI destinations that a --test-phantom fixes (the options of heldout.HELD_OUT)
 FIXED_BY_TEST_PHANTOM = {"split": "--split", "negatives": "--negatives", "no_balance": "--no-balance",
                          "exact": "--exact"}
@@ -62,18 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
         + "; all test split (LIDC test scans only), no negatives, exact schedule, cases seeded with --seed + "
           "1000003 (apart from a training phantom of the same --seed); size options may be overridden")
     add("--cases", type=int, help=f"number of cases (default {d['cases']})")
-    add("--seed", type=int, help=f"random seed; the output is a function of it (default {d['seed']})")
-    add("--size", type=int, help=f"in-plane matrix size, voxels (default {d['size']})")
-    add("--slices", type=int, help="output slices (default: --z-extent / --thickness)")
-    add("--z-extent", type=float, help=f"z extent in mm when --slices is not given (default {d['z_extent']})")
-    add("--thickness", type=float, help=f"slice thickness = spacing, mm (default {d['thickness']})")
-    add("--spacing", type=float, help=f"in-plane spacing, mm (default {d['spacing']})")
+    add("--seed", type=number(int, 0, 2 ** 32 - 1),
+        help=f"random seed; the output is a function of it (default {d['seed']})")
+    add("--size", type=number(int, 48, 1024), help=f"in-plane matrix size, voxels (default {d['size']})")
+    add("--slices", type=number(int, 4, 2048), help="output slices (default: --z-extent / --thickness)")
+    add("--z-extent", type=number(float, 0, 5000, lo_open=True),
+        help=f"z extent in mm when --slices is not given (default {d['z_extent']})")
+    add("--thickness", type=number(float, 0.5, 10), help=f"slice thickness = spacing, mm (default {d['thickness']})")
+    add("--spacing", type=number(float, 0.2, 3), help=f"in-plane spacing, mm (default {d['spacing']})")
     add("--nodules-per-case", type=lambda s: _pair(s, int), metavar="N|MIN,MAX",
         help="nodules per case with nodules: N, or MIN,MAX at random (default 1,3)")
-    add("--negatives", type=float, help=f"fraction of cases without nodules (default {d['negatives']})")
+    add("--negatives", type=number(float, 0, 1), help=f"fraction of cases without nodules (default {d['negatives']})")
     add("--shapes", choices=["lidc", "procedural"], help="nodule shape source (default lidc)")
     add("--noise", type=_pair, metavar="N|MIN,MAX", help="noise std in HU, 0 = off (default 10,40)")
-    add("--vessel-density", type=float, help="scales the number of vessel segments (default 1)")
+    add("--vessel-density", type=number(float, 0, 10), help="scales the number of vessel segments (default 1)")
     add("--no-balance", action="store_const", const=True, help="draw types at random instead of balanced")
     add("--split", type=_split, metavar="TRAIN,VAL,TEST",
         help="fractions of cases per split, e.g. 0,0,1 for a test-only phantom (default 0.7,0.15,0.15)")
@@ -97,6 +102,8 @@ def _options(a, ap) -> Tuple[dict, dict]:
     for name in ("cases", "previews"):
         if v[name] < (1 if name == "cases" else 0):
             ap.error(f"--{name} must be >= {1 if name == 'cases' else 0}, got {v[name]}")
+        if v[name] > MAX_CASES:
+            ap.error(f"--{name} must be <= {MAX_CASES}, got {v[name]}")
     slices = v["slices"] if v["slices"] else max(4, int(round(v["z_extent"] / v["thickness"])))
     return dict(n_cases=v["cases"], seed=v["seed"], previews=v["previews"], size=v["size"], slices=slices,
                 thickness=v["thickness"], spacing=v["spacing"], nodules_per_case=v["nodules_per_case"],
@@ -109,6 +116,10 @@ def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     kw, given = _options(a, ap)
+    try:
+        cli.check_output_dir(a.out, "--out")
+    except ValueError as e:
+        ap.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t = time.perf_counter()
     try:
@@ -124,8 +135,8 @@ def main(argv=None) -> int:
         else:
             n, seed = kw.pop("n_cases"), kw.pop("seed")
             p = generate_dataset(a.out, n, seed, **kw)
-    except ValueError as e:
-        ap.error(str(e))
+    except (ValueError, OSError) as e:                 # FolderBusy too: another generator writes into --out
+        ap.error(cli.one_line(e))
     dt = time.perf_counter() - t
     print(f"wrote {p} ({n} cases, seed {seed}, {dt:.1f} s, {dt / n:.2f} s/case)")
     return 0

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ...atomic import atomic_path
+from ...atomic import atomic_path, folder_lock
 from ... import paths
 from ..io import write_annotations_csv, write_dataset_json, write_image
 from ..nodule_types import TYPE_CODES
@@ -157,23 +157,24 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
         sources = shape_sources(xrng, pool if isinstance(pool, ShapePool) else None, types, nodule_splits,
                                 largest_nodule_bound_mm(opts))
     out.mkdir(parents=True, exist_ok=True)             # options and schedule checked: now replace the old files
-    _start_fresh(out)
-    rows, entries = [], []
-    pos = 0
-    t0 = time.perf_counter()
-    for i in range(n_cases):
-        cid = f"phantom_{i:04d}"
-        case = generate_case(cid, [int(seed), i], opts, n_nodules=counts[i], types=types[pos:pos + counts[i]],
-                             locations=locations[pos:pos + counts[i]], split=splits[i], pool=pool,
-                             sources=sources[pos:pos + counts[i]])
-        pos += counts[i]
-        write_case(case, out)
-        rows += case.nodules
-        entries.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz",
-                        "case_id": cid, "split": splits[i]})
-        if i < previews:
-            save_preview(case, out / "preview" / f"{cid}.png")
-        log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)
-    _remove_unlisted(out, [e["case_id"] for e in entries])
-    write_annotations_csv(paths.annotations_csv(out / paths.DATASET), rows, columns=CSV_COLUMNS)
-    return write_dataset_json(out / "dataset.json", _dataset_json(n_cases, seed, opts, pool, entries))
+    with folder_lock(out, "phantom folder"):            # one generator at a time writes into out
+        _start_fresh(out)
+        rows, entries = [], []
+        pos = 0
+        t0 = time.perf_counter()
+        for i in range(n_cases):
+            cid = f"phantom_{i:04d}"
+            case = generate_case(cid, [int(seed), i], opts, n_nodules=counts[i],
+                                 types=types[pos:pos + counts[i]], locations=locations[pos:pos + counts[i]],
+                                 split=splits[i], pool=pool, sources=sources[pos:pos + counts[i]])
+            pos += counts[i]
+            write_case(case, out)
+            rows += case.nodules
+            entries.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz",
+                            "case_id": cid, "split": splits[i]})
+            if i < previews:
+                save_preview(case, out / "preview" / f"{cid}.png")
+            log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)
+        _remove_unlisted(out, [e["case_id"] for e in entries])
+        write_annotations_csv(paths.annotations_csv(out / paths.DATASET), rows, columns=CSV_COLUMNS)
+        return write_dataset_json(out / "dataset.json", _dataset_json(n_cases, seed, opts, pool, entries))

@@ -1,12 +1,16 @@
 """The phantom's options (PhantomOptions) and one generated case (Case)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import numpy as np
 
 from ..io import voxel_to_world
+
+#: the most voxels of a case's fine grid (size^2 x slices x fine slices per slice): about 1 GiB per float32 copy
+MAX_FINE_VOXELS = 2 ** 28
 
 
 @dataclass
@@ -46,21 +50,25 @@ class PhantomOptions:
             raise ValueError(f"size must be >= 48 voxels, got {self.size}")
         if self.slices < 4:
             raise ValueError(f"slices must be >= 4, got {self.slices}")
+        fine = self.size ** 2 * self.slices * max(1, math.ceil(self.thickness / self.spacing))
+        if fine > MAX_FINE_VOXELS:
+            raise ValueError(f"size {self.size} x {self.size} x {self.slices} slices builds a fine grid of {fine:.3g} "
+                             f"voxels (at most {MAX_FINE_VOXELS:.3g}); use a smaller --size or fewer --slices")
         if not (0.2 <= self.spacing <= 3.0) or not (0.5 <= self.thickness <= 10.0):
             raise ValueError(f"spacing must be 0.2..3 mm and thickness 0.5..10 mm, got {self.spacing}, "
                              f"{self.thickness}")
         npc = self.nodules_per_case
         if not (isinstance(npc, tuple) and len(npc) == 2 and all(isinstance(v, (int, np.integer)) for v in npc)
-                and 0 <= npc[0] <= npc[1]):
-            raise ValueError(f"nodules_per_case must be N or (min, max) with 0 <= min <= max, got {npc}")
+                and 0 <= npc[0] <= npc[1] <= 50):
+            raise ValueError(f"nodules_per_case must be N or (min, max) with 0 <= min <= max <= 50, got {npc}")
         if not 0.0 <= self.negatives <= 1.0:
             raise ValueError(f"negatives must be a fraction in [0, 1], got {self.negatives}")
         if self.shapes not in ("lidc", "procedural"):
             raise ValueError(f"shapes must be 'lidc' or 'procedural', got {self.shapes!r}")
-        if len(self.noise) != 2 or not 0.0 <= self.noise[0] <= self.noise[1]:
-            raise ValueError(f"noise must be (min, max) HU with 0 <= min <= max, got {self.noise}")
-        if not self.vessel_density >= 0.0:
-            raise ValueError(f"vessel_density must be >= 0, got {self.vessel_density}")
+        if len(self.noise) != 2 or not 0.0 <= self.noise[0] <= self.noise[1] <= 1000.0:
+            raise ValueError(f"noise must be (min, max) HU with 0 <= min <= max <= 1000, got {self.noise}")
+        if not 0.0 <= self.vessel_density <= 10.0:
+            raise ValueError(f"vessel_density must be in [0, 10], got {self.vessel_density}")
         sp = self.split
         if len(sp) != 3 or any(not f >= 0.0 for f in sp) or sum(sp) <= 0:
             raise ValueError(f"split must be three fractions (train, validation, test) >= 0 with a positive "

@@ -9,6 +9,12 @@ one's ``wins`` count includes it (``wins_outright`` counts only types won alone)
 model with a defined CPM on it) has no winner and counts for nobody. ``margin`` = best CPM minus the best CPM of
 the models not among the winners (None when there is no such model). The same rule gives the overall winner.
 Note that winners are point estimates; the intervals in the tables say whether a difference is resolved.
+
+Optional inputs of ``build_report`` add sections: ``comparisons`` (ahnet.froc.paired_bootstrap over the same
+models: the paper's claims with paired intervals, a type won only where the interval excludes 0; module
+``claims``), ``runs`` ({model: run folder}: learning curves from each log.csv; module ``curves``), ``gallery``
+(ahnet.evaluate.gallery_crops: crops of hits, misses and false positives; module ``gallery``) and ``candidates``
+(the candidate rule, one line). Every model's "found" entry says how many nodules it finds at 1 FP/scan.
 """
 from __future__ import annotations
 
@@ -20,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
+from ..atomic import atomic_path, write_text_atomic
+from ..data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
+from .claims import claim_sentence, comparison_tables, found_line, found_summary, summarize_comparisons
+from .curves import curves_figure, read_curves
+from .gallery import gallery_figures, gallery_json
 
 TIE_TOL = 1e-9
 
@@ -59,8 +69,10 @@ def pick_winners(scores: dict, tie_tol: float = TIE_TOL) -> dict:
             "margin": float(best - max(rest)) if rest else None}
 
 
-def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: float = TIE_TOL) -> dict:
-    """The report.json content (see the module docstring for the winner and tie rules)."""
+def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: float = TIE_TOL,
+              comparisons: dict | None = None, curves: dict | None = None, gallery: dict | None = None,
+              candidates: str | None = None) -> dict:
+    """The report.json content (see the module docstring for the winner and tie rules and the optional parts)."""
     if not results:
         raise ReportInputError("results is empty; give {model_name: {'detection': ..., 'segmentation': ...}}")
     fp_rates = None
@@ -81,7 +93,7 @@ def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: flo
         models[name] = {
             "n_scans": det["n_scans"], "n_nodules": det["n_nodules"], "cpm": det["cpm"], "cpm_ci": det["cpm_ci"],
             "sensitivity": det["sensitivity"], "sensitivity_ci": det["sensitivity_ci"], "dice": dice, "hd95_mm": hd,
-            "counts": det.get("counts"),
+            "counts": det.get("counts"), "found": found_summary(det, types),
             "types": {t: _group_entry(groups.get("type", {}).get(t), seg, "type", t) for t in types},
             "locations": {l: _group_entry(groups.get("location", {}).get(l), seg, "location", l)
                           for l in present_locs},
@@ -96,6 +108,8 @@ def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: flo
             "same_scan_count": len(n_scans) == 1, "models": models, "winners": winners, "wins": wins,
             "wins_outright": outright, "n_types_with_winner": sum(bool(w["models"]) for w in winners.values()),
             "overall_winner": pick_winners({m: models[m]["cpm"] for m in names}, tie_tol),
+            "candidates": candidates, "comparisons": summarize_comparisons(comparisons, types, locations),
+            "learning_curves": curves or {}, "gallery": gallery_json(gallery),
             "rules": {"winner": "highest per-type CPM (point estimate); ties within %g share the type and each "
                                 "counts it in wins; no nodules, or every model at 0 -> no winner" % tie_tol,
                       "ci": "percentile bootstrap over scans (detection) / nodules (Dice)"}}
@@ -218,8 +232,9 @@ def _bar_figure(plt, names, get, ylabel, title, groups, group_labels):
     return fig
 
 
-def _figures(rep) -> dict:
-    """{file name: PNG bytes} made with matplotlib (Agg): FROC, per-type CPM, sensitivity and Dice, location CPM."""
+def _figures(rep, gallery=None) -> dict:
+    """{file name: PNG bytes} made with matplotlib (Agg): FROC, per-type CPM, sensitivity and Dice, location CPM,
+    learning curves and the gallery (when the report has them)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -252,6 +267,9 @@ def _figures(rep) -> dict:
             plt, names, lambda m, loc: ((models[m]["locations"].get(loc) or {}).get("cpm"),
                                         (models[m]["locations"].get(loc) or {}).get("cpm_ci")),
             "CPM", "Detection by location (95% CI)", locs, locs)
+    if rep["learning_curves"]:
+        made["learning_curves.png"] = curves_figure(plt, rep["learning_curves"])
+    made.update(gallery_figures(plt, gallery, rep["type_names"]))
     figs = {}
     for name, fig in made.items():
         buf = io.BytesIO()
@@ -262,18 +280,47 @@ def _figures(rep) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- writers
+def _summary_lines(rep) -> list:
+    """The report's opening sentences (plain text)."""
+    ow = rep["overall_winner"]
+    lines = [f"Best overall CPM: {', '.join(ow['models']) or 'none'}" + (" (tie)" if ow["tie"] else "")
+             + f" ({_f(ow['score'])}). Types won on point estimates (of {len(rep['types'])}): "
+             + ", ".join(f"{m} {rep['wins'][m]}" for m in rep["model_order"]) + "."]
+    lines += [found_line(m, rep["models"][m]["found"]) + "." for m in rep["model_order"] if rep["models"][m]["found"]]
+    claim = claim_sentence(rep["comparisons"])
+    if claim:
+        lines.append(claim)
+    if rep["candidates"]:
+        lines.append(f"Candidates: {rep['candidates']}.")
+    lines.append("Rules: " + rep["rules"]["winner"] + "; intervals: " + rep["rules"]["ci"] + ".")
+    return lines
+
+
+def _blocks(rep, figs) -> list:
+    """The report in reading order: ("text", lines) | ("table", title, head, rows) | ("figures", title, names)."""
+    tables = _tables(rep)
+    fig = lambda *names: [n for n in names if n in figs]
+    blocks = [("text", _summary_lines(rep)), ("figures", "Detection", fig("froc.png", "type_cpm.png"))]
+    blocks += [("table", *t) for t in tables[:2]]                       # overall, CPM per type
+    blocks.append(("figures", "Gallery: what the model finds, misses and flags wrongly",
+                   fig("gallery_types.png", "gallery_false_positives.png")))
+    blocks += [("table", *t) for t in comparison_tables(rep["comparisons"], rep["type_names"])]
+    blocks.append(("figures", "Learning curves", fig("learning_curves.png")))
+    blocks.append(("figures", "By type and location", fig("type_sensitivity.png", "type_dice.png",
+                                                          "location_cpm.png")))
+    blocks += [("table", *t) for t in tables[2:]]                       # Dice per type, sensitivities
+    return [b for b in blocks if b[0] != "figures" or b[2]]
+
+
 def _markdown(rep, figs, title) -> str:
     lines = [f"# {title}", ""]
-    ow = rep["overall_winner"]
-    lines.append(f"Best overall CPM: {', '.join(ow['models']) or 'none'}"
-                 + (" (tie)" if ow["tie"] else "") + f" ({_f(ow['score'])}).")
-    lines.append("Types won (of %d): " % len(rep["types"])
-                 + ", ".join(f"{m} {rep['wins'][m]}" for m in rep["model_order"]) + ".")
-    lines.append("")
-    lines.append("Rules: " + rep["rules"]["winner"] + "; intervals: " + rep["rules"]["ci"] + ".")
-    for t, head, rows in _tables(rep):
-        lines += ["", f"## {t}", "", _md_table(head, rows)]
-    lines += ["", "## Figures", ""] + [f"![{n}]({n})" for n in figs]
+    for b in _blocks(rep, figs):
+        if b[0] == "text":
+            lines += [x for line in b[1] for x in (line, "")]
+        elif b[0] == "table":
+            lines += ["", f"## {b[1]}", "", _md_table(b[2], b[3])]
+        else:
+            lines += ["", f"## {b[1]}", ""] + [f"![{n}]({n})" for n in b[2]]
     return "\n".join(lines) + "\n"
 
 
@@ -284,35 +331,36 @@ def _html(rep, figs, title) -> str:
              "table{border-collapse:collapse;margin:0.5em 0;font-size:13px}"
              "td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
              "th{background:#eee}img{max-width:100%}</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    ow = rep["overall_winner"]
-    parts.append(f"<p>Best overall CPM: <b>{esc(', '.join(ow['models']) or 'none')}</b>"
-                 f"{' (tie)' if ow['tie'] else ''} ({_f(ow['score'])}). Types won (of {len(rep['types'])}): "
-                 + esc(", ".join(f"{m} {rep['wins'][m]}" for m in rep["model_order"])) + ".</p>")
-    parts.append(f"<p><small>Rules: {esc(rep['rules']['winner'])}; intervals: {esc(rep['rules']['ci'])}."
-                 "</small></p>")
-    for name, data in figs.items():
-        parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
-    for t, head, rows in _tables(rep):
-        parts.append(f"<h2>{esc(t)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
-        parts.append("</table>")
+    for b in _blocks(rep, figs):
+        if b[0] == "text":
+            parts += [f"<p>{esc(line)}</p>" for line in b[1]]
+        elif b[0] == "table":
+            parts.append(f"<h2>{esc(b[1])}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in b[2]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b[3]]
+            parts.append("</table>")
+        else:
+            parts.append(f"<h2>{esc(b[1])}</h2>")
+            parts += [f"<img alt='{esc(n)}' src='data:image/png;base64,{base64.b64encode(figs[n]).decode()}'>"
+                      for n in b[2]]
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluation", types=TYPE_CODES,
-                 tie_tol: float = TIE_TOL) -> dict:
-    """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir.
-
-    Returns the report.json content. See the module docstring for the input and the winner rule.
+                 tie_tol: float = TIE_TOL, comparisons: dict | None = None, runs: dict | None = None,
+                 gallery: dict | None = None, candidates: str | None = None) -> dict:
+    """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir, each
+    file atomically. Returns the report.json content. See the module docstring for the inputs and the rules.
     """
-    rep = summarize(results, types=types, tie_tol=tie_tol)
+    rep = summarize(results, types=types, tie_tol=tie_tol, comparisons=comparisons, curves=read_curves(runs),
+                    gallery=gallery, candidates=candidates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figs = _figures(rep)
-    for name, data in figs.items():
-        (out / name).write_bytes(data)
-    (out / "report.json").write_text(json.dumps(rep, indent=1, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text(_markdown(rep, figs, title), encoding="utf-8")
-    (out / "report.html").write_text(_html(rep, figs, title), encoding="utf-8")
+    figs = _figures(rep, gallery)
+    for name, data in figs.items():                   # every file atomically: a kill leaves old or new, not half
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=1, allow_nan=False))
+    write_text_atomic(out / "report.md", _markdown(rep, figs, title))
+    write_text_atomic(out / "report.html", _html(rep, figs, title))
     return rep
