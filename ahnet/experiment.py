@@ -64,6 +64,7 @@ class Preset:
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
+    phantom: Dict = field(default_factory=dict)  # options of the training phantom (PhantomOptions fields)
     recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
                                                  # early stopping); paper_notes/results.md measures them
 
@@ -81,9 +82,10 @@ PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
                    steps_2d=60, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=100, lr=1e-3,
                    variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo", recipe=dict(val_cases=4)),
-    "cpu": Preset(cases=64, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
-                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=5, steps_3d=250, lr=1e-3,
-                  variants=CPU_VARIANTS, recipe=dict(hard_fraction=0.3, val_cases=10, patience=3)),
+    "cpu": Preset(cases=96, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
+                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=10, steps_3d=250, lr=1e-3,
+                  variants=CPU_VARIANTS, phantom=dict(nodules_per_case=[2, 6], negatives=0.1),
+                  recipe=dict(hard_fraction=0.3, val_cases=10, patience=3)),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
@@ -122,7 +124,13 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     dataset_json = data_dir / paths.DATASET
     if not dataset_json.is_file():
         print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
-        generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size)
+        generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size, **preset.phantom)
+    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
+    have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+    want = dict(preset.phantom, size=preset.size, n_cases=preset.cases, seed=seed)
+    if any(have.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
+        raise ValueError(f"{data_dir} holds another phantom than this preset's ({want}); move it away and run "
+                         f"again to generate the preset's phantom there")
     cache_dataset(dataset_json)
     return dataset_json
 

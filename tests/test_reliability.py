@@ -41,7 +41,7 @@ from .data._pipeline_synth import make_dataset
 from .test_train import Tiny3d, _cfg, _data, builder
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("samples_per_s", "seconds")
+TIMING = ("samples_per_s", "seconds", "val_seconds")
 
 
 class Killed(BaseException):
@@ -243,7 +243,7 @@ def _predict(scans, out, *extra, inp=None):
 
 def _seriesuids(out):
     with open(out / "candidates.csv", newline="", encoding="utf-8") as f:
-        return sorted(r["seriesuid"] for r in csv.DictReader(f))
+        return sorted({r["seriesuid"] for r in csv.DictReader(f)})
 
 
 def test_a_second_writer_into_an_output_folder_is_refused_and_a_dead_ones_lock_taken_over(scans, tmp_path,

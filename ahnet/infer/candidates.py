@@ -32,7 +32,6 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .. import cli
 from ..data import io
 
 METHODS = ("nms", "components", "maxima")
@@ -108,12 +107,11 @@ def add_candidate_arguments(parser) -> None:
     d = DEFAULT_RULE
     parser.add_argument("--candidates", choices=METHODS, default=d.method,
                         help=f"candidate rule (ahnet.infer.candidates; default {d.method}: {d.describe()})")
-    parser.add_argument("--candidate-threshold", type=cli.number(float, 0, 1, what="a probability"),
-                        default=d.threshold,
+    parser.add_argument("--candidate-threshold", type=float, default=d.threshold,
                         help=f"lowest probability a candidate may have (default {d.threshold:g})")
-    parser.add_argument("--min-distance-mm", type=cli.number(float, 0, 1000, lo_open=True), default=d.min_distance_mm,
+    parser.add_argument("--min-distance-mm", type=float, default=d.min_distance_mm,
                         help=f"nms: suppression distance; maxima: box half size, mm (default {d.min_distance_mm:g})")
-    parser.add_argument("--max-candidates", type=cli.number(int, 0, 10 ** 6), default=d.max_candidates,
+    parser.add_argument("--max-candidates", type=int, default=d.max_candidates,
                         help=f"candidates kept per scan, highest scores first; 0 = all (default {d.max_candidates})")
 
 

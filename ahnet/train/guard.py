@@ -120,6 +120,8 @@ def check_resume(saved: dict, cfg: TrainConfig, where) -> None:
     for key, was in saved.items():
         if key in RESUME_MAY_CHANGE or key not in now or now[key] == was:
             continue
+        if key == "validation" and now[key] == "auto":    # saved resolved; auto resolves the same way again
+            continue
         flag = "--" + key.replace("_", "-")
         raise TrainError(f"--resume: {key} was {was!r} in {where} but is now {now[key]!r}; a resumed run trains "
                          f"what it trained before, so drop {flag} (a resume may change --epochs, --max-steps, "
