@@ -79,9 +79,10 @@ CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn2"]
 
 PRESETS: Dict[str, Preset] = {
-    "demo": Preset(cases=16, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
-                   steps_2d=60, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=3, steps_3d=100, lr=1e-3,
-                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo", recipe=dict(val_cases=4)),
+    "demo": Preset(cases=24, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=3,
+                   steps_2d=100, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=4, steps_3d=200, lr=1e-3,
+                   variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo",
+                   phantom=dict(nodules_per_case=[2, 6], negatives=0.1), recipe=dict(hard_fraction=0.3, val_cases=4)),
     "cpu": Preset(cases=96, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
                   epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=10, steps_3d=250, lr=1e-3,
                   variants=CPU_VARIANTS, phantom=dict(nodules_per_case=[2, 6], negatives=0.1),
@@ -128,9 +129,12 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     meta = json.loads(dataset_json.read_text(encoding="utf-8"))
     have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
     want = dict(preset.phantom, size=preset.size, n_cases=preset.cases, seed=seed)
-    if any(have.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in want.items()):
-        raise ValueError(f"{data_dir} holds another phantom than this preset's ({want}); move it away and run "
-                         f"again to generate the preset's phantom there")
+    differ = {k: have.get(k) for k, v in want.items() if have.get(k) != (list(v) if isinstance(v, tuple) else v)}
+    if differ:
+        found = ", ".join(f"{k} {v}" for k, v in differ.items())
+        wanted = ", ".join(f"{k} {want[k]}" for k in differ)
+        cli.warn(PROG, f"{data_dir} holds another phantom than this preset's ({found} instead of {wanted}); using "
+                       f"it as it is (move it away to generate the preset's phantom there)")
     cache_dataset(dataset_json)
     return dataset_json
 
