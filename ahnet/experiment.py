@@ -6,8 +6,8 @@
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
 a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0). Each
-variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed for a reader
-who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
+variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed
+for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
 step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped.
 Under ``torchrun`` (README "Scaling up") every variant trains on all ranks; rank 0 prepares the data first and
