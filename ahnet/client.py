@@ -193,8 +193,7 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
     ap.add_argument("--batch", type=int, default=4, help="windows per request")
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
-    ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
-                    help="mask threshold on probability, in [0, 1]")
+    ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability, in [0, 1]")
     add_candidate_arguments(ap)
     ap.add_argument("--retries", type=int, default=3, help="retries of a refused connection")
     ap.add_argument("--retry-wait", type=float, default=1.0, help="seconds between retries")
@@ -209,6 +208,8 @@ def _check(a) -> None:
         raise ClientError(f"--overlap {a.overlap} must lie in [0, 1)")
     if a.batch < 1:
         raise ClientError(f"--batch {a.batch} must be >= 1")
+    if not 0 <= a.threshold <= 1:
+        raise ClientError(f"--threshold {a.threshold} must be a probability in [0, 1]")
     if a.retries < 0 or a.retry_wait < 0 or a.timeout <= 0:
         raise ClientError("--retries and --retry-wait must be >= 0 and --timeout > 0")
     cli.check_output_dir(a.out, "--out")
