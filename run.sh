@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one entry point for people. Usage: bash run.sh <command> [args...]
 #   setup      create .venv (unless an environment is active) and install the package with its test extras
-#   test       run the test suite (sets up first, with the MONAI peer so its equivalence tests run)
+#   test       run the test suite (sets up first, with the MONAI peer and the serve extra: all tests run)
 #   data       generate the phantom dataset + its cache (python -m ahnet.data.phantom --help)
 #   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
 #   evaluate   per-type evaluation report               (python -m ahnet.evaluate --help)
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
-#   bench      benchmarks against MONAI's AHNet         (python -m ahnet.bench --help)
+#   bench      benchmarks against MONAI's AHNet; --serving: Triton (python -m ahnet.bench --help)
+#   serve      Triton server for an exported ensemble   (python -m ahnet.serve --help; export: python -m ahnet.export)
 #   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.bench.gpucheck --help; no setup, no network)
 #   gpu-wheels download the wheels gpu-check installs on a bare GPU machine into .whl/ (carry .whl/ there)
 set -euo pipefail
@@ -67,7 +68,7 @@ cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup)    setup test ;;
-  test)     setup "test,peer"; exec "$PY" -m pytest -q "$@" ;;
+  test)     setup "test,peer,serve"; exec "$PY" -m pytest -q "$@" ;;   # peer and serve: MONAI and Triton tests run
   data)     # generate the phantom (default data/phantom), then its HDF5 cache where training looks (ahnet.paths)
             setup test
             out=""; prev=""
@@ -79,12 +80,14 @@ case "$cmd" in
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
   demo)     setup test; exec "$PY" -m ahnet.experiment --preset demo "$@" ;;
-  bench)    setup "test,peer"; exec "$PY" -m ahnet.bench "$@" ;;
+  bench)    extras="test,peer"; [[ " $* " == *" --serving "* ]] && extras="test,peer,serve"   # the serving section
+            setup "$extras"; exec "$PY" -m ahnet.bench "$@" ;;
+  serve)    setup "test,serve"; exec "$PY" -m ahnet.serve "$@" ;;
   gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.bench.gpucheck "$@" ;;
   gpu-wheels) setup test
             "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
               --no-deps -d .whl "${GPU_WHEELS[@]}"
             ls -l .whl ;;
-  help|-h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
 esac

@@ -37,7 +37,6 @@ This module imports the inference stage only, never the evaluation modules.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +138,9 @@ def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
 
 
 def _progress(items, **kw):
+    """A progress bar on stderr, unless cli.quiet() (CI, or stderr is no terminal: an error line stays alone)."""
     from tqdm import tqdm
-    quiet = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-    return tqdm(items, disable=quiet, file=sys.stderr, **kw)
+    return tqdm(items, disable=cli.quiet(), file=sys.stderr, **kw)
 
 
 def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "auto", threshold: float = 0.5,

@@ -1,4 +1,6 @@
 """ahnet.cli: one error line on stderr and exit code 2, for usage errors and input errors alike."""
+import re
+
 import pytest
 import torch
 
@@ -61,14 +63,16 @@ def test_every_user_facing_command_has_a_console_script():
     lines = [ln.strip() for ln in cfg["options.entry_points"]["console_scripts"].splitlines() if ln.strip()]
     scripts = dict(ln.split(" = ") for ln in lines)
     assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
-                            "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench"}
+                            "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench", "ahnet-export",
+                            "ahnet-serve", "ahnet-client"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
 
 
 @pytest.mark.parametrize("module", ["ahnet.train.cli", "ahnet.pipeline", "ahnet.experiment", "ahnet.evaluate.cli",
-                                    "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__"])
+                                    "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__", "ahnet.bench.cli",
+                                    "ahnet.export", "ahnet.client", "ahnet.serve.bench"])
 def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:
@@ -76,4 +80,4 @@ def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("unrecognized arguments: --no-such-flag" in err or "are required" in err)
-    assert err.startswith(module.replace(".cli", "").replace(".__main__", "") + ": error:")
+    assert err.startswith(re.sub(r"\.(cli|__main__)$", "", module) + ": error:")

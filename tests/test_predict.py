@@ -191,6 +191,7 @@ def test_folder_and_dataset_json_inputs(world, capsys, monkeypatch):
     (d / "notes.txt").write_text("not an image")
     out = world["d"] / "out_folder"
     monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)     # a person at a terminal
     assert pr.main(["--input", str(d), "--runs", str(world["runs"]["a"]), "--out", str(out),
                     "--threshold", "0.0", "--candidates", "components", "--candidate-threshold", "0"]) == 0
     assert "predict" in capsys.readouterr().err                       # the tqdm bar over cases

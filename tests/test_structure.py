@@ -11,7 +11,8 @@ earlier ones, never a later one.
     infer     ahnet.infer.*
     evaluate  froc, segmetrics, ahnet.evaluate (the package: the library)
     report    report
-    cli       predict, pipeline, experiment, bench, ahnet.evaluate.cli / __main__, weights_transfer
+    cli       predict, pipeline, experiment, bench, ahnet.evaluate.cli / __main__, export, serve.*, client,
+              weights_transfer
 """
 import ast
 from pathlib import Path
@@ -31,7 +32,8 @@ STAGE_OF = {
     "ahnet.froc": "evaluate", "ahnet.segmetrics": "evaluate", "ahnet.evaluate": "evaluate",
     "ahnet.report": "report",
     "ahnet.predict": "cli", "ahnet.pipeline": "cli", "ahnet.experiment": "cli", "ahnet.bench": "cli",
-    "ahnet.evaluate.cli": "cli", "ahnet.evaluate.__main__": "cli", "weights_transfer": "cli",
+    "ahnet.evaluate.cli": "cli", "ahnet.evaluate.__main__": "cli", "ahnet.export": "cli", "ahnet.serve": "cli",
+    "ahnet.client": "cli", "weights_transfer": "cli",
     "ahnet.train.cli": "cli", "ahnet.train.__main__": "cli",
 }
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80

@@ -1,5 +1,7 @@
 """``python -m ahnet.bench``: parse and check the options, run each planned measurement in its own process,
-print the table and write ``bench_results/bench-<time>.json``."""
+print the table and write ``bench_results/bench-<time>.json``. ``--serving`` runs the serving section instead
+(ahnet.serve.bench: in-process inference against Triton + PyTorch and Triton + ONNX Runtime; the serve extra),
+with that section's options; errors either way are one line ``ahnet.bench: error: ...`` and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,10 @@ DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = cli.Parser(PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--serving", action="store_true",
+                   help="the serving section instead: in-process inference against Triton + PyTorch and Triton + "
+                        "ONNX Runtime for an exported model (needs the serve extra; its options: "
+                        "python -m ahnet.bench --serving --help)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--patch", type=int, nargs=3, default=[32, 128, 128], metavar=("D", "H", "W"),
                    help="training patch in our (D, H, W); MONAI gets W x H x D")
@@ -131,6 +137,11 @@ def write_results(args, device: torch.device, results: list, rows: list, wall_s:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--serving" in argv:
+        from ..serve.bench import main as serving_main
+        argv.remove("--serving")
+        return serving_main(argv, prog=PROG)
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
@@ -144,14 +155,12 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
         plan = build_plan(args, device)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail(PROG, exc)
     try:
         import monai  # noqa: F401
     except ImportError:
-        print(f"{PROG}: error: the benchmarks need MONAI, the optional extra 'peer' "
-              "(pip install -e '.[peer]', or bash run.sh bench)", file=sys.stderr)
-        return 2
+        return cli.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
+                              "bash run.sh bench)")
     t0 = time.time()
     results = run_plan(plan, args.threads, args.timeout)
     rows = summarise(results)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .pooling import adaptive_max_pool3d, max_pool3d
+from .pooling import adaptive_max_pool3d, grid_max_pool, max_pool3d
 
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
 
@@ -92,7 +92,9 @@ class PyramidPooling(nn.Module):
     When H and W are multiples of the finest grid the windows nest, and the pooling is done once on the full
     map (to the finest grid) and then on that small map for each coarser grid: the same maxima, and one
     full-size max-pool backward instead of `depth` (each of which writes and accumulates a full-size
-    gradient). Other sizes pool each level from the full map (adaptive windows that may overlap).
+    gradient). Other sizes pool each level from the full map (adaptive windows that may overlap). Under
+    torch.export (and so ONNX export) the finest grid is pooled by ``grid_max_pool`` instead: the same values,
+    with a block size that stays symbolic, so one exported graph serves every window size.
     """
 
     def __init__(self, cin: int, depth: int = 4, mode: str = "trilinear"):
@@ -114,7 +116,10 @@ class PyramidPooling(nn.Module):
         finest = self.grids[-1]
         if h % finest or w % finest:
             return [adaptive_max_pool3d(x, (d, g, g)) for g in self.grids]
-        maps = [max_pool3d(x, (1, h // finest, w // finest))]
+        if torch.compiler.is_exporting():
+            maps = [grid_max_pool(x, finest)]
+        else:
+            maps = [max_pool3d(x, (1, h // finest, w // finest))]
         for g in reversed(self.grids[:-1]):
             maps.insert(0, max_pool3d(maps[0], (1, 2, 2)))
         return maps

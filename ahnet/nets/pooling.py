@@ -5,6 +5,8 @@ bfloat16 value, so nothing is gained, and in AH-Net the float32 result spreads: 
 stages and every skip connection added to them turn the decoder float32, doubling its activation memory and
 slowing it (paper_notes/performance.md). These pools run with autocast off, in the input's own dtype: the same
 values and gradients as float32 pooling of the same inputs, in float32 runs the same op as nn.MaxPool*d.
+
+``grid_max_pool`` is the pyramid's block pooling written as a reshape and a maximum, for exported graphs (below).
 """
 from __future__ import annotations
 
@@ -39,3 +41,17 @@ def adaptive_max_pool3d(x: torch.Tensor, size) -> torch.Tensor:
     """F.adaptive_max_pool3d(x, size) in x's dtype."""
     with _no_autocast(x):
         return F.adaptive_max_pool3d(x, size)
+
+
+def grid_max_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N, C, D, grid, grid): the maximum over each of the grid x grid equal in-plane blocks (H
+    and W divisible by ``grid``), by a reshape and ``amax``; the same values as max_pool3d(x, (1, H // grid,
+    W // grid)), in x's dtype.
+
+    For exported graphs (torch.export, ONNX): a max-pool kernel is a constant there (ONNX MaxPool's kernel_shape
+    is an attribute), so a kernel computed from the input size is frozen at the example's size, while this graph
+    keeps the block size symbolic. Not for eager runs: on a CPU it is 2-20x slower than max_pool3d (channels-last
+    most), and its gradient splits among tied maxima where max_pool3d's goes to the first.
+    """
+    n, c, d, h, w = x.shape
+    return x.reshape(n, c, d, grid, h // grid, grid, w // grid).amax(dim=(4, 6))

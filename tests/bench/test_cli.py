@@ -57,3 +57,12 @@ def test_an_empty_plan_writes_its_results(tmp_path, capsys):
     assert bench.main(argv) == 0
     written = list(tmp_path.iterdir())
     assert len(written) == 1 and written[0].name.startswith("bench-") and written[0].suffix == ".json"
+
+
+def test_serving_section_without_the_serve_extra_is_an_error_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
+    assert bench.main(["--serving", "--models", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ahnet.bench: error: the serving benchmark needs the serve extra")

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ahnet.nets.blocks import PyramidPooling
+from ahnet.nets.pooling import grid_max_pool
 
 
 def _per_level_adaptive(x, depth):
@@ -40,6 +41,35 @@ def test_pyramid_at_64_matches_the_papers_fixed_windows():
     maps = PyramidPooling(3, depth=4).pooled_maps(x)
     for m, window in zip(maps, (64, 32, 16, 8)):
         assert torch.equal(m, F.max_pool3d(x, (1, window, window)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grid_max_pool_equals_max_pool3d(dtype, channels_last):
+    torch.manual_seed(0)
+    for x in (torch.randn(2, 3, 4, 32, 48), torch.randint(0, 3, (2, 3, 4, 32, 48)).float()):   # ties too
+        x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        for g in (1, 2, 8, 16):
+            got = grid_max_pool(x, g)
+            assert got.dtype == dtype and torch.equal(got, F.max_pool3d(x, (1, 32 // g, 48 // g)))
+
+
+def test_exported_pyramid_pools_by_blocks_and_keeps_every_size():
+    """torch.export (the way to ONNX) gets the reshape-and-max pooling: one graph, right at every size; eager runs
+    keep max_pool3d."""
+    torch.manual_seed(0)
+    pyramid = PyramidPooling(3, depth=3).eval()
+    n, d, h, w = (torch.export.Dim(k, min=1, max=64) for k in "ndhw")
+    ep = torch.export.export(pyramid, (torch.randn(2, 3, 2, 16, 32),),
+                             dynamic_shapes={"x": {0: n, 2: d, 3: 8 * h, 4: 8 * w}})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("amax" in o for o in ops) and not any("max_pool3d" in o for o in ops), ops
+    for shape in [(2, 3, 2, 16, 32), (1, 3, 3, 40, 24), (3, 3, 1, 64, 8)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.allclose(ep.module()(x), pyramid(x), rtol=0, atol=1e-6), shape
 
 
 def test_pyramid_depth_zero_is_identity_concat():
