@@ -226,6 +226,7 @@ def _main(a) -> int:
     conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
     conn.ready()
     model = a.model or model_info(conn)["name"]
+    conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
     res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
                     threshold=a.threshold, candidates=rule_from_arguments(a))
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "

@@ -336,7 +336,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "setting lr = 'x': expected float"),
     # --------------------------------------------------------------------------------------------- predict
     ("predict", "threshold 2", lambda c: pr(c, "--threshold", "2"), "argument --threshold"),
-    ("predict", "min distance nan", lambda c: pr(c, "--min-distance-mm", "nan"), "argument --min-distance-mm"),
+    ("predict", "min distance nan", lambda c: pr(c, "--min-distance-mm", "nan"), "min_distance_mm nan must be > 0"),
     ("predict", "overlap 1", lambda c: pr(c, "--overlap", "1"), "argument --overlap"),
     ("predict", "sw batch 0", lambda c: pr(c, "--sw-batch", "0"), "argument --sw-batch"),
     ("predict", "window 0", lambda c: pr(c, "--window", "0", "0", "0"), "argument --window"),

@@ -38,7 +38,10 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def _same_outputs(a, b, cases):
+def _same_outputs(a, b, cases, mm=1e-3):
+    """Same maps (<= 1e-4), masks and candidates; candidate centres within ``mm`` (sub-voxel centres are
+    probability-weighted over a support region cut at half the peak, so a map 1e-5 off, as ONNX Runtime's
+    float32 arithmetic is, may move a centre by a few hundredths of a mm)."""
     for c in cases:
         pa, pb = nib.load(a / f"{c}_prob.nii.gz"), nib.load(b / f"{c}_prob.nii.gz")
         assert np.allclose(pa.affine, pb.affine, atol=1e-6)
@@ -52,7 +55,7 @@ def _same_outputs(a, b, cases):
         assert x["seriesuid"] == y["seriesuid"]
         assert abs(float(x["probability"]) - float(y["probability"])) <= 1e-4
         for k in ("coordX", "coordY", "coordZ"):
-            assert abs(float(x[k]) - float(y[k])) <= 1e-3, (x, y)
+            assert abs(float(x[k]) - float(y[k])) <= mm, (x, y)
 
 
 def test_client_writes_what_predict_writes(server, cv, scans, tmp_path):
@@ -252,7 +255,7 @@ def test_onnx_backend_serves_the_same_and_sigterm_stops_everything(cv, scans, tm
         assert predict.main(["--runs", str(cv.parent / "cv-fold0"), "--input", str(scans), "--out", str(ref)]) == 0
         p = _client("--url", s.url, "--input", str(scans), "--out", str(tmp_path / "client"))
         assert p.returncode == 0, p.stderr
-        _same_outputs(ref, tmp_path / "client", ["scan0", "scan1"])
+        _same_outputs(ref, tmp_path / "client", ["scan0", "scan1"], mm=0.1)    # 0.1 mm: 1/7 of a 0.7 mm pixel
         tree = process_tree(s.proc.pid)
         assert tree, "tritonserver and its stubs run below the server"
         t0 = time.monotonic()
