@@ -41,7 +41,7 @@ def _rows(path):
 def _same_outputs(a, b, cases, mm=1e-3):
     """Same maps (<= 1e-4), masks and candidates; candidate centres within ``mm`` (sub-voxel centres are
     probability-weighted over a support region cut at half the peak, so a map 1e-5 off, as ONNX Runtime's
-    float32 arithmetic is, may move a centre: by 0.5 mm on an untrained model's nearly flat map)."""
+    float32 arithmetic is, may move a centre: by up to 1.4 mm on a barely trained model's nearly flat map)."""
     for c in cases:
         pa, pb = nib.load(a / f"{c}_prob.nii.gz"), nib.load(b / f"{c}_prob.nii.gz")
         assert np.allclose(pa.affine, pb.affine, atol=1e-6)
@@ -255,9 +255,10 @@ def test_onnx_backend_serves_the_same_and_sigterm_stops_everything(cv, scans, tm
         assert predict.main(["--runs", str(cv.parent / "cv-fold0"), "--input", str(scans), "--out", str(ref)]) == 0
         p = _client("--url", s.url, "--input", str(scans), "--out", str(tmp_path / "client"))
         assert p.returncode == 0, p.stderr
-        # centres within 1 mm (under one 2.5 mm slice): this untrained fold's map is nearly flat, so the support
-        # region that refines a centre (p >= half the peak) gains or loses voxels on a 1e-5 change of the map
-        _same_outputs(ref, tmp_path / "client", ["scan0", "scan1"], mm=1.0)
+        # maps within 1e-4 and the same masks, candidates and scores; centres within one 2.5 mm slice: this barely
+        # trained fold's map is nearly flat, so the support region that refines a centre (p >= half the peak)
+        # gains or loses voxels on a 1e-5 change of the map (measured: up to 1.4 mm); the PyTorch backend: 1e-3 mm
+        _same_outputs(ref, tmp_path / "client", ["scan0", "scan1"], mm=2.5)
         tree = process_tree(s.proc.pid)
         assert tree, "tritonserver and its stubs run below the server"
         t0 = time.monotonic()
