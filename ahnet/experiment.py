@@ -296,7 +296,8 @@ def run_experiment(args) -> int:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
-        ["--window", *map(str, preset.window)] if preset.window else [])
+        ["--window", *map(str, preset.window)] if preset.window else []) + (
+        ["--amp", fast_amp(args.device), "--channels-last"] if fast_amp(args.device) != "off" else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
     rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
