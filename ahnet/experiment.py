@@ -117,6 +117,12 @@ def data_spacing(dataset_json: Path) -> List[float]:
     return [round(float(s), 4) for s in read_scan(cases[0]["image"]).spacing]
 
 
+def stored_phantom(dataset_json: Path) -> dict:
+    """What a generated phantom's dataset.json says it is: its PhantomOptions, n_cases and seed."""
+    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
+    return dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+
+
 def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """Generate the phantom into ``data_dir`` (unless its dataset.json exists) and build its cache; returns the
     dataset.json."""
@@ -125,8 +131,7 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     if not dataset_json.is_file():
         print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
         generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size, **preset.phantom)
-    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
-    have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+    have = stored_phantom(dataset_json)
     want = dict(preset.phantom, size=preset.size, n_cases=preset.cases, seed=seed)
     differ = {k: have.get(k) for k, v in want.items() if have.get(k) != (list(v) if isinstance(v, tuple) else v)}
     if differ:
@@ -146,9 +151,8 @@ def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
     dataset_json = data_dir / paths.DATASET
     if not preset.test_phantom or not dataset_json.is_file():
         return
-    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
     want = test_phantom_options(preset.test_phantom)
-    have = dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
+    have = stored_phantom(dataset_json)
     keys = ("size", "slices", "thickness", "spacing", "negatives", "exact", "n_cases")
     npc = have.get("nodules_per_case")
     same = all(have.get(k) == want[k] for k in keys) and have["seed"] == held_out_seed(seed) and \
@@ -294,15 +298,16 @@ def run_experiment(args) -> int:
     eval_json = dataset_json
     if (preset.test_phantom or preset.test_cases > 0) and not args.data:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
+    amp = fast_amp(args.device)                        # evaluation in the training runs' precision
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else []) + (
-        ["--amp", fast_amp(args.device), "--channels-last"] if fast_amp(args.device) != "off" else [])
+        ["--amp", amp, "--channels-last"] if amp != "off" else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
     rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
-                              n_bootstrap=args.bootstrap, window=preset.window, amp=fast_amp(args.device),
-                              channels_last=fast_amp(args.device) != "off",
+                              n_bootstrap=args.bootstrap, window=preset.window, amp=amp,
+                              channels_last=amp != "off",
                               title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")

@@ -19,29 +19,12 @@ import torch.nn as nn
 from ahnet.config import TrainConfig
 from ahnet.train import TrainingDiverged, train
 from ahnet.train.dist import run_command
+from tests._tiny import TinyPatches
 
 
-class TinyPatches(torch.utils.data.Dataset):
-    """A bright block on noise; item i is a pure function of (seed, epoch, i)."""
-
-    def __init__(self, n, patch, seed=0):
-        self.n, self.patch, self.seed, self.epoch = n, tuple(patch), seed, 0
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
-        d, h, w = self.patch
-        img = torch.rand(1, d, h, w, generator=g) * 0.3
-        lab = torch.zeros(1, d, h, w)
-        z = int(torch.randint(0, max(1, d - 2), (1,), generator=g))
-        y, x = (int(v) for v in torch.randint(0, h - 6, (2,), generator=g))
-        lab[:, z:z + 2, y:y + 6, x:x + 6] = 1
-        return {"image": img + 0.7 * lab, "label": lab}
+def tiny_patches(n, patch, seed):
+    """The worker's data: TinyPatches with 2 x 6 x 6 blocks."""
+    return TinyPatches(n, patch, seed=seed, block=(2, 6, 6))
 
 
 class TinyBN(nn.Module):
@@ -68,7 +51,7 @@ class TinyBN(nn.Module):
 
 
 def datasets(cfg):
-    return TinyPatches(12, cfg.patch_size, seed=cfg.seed), TinyPatches(4, cfg.patch_size, seed=cfg.seed + 1)
+    return tiny_patches(12, cfg.patch_size, cfg.seed), tiny_patches(4, cfg.patch_size, cfg.seed + 1)
 
 
 def main() -> int:

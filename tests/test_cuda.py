@@ -32,7 +32,7 @@ from ahnet.nets import build_model  # noqa: E402
 from ahnet.precision import to_channels_last  # noqa: E402
 from ahnet.train import train  # noqa: E402
 
-from ._ddp_worker import TinyBN, TinyPatches  # noqa: E402
+from ._ddp_worker import TinyBN, tiny_patches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REHEARSAL = not torch.cuda.is_available() and os.environ.get("AHNET_CUDA_TESTS_ON_CPU") == "1"
@@ -61,7 +61,7 @@ def _cfg(tmp, name, device, upsample="nearest", **kw) -> TrainConfig:
 
 
 def _data(cfg):
-    return TinyPatches(16, cfg.patch_size, seed=cfg.seed), TinyPatches(2, cfg.patch_size, seed=cfg.seed + 1)
+    return tiny_patches(16, cfg.patch_size, cfg.seed), tiny_patches(2, cfg.patch_size, cfg.seed + 1)
 
 
 def _net(device, kw: dict) -> torch.nn.Module:
@@ -302,7 +302,7 @@ def test_two_gpus_with_sync_batchnorm_equal_one_gpu_with_the_whole_batch(tmp_pat
     assert p.returncode == 0, p.stderr[-3000:]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     one = TrainConfig(**dict(run, out=str(tmp_path / "one")))
-    train(one, datasets=(TinyPatches(12, one.patch_size, 5), TinyPatches(4, one.patch_size, 6)),
+    train(one, datasets=(tiny_patches(12, one.patch_size, 5), tiny_patches(4, one.patch_size, 6)),
           builder=lambda name, **kw: TinyBN(**kw))
     a, b = (_tensors(load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")) for n in ("one", "two"))
     worst = max(float((a[k].double().cpu() - b[k].double().cpu()).abs().max()) for k in a)

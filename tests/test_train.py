@@ -17,29 +17,7 @@ from ahnet.train.cli import main
 from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, make_optimizer,
                          split_batch_2d, train, train_all_folds)
 
-
-class TinyPatches(torch.utils.data.Dataset):
-    """A bright cube on noise; item i is a pure function of (seed, epoch, i)."""
-
-    def __init__(self, n, patch, seed=0):
-        self.n, self.patch, self.seed, self.epoch = n, tuple(patch), seed, 0
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
-        d, h, w = self.patch
-        img = torch.rand(1, d, h, w, generator=g) * 0.3
-        lab = torch.zeros(1, d, h, w)
-        z = int(torch.randint(0, max(1, d - 2), (1,), generator=g))
-        y, x = (int(v) for v in torch.randint(0, h - 8, (2,), generator=g))
-        lab[:, z:z + 3, y:y + 8, x:x + 8] = 1
-        img = img + 0.7 * lab
-        return {"image": img, "label": lab}
+from ._tiny import TinyPatches
 
 
 class Tiny3d(nn.Module):
