@@ -120,6 +120,9 @@ class TrainConfig:
     focal_alpha: float = _f(0.25, "focal loss foreground weight alpha (background gets 1 - alpha)")
     focal_gamma: float = _f(2.0, "focal loss focusing exponent gamma")
     dice_smooth: float = _f(1e-5, "soft Dice smoothing added to numerator and denominator")
+    dice_per_patch: bool = _f(False, "soft Dice per patch, averaged over the patches that hold foreground (each "
+                                     "nodule patch weighs alike, whatever the nodule's size), instead of one Dice "
+                                     "over the whole batch")
     # numerics and device
     amp: str = _f("auto", "mixed precision: auto = fp16 + GradScaler on CUDA, off on CPU; bf16 = bfloat16 "
                           "autocast (CUDA or CPU; about 1.5x faster than float32 on a CPU with native bfloat16, "

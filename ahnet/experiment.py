@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -64,6 +65,7 @@ class Preset:
     unet_base: int = 16
     window: Optional[List[int]] = None   # evaluation window; None = each run's training patch (the adaptive
                                          # pyramid pools over the window, so it sees what it saw in training)
+    jobs: int = 1                        # trainings side by side on a CPU (each on its share of the cores)
     phantom: Dict = field(default_factory=dict)  # options of the training phantom (PhantomOptions fields)
     recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
                                                  # early stopping); paper_notes/results.md measures them
@@ -73,19 +75,20 @@ class Preset:
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
-# The cpu preset's comparison within its 2-hour budget (each 3D run ~16 min on 2 cores): the pyramid ablated
-# (depth 0) against the paper's depth 4; depths 1-3 on request with --variants.
+# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~36 min a 3D
+# run): the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 on request with --variants.
 CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
 
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=32, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=4,
-                   steps_2d=100, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=200, lr=1e-3,
+                   steps_2d=100, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=250, lr=1e-3,
                    variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo",
-                   phantom=dict(nodules_per_case=[2, 6], negatives=0.1), recipe=dict(hard_fraction=0.3, val_cases=4)),
+                   phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
+                   recipe=dict(hard_fraction=0.3, val_cases=4, dice_per_patch=True)),
     "cpu": Preset(cases=96, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
-                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=10, steps_3d=250, lr=1e-3,
-                  variants=CPU_VARIANTS, phantom=dict(nodules_per_case=[2, 6], negatives=0.1),
-                  recipe=dict(hard_fraction=0.3, val_cases=10, patience=3)),
+                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=10, steps_3d=500, lr=1e-3,
+                  variants=CPU_VARIANTS, jobs=2, phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
+                  recipe=dict(hard_fraction=0.3, val_cases=10, patience=3, dice_per_patch=True)),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
@@ -244,9 +247,123 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch of all ranks (python -m ahnet.train --help)")
+    p.add_argument("--jobs", type=cli.number(int, 1, 64),
+                   help="trainings side by side on a CPU, each in its own process on its share of the cores "
+                        "(default: the preset's, cpu: 2; 1 on CUDA and under torchrun); a transferred variant "
+                        "waits for the 2D stage")
     p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
     return p
+
+
+def training_jobs(asked: Optional[int], preset: Preset, device, world: int) -> int:
+    """How many trainings run at once: --jobs, else the preset's on a CPU and 1 on CUDA or under torchrun."""
+    if asked is not None and asked > 1 and (device.type != "cpu" or world > 1):
+        raise ValueError(f"--jobs {asked} runs trainings side by side on a CPU's cores; on {device} "
+                         f"{'under torchrun ' if world > 1 else ''}use --jobs 1")
+    if asked is not None:
+        return asked
+    return preset.jobs if device.type == "cpu" and world == 1 else 1
+
+
+def training_plan(variants: List[str]) -> Dict[str, Optional[str]]:
+    """Each variant and the run it must wait for (transferred variants: the 2D stage), in the given order."""
+    return {v: "mcgcn-2d" if parse_variant(v)[1] == "transfer" and "mcgcn-2d" in variants else None
+            for v in variants}
+
+
+def run_when_ready(plan: Dict[str, Optional[str]], start, jobs: int) -> None:
+    """Run ``plan``'s items, at most ``jobs`` at once, each once the item it waits for has ended well.
+    ``start(name)`` -> an object with ``done()`` and ``result()`` (raises the item's failure); on a failure or
+    Ctrl-C, ``stop()`` of the running ones is called (when they have one) and the first error re-raised."""
+    waiting, running, ended = list(plan), {}, set()
+    try:
+        while waiting or running:
+            for v in [v for v in waiting if plan[v] is None or plan[v] in ended][:max(0, jobs - len(running))]:
+                waiting.remove(v)
+                running[v] = start(v)
+            for v in [v for v, job in running.items() if job.done()]:
+                running.pop(v).result()
+                ended.add(v)
+            if running:
+                time.sleep(0.2)
+    except BaseException:
+        for job in running.values():
+            getattr(job, "stop", lambda: None)()
+        raise
+
+
+class _Job:
+    """One variant's training in a spawned process (``_train_in_child``), on ``threads`` CPU threads."""
+
+    def __init__(self, variant: str, cfg: TrainConfig, threads: int):
+        import multiprocessing
+
+        self.variant, self.t0 = variant, time.time()
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=_train_in_child, args=(variant, cfg, threads), name=variant)
+        self.proc.start()
+
+    def done(self) -> bool:
+        return not self.proc.is_alive()
+
+    def result(self) -> None:
+        self.proc.join()
+        if self.proc.exitcode == 3:
+            raise TrainingDiverged(f"{self.variant} stopped: its training diverged (its error line above)")
+        if self.proc.exitcode != 0:
+            raise RuntimeError(f"{self.variant}'s training ended with exit code {self.proc.exitcode} (its error "
+                               f"line above); run the experiment again to resume it")
+        print(f"[experiment] {self.variant} trained in {time.time() - self.t0:.0f} s", flush=True)
+
+    def stop(self) -> None:
+        """Ctrl-C for the child (its run stays resumable), then wait for it to leave."""
+        import signal
+
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGINT)
+        self.proc.join()
+
+
+def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.stdout = _LinePrefix(sys.stdout, f"[{variant}] ")
+    def body() -> None:
+        train(cfg, validator_for=make_validator)
+
+    sys.exit(cli.run(f"{PROG} ({variant})", body, {TrainingDiverged: 3}))
+
+
+class _LinePrefix:
+    """A text stream that starts each line with ``prefix`` (the variant's name on shared output)."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_start else "") + piece)
+            self.at_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> None:
+    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly."""
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    for v, cfg in configs.items():
+        print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
+    print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
+          flush=True)
+    run_when_ready(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs)
 
 
 def main(argv=None) -> int:
@@ -273,6 +390,7 @@ def run_experiment(args) -> int:
     t0 = time.time()
     ctx, device = dist.plan(args.device, resolve_device(args.device))
     dist.start(ctx, device)
+    jobs = training_jobs(args.jobs, preset, device, ctx.world_size)
     if args.data:
         dataset_json = Path(args.data)
         ctx.main_first(lambda: cache_dataset(dataset_json))
@@ -287,11 +405,14 @@ def run_experiment(args) -> int:
         preflight(cfg, sources=cfg.init != "transfer")
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
-    for v, cfg in configs.items():
-        print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
-        t = time.time()
-        train(cfg, validator_for=make_validator)
-        print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
+    if jobs == 1:
+        for v, cfg in configs.items():
+            print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
+            t = time.time()
+            train(cfg, validator_for=make_validator)
+            print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
+    else:
+        train_side_by_side(configs, jobs)
     if not ctx.is_main:
         return 0
     report = paths.run_paths(runs).report

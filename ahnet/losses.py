@@ -183,11 +183,17 @@ class DiceLoss(nn.Module):
     (C,) with batch=True or (N, C) with batch=False. ``sum_reduce`` (attribute, default None): with batch=True,
     a function applied to the stacked (intersection, denominator) sums; data-parallel training sets an
     autograd-aware all-reduce, so that the Dice is the global batch's over all ranks (ahnet.train.dist).
+    ``skip_empty`` (batch=False only): average the per-sample Dice over the (sample, channel) pairs whose target
+    holds foreground (none: loss 0), so a patch with a 4 mm nodule weighs as much as one with a 30 mm nodule and
+    empty patches are left to the voxel-wise loss; reduction "none" then gives NaN for the skipped pairs.
     """
 
     def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = True,
-                 include_background: bool = True, reduction: str = "mean"):
+                 include_background: bool = True, reduction: str = "mean", skip_empty: bool = False):
         super().__init__()
+        if skip_empty and batch:
+            raise ValueError("DiceLoss: skip_empty applies to the per-sample Dice (batch=False).")
+        self.skip_empty = bool(skip_empty)
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
         self.batch = bool(batch)
@@ -207,7 +213,13 @@ class DiceLoss(nn.Module):
             if self.batch and self.sum_reduce is not None:
                 inter, denom = self.sum_reduce(torch.stack([inter, denom])).unbind(0)
             dice = (2.0 * inter + self.smooth_nr) / (denom + self.smooth_dr)
-            return _reduce(1.0 - dice, self.reduction)
+            if not self.skip_empty:
+                return _reduce(1.0 - dice, self.reduction)
+            held = t.sum(dim=dims) > 0
+            if self.reduction == "none":
+                return torch.where(held, 1.0 - dice, torch.full_like(dice, float("nan")))
+            loss = ((1.0 - dice) * held).sum()
+            return loss / held.sum().clamp_min(1) if self.reduction == "mean" else loss
 
 
 class DiceFocalLoss(nn.Module):
@@ -215,10 +227,11 @@ class DiceFocalLoss(nn.Module):
 
     def __init__(self, alpha: float | Sequence[float] | None = 0.25, gamma: float = 2.0,
                  smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = True,
-                 include_background: bool = True, lambda_dice: float = 1.0, lambda_focal: float = 1.0):
+                 include_background: bool = True, lambda_dice: float = 1.0, lambda_focal: float = 1.0,
+                 skip_empty: bool = False):
         super().__init__()
         self.dice = DiceLoss(smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
-                             include_background=include_background)
+                             include_background=include_background, skip_empty=skip_empty)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
         self.lambda_dice = float(lambda_dice)
         self.lambda_focal = float(lambda_focal)
@@ -259,8 +272,12 @@ def build_loss(name: str, **kw) -> nn.Module:
     return cls(**kw)
 
 
-def loss_kwargs(name: str, focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_smooth: float = 1e-5) -> dict:
-    """The keyword arguments of loss ``name`` from a run's settings (focal alpha and gamma, Dice smoothing)."""
+def loss_kwargs(name: str, focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_smooth: float = 1e-5,
+                dice_per_patch: bool = False) -> dict:
+    """The keyword arguments of loss ``name`` from a run's settings (focal alpha and gamma, Dice smoothing, Dice
+    over the batch or per patch holding foreground)."""
     focal = {"alpha": focal_alpha, "gamma": focal_gamma}
     dice = {"smooth_nr": dice_smooth, "smooth_dr": dice_smooth}
+    if dice_per_patch:
+        dice.update(batch=False, skip_empty=True)
     return {"ce": {}, "focal": focal, "dice": dice, "dice_focal": {**focal, **dice}}[_canonical(name)]

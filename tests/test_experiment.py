@@ -124,3 +124,85 @@ def test_demo_and_cpu_evaluate_on_their_held_out_test_phantoms_and_refuse_anothe
                     (write(held_out_seed(0), o["nodules_per_case"]), 1)]:
         with pytest.raises(ValueError, match="holds another phantom than the 'demo' test phantom"):
             check_test_data(d, PRESETS["demo"], seed)
+
+
+class _FakeJob:
+    """A training that ends after ``polls`` calls of done(); records what ran at once."""
+
+    def __init__(self, name, log, running, polls=2, fail=False):
+        self.name, self.log, self.running, self.polls, self.fail, self.stopped = name, log, running, polls, fail, False
+        running.add(name)
+        log.append(("start", name, frozenset(running)))
+
+    def done(self):
+        self.polls -= 1
+        return self.polls <= 0
+
+    def result(self):
+        self.running.discard(self.name)
+        self.log.append(("end", self.name, frozenset(self.running)))
+        if self.fail:
+            raise RuntimeError(f"{self.name} failed")
+
+    def stop(self):
+        self.stopped = True
+        self.running.discard(self.name)
+
+
+def test_side_by_side_trainings_wait_for_the_2d_stage_and_never_exceed_jobs(monkeypatch):
+    from ahnet.experiment import run_when_ready, training_plan
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    variants = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
+    plan = training_plan(variants)
+    assert plan == {"mcgcn-2d": None, "ahnet-transfer": "mcgcn-2d", "ahnet-scratch": None,
+                    "unet3d-scratch": None, "ahnet-transfer-pfn0": "mcgcn-2d"}
+    log, running = [], set()
+    run_when_ready(plan, lambda v: _FakeJob(v, log, running, polls=1 if v == "mcgcn-2d" else 3), jobs=2)
+    starts = [e[1] for e in log if e[0] == "start"]
+    assert sorted(starts) == sorted(variants) and max(len(e[2]) for e in log) == 2
+    ended_before = {e[1]: {x[1] for x in log[:i] if x[0] == "end"} for i, e in enumerate(log) if e[0] == "start"}
+    assert "mcgcn-2d" in ended_before["ahnet-transfer"] and "mcgcn-2d" in ended_before["ahnet-transfer-pfn0"]
+    assert starts[:2] == ["mcgcn-2d", "ahnet-scratch"]          # the 2D stage's wait is filled by a scratch run
+
+    jobs, log, running = {}, [], set()
+
+    def start(v):
+        jobs[v] = _FakeJob(v, log, running, polls=1 if v == "mcgcn-2d" else 5, fail=v == "mcgcn-2d")
+        return jobs[v]
+    with pytest.raises(RuntimeError, match="mcgcn-2d failed"):
+        run_when_ready(plan, start, jobs=2)
+    assert set(jobs) == {"mcgcn-2d", "ahnet-scratch"} and jobs["ahnet-scratch"].stopped   # nothing after it
+
+
+def test_jobs_default_to_the_presets_on_a_cpu_and_refuse_cuda_and_torchrun():
+    import torch
+    from ahnet.experiment import training_jobs
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert PRESETS["cpu"].jobs == 2 and training_jobs(None, PRESETS["cpu"], cpu, 1) == 2
+    assert training_jobs(None, PRESETS["cpu"], cuda, 1) == 1 and training_jobs(None, PRESETS["cpu"], cpu, 2) == 1
+    assert training_jobs(3, PRESETS["demo"], cpu, 1) == 3
+    for device, world in [(cuda, 1), (cpu, 2)]:
+        with pytest.raises(ValueError, match="--jobs 2 runs trainings side by side on a CPU"):
+            training_jobs(2, PRESETS["cpu"], device, world)
+
+
+@pytest.mark.slow
+def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch, capfd):
+    """--jobs 2 on a tiny phantom: both scratch runs train in spawned processes (lines prefixed with their
+    name), finish, and the report holds both; a second call retrains nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CI", "true")
+    tiny = Preset(cases=4, size=96, encoder="resnet18", patch_2d=[3, 64, 64], batch_2d=2, epochs_2d=1, steps_2d=2,
+                  patch_3d=[16, 64, 64], batch_3d=1, epochs_3d=1, steps_3d=2, lr=1e-3,
+                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96], jobs=2)
+    monkeypatch.setitem(PRESETS, "demo", tiny)
+    argv = ["--preset", "demo", "--bootstrap", "0", "--device", "cpu"]
+    assert experiment.main(argv) == 0
+    out = capfd.readouterr().out
+    assert "[ahnet-scratch] [train]" in out and "[unet3d-scratch] [train]" in out
+    runs = Path("runs/phantom-demo")
+    report = json.loads((runs / "report/report.json").read_text(encoding="utf-8"))
+    assert set(report["models"]) == {"ahnet-scratch", "unet3d-scratch"}
+    done = {v: _files(runs / v / "checkpoints") for v in ("ahnet-scratch", "unet3d-scratch")}
+    assert experiment.main(argv) == 0
+    assert {v: _files(runs / v / "checkpoints") for v in done} == done

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ahnet.losses import (CrossEntropyLoss, DiceFocalLoss, DiceLoss, FocalLoss, build_loss)
+from ahnet.losses import (CrossEntropyLoss, DiceFocalLoss, DiceLoss, FocalLoss, build_loss, loss_kwargs)
 
 
 def _np_sigmoid(x):
@@ -91,6 +91,24 @@ def test_dice_matches_numpy(binary):
     per = [1 - (2 * (p[i] * t[i]).sum() + s) / (p[i].sum() + t[i].sum() + s) for i in range(2)]
     assert abs(DiceLoss(batch=False)(*binary).item() - np.mean(per)) < 1e-6
     assert DiceLoss(batch=False, reduction="none")(*binary).shape == (2, 1)
+
+
+def test_dice_per_patch_averages_the_patches_holding_foreground():
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 4, 6, 6)
+    t = torch.zeros(3, 1, 4, 6, 6)
+    t[0, 0, 1:3, 2:4, 2:4] = 1          # a small nodule
+    t[2, 0, :, 1:6, 0:5] = 1            # a large one; patch 1 is empty
+    p, tn, s = torch.sigmoid(x).numpy(), t.numpy(), 1e-5
+    per = [1 - (2 * (p[i] * tn[i]).sum() + s) / (p[i].sum() + tn[i].sum() + s) for i in (0, 2)]
+    loss = DiceLoss(batch=False, skip_empty=True)
+    assert abs(loss(x, t).item() - np.mean(per)) < 1e-6
+    none = DiceLoss(batch=False, skip_empty=True, reduction="none")(x, t)
+    assert torch.isnan(none[1, 0]) and abs(none[0, 0].item() - per[0]) < 1e-6
+    assert loss(x, torch.zeros_like(t)).item() == 0.0          # no foreground at all: the Dice term is silent
+    assert build_loss("dice_focal", **loss_kwargs("dice_focal", dice_per_patch=True)).dice.skip_empty
+    with pytest.raises(ValueError, match="skip_empty"):
+        DiceLoss(batch=True, skip_empty=True)
 
 
 def test_dice_empty_patch_is_zero_loss_and_smooth_documented():

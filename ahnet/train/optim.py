@@ -56,7 +56,8 @@ def make_optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, 
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-    loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.dice_smooth))
+    loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.dice_smooth,
+                                                   cfg.dice_per_patch))
     return opt, sched, scaler, loss_fn
 
 

@@ -22,7 +22,7 @@ HELD_OUT = dict(split=(0.0, 0.0, 1.0), negatives=0.0, balance=True, exact=True)
 # the sizes the experiment calls: the CPU preset's scans (192 x 192 at 0.7 mm, 40 slices of 2.5 mm)
 TEST_PHANTOMS = {
     "cpu": dict(n_cases=40, nodules_per_case=6, size=192, slices=40, thickness=2.5, spacing=0.7),
-    "demo": dict(n_cases=4, nodules_per_case=6, size=192, slices=40, thickness=2.5, spacing=0.7),
+    "demo": dict(n_cases=8, nodules_per_case=6, size=192, slices=40, thickness=2.5, spacing=0.7),
 }
 
 
