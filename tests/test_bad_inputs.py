@@ -418,6 +418,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "variant bogus", lambda c: ["--variants", "bogus"], "unknown variant 'bogus'"),
     ("experiment", "device bogus", lambda c: ["--device", "bogus", "--data", c.w.ds], "not a torch device"),
     ("experiment", "bootstrap negative", lambda c: ["--bootstrap", "-1"], "argument --bootstrap"),
+    ("experiment", "jobs zero", lambda c: ["--jobs", "0"], "argument --jobs"),
     ("experiment", "runs folder is a file", lambda c: c.file("runs") and ["--data", c.w.ds], "runs is a file"),
     ("experiment", "preset bogus", lambda c: ["--preset", "huge"], "argument --preset: invalid choice"),
     ("experiment", "unet3d transfer", lambda c: ["--variants", "unet3d-transfer"], "unet3d has no 2D counterpart"),

@@ -172,6 +172,8 @@ def test_side_by_side_trainings_wait_for_the_2d_stage_and_never_exceed_jobs(monk
     with pytest.raises(RuntimeError, match="mcgcn-2d failed"):
         run_when_ready(plan, start, jobs=2)
     assert set(jobs) == {"mcgcn-2d", "ahnet-scratch"} and jobs["ahnet-scratch"].stopped   # nothing after it
+    with pytest.raises(ValueError, match="ahnet-transfer wait for runs that are not planned"):
+        run_when_ready({"ahnet-transfer": "mcgcn-2d"}, start, jobs=2)
 
 
 def test_jobs_default_to_the_presets_on_a_cpu_and_refuse_cuda_and_torchrun():
