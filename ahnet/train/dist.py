@@ -382,7 +382,7 @@ def quiet_other_ranks() -> None:
 def run_command(prog: str, body: Callable[[], int | None], codes: Mapping[type, int] | None = None) -> int:
     """cli.run(prog, body, codes) for a command that may run under torchrun: ranks other than 0 print errors
     only, a lost peer exits 4, a failed rank leaves at once (a broken process group must not hang its exit) and
-    a finished one leaves the group."""
+    a finished one leaves the group and exits at once (status 0; no interpreter finalization, see below)."""
     quiet_other_ranks()
     try:
         rc = cli.run(prog, body, {**(codes or {}), DistributedError: PEER_FAILURE_EXIT})
@@ -395,9 +395,13 @@ def run_command(prog: str, body: Callable[[], int | None], codes: Mapping[type, 
             traceback.print_exc()
             rc = 1
     if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
         if rc:
-            sys.stdout.flush()
-            sys.stderr.flush()
             os._exit(rc)
         dist.destroy_process_group()
+        # A finished rank leaves without interpreter finalization: there gloo's worker threads can still hold
+        # work objects and abort the process ("terminate called without an active exception", SIGABRT; seen
+        # once in CI on a rank whose run had finished and been written). Every file is closed by now.
+        os._exit(0)
     return rc
