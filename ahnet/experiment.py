@@ -299,6 +299,15 @@ def run_when_ready(plan: Dict[str, Optional[str]], start, jobs: int) -> None:
         raise
 
 
+class TrainingFailed(Exception):
+    """A side-by-side training's process ended with a non-zero exit code: the code of ``python -m ahnet.train``
+    (its error line already printed), or minus the signal that killed it."""
+
+    def __init__(self, variant: str, code: int):
+        super().__init__(f"{variant}: exit code {code}")
+        self.variant, self.code = variant, code
+
+
 class _Job:
     """One variant's training in a spawned process (``_train_in_child``), on ``threads`` CPU threads."""
 
@@ -315,11 +324,8 @@ class _Job:
 
     def result(self) -> None:
         self.proc.join()
-        if self.proc.exitcode == 3:
-            raise TrainingDiverged(f"{self.variant} stopped: its training diverged (its error line above)")
         if self.proc.exitcode != 0:
-            raise RuntimeError(f"{self.variant}'s training ended with exit code {self.proc.exitcode} (its error "
-                               f"line above); run the experiment again to resume it")
+            raise TrainingFailed(self.variant, self.proc.exitcode)
         print(f"[experiment] {self.variant} trained in {time.time() - self.t0:.0f} s", flush=True)
 
     def stop(self) -> None:
@@ -336,6 +342,7 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
 
     torch.set_num_threads(threads)
     sys.stdout = _LinePrefix(sys.stdout, f"[{variant}] ")
+
     def body() -> None:
         train(cfg, validator_for=make_validator)
 
@@ -360,8 +367,10 @@ class _LinePrefix:
         return getattr(self.stream, name)
 
 
-def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> None:
-    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly."""
+def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> int:
+    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly. Returns 0, or
+    the exit code of the first training that failed (its process printed the one error line; the others are
+    stopped, resumable)."""
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
@@ -369,7 +378,14 @@ def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> None:
         print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
     print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
           flush=True)
-    run_when_ready(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs)
+    try:
+        run_when_ready(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs)
+    except TrainingFailed as e:
+        if e.code > 0:
+            return e.code
+        return cli.fail(PROG, f"{e.variant}'s training process was killed by signal {-e.code}; run the experiment "
+                              f"again to resume it", 1)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -418,7 +434,9 @@ def run_experiment(args) -> int:
             train(cfg, validator_for=make_validator)
             print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     else:
-        train_side_by_side(configs, jobs)
+        failed = train_side_by_side(configs, jobs)
+        if failed:
+            return failed
     if not ctx.is_main:
         return 0
     report = paths.run_paths(runs).report

@@ -208,3 +208,25 @@ def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch
     done = {v: _files(runs / v / "checkpoints") for v in ("ahnet-scratch", "unet3d-scratch")}
     assert experiment.main(argv) == 0
     assert {v: _files(runs / v / "checkpoints") for v in done} == done
+
+
+def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_traceback(monkeypatch, capsys):
+    """The child printed its own error line: the experiment adds none and exits with the child's code; a child
+    killed by a signal (nothing printed) gets one line naming the variant and the signal, exit 1."""
+    from ahnet.experiment import TrainingFailed, train_side_by_side
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    for code, want, line in [(2, 2, ""), (3, 3, ""), (-9, 1, "ahnet-scratch's training process was killed by "
+                                                              "signal 9; run the experiment again to resume it")]:
+        class Job:
+            def __init__(self, v, cfg, threads):
+                self.v = v
+
+            def done(self):
+                return True
+
+            def result(self):
+                raise TrainingFailed(self.v, code)
+        monkeypatch.setattr(experiment, "_Job", Job)
+        assert train_side_by_side({"ahnet-scratch": TrainConfig(out="x")}, 2) == want
+        err = capsys.readouterr().err
+        assert err == (f"ahnet.experiment: error: {line}\n" if line else "")
