@@ -11,7 +11,7 @@ for a reader who wants to rerun one); every transferred variant starts with the 
 step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the
 cpu preset trains two variants at a time, each in its own process on one core (``--jobs``; two 1-thread
-trainings move about 11.5 patches/s on 2 cores against 9 for one 2-thread training), a transferred variant
+trainings moved about 11.4 patches/s on this 2-core CPU against 9 for one 2-thread training), a transferred variant
 waiting for the 2D stage; lines of their output start with the variant's name.
 Under ``torchrun`` (README "Scaling up") every variant trains on all ranks; rank 0 prepares the data first and
 alone evaluates; the presets' batches must divide by the number of ranks (checked before any work).
