@@ -89,6 +89,10 @@ class TrainConfig:
     patch_size: list | None = _f(None, "patch D H W in voxels; default 3 128 128 for --stage 2d, "
                                        "32 128 128 for --stage 3d")
     pos_fraction: float = _f(0.5, "fraction of training patches centred on a nodule")
+    pos_weighting: str = _f("case", "how a nodule patch picks its nodule: case = a case with nodules, then one "
+                                    "of its nodules, uniformly; inverse-diameter = any nodule with probability "
+                                    "proportional to 1 / its diameter (small nodules drawn more often)",
+                            ["case", "inverse-diameter"])
     hard_fraction: float = _f(0.0, "fraction of the other (negative) patches centred on hard tissue: dense "
                                    "voxels (> -400 HU) within 3 in-plane voxels of aerated lung (< -600 HU) and "
                                    "away from nodules, i.e. vessels, airway walls, fissures and pleura "

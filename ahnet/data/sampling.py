@@ -3,9 +3,12 @@
 ``ds[i]`` is a pure function of (seed, epoch, i): the random generator is ``np.random.default_rng([seed, epoch,
 i])`` and it decides, in order, positive or negative, the case, the centre, then the augmentation.
 
-- positive (probability pos_fraction, when any case has nodule voxels): a case with nodules, one of its nodule
-  instances (uniform, so small nodules count as much as large ones), one voxel of it (uniform), and the patch
-  centre = that voxel + an integer jitter of at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
+- positive (probability pos_fraction, when any case has nodule voxels): a nodule instance, one voxel of it
+  (uniform), and the patch centre = that voxel + an integer jitter (below). The instance: with ``pos_weighting``
+  "case", a case with nodules (uniform), then one of its instances (uniform, so small nodules count as much as
+  large ones); with "inverse-diameter", any instance of any case with probability proportional to 1 / its
+  equivalent-sphere diameter (from its voxel count and the case's spacing), so a 4 mm nodule is drawn 5 times
+  as often as a 20 mm one. The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
   always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
 - negative: any case (uniform); with probability ``hard_fraction`` the centre is one of the case's hard
   voxels (``hard_negative_index``: vessels, airway walls, fissures, pleura), else uniform over the volume's
@@ -28,11 +31,16 @@ from torch.utils.data import Dataset
 from .cache import foreground_index
 
 
+#: how a positive patch picks its nodule (module docstring)
+POS_WEIGHTINGS = ("case", "inverse-diameter")
+
+
 class PatchDataset(Dataset):
     """Patches (1, D, H, W) from cached cases.
 
     cache_paths: .h5 files from build_cache. patch_size: (D, H, W) voxels, D along the slice axis.
     samples_per_epoch: len(ds). pos_fraction: probability that a sample is centred near a nodule voxel.
+    pos_weighting: how a positive sample picks its nodule (POS_WEIGHTINGS, module docstring).
     augment: None or callable(image (D,H,W) float32, label (D,H,W) int16, rng) -> (image, label).
     ``ds[i]`` -> {"image": float32 (1, D, H, W), "label": float32 (1, D, H, W) in {0, 1}}.
     For the 2D stage use patch_size (3, H, W): take image[0] as 3 channels and label[:, 1] as the target.
@@ -40,7 +48,7 @@ class PatchDataset(Dataset):
 
     def __init__(self, cache_paths: Sequence, patch_size=(16, 96, 96), samples_per_epoch: int = 1000,
                  pos_fraction: float = 0.5, augment: Callable | None = None, seed: int = 0, jitter: float = 0.5,
-                 hard_fraction: float = 0.0):
+                 hard_fraction: float = 0.0, pos_weighting: str = "case"):
         import h5py
 
         self.paths = [str(p) for p in cache_paths]
@@ -75,12 +83,31 @@ class PatchDataset(Dataset):
             self._fg.append(fg[:, :3].astype(np.int64))
             self._inst.append(bounds)
         self.pos_cases = [k for k, b in enumerate(self._inst) if b]
+        if pos_weighting not in POS_WEIGHTINGS:
+            raise ValueError(f"PatchDataset: pos_weighting {pos_weighting!r}; expected one of "
+                             f"{', '.join(POS_WEIGHTINGS)}.")
+        self.pos_weighting = pos_weighting
+        self._inst_flat, self._inst_cdf = self._instance_weights() if pos_weighting != "case" else ([], None)
         if not 0.0 <= hard_fraction <= 1.0:
             raise ValueError(f"PatchDataset: hard_fraction {hard_fraction}; expected a value in [0, 1].")
         self.hard_fraction = float(hard_fraction)
         self._hard = [hard_negative_index(p) for p in self.paths] if self.hard_fraction > 0 else []
         self._pid = None
         self._files: dict = {}
+
+    def _instance_weights(self):
+        """([(case k, instance j)], cumulative probabilities) over every nodule instance, each weighted by
+        1 / its equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6)."""
+        flat, weights = [], []
+        for k, bounds in enumerate(self._inst):
+            voxel_mm3 = float(np.prod(self.spacings[k]))
+            for j, (a, b) in enumerate(bounds):
+                flat.append((k, j))
+                weights.append((6.0 * (b - a) * voxel_mm3 / np.pi) ** (-1.0 / 3.0))
+        if not flat:
+            return [], None
+        cdf = np.cumsum(weights)
+        return flat, cdf / cdf[-1]
 
     # ----------------------------------------------------------------------------------------- plumbing
     def __len__(self) -> int:
@@ -124,7 +151,13 @@ class PatchDataset(Dataset):
             raise IndexError(f"PatchDataset index {index} out of range [0, {self.samples_per_epoch}).")
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         positive = bool(rng.random() < self.pos_fraction) and bool(self.pos_cases)
-        if positive:
+        if positive and self._inst_cdf is not None:
+            k, j = self._inst_flat[min(int(np.searchsorted(self._inst_cdf, rng.random(), side="right")),
+                                       len(self._inst_flat) - 1)]
+            a, b = self._inst[k][j]
+            voxel = self._fg[k][int(rng.integers(a, b))]
+            centre = voxel + rng.integers(-self.jitter_max, self.jitter_max + 1)
+        elif positive:
             k = self.pos_cases[int(rng.integers(len(self.pos_cases)))]
             a, b = self._inst[k][int(rng.integers(len(self._inst[k])))]
             voxel = self._fg[k][int(rng.integers(a, b))]

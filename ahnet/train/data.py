@@ -70,7 +70,7 @@ def make_datasets(cfg: TrainConfig):
     train_ds = PatchDataset([by_case[c] for c in train_ids], patch_size=tuple(cfg.patch_size),
                             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
                             pos_fraction=cfg.pos_fraction, augment=make_augment(cfg), seed=cfg.seed,
-                            hard_fraction=cfg.hard_fraction)
+                            hard_fraction=cfg.hard_fraction, pos_weighting=cfg.pos_weighting)
     val_ds = None
     if val_ids and cfg.val_patches > 0:
         val_ds = PatchDataset([by_case[c] for c in val_ids], patch_size=tuple(cfg.patch_size),

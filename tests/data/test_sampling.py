@@ -1,8 +1,12 @@
 """PatchDataset: shapes, padding, determinism, positive fraction, negatives-only, DataLoader workers."""
+import shutil
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from ._pipeline_synth import make_dataset
 
 from ahnet.data.cache import build_cache
@@ -68,6 +72,42 @@ def test_positive_fraction_and_positives_hold_nodules(cache):
         assert s["label"][0, 1].sum() > 0  # D = 3: the middle slice holds the nodule voxel
     neg_hits = np.mean([ds[int(i)]["label"].sum() > 0 for i in np.flatnonzero(~pos)[:60]])
     assert neg_hits < 0.5
+
+
+def test_inverse_diameter_weighting_draws_small_nodules_more_often(cache, tmp_path):
+    """Each nodule's share of the positives matches 1 / its equivalent diameter, computed from the label maps."""
+    cache = [shutil.copy(p, tmp_path / Path(p).name) for p in cache]
+    with h5py.File(cache[1], "r+") as f:      # grow nodule 2 of case 1 so the sizes differ
+        label = f["label"][...]
+        label[(label == 0) & ndimage.binary_dilation(label == 2, iterations=2)] = 2
+        f["label"][...] = label
+        if "fg_voxels" in f:
+            del f["fg_voxels"]
+    weights = {}
+    for k, path in enumerate(cache):
+        with h5py.File(path, "r") as f:
+            label = f["label"][...]
+            voxel_mm3 = float(np.prod(f.attrs["spacing"]))
+        for lab in np.unique(label[label > 0]):
+            weights[(k, int(lab))] = (6 * (label == lab).sum() * voxel_mm3 / np.pi) ** (-1 / 3)
+    assert len(weights) == 3 and max(weights.values()) > 1.4 * min(weights.values())
+    n = 4000
+    ds = PatchDataset(cache, patch_size=(3, 16, 16), samples_per_epoch=n, pos_fraction=1.0, jitter=0.0,
+                      pos_weighting="inverse-diameter")
+    counts = dict.fromkeys(weights, 0)
+    for i in range(n):
+        _, k, centre, positive = ds.plan(i)
+        assert positive
+        with h5py.File(cache[k], "r") as f:
+            counts[(k, int(f["label"][centre]))] += 1
+    total = sum(weights.values())
+    for key, w in weights.items():
+        assert abs(counts[key] / n - w / total) < 0.03, (key, counts[key] / n, w / total)
+    uniform = PatchDataset(cache, patch_size=(3, 16, 16), samples_per_epoch=20, pos_fraction=1.0)
+    assert uniform.pos_weighting == "case" and [uniform.plan(i)[1:] for i in range(20)] != \
+        [ds.plan(i)[1:] for i in range(20)]
+    with pytest.raises(ValueError, match="pos_weighting 'big'; expected one of case, inverse-diameter"):
+        PatchDataset(cache, pos_weighting="big")
 
 
 def test_negatives_only_when_no_nodules(cache):
