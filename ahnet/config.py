@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from . import cli, paths
 from .atomic import write_text_atomic
 from .data.checks import read_json
+from .data.sampling import POS_WEIGHTINGS
 from .losses import LOSSES
 from .nets import ENCODERS, MODELS
 from .precision import AMP_MODES
@@ -92,7 +93,7 @@ class TrainConfig:
     pos_weighting: str = _f("case", "how a nodule patch picks its nodule: case = a case with nodules, then one "
                                     "of its nodules, uniformly; inverse-diameter = any nodule with probability "
                                     "proportional to 1 / its diameter (small nodules drawn more often)",
-                            ["case", "inverse-diameter"])
+                            POS_WEIGHTINGS)
     hard_fraction: float = _f(0.0, "fraction of the other (negative) patches centred on hard tissue: dense "
                                    "voxels (> -400 HU) within 3 in-plane voxels of aerated lung (< -600 HU) and "
                                    "away from nodules, i.e. vessels, airway walls, fissures and pleura "

@@ -87,7 +87,7 @@ class PatchDataset(Dataset):
             raise ValueError(f"PatchDataset: pos_weighting {pos_weighting!r}; expected one of "
                              f"{', '.join(POS_WEIGHTINGS)}.")
         self.pos_weighting = pos_weighting
-        self._inst_flat, self._inst_cdf = self._instance_weights() if pos_weighting != "case" else ([], None)
+        self._inst_flat, self._inst_p = self._instance_weights() if pos_weighting != "case" else ([], None)
         if not 0.0 <= hard_fraction <= 1.0:
             raise ValueError(f"PatchDataset: hard_fraction {hard_fraction}; expected a value in [0, 1].")
         self.hard_fraction = float(hard_fraction)
@@ -96,8 +96,8 @@ class PatchDataset(Dataset):
         self._files: dict = {}
 
     def _instance_weights(self):
-        """([(case k, instance j)], cumulative probabilities) over every nodule instance, each weighted by
-        1 / its equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6)."""
+        """([(case k, instance j)], probabilities) over every nodule instance, each weighted by 1 / its
+        equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6); None when there is none."""
         flat, weights = [], []
         for k, bounds in enumerate(self._inst):
             voxel_mm3 = float(np.prod(self.spacings[k]))
@@ -106,8 +106,7 @@ class PatchDataset(Dataset):
                 weights.append((6.0 * (b - a) * voxel_mm3 / np.pi) ** (-1.0 / 3.0))
         if not flat:
             return [], None
-        cdf = np.cumsum(weights)
-        return flat, cdf / cdf[-1]
+        return flat, np.asarray(weights) / np.sum(weights)
 
     # ----------------------------------------------------------------------------------------- plumbing
     def __len__(self) -> int:
@@ -151,15 +150,13 @@ class PatchDataset(Dataset):
             raise IndexError(f"PatchDataset index {index} out of range [0, {self.samples_per_epoch}).")
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         positive = bool(rng.random() < self.pos_fraction) and bool(self.pos_cases)
-        if positive and self._inst_cdf is not None:
-            k, j = self._inst_flat[min(int(np.searchsorted(self._inst_cdf, rng.random(), side="right")),
-                                       len(self._inst_flat) - 1)]
+        if positive:
+            if self._inst_p is not None:
+                k, j = self._inst_flat[int(rng.choice(len(self._inst_flat), p=self._inst_p))]
+            else:
+                k = self.pos_cases[int(rng.integers(len(self.pos_cases)))]
+                j = int(rng.integers(len(self._inst[k])))
             a, b = self._inst[k][j]
-            voxel = self._fg[k][int(rng.integers(a, b))]
-            centre = voxel + rng.integers(-self.jitter_max, self.jitter_max + 1)
-        elif positive:
-            k = self.pos_cases[int(rng.integers(len(self.pos_cases)))]
-            a, b = self._inst[k][int(rng.integers(len(self._inst[k])))]
             voxel = self._fg[k][int(rng.integers(a, b))]
             centre = voxel + rng.integers(-self.jitter_max, self.jitter_max + 1)
         else:
