@@ -78,8 +78,8 @@ class Preset:
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
-# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~44 min a 3D
-# run of 7,000 steps): the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 with --variants.
+# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~50 min a 3D
+# run of 8,000 steps; the 2D stage's 2,400 steps run beside AH-Net from scratch, off the critical path): the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 with --variants.
 CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
 
 PRESETS: Dict[str, Preset] = {
@@ -90,7 +90,7 @@ PRESETS: Dict[str, Preset] = {
                    recipe=dict(hard_fraction=0.3, val_cases=4, dice_per_patch=True,
                                pos_weighting="inverse-diameter")),
     "cpu": Preset(cases=96, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
-                  epochs_2d=5, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=7, steps_3d=1000, lr=1e-3,
+                  epochs_2d=10, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=1000, lr=1e-3,
                   variants=CPU_VARIANTS, jobs=2, phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
                   recipe=dict(hard_fraction=0.3, val_cases=10, patience=3, dice_per_patch=True,
                               pos_weighting="inverse-diameter")),
