@@ -78,8 +78,9 @@ class Preset:
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
-# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~50 min a 3D
-# run of 8,000 steps; the 2D stage's 2,400 steps run beside AH-Net from scratch, off the critical path): the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 with --variants.
+# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~50 min a
+# 3D run of 8,000 steps; the 2D stage's 2,400 steps run beside AH-Net from scratch, off the critical path):
+# the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 with --variants.
 CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
 
 PRESETS: Dict[str, Preset] = {
