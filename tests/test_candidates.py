@@ -192,6 +192,28 @@ def test_size_aware_merging_joins_peaks_of_one_region_above_the_merging_level():
     assert len(find_peaks(q, SP, 0.05, "nms", 5.0, merge_fraction=0.5)[1]) == 2
 
 
+def test_a_merged_object_is_centred_on_all_its_lobes_not_on_the_first_one():
+    # one irregular nodule whose map splits into two equal lobes at half maximum, joined by a ridge at 0.3: the
+    # merged candidate's centre is the weighted centroid of both lobes (their midpoint), not the first lobe's
+    shape = (14, 30, 60)
+    a, b = (5.0, 15.0, 22.0), (7.0, 15.0, 36.0)
+    p = np.maximum(_blob(shape, a, 2.5), _blob(shape, b, 2.5))
+    z, y, x = np.indices(shape)
+    ridge = (z == 6) & (y == 15) & (x > 22) & (x < 36)
+    p = np.maximum(p, np.where(ridge, 0.3, 0)).astype(np.float32)
+    zyx, s, _ = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=0.0)
+    assert len(s) == 1
+    np.testing.assert_allclose(zyx[0], (np.array(a) + b) / 2, atol=0.05)
+    # a weaker merged peak below the support level (0.5 x the kept score) pulls nothing
+    q = np.maximum(_blob(shape, a, 2.5), _blob(shape, b, 2.5, peak=0.4))
+    q = np.maximum(q, np.where(ridge, 0.3, 0)).astype(np.float32)
+    zq, sq, _ = find_peaks(q, SP, 0.05, "nms", 5.0, merge_fraction=0.0)
+    assert len(sq) == 1 and np.abs(zq[0] - a).max() < 0.05
+    # without merging the lobes stay apart, the two strongest candidates each on its own lobe
+    zs, ss, _ = find_peaks(p, SP, 0.05, "nms", 5.0, merge_fraction=None)
+    assert sorted(round(c[2]) for c in zs[:2]) == [22, 36]
+
+
 def test_default_rule_is_nms_at_a_low_threshold_with_a_cap():
     assert DEFAULT_RULE.method == "nms" and DEFAULT_RULE.threshold <= 0.1 and DEFAULT_RULE.max_candidates
     assert DEFAULT_RULE.merge_fraction == 0.0                 # merging at the threshold

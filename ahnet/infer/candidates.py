@@ -176,13 +176,23 @@ def _support(prob, seed, level, half):
     return box, lab == lab[local]
 
 
-def _refine(prob, box, region, sp, own_mm, others_mm):
-    """Probability-weighted centroid (voxel zyx) and size of ``region`` without the voxels nearer (mm) to one
-    of ``others_mm`` (k, 3) than to ``own_mm``; None when nothing is left."""
-    coords = np.stack(np.nonzero(region), 1) + np.array([b.start for b in box])
+def _support_coords(prob, seeds, level, half):
+    """(n, 3) int voxel zyx of the union of the support regions (``_support``) grown from each of ``seeds``."""
+    parts = []
+    for seed in seeds:
+        box, region = _support(prob, seed, level, half)
+        parts.append(np.stack(np.nonzero(region), 1) + np.array([b.start for b in box]))
+    coords = np.concatenate(parts)
+    flat = np.unique(np.ravel_multi_index(tuple(coords.T), prob.shape))
+    return np.stack(np.unravel_index(flat, prob.shape), 1)
+
+
+def _refine(prob, coords, sp, own_mm, others_mm):
+    """Probability-weighted centroid (voxel zyx) and size of the voxels ``coords`` (n, 3) without those nearer
+    (mm) to one of ``others_mm`` (k, 3) than to the nearest of ``own_mm`` (m, 3); None when nothing is left."""
     if len(others_mm):
         mm = coords * sp
-        own = ((mm - own_mm) ** 2).sum(1)
+        own = ((mm[:, None, :] - own_mm[None]) ** 2).sum(2).min(1)
         other = ((mm[:, None, :] - others_mm[None]) ** 2).sum(2).min(1)
         coords = coords[own <= other]
     if not len(coords):
@@ -202,20 +212,24 @@ def _nms(prob, sp, rule: CandidateRule):
     tree = cKDTree(mm)
     half = np.ceil(REGION_HALF_MM / sp).astype(int)
     reach = float(np.linalg.norm(half * sp))                    # the box's corner, mm
-    out_of_play = np.zeros(len(scores), bool)
-    kept, regions = [], {}
+    out_of_play, claimed = np.zeros(len(scores), bool), np.zeros(len(scores), bool)
+    kept, members = [], {}
     for i in np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0], -scores)):
         if out_of_play[i]:
             continue
         kept.append(i)
+        members[i] = [i]
+        claimed[i] = True
         out_of_play[tree.query_ball_point(mm[i], rule.min_distance_mm)] = True
-        regions[i] = _support(prob, seeds[i], rule.refine_fraction * scores[i], half)
         if rule.merge_fraction is not None:                     # peaks inside this peak's merging region
             box, reg = _support(prob, seeds[i], max(rule.threshold, rule.merge_fraction * scores[i]), half)
             for j in tree.query_ball_point(mm[i], reach):
                 local = seeds[j] - [b.start for b in box]
                 if (local >= 0).all() and (local < reg.shape).all() and reg[tuple(local)]:
                     out_of_play[j] = True
+                    if not claimed[j] and scores[j] >= rule.refine_fraction * scores[i]:
+                        claimed[j] = True               # a merged peak of the same object: its support counts
+                        members[i].append(j)
         if rule.max_candidates is not None and len(kept) >= rule.max_candidates:
             break
     kept = np.array(kept, np.int64)
@@ -223,7 +237,9 @@ def _nms(prob, sp, rule: CandidateRule):
     centres, sizes = zyx[kept].copy(), np.zeros(len(kept), np.int64)
     for n, i in enumerate(kept):
         near = [kept[k] for k in kept_tree.query_ball_point(mm[i], 2 * reach) if kept[k] != i]
-        c, size = _refine(prob, *regions[i], sp, mm[i], mm[near] if near else np.zeros((0, 3)))
+        others = mm[[j for k in near for j in members[k]]] if near else np.zeros((0, 3))
+        coords = _support_coords(prob, seeds[members[i]], rule.refine_fraction * scores[i], half)
+        c, size = _refine(prob, coords, sp, mm[members[i]], others)
         if c is not None:
             centres[n], sizes[n] = c, size
     return centres, scores[kept], sizes
