@@ -57,7 +57,7 @@ LIMITS = {
     "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
     "steps_per_epoch": (1, None, False, False), "hard_fraction": (0, 1, False, False),
     "val_cases": (0, None, False, False), "patience": (0, None, False, False), "min_delta": (0, None, False, False),
-    "dist_timeout": (0, None, True, False),
+    "dist_timeout": (0, None, True, False), "ema_decay": (0, 1, False, True),
 }
 #: the most voxels of one step's patches (batch x D x H x W: 2^28, e.g. 1 x 256 x 1024 x 1024); more is a typo
 MAX_PATCH_VOXELS = 2 ** 28
@@ -121,6 +121,8 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.01, "cosine: final learning rate as a fraction of the initial one")
     poly_power: float = _f(0.9, "poly: exponent of (1 - t/T)")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = no clipping)")
+    ema_decay: float = _f(0.0, "exponential moving average of the weights with this decay per step (e.g. 0.999); "
+                               "the average is validated and saved as the run's model (0 = off)")
     loss: str = _f("dice_focal", "loss on the logits: focal (the paper's), dice, ce, dice_focal", tuple(LOSSES))
     focal_alpha: float = _f(0.25, "focal loss foreground weight alpha (background gets 1 - alpha)")
     focal_gamma: float = _f(2.0, "focal loss focusing exponent gamma")

@@ -14,6 +14,7 @@ from ahnet.checkpoint import load_checkpoint
 from ahnet.config import TrainConfig, build_parser, load_config
 from ahnet.precision import resolve_amp
 from ahnet.train.cli import main
+from ahnet.train.optim import WeightAverage
 from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, make_optimizer,
                          split_batch_2d, train, train_all_folds)
 
@@ -99,19 +100,21 @@ def test_run_folder_contents(tmp_path):
 
 def _all_tensors(ck):
     out = {f"model.{k}": v for k, v in ck["model"].items()}
+    out.update({f"train_model.{k}": v for k, v in ck.get("train_model", {}).items()})
     for pid, st in ck["optimizer"]["state"].items():
         for k, v in st.items():
             out[f"opt.{pid}.{k}"] = v
     return out
 
 
-@pytest.mark.parametrize("ckpt_every, crash_at", [(1, 3), (2, 3), (0, 4)])
-def test_resume_is_exact(tmp_path, ckpt_every, crash_at):
-    """A run interrupted after step k and resumed equals a run never interrupted, tensor for tensor."""
-    ref_cfg = _cfg(tmp_path, "ref", epochs=2, steps_per_epoch=3, ckpt_every=ckpt_every)
+@pytest.mark.parametrize("ckpt_every, crash_at, ema", [(1, 3, 0.0), (2, 3, 0.0), (0, 4, 0.0), (1, 3, 0.9)])
+def test_resume_is_exact(tmp_path, ckpt_every, crash_at, ema):
+    """A run interrupted after step k and resumed equals a run never interrupted, tensor for tensor (with a
+    weight average too: the average and the trained weights both)."""
+    ref_cfg = _cfg(tmp_path, "ref", epochs=2, steps_per_epoch=3, ckpt_every=ckpt_every, ema_decay=ema)
     ref = train(ref_cfg, datasets=_data(ref_cfg), builder=builder)
 
-    cut_cfg = _cfg(tmp_path, "cut", epochs=2, steps_per_epoch=3, ckpt_every=ckpt_every)
+    cut_cfg = _cfg(tmp_path, "cut", epochs=2, steps_per_epoch=3, ckpt_every=ckpt_every, ema_decay=ema)
 
     class Crash(Exception):
         pass
@@ -131,12 +134,43 @@ def test_resume_is_exact(tmp_path, ckpt_every, crash_at):
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     ta, tb = _all_tensors(a), _all_tensors(b)
     assert ta.keys() == tb.keys() and len(ta) > 10
+    assert any(k.startswith("train_model.") for k in ta) == (ema > 0)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
     drop = ("samples_per_s", "seconds", "val_seconds")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in a["metrics"]["history"]]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in b["metrics"]["history"]]
+
+
+def test_weight_average_equals_a_direct_computation():
+    # a Linear + BatchNorm model whose weights jump to new values before each update: the average must equal
+    # avg_k = d_k avg_(k-1) + (1 - d_k) w_k with d_k = min(decay, (1 + k) / (10 + k)), integer buffers copied
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightAverage(model, 0.8)
+    want = {k: v.double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for k in range(6):
+        with torch.no_grad():
+            for v in model.state_dict().values():
+                v.copy_(torch.randn_like(v.double()).to(v.dtype) if v.is_floating_point() else v + 1)
+        ema.update(k)
+        d = min(0.8, (1 + k) / (10 + k))
+        want = {n: d * a + (1 - d) * model.state_dict()[n].double() for n, a in want.items()}
+    got = ema.module.state_dict()
+    for n, v in want.items():
+        torch.testing.assert_close(got[n].double(), v, rtol=1e-6, atol=1e-6)
+    assert int(got["1.num_batches_tracked"]) == int(model.state_dict()["1.num_batches_tracked"]) == 6
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_a_weight_averaged_run_validates_and_saves_the_average(tmp_path):
+    cfg = _cfg(tmp_path, ema_decay=0.5)
+    train(cfg, datasets=_data(cfg), builder=builder)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck.keys() >= {"model", "train_model"} and ck["config"]["ema_decay"] == 0.5
+    differ = [k for k, v in ck["model"].items() if v.is_floating_point() and not torch.equal(v, ck["train_model"][k])]
+    assert differ                  # "model" (what inference and transfer load) is the average, not the weights
 
 
 def test_max_steps_then_resume_is_exact(tmp_path):

@@ -32,7 +32,7 @@ from .data import make_datasets, prepare_batch
 from .errors import TrainError, TrainingDiverged
 from .guard import check_finite, check_resume, preflight, run_lock
 from .model import Builder, build_network, place_model, restore_network
-from .optim import group_lrs, make_optimisation
+from .optim import WeightAverage, group_lrs, make_optimisation
 from .order import EpochSampler, mix_seed
 from .outputs import plot_progress, write_log
 
@@ -84,10 +84,16 @@ class Session:
     step: int = 0
     dist: dist.DistContext = field(default_factory=dist.DistContext)
     net: nn.Module | None = None          # what a step calls: DDP around model under torchrun, else model
+    ema: WeightAverage | None = None      # --ema-decay: the weight average, validated and saved as the model
 
     @property
     def trainer(self) -> nn.Module:
         return self.model if self.net is None else self.net
+
+    @property
+    def scored(self) -> nn.Module:
+        """The network a run validates and saves as its "model": the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def total_steps(self) -> int:
@@ -103,12 +109,14 @@ class Session:
         if not self.dist.is_main:
             return
         ck = {
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in self.scored.state_dict().items()},
             "model_name": self.model_name, "model_kwargs": self.model_kwargs, "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
             "step": self.step, "rng": rng[0], "config": self.cfg.to_dict(),
             "metrics": dataclasses.asdict(self.progress), "init": self.init_info, "stage": self.cfg.stage,
             "amp": self.amp.name, "format": 1}
+        if self.ema is not None:                     # the trained weights, which --resume continues from
+            ck["train_model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.dist.enabled:
             ck.update(world_size=self.dist.world_size, rng_ranks=rng)
         save_checkpoint(ck, path)
@@ -148,7 +156,11 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
     net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
     dist.global_batch_loss(loss_fn, ctx)
-    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn, dist=ctx, net=net)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and resume_ck is not None:
+        ema.module.load_state_dict(resume_ck["model"])
+    return Session(cfg, run, device, amp, model, name, kw, info, opt, sched, scaler, loss_fn, dist=ctx, net=net,
+                   ema=ema)
 
 
 def restore_or_seed(s: Session, resume_ck: dict | None) -> None:
@@ -205,6 +217,8 @@ def train_step(s: Session, batch: dict) -> torch.Tensor:
         s.scaler.scale(loss).backward()
         finite = step_optimiser(s)
     if finite:
+        if s.ema is not None:
+            s.ema.update(s.step)
         p.epoch_loss_sum += value
         p.epoch_loss_n += 1
         p.bad_run = 0
@@ -325,9 +339,9 @@ def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> Non
     t0 = time.perf_counter()
     wait = f"waiting for rank 0's validation after epoch {s.epoch + 1}"
     if validator is not None:
-        val_cpm, val_dice = s.dist.from_main(lambda: validator(s.model), wait), None
+        val_cpm, val_dice = s.dist.from_main(lambda: validator(s.scored), wait), None
     else:
-        val_cpm, val_dice = None, s.dist.from_main(lambda: validate(s.model, val_loader, cfg, s.device, s.amp), wait)
+        val_cpm, val_dice = None, s.dist.from_main(lambda: validate(s.scored, val_loader, cfg, s.device, s.amp), wait)
     val_seconds = time.perf_counter() - t0
     mean_loss = p.epoch_loss_sum / p.epoch_loss_n if p.epoch_loss_n else None
     lr_main, lr_enc = group_lrs(s.opt)

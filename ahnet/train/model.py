@@ -92,7 +92,7 @@ def restore_network(ck: dict, cfg: TrainConfig, ck_path: Path, builder: Builder 
     torch.manual_seed(mix_seed(cfg.seed, 7))
     model = (builder or build_model)(ck["model_name"], **ck["model_kwargs"])
     try:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.get("train_model", ck["model"]))     # with --ema-decay: the trained weights
     except RuntimeError as e:
         raise CheckpointError(f"{ck_path} does not match {ck['model_name']} built from its model_kwargs "
                               f"({str(e).splitlines()[0]}).") from None

@@ -1,6 +1,7 @@
-"""Optimiser (Adam with an encoder group), learning-rate schedule, GradScaler and loss of a run."""
+"""Optimiser (Adam with an encoder group), learning-rate schedule, GradScaler, loss and weight average of a run."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -66,3 +67,32 @@ def group_lrs(opt: torch.optim.Optimizer) -> tuple[float, float | None]:
     lrs = {g.get("name", "decoder"): g["lr"] for g in opt.param_groups}
     main = lrs.get("decoder", next(iter(lrs.values())))
     return float(main), (float(lrs["encoder"]) if "encoder" in lrs else None)
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of update number ``updates`` (0-based): min(decay, (1 + n) / (10 + n)), so the first updates
+    follow the weights closely and an early average is not dominated by the initial ones."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (--ema-decay): ``module`` is a copy of the model whose
+    floating-point parameters and buffers (BatchNorm statistics) follow avg <- avg + (1 - decay) (w - avg) after
+    each optimiser step; integer buffers are copied. The average is what a run validates and saves as its model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self._floats = [(a, w) for a, w in pairs if a.is_floating_point()]
+        self._others = [(a, w) for a, w in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, updates: int) -> None:
+        """Fold the model's current weights in, as update number ``updates`` (0-based; the run's step)."""
+        if self._floats:
+            avg, cur = zip(*self._floats)
+            torch._foreach_lerp_(list(avg), list(cur), 1.0 - ema_decay_at(self.decay, updates))
+        for a, w in self._others:
+            a.copy_(w)
