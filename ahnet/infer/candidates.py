@@ -176,25 +176,24 @@ def _support(prob, seed, level, half):
     return box, lab == lab[local]
 
 
-def _support_coords(prob, seeds, level, half):
-    """(n, 3) int voxel zyx of the union of the support regions (``_support``) grown from each of ``seeds``."""
-    parts = []
-    for seed in seeds:
-        box, region = _support(prob, seed, level, half)
-        parts.append(np.stack(np.nonzero(region), 1) + np.array([b.start for b in box]))
-    coords = np.concatenate(parts)
-    flat = np.unique(np.ravel_multi_index(tuple(coords.T), prob.shape))
-    return np.stack(np.unravel_index(flat, prob.shape), 1)
+def _object_coords(prob, seeds, level, half):
+    """(n, 3) int voxel zyx of a merged object's support: the 26-connected regions of prob >= level, inside the
+    box of ``half`` voxels around ``seeds[0]`` (the kept peak), that hold one of ``seeds`` (its merged peaks, which
+    lie in that box; those below ``level`` hold none)."""
+    box = tuple(slice(max(int(c) - h, 0), int(c) + h + 1) for c, h in zip(seeds[0], half))
+    lab, _ = ndimage.label(prob[box] >= np.float32(level), structure=_FULL)
+    local = np.asarray(seeds) - [b.start for b in box]
+    inside = ((local >= 0) & (local < lab.shape)).all(1)
+    ids = np.unique(lab[tuple(local[inside].T)])
+    return np.stack(np.nonzero(np.isin(lab, ids[ids > 0])), 1) + np.array([b.start for b in box])
 
 
-def _refine(prob, coords, sp, own_mm, others_mm):
+def _refine(prob, coords, sp, own_tree, all_tree):
     """Probability-weighted centroid (voxel zyx) and size of the voxels ``coords`` (n, 3) without those nearer
-    (mm) to one of ``others_mm`` (k, 3) than to the nearest of ``own_mm`` (m, 3); None when nothing is left."""
-    if len(others_mm):
-        mm = coords * sp
-        own = ((mm[:, None, :] - own_mm[None]) ** 2).sum(2).min(1)
-        other = ((mm[:, None, :] - others_mm[None]) ** 2).sum(2).min(1)
-        coords = coords[own <= other]
+    (mm) to a peak of ``all_tree`` (every kept candidate's peaks) than to the nearest of its own (``own_tree``);
+    None when nothing is left."""
+    mm = coords * sp
+    coords = coords[own_tree.query(mm)[0] <= all_tree.query(mm)[0]]
     if not len(coords):
         return None, 0
     w = prob[tuple(coords.T)].astype(np.float64)
@@ -233,13 +232,11 @@ def _nms(prob, sp, rule: CandidateRule):
         if rule.max_candidates is not None and len(kept) >= rule.max_candidates:
             break
     kept = np.array(kept, np.int64)
-    kept_tree = cKDTree(mm[kept])
+    all_tree = cKDTree(mm[[j for i in kept for j in members[i]]])
     centres, sizes = zyx[kept].copy(), np.zeros(len(kept), np.int64)
     for n, i in enumerate(kept):
-        near = [kept[k] for k in kept_tree.query_ball_point(mm[i], 2 * reach) if kept[k] != i]
-        others = mm[[j for k in near for j in members[k]]] if near else np.zeros((0, 3))
-        coords = _support_coords(prob, seeds[members[i]], rule.refine_fraction * scores[i], half)
-        c, size = _refine(prob, coords, sp, mm[members[i]], others)
+        coords = _object_coords(prob, seeds[members[i]], rule.refine_fraction * scores[i], half)
+        c, size = _refine(prob, coords, sp, cKDTree(mm[members[i]]), all_tree)
         if c is not None:
             centres[n], sizes[n] = c, size
     return centres, scores[kept], sizes
