@@ -11,7 +11,9 @@ evaluate, predict and the experiment use, chosen by measurement on three models:
   merge_fraction x its score) reached from it inside a box of ``REGION_HALF_MM`` around it (so a blob or a
   vessel gives one candidate, and two blobs joined only below that level stay two). Each kept peak's centre
   is then refined to sub-voxel precision: the probability-weighted centroid of its support region (grown the
-  same way at ``refine_fraction`` x its score), without the voxels closer (in mm) to another kept peak.
+  same way at ``refine_fraction`` x its score, with the regions of its merged peaks that reach that level: an
+  irregular nodule split into two lobes is centred on both), without the voxels closer (in mm) to another
+  candidate's peaks.
   Score = the peak's probability. A symmetric blob centred between two slices gets its centre exactly.
 - "components": connected components (26-connectivity) of prob >= threshold; score = the component's maximum
   probability; centre = the probability-weighted centroid of the component's voxels.
