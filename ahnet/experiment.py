@@ -94,7 +94,7 @@ PRESETS: Dict[str, Preset] = {
                   epochs_2d=10, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=1000, lr=1e-3,
                   variants=CPU_VARIANTS, jobs=2, phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
                   recipe=dict(hard_fraction=0.3, val_cases=10, patience=3, dice_per_patch=True,
-                              pos_weighting="inverse-diameter", ema_decay=0.999)),
+                              pos_weighting="inverse-diameter")),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
