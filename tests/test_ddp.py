@@ -197,8 +197,15 @@ def test_torchrun_bad_setups_end_every_rank_with_one_line(tmp_path, flags, says)
     assert p.returncode != 0
     logs = sorted((tmp_path / "logs").rglob("stderr.log"))
     assert len(logs) == 2
-    for rank, log in enumerate(logs):
-        line = _one_error_line(log.read_text())
+    texts = [log.read_text() for log in logs]
+    # under load one rank can reach the check first and exit while its peer is still importing: torchrun then
+    # stops the peer (and says so) before it prints; a silent rank is accepted only in that case
+    stopped_by_torchrun = "closing signal SIGTERM" in p.stderr
+    assert any(t.strip() for t in texts)
+    for rank, text in enumerate(texts):
+        if not text.strip() and stopped_by_torchrun:
+            continue
+        line = _one_error_line(text)
         assert says in line and line.endswith(f"(rank {rank} of 2)"), line
     assert not (tmp_path / "run").exists()
 
