@@ -169,25 +169,16 @@ def _groups(prob, mask):
     return zyx, scores, np.bincount(lab.ravel(), minlength=n + 1)[1:], seeds
 
 
-def _support(prob, seed, level, half):
-    """The region of a peak: (box slices, bool mask over the box) of the 26-connected voxels with prob >= level
-    (<= the peak's score) reached from ``seed`` inside the box of ``half`` voxels per axis around it."""
-    box = tuple(slice(max(int(c) - h, 0), int(c) + h + 1) for c, h in zip(seed, half))
-    lab, _ = ndimage.label(prob[box] >= np.float32(level), structure=_FULL)
-    local = tuple(int(c) - b.start for c, b in zip(seed, box))
-    return box, lab == lab[local]
-
-
-def _object_coords(prob, seeds, level, half):
-    """(n, 3) int voxel zyx of a merged object's support: the 26-connected regions of prob >= level, inside the
-    box of ``half`` voxels around ``seeds[0]`` (the kept peak), that hold one of ``seeds`` (its merged peaks, which
-    lie in that box; those below ``level`` hold none)."""
+def _support(prob, seeds, level, half):
+    """The region of a peak and of the peaks merged into it: (box slices, bool mask over the box) of the
+    26-connected voxels with prob >= level that hold one of ``seeds`` (k, 3), inside the box of ``half`` voxels
+    per axis around ``seeds[0]`` (the peak, whose score is >= level; seeds outside the box or below level add
+    nothing)."""
     box = tuple(slice(max(int(c) - h, 0), int(c) + h + 1) for c, h in zip(seeds[0], half))
     lab, _ = ndimage.label(prob[box] >= np.float32(level), structure=_FULL)
     local = np.asarray(seeds) - [b.start for b in box]
-    inside = ((local >= 0) & (local < lab.shape)).all(1)
-    ids = np.unique(lab[tuple(local[inside].T)])
-    return np.stack(np.nonzero(np.isin(lab, ids[ids > 0])), 1) + np.array([b.start for b in box])
+    ids = np.unique(lab[tuple(local[((local >= 0) & (local < lab.shape)).all(1)].T)])
+    return box, np.isin(lab, ids[ids > 0])
 
 
 def _refine(prob, coords, sp, own_tree, all_tree):
@@ -223,7 +214,7 @@ def _nms(prob, sp, rule: CandidateRule):
         claimed[i] = True
         out_of_play[tree.query_ball_point(mm[i], rule.min_distance_mm)] = True
         if rule.merge_fraction is not None:                     # peaks inside this peak's merging region
-            box, reg = _support(prob, seeds[i], max(rule.threshold, rule.merge_fraction * scores[i]), half)
+            box, reg = _support(prob, seeds[[i]], max(rule.threshold, rule.merge_fraction * scores[i]), half)
             for j in tree.query_ball_point(mm[i], reach):
                 local = seeds[j] - [b.start for b in box]
                 if (local >= 0).all() and (local < reg.shape).all() and reg[tuple(local)]:
@@ -237,7 +228,8 @@ def _nms(prob, sp, rule: CandidateRule):
     all_tree = cKDTree(mm[[j for i in kept for j in members[i]]])
     centres, sizes = zyx[kept].copy(), np.zeros(len(kept), np.int64)
     for n, i in enumerate(kept):
-        coords = _object_coords(prob, seeds[members[i]], rule.refine_fraction * scores[i], half)
+        box, region = _support(prob, seeds[members[i]], rule.refine_fraction * scores[i], half)
+        coords = np.stack(np.nonzero(region), 1) + np.array([b.start for b in box])
         c, size = _refine(prob, coords, sp, cKDTree(mm[members[i]]), all_tree)
         if c is not None:
             centres[n], sizes[n] = c, size

@@ -109,17 +109,22 @@ class Session:
         if not self.dist.is_main:
             return
         ck = {
-            "model": {k: v.detach().cpu() for k, v in self.scored.state_dict().items()},
+            "model": _cpu_state(self.scored),
             "model_name": self.model_name, "model_kwargs": self.model_kwargs, "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "scheduler": self.sched.state_dict(), "epoch": self.epoch,
             "step": self.step, "rng": rng[0], "config": self.cfg.to_dict(),
             "metrics": dataclasses.asdict(self.progress), "init": self.init_info, "stage": self.cfg.stage,
             "amp": self.amp.name, "format": 1}
         if self.ema is not None:                     # the trained weights, which --resume continues from
-            ck["train_model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            ck["train_model"] = _cpu_state(self.model)
         if self.dist.enabled:
             ck.update(world_size=self.dist.world_size, rng_ranks=rng)
         save_checkpoint(ck, path)
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    """A module's state dict as detached CPU tensors (what a checkpoint stores)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------------- steps

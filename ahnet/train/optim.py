@@ -85,14 +85,14 @@ class WeightAverage:
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self._floats = [(a, w) for a, w in pairs if a.is_floating_point()]
+        self._avg = [a for a, _ in pairs if a.is_floating_point()]
+        self._cur = [w for a, w in pairs if a.is_floating_point()]
         self._others = [(a, w) for a, w in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self, updates: int) -> None:
         """Fold the model's current weights in, as update number ``updates`` (0-based; the run's step)."""
-        if self._floats:
-            avg, cur = zip(*self._floats)
-            torch._foreach_lerp_(list(avg), list(cur), 1.0 - ema_decay_at(self.decay, updates))
+        if self._avg:
+            torch._foreach_lerp_(self._avg, self._cur, 1.0 - ema_decay_at(self.decay, updates))
         for a, w in self._others:
             a.copy_(w)
