@@ -130,6 +130,9 @@ class TrainConfig:
     dice_per_patch: bool = _f(False, "soft Dice per patch, averaged over the patches that hold foreground (each "
                                      "nodule patch weighs alike, whatever the nodule's size), instead of one Dice "
                                      "over the whole batch")
+    dice_per_nodule: bool = _f(False, "soft Dice per nodule: each connected component of a patch's target against "
+                                      "that patch's background, averaged over the batch's nodules (blob loss's "
+                                      "instance term; training.md)")
     # numerics and device
     amp: str = _f("auto", "mixed precision: auto = fp16 + GradScaler on CUDA, off on CPU; bf16 = bfloat16 "
                           "autocast (CUDA or CPU; about 1.5x faster than float32 on a CPU with native bfloat16, "

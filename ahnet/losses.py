@@ -15,8 +15,10 @@ from __future__ import annotations
 import inspect
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
+from scipy import ndimage
 import torch.nn.functional as F
 
 __all__ = [
@@ -186,11 +188,20 @@ class DiceLoss(nn.Module):
     ``skip_empty`` (batch=False only): average the per-sample Dice over the (sample, channel) pairs whose target
     holds foreground (none: loss 0), so a patch with a 4 mm nodule weighs as much as one with a 30 mm nodule and
     empty patches are left to the voxel-wise loss; reduction "none" then gives NaN for the skipped pairs.
+    ``per_instance`` (binary, batch=False only): one Dice per nodule instead of per patch. Each 26-connected
+    component k of a patch's target is scored against that patch's background alone (the other components'
+    voxels left out of both sums), so a 4 mm nodule next to a 20 mm one weighs as much as it does, and a false
+    positive anywhere in the patch lowers every nodule's Dice (the instance term of Kofler et al.'s blob loss);
+    the loss is the mean over every nodule of the batch (none: loss 0). Reduction "none" is not offered.
     """
 
     def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = True,
-                 include_background: bool = True, reduction: str = "mean", skip_empty: bool = False):
+                 include_background: bool = True, reduction: str = "mean", skip_empty: bool = False,
+                 per_instance: bool = False):
         super().__init__()
+        if per_instance and (batch or reduction == "none"):
+            raise ValueError("DiceLoss: per_instance needs batch=False and a mean or sum reduction.")
+        self.per_instance = bool(per_instance)
         if skip_empty and batch:
             raise ValueError("DiceLoss: skip_empty applies to the per-sample Dice (batch=False).")
         self.skip_empty = bool(skip_empty)
@@ -207,6 +218,8 @@ class DiceLoss(nn.Module):
             p = torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, dim=1)
             if not self.include_background and x.shape[1] > 1:
                 p, t = p[:, 1:], t[:, 1:]
+            if self.per_instance:
+                return self._per_instance(p, t)
             dims = ([0] if self.batch else []) + list(range(2, x.dim()))
             inter = (p * t).sum(dim=dims)
             denom = p.sum(dim=dims) + t.sum(dim=dims)
@@ -222,16 +235,39 @@ class DiceLoss(nn.Module):
             return loss / held.sum().clamp_min(1) if self.reduction == "mean" else loss
 
 
+    def _per_instance(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean (or sum) over the batch's target components of 1 - Dice(component vs the patch's background)."""
+        if p.shape[1] != 1:
+            raise ValueError("DiceLoss: per_instance is for a binary (one-channel) output.")
+        labels = [ndimage.label(m, structure=np.ones((3,) * (t.dim() - 2)))[0]
+                  for m in (t[:, 0] > 0.5).cpu().numpy()]
+        losses = []
+        for n, lab in enumerate(labels):
+            lab_t = torch.from_numpy(lab).to(p.device)
+            pn, fg = p[n, 0], lab_t > 0
+            for k in range(1, int(lab.max()) + 1):
+                own = lab_t == k
+                keep = ~fg | own                                  # background and this component only
+                inter = (pn * own).sum()
+                denom = (pn * keep).sum() + own.sum()
+                losses.append(1.0 - (2.0 * inter + self.smooth_nr) / (denom + self.smooth_dr))
+        if not losses:
+            return p.sum() * 0.0
+        stacked = torch.stack(losses)
+        return stacked.mean() if self.reduction == "mean" else stacked.sum()
+
+
 class DiceFocalLoss(nn.Module):
     """lambda_dice * DiceLoss + lambda_focal * FocalLoss (both means), in float32."""
 
     def __init__(self, alpha: float | Sequence[float] | None = 0.25, gamma: float = 2.0,
                  smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = True,
                  include_background: bool = True, lambda_dice: float = 1.0, lambda_focal: float = 1.0,
-                 skip_empty: bool = False):
+                 skip_empty: bool = False, per_instance: bool = False):
         super().__init__()
         self.dice = DiceLoss(smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
-                             include_background=include_background, skip_empty=skip_empty)
+                             include_background=include_background, skip_empty=skip_empty,
+                             per_instance=per_instance)
         self.focal = FocalLoss(alpha=alpha, gamma=gamma)
         self.lambda_dice = float(lambda_dice)
         self.lambda_focal = float(lambda_focal)
@@ -273,11 +309,13 @@ def build_loss(name: str, **kw) -> nn.Module:
 
 
 def loss_kwargs(name: str, focal_alpha: float = 0.25, focal_gamma: float = 2.0, dice_smooth: float = 1e-5,
-                dice_per_patch: bool = False) -> dict:
+                dice_per_patch: bool = False, dice_per_nodule: bool = False) -> dict:
     """The keyword arguments of loss ``name`` from a run's settings (focal alpha and gamma, Dice smoothing, Dice
-    over the batch or per patch holding foreground)."""
+    over the batch, per patch holding foreground, or per nodule)."""
     focal = {"alpha": focal_alpha, "gamma": focal_gamma}
     dice = {"smooth_nr": dice_smooth, "smooth_dr": dice_smooth}
-    if dice_per_patch:
+    if dice_per_patch or dice_per_nodule:
         dice.update(batch=False, skip_empty=True)
+    if dice_per_nodule:
+        dice.update(per_instance=True)
     return {"ce": {}, "focal": focal, "dice": dice, "dice_focal": {**focal, **dice}}[_canonical(name)]

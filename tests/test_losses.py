@@ -111,6 +111,33 @@ def test_dice_per_patch_averages_the_patches_holding_foreground():
         DiceLoss(batch=True, skip_empty=True)
 
 
+def test_dice_per_nodule_scores_each_component_against_its_patch_background():
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, 6, 12, 12, requires_grad=True)
+    t = torch.zeros(2, 1, 6, 12, 12)
+    t[0, 0, 1:3, 1:3, 1:3] = 1          # a small nodule and, apart from it, a large one in patch 0
+    t[0, 0, 2:6, 5:11, 5:11] = 1
+    t[1, 0, 0:2, 0:2, 0:2] = 1          # one nodule touching a corner in patch 1 (diagonal voxels join it)
+    t[1, 0, 2, 2, 2] = 1
+    p, tn, s = torch.sigmoid(x).detach().numpy(), t.numpy(), 1e-5
+    small, large = np.zeros_like(tn[0, 0], bool), np.zeros_like(tn[0, 0], bool)
+    small[1:3, 1:3, 1:3], large[2:6, 5:11, 5:11] = True, True
+
+    def dice(pi, own, other):
+        return 1 - (2 * (pi * own).sum() + s) / ((pi * ~other).sum() + own.sum() + s)
+    want = [dice(p[0, 0], small, large), dice(p[0, 0], large, small),
+            dice(p[1, 0], tn[1, 0] > 0, np.zeros_like(small))]
+    loss = DiceLoss(batch=False, skip_empty=True, per_instance=True)
+    got = loss(x, t)
+    assert abs(got.item() - np.mean(want)) < 1e-5      # three nodules, each weighing a third
+    got.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert loss(x, torch.zeros_like(t)).item() == 0.0
+    assert build_loss("dice_focal", **loss_kwargs("dice_focal", dice_per_nodule=True)).dice.per_instance
+    with pytest.raises(ValueError, match="per_instance"):
+        DiceLoss(batch=True, per_instance=True)
+
+
 def test_dice_empty_patch_is_zero_loss_and_smooth_documented():
     x = torch.full((1, 1, 4, 4), -50.0)
     t = torch.zeros(1, 1, 4, 4)

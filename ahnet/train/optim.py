@@ -58,7 +58,7 @@ def make_optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, 
     sched = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg.loss, cfg.focal_alpha, cfg.focal_gamma, cfg.dice_smooth,
-                                                   cfg.dice_per_patch))
+                                                   cfg.dice_per_patch, cfg.dice_per_nodule))
     return opt, sched, scaler, loss_fn
 
 
