@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 
 __all__ = [
     "CrossEntropyLoss", "FocalLoss", "DiceLoss", "DiceFocalLoss", "build_loss", "loss_kwargs", "LOSSES",
@@ -233,7 +233,6 @@ class DiceLoss(nn.Module):
                 return torch.where(held, 1.0 - dice, torch.full_like(dice, float("nan")))
             loss = ((1.0 - dice) * held).sum()
             return loss / held.sum().clamp_min(1) if self.reduction == "mean" else loss
-
 
     def _per_instance(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean (or sum) over the batch's target components of 1 - Dice(component vs the patch's background)."""

@@ -29,8 +29,8 @@ PROG = "ahnet.pipeline"
 
 SHARED = ("encoder", "data", "cache_dir", "seed", "device", "amp", "num_workers", "batch_size", "steps_per_epoch",
           "loss", "focal_alpha", "focal_gamma", "dice_per_patch", "dice_per_nodule", "augment", "pos_fraction",
-          "pos_weighting", "val_patches", "schedule", "warmup_steps", "ckpt_every", "folds", "fold", "max_bad_steps", "grad_clip",
-          "deterministic", "sync_bn", "dist_backend", "dist_timeout")
+          "pos_weighting", "val_patches", "schedule", "warmup_steps", "ckpt_every", "folds", "fold", "max_bad_steps",
+          "grad_clip", "deterministic", "sync_bn", "dist_backend", "dist_timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
