@@ -231,6 +231,7 @@ class TrainConfig:
             raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
                              "--init transfer.")
         check_limits(c)
+        check_dice_unit(c)
         if c.batch_size * math.prod(c.patch_size) > MAX_PATCH_VOXELS:
             raise ValueError(f"--batch-size {c.batch_size} x --patch-size {' '.join(map(str, c.patch_size))} is "
                              f"{c.batch_size * math.prod(c.patch_size):.3g} voxels per step; at most "
@@ -268,6 +269,17 @@ def _check_kind(name: str, declared, v) -> None:
     if want and not ok:
         raise ValueError(f"setting {name} = {v!r}: expected {' or '.join(k for k in kinds if k != 'None')}"
                          f"{' or null' if 'None' in kinds else ''}.")
+
+
+def check_dice_unit(c: TrainConfig) -> None:
+    """--dice-per-patch / --dice-per-nodule choose what one soft Dice is computed over: one of them, with a loss
+    that has a Dice term."""
+    flags = [f for f, on in (("--dice-per-patch", c.dice_per_patch), ("--dice-per-nodule", c.dice_per_nodule)) if on]
+    if len(flags) == 2:
+        raise ValueError("--dice-per-patch and --dice-per-nodule are two units for one Dice term; choose one.")
+    if flags and c.loss not in ("dice", "dice_focal"):
+        raise ValueError(f"{flags[0]} shapes the Dice term, and --loss {c.loss} has none; use --loss dice or "
+                         "dice_focal.")
 
 
 def check_kinds(c: TrainConfig) -> None:
