@@ -8,7 +8,9 @@ Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after trans
 a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0). Each
 variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed
 for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
-step that transfers prints the table and refuses an inexact transfer). Evaluation and report: ahnet.evaluate.
+step that transfers prints the table and refuses an inexact transfer). Presets with ``rescore`` (cpu, paper) then
+give every variant its own second stage, a candidate classifier trained on its candidates on the training scans
+(``python -m ahnet.rescore``, printed too), and evaluate each with it. Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the
 cpu preset trains two variants at a time, each in its own process on one core (``--jobs``; two 1-thread
 trainings moved about 11.4 patches/s on this 2-core CPU against 9 for one 2-thread training), a transferred variant
@@ -72,6 +74,8 @@ class Preset:
     phantom: Dict = field(default_factory=dict)  # options of the training phantom (PhantomOptions fields)
     recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
                                                  # early stopping); paper_notes/results.md measures them
+    rescore: bool = False                # give every variant its second stage (python -m ahnet.rescore) and
+                                         # evaluate with it; paper_notes/candidates.md measures it
 
 
 # Variant names: "<model>-<init>[-pfn<K>]"; "mcgcn-2d" is the 2D stage itself.
@@ -97,7 +101,7 @@ PRESETS: Dict[str, Preset] = {
                               pos_weighting="inverse-diameter")),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
-                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32),
+                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32, rescore=True),
 }
 
 
@@ -314,12 +318,12 @@ class TrainingFailed(Exception):
 class _Job:
     """One variant's training in a spawned process (``_train_in_child``), on ``threads`` CPU threads."""
 
-    def __init__(self, variant: str, cfg: TrainConfig, threads: int):
+    def __init__(self, variant: str, cfg, threads: int, target=None):
         import multiprocessing
 
         self.variant, self.t0 = variant, time.time()
         self.proc = multiprocessing.get_context("spawn").Process(
-            target=_train_in_child, args=(variant, cfg, threads), name=variant)
+            target=target or _train_in_child, args=(variant, cfg, threads), name=variant)
         self.proc.start()
 
     def done(self) -> bool:
@@ -350,6 +354,41 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
         train(cfg, validator_for=make_validator)
 
     sys.exit(cli.run(f"{PROG} ({variant})", body, {TrainingDiverged: 3}))
+
+
+def rescore_argv(run: Path, dataset_json: Path, device: str, amp: str) -> List[str]:
+    """The ``python -m ahnet.rescore`` arguments of one variant's second stage (its defaults otherwise)."""
+    return ["--run", str(run), "--data", str(dataset_json), "--device", device, "--amp", amp]
+
+
+def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
+    import torch
+
+    from .rescore import main as rescore_main
+    torch.set_num_threads(threads)
+    sys.stdout = _LinePrefix(sys.stdout, f"[{variant}] ")
+    sys.stderr = _LinePrefix(sys.stderr, f"[{variant}] ")
+    sys.exit(rescore_main(argv))
+
+
+def rescore_side_by_side(argvs: Dict[str, List[str]], jobs: int) -> int:
+    """Train every variant's second stage, ``jobs`` at a time (in spawned processes when jobs > 1); 0, or the
+    exit code of the first that failed."""
+    from .rescore import main as rescore_main
+    for v, argv in argvs.items():
+        print(f"[experiment] {v}: python -m ahnet.rescore {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+    if jobs == 1:
+        return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
+    import torch
+    threads = max(1, torch.get_num_threads() // jobs)
+    try:
+        run_when_ready({v: None for v in argvs}, lambda v: _Job(v, argvs[v], threads, _rescore_in_child), jobs)
+    except TrainingFailed as e:
+        if e.code > 0:
+            return e.code
+        return cli.fail(PROG, f"{e.variant}'s second stage was killed by signal {-e.code}; run the experiment "
+                              f"again to train it", 1)
+    return 0
 
 
 class _LinePrefix:
@@ -442,20 +481,27 @@ def run_experiment(args) -> int:
             return failed
     if not ctx.is_main:
         return 0
+    amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
+    if preset.rescore:
+        t = time.time()
+        failed = rescore_side_by_side({v: rescore_argv(runs / v, dataset_json, args.device, amp) for v in variants},
+                                      jobs)
+        if failed:
+            return failed
+        print(f"[experiment] second stages trained in {time.time() - t:.0f} s", flush=True)
     report = paths.run_paths(runs).report
     eval_json = dataset_json
     if (preset.test_phantom or preset.test_cases > 0) and not args.data:
         eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
-    amp = fast_amp(args.device)                        # evaluation in the training runs' precision
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else []) + (
-        ["--amp", amp, "--channels-last"] if amp != "off" else [])
+        ["--amp", amp, "--channels-last"] if amp != "off" else []) + (["--rescore"] if preset.rescore else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
     rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
                               n_bootstrap=args.bootstrap, window=preset.window, amp=amp,
-                              channels_last=amp != "off",
+                              channels_last=amp != "off", rescore=preset.rescore,
                               title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")

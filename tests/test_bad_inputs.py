@@ -34,10 +34,10 @@ from .data._pipeline_synth import make_dataset
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"predict": "ahnet.predict", "train": "ahnet.train.cli", "evaluate": "ahnet.evaluate.cli",
          "cache": "ahnet.data.cache", "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom",
-         "transfer": "weights_transfer.__main__", "experiment": "ahnet.experiment", "bench": "ahnet.bench"}
+         "transfer": "weights_transfer.__main__", "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
 PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.data.cache",
         "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom", "transfer": "weights_transfer",
-        "experiment": "ahnet.experiment", "bench": "ahnet.bench"}
+        "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
 UNET = {"base_channels": 4, "max_channels": 16, "z_pool": "none"}
 
 
@@ -88,6 +88,13 @@ class Ctx:
         p = self.t / name
         p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
         return p
+
+    def run_with_rescorer(self, content: bytes) -> Path:
+        """A copy of the world's run holding ``content`` as its rescorer.pt."""
+        run = self.t / "run2"
+        shutil.copytree(self.w.run, run)
+        (run / "rescorer.pt").write_bytes(content)
+        return run
 
     def truncated(self) -> Path:
         """The first 400 bytes of a real scan (a copy cut short)."""
@@ -425,6 +432,18 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "runs folder is a file", lambda c: c.file("runs") and ["--data", c.w.ds], "runs is a file"),
     ("experiment", "preset bogus", lambda c: ["--preset", "huge"], "argument --preset: invalid choice"),
     ("experiment", "unet3d transfer", lambda c: ["--variants", "unet3d-transfer"], "unet3d has no 2D counterpart"),
+    # --------------------------------------------------------------------------------------------- rescore
+    ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
+    ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),
+    ("rescore", "epochs 0", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--epochs", "0"], "argument --epochs"),
+    ("rescore", "split without cases", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--split", "nosuch"],
+     "has no case with split 'nosuch'"),
+    ("rescore", "run without a model", lambda c: (c.t / "empty").mkdir() or ["--run", c.t / "empty", "--data", c.w.ds],
+     "empty"),
+    ("rescore", "rescorer.pt truncated", lambda c: ["--run", c.run_with_rescorer(
+        (c.w.run / "checkpoints" / "best.pt").read_bytes()[:1000]), "--data", c.w.ds],
+     "not a readable torch checkpoint"),
+    ("evaluate", "rescore without a second stage", lambda c: ev(c, "--rescore"), "has no second stage yet"),
     # ----------------------------------------------------------------------------------------------- bench
     ("bench", "unknown flag", lambda c: ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench", "overlap 1.5", lambda c: ["--device", "cpu", "--overlap", "1.5"], "--overlap must be in [0, 1)"),

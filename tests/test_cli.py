@@ -64,7 +64,7 @@ def test_every_user_facing_command_has_a_console_script():
     scripts = dict(ln.split(" = ") for ln in lines)
     assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
                             "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench", "ahnet-export",
-                            "ahnet-serve", "ahnet-client"}
+                            "ahnet-serve", "ahnet-client", "ahnet-rescore"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
@@ -72,7 +72,7 @@ def test_every_user_facing_command_has_a_console_script():
 
 @pytest.mark.parametrize("module", ["ahnet.train.cli", "ahnet.pipeline", "ahnet.experiment", "ahnet.evaluate.cli",
                                     "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__", "ahnet.bench.cli",
-                                    "ahnet.export", "ahnet.client", "ahnet.serve.bench"])
+                                    "ahnet.export", "ahnet.client", "ahnet.serve.bench", "ahnet.rescore"])
 def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:

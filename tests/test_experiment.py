@@ -191,23 +191,29 @@ def test_jobs_default_to_the_presets_on_a_cpu_and_refuse_cuda_and_torchrun():
 @pytest.mark.slow
 def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch, capfd):
     """--jobs 2 on a tiny phantom: both scratch runs train in spawned processes (lines prefixed with their
-    name), finish, and the report holds both; a second call retrains nothing."""
+    name), finish, then their second stages, and the report holds both, rescored; a second call retrains
+    nothing (checkpoints and second stages untouched)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CI", "true")
     tiny = Preset(cases=4, size=96, encoder="resnet18", patch_2d=[3, 64, 64], batch_2d=2, epochs_2d=1, steps_2d=2,
                   patch_3d=[16, 64, 64], batch_3d=1, epochs_3d=1, steps_3d=2, lr=1e-3,
-                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96], jobs=2)
+                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96], jobs=2, rescore=True)
     monkeypatch.setitem(PRESETS, "demo", tiny)
     argv = ["--preset", "demo", "--bootstrap", "0", "--device", "cpu"]
     assert experiment.main(argv) == 0
     out = capfd.readouterr().out
     assert "[ahnet-scratch] [train]" in out and "[unet3d-scratch] [train]" in out
+    assert "[unet3d-scratch] [rescore]" in out and "--rescore" in out
     runs = Path("runs/phantom-demo")
     report = json.loads((runs / "report/report.json").read_text(encoding="utf-8"))
     assert set(report["models"]) == {"ahnet-scratch", "unet3d-scratch"}
-    done = {v: _files(runs / v / "checkpoints") for v in ("ahnet-scratch", "unet3d-scratch")}
+    assert "second stage" in (runs / "report/report.md").read_text(encoding="utf-8")
+    with open(runs / "report/candidates/unet3d-scratch.csv", encoding="utf-8") as f:
+        assert f.readline().strip().endswith("probability,probability_stage1")
+    done = {v: (_files(runs / v / "checkpoints"), _files(runs / v)["rescorer.pt"])
+            for v in ("ahnet-scratch", "unet3d-scratch")}
     assert experiment.main(argv) == 0
-    assert {v: _files(runs / v / "checkpoints") for v in done} == done
+    assert {v: (_files(runs / v / "checkpoints"), _files(runs / v)["rescorer.pt"]) for v in done} == done
 
 
 def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_traceback(monkeypatch, capsys):

@@ -11,8 +11,8 @@ earlier ones, never a later one.
     infer     ahnet.infer.*
     evaluate  froc, segmetrics, ahnet.evaluate (the package: the library)
     report    report
-    cli       predict, pipeline, experiment, bench, ahnet.evaluate.cli / __main__, export, serve.*, client,
-              weights_transfer
+    cli       predict, pipeline, experiment, bench, rescore, ahnet.evaluate.cli / __main__, export, serve.*,
+              client, weights_transfer
 """
 import ast
 from pathlib import Path
@@ -32,6 +32,7 @@ STAGE_OF = {
     "ahnet.froc": "evaluate", "ahnet.segmetrics": "evaluate", "ahnet.evaluate": "evaluate",
     "ahnet.report": "report",
     "ahnet.predict": "cli", "ahnet.pipeline": "cli", "ahnet.experiment": "cli", "ahnet.bench": "cli",
+    "ahnet.rescore": "cli",
     "ahnet.evaluate.cli": "cli", "ahnet.evaluate.__main__": "cli", "ahnet.export": "cli", "ahnet.serve": "cli",
     "ahnet.client": "cli", "weights_transfer": "cli",
     "ahnet.train.cli": "cli", "ahnet.train.__main__": "cli",

@@ -22,6 +22,7 @@ from ..data.io import load_dataset_json, read_image, read_scan
 from ..data.preprocess import clip_and_scale
 from ..froc import evaluate_detection, paired_bootstrap
 from ..infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
+from ..infer.rescore import rescore_candidates
 from ..segmetrics import aggregate_seg, nodule_seg_metrics
 from .gallery import gallery_crops
 
@@ -79,13 +80,15 @@ def predict_runs(runs, images: dict, device="cpu", **predict_kw) -> dict:
 
 def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold: float = 0.5,
                          candidates: CandidateRule | str | None = None, n_bootstrap: int = 1000, seed: int = 0,
-                         margin_mm: float = 5.0) -> dict:
+                         margin_mm: float = 5.0, rescorers: dict | None = None, images: dict | None = None) -> dict:
     """Detection and segmentation results per model, ready for ahnet.report.build_report.
 
     probs: {model: {case_id: (z, y, x) probabilities}}; cases: [{"case_id", "geometry" (spacing, origin,
     direction [, voxel_to_world]), "label" ((z, y, x) instance mask or None)}]; annotations: LUNA16 rows with
     ``type``, ``location`` and ``label`` (instance label in the case's mask) where known. threshold: the
-    segmentation mask's; candidates: the CandidateRule (or a method name; None = DEFAULT_RULE).
+    segmentation mask's; candidates: the CandidateRule (or a method name; None = DEFAULT_RULE). rescorers:
+    {model: ahnet.infer.rescore.Rescorer} whose candidates the second stage rescores, with ``images`` {case_id:
+    (z, y, x) scan scaled to [0, 1]} to crop from.
     Returns {model: {"detection", "segmentation", "candidates", "seg_rows"}}.
     """
     rule = candidate_rule(method=candidates) if isinstance(candidates, str) else candidate_rule(candidates)
@@ -100,7 +103,10 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
         cands, seg_rows = [], []
         for c in cases:
             p = by_case[c["case_id"]]
-            cands += extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
+            found = extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
+            if rescorers and name in rescorers:
+                found = rescore_candidates(rescorers[name], found, images[c["case_id"]], p, c["geometry"])
+            cands += found
             if c.get("label") is None:
                 continue
             rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]

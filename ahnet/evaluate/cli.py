@@ -19,12 +19,15 @@ from ..atomic import folder_lock, remove_temps
 from ..data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
 from ..infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
 from ..infer import rule_from_arguments
+from ..infer.rescore import RESCORER, Rescorer, load_rescorer
 from ..precision import AMP_MODES, resolve_device
 from ..report import build_report
 from ..report.claims import claim_sentence, found_line
 from . import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
 
 PROG = "ahnet.evaluate"
+SECOND_STAGE = ("; then each run's second stage (RUN/rescorer.pt, a candidate classifier on crops of the scan and "
+                "the map) rescores every candidate to sqrt(p1 x p2)")
 
 
 def build_parser() -> cli.Parser:
@@ -55,6 +58,8 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ap.add_argument("--title", default="AH-Net per-type evaluation")
+    ap.add_argument("--rescore", action="store_true",
+                    help="rescore each run's candidates by its second stage (RUN/rescorer.pt, python -m ahnet.rescore)")
     return ap
 
 
@@ -67,17 +72,26 @@ def _main(a) -> int:
     evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
                         seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
-                        tta=a.tta, amp=a.amp, channels_last=a.channels_last)
+                        tta=a.tta, amp=a.amp, channels_last=a.channels_last, rescore=a.rescore)
     return 0
+
+
+def rescorer_of(run, device) -> Rescorer:
+    """The second stage of a run folder (ValueError naming the run when it has none or is not a folder)."""
+    if not Path(run).is_dir():
+        raise ValueError(f"--rescore needs run folders holding {RESCORER}; {run} is not a folder")
+    return load_rescorer(run, device)
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
-                        seed: int = 0, title: str = "AH-Net per-type evaluation", **predict_kw) -> dict:
+                        seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
+                        **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
-    (None = ahnet.infer.DEFAULT_RULE). ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last
+    (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
+    (ahnet.infer.rescore; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last
     (ahnet.infer.predict_volume)."""
     out = cli.check_output_dir(out, "--out")
     device = resolve_device(device)
@@ -89,6 +103,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
         load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
+    rescorers = {name: rescorer_of(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     cases, images = load_cases(data, split, ann, ann_csv)
@@ -96,14 +111,15 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
         remove_temps(out, recursive=True, only_dead=False)
         probs = predict_runs(runs, images, device, **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
-                                       n_bootstrap=n_bootstrap, seed=seed)
+                                       n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
         for name, r in results.items():
-            write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"])
+            write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"],
+                                 extra_columns=["probability_stage1"] if rescore else ())
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,
                            comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
-                           candidates=rule.describe())
+                           candidates=rule.describe() + (SECOND_STAGE if rescore else ""))
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")

@@ -1,0 +1,154 @@
+"""The second stage (ahnet.infer.rescore, python -m ahnet.rescore, evaluate --rescore) against direct computations."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ahnet import rescore as rs
+from ahnet.data.io import Volume, read_annotations_csv
+from ahnet.evaluate import cli as ev_cli
+from ahnet.infer.candidates import voxel_to_world
+from ahnet.infer.rescore import (RESCORER, Rescorer, candidate_crops, crop_at, load_rescorer, rescore_candidates,
+                                 views)
+from ahnet.nets import build_model
+from ahnet.nets.candidate_net import CandidateNet
+
+from .data._pipeline_synth import make_dataset
+
+SP = (2.5, 0.7, 0.7)
+UNET = {"base_channels": 4, "max_channels": 16, "z_pool": "none"}
+
+
+def test_crop_equals_direct_slicing_and_pads_with_zeros():
+    a = np.arange(6 * 10 * 12, dtype=np.float32).reshape(6, 10, 12) + 1
+    np.testing.assert_array_equal(crop_at(a, (3, 5, 6), (2, 4, 4)), a[2:4, 3:7, 4:8])
+    c = crop_at(a, (0, 0, 11), (4, 4, 4))                      # a corner: rows before 0 and after 11 are zero
+    expect = np.zeros((4, 4, 4), np.float32)
+    expect[2:, 2:, :3] = a[0:2, 0:2, 9:12]
+    np.testing.assert_array_equal(c, expect)
+    assert not crop_at(a, (40, 5, 5), (4, 4, 4)).any()          # wholly outside
+
+
+def test_crops_are_centred_on_the_nearest_voxel_of_an_oblique_scan():
+    th = np.deg2rad(20)
+    direction = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1.0]])
+    geo = Volume(np.zeros((9, 20, 20), np.float32), SP, (-30.0, 12.0, 400.0), direction)
+    img = np.random.default_rng(0).random((9, 20, 20)).astype(np.float32)
+    prob = np.random.default_rng(1).random((9, 20, 20)).astype(np.float32)
+    voxels = [(4, 10, 10), (0, 19, 3), (8, 0, 0)]
+    xyz = voxel_to_world(np.array(voxels) + [0.3, -0.4, 0.2], SP, geo.origin, direction)   # rounds back to them
+    rows = [{"coordX": x, "coordY": y, "coordZ": z} for x, y, z in xyz]
+    crops = candidate_crops(img, prob, geo, rows, (4, 6, 6))
+    assert crops.shape == (3, 2, 4, 6, 6)
+    for k, v in enumerate(voxels):
+        assert crops[k, 0, 2, 3, 3] == img[v] and crops[k, 1, 2, 3, 3] == prob[v]
+
+
+def _rescorer(seed=0, width=4):
+    torch.manual_seed(seed)
+    return Rescorer(CandidateNet(width=width).eval(), (4, 8, 8), {"width": width})
+
+
+def test_the_second_stage_is_the_mean_over_the_eight_in_plane_views():
+    r = _rescorer()
+    x = np.random.default_rng(0).random((3, 2, 4, 8, 8)).astype(np.float32)
+    got = r.probabilities(x, batch=2)
+    direct = []
+    for k in range(3):
+        ps = []
+        for mirror in (False, True):
+            base = x[k, :, :, :, ::-1] if mirror else x[k]
+            for turns in range(4):
+                v = np.ascontiguousarray(np.rot90(base, turns, axes=(-2, -1)))
+                with torch.no_grad():
+                    ps.append(float(torch.sigmoid(r.net(torch.from_numpy(v)[None]))[0]))
+        direct.append(np.mean(ps))
+    np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-6)
+    assert len({tuple(v.flatten()[:20].tolist()) for v in views(torch.from_numpy(x))}) == 8
+
+
+def test_rescored_score_is_the_geometric_mean_and_the_first_stage_is_kept():
+    r = _rescorer(1)
+    geo = Volume(np.zeros((8, 16, 16), np.float32), SP)
+    img, prob = np.random.default_rng(2).random((2, 8, 16, 16)).astype(np.float32)
+    rows = [{"seriesuid": "s", "coordX": 5.0, "coordY": 4.0, "coordZ": 10.0, "probability": 0.8},
+            {"seriesuid": "s", "coordX": 1.0, "coordY": 9.0, "coordZ": 2.5, "probability": 0.25}]
+    out = rescore_candidates(r, rows, img, prob, geo)
+    p2 = r.probabilities(candidate_crops(img, prob, geo, rows, r.crop))
+    assert [o["probability_stage1"] for o in out] == [0.8, 0.25]
+    np.testing.assert_allclose([o["probability"] for o in out], np.sqrt([0.8, 0.25] * p2), rtol=1e-12)
+    assert out[0]["coordX"] == 5.0 and rescore_candidates(r, [], img, prob, geo) == []
+
+
+def test_candidates_are_labelled_by_the_nodule_radius():
+    geo = Volume(np.zeros((8, 40, 40), np.float32), SP)
+    nodules = [{"coordX": 14.0, "coordY": 14.0, "coordZ": 10.0, "diameter_mm": 8.0}]
+    rows = [{"coordX": 14.0 + d, "coordY": 14.0, "coordZ": 10.0} for d in (0.0, 3.99, 4.01, 20.0)]
+    img = np.zeros((8, 40, 40), np.float32)
+    x, y = rs.labelled_crops(img, img, geo, nodules, rows, jitter=3, rng=np.random.default_rng(0), crop=(4, 8, 8))
+    assert y.tolist() == [1, 1, 0, 0, 1, 1, 1] and x.shape == (7, 2, 4, 8, 8)
+    _, y0 = rs.labelled_crops(img, img, geo, [], rows[:2], jitter=3, rng=np.random.default_rng(0), crop=(4, 8, 8))
+    assert y0.tolist() == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Four synthetic scans (validation, train, train, test) with nodules and an untrained 3D U-Net run."""
+    root = tmp_path_factory.mktemp("rescore")
+    js, _ = make_dataset(root / "ds", n_cases=4, shape=(12, 48, 48), empty_cases=())
+    meta = json.loads(js.read_text(encoding="utf-8"))
+    meta["training"][3]["split"] = "test"
+    js.write_text(json.dumps(meta), encoding="utf-8")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    m = build_model("unet3d", **UNET)
+    torch.save({"model": m.state_dict(), "model_name": "unet3d", "model_kwargs": m.config,
+                "config": {"patch_size": [4, 32, 32]}}, run / "checkpoints" / "best.pt")
+    argv = ["--run", str(run), "--data", str(js), "--epochs", "2", "--width", "4", "--device", "cpu"]
+    assert rs.main(argv) == 0
+    return {"root": root, "ds": js, "run": run, "argv": argv}
+
+
+def test_training_writes_a_safe_rescorer_with_its_counts(world):
+    r = load_rescorer(world["run"])
+    assert isinstance(r.net, CandidateNet) and r.settings["epochs"] == 2 and r.crop == (8, 48, 48)
+    torch.load(world["run"] / RESCORER, weights_only=True)
+    info = json.loads((world["run"] / "rescorer.json").read_text(encoding="utf-8"))
+    ann = read_annotations_csv(world["ds"].parent / "annotations.csv")
+    train_ids = {"case_001", "case_002"}
+    n_nodules = sum(a["seriesuid"] in train_ids for a in ann)
+    assert info["cases"] == 2 and info["crops"] == info["candidates"] + 2 * n_nodules
+    assert info["positives"] >= 2 * n_nodules and len(info["loss_per_epoch"]) == 2
+    assert not [p for p in world["run"].iterdir() if ".tmp" in p.name]
+
+
+def test_same_settings_leave_it_and_force_repeats_it_exactly(world, capsys):
+    before = (world["run"] / RESCORER).stat().st_mtime_ns
+    assert rs.main(world["argv"]) == 0
+    assert "already holds this second stage" in capsys.readouterr().out
+    assert (world["run"] / RESCORER).stat().st_mtime_ns == before
+    old = load_rescorer(world["run"]).net.state_dict()
+    assert rs.main(world["argv"] + ["--force"]) == 0
+    new = load_rescorer(world["run"]).net.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_evaluate_rescore_writes_the_geometric_mean_of_both_stages(world, tmp_path):
+    out = tmp_path / "rep"
+    assert ev_cli.main(["--runs", str(world["run"]), "--data", str(world["ds"]), "--out", str(out), "--device", "cpu",
+                        "--bootstrap", "10", "--rescore"]) == 0
+    with open(out / "candidates" / "run.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 <= float(r["probability"]) <= float(r["probability_stage1"]) ** 0.5 + 1e-12 for r in rows)
+    plain = tmp_path / "plain"
+    assert ev_cli.main(["--runs", str(world["run"]), "--data", str(world["ds"]), "--out", str(plain), "--device",
+                        "cpu", "--bootstrap", "10"]) == 0
+    with open(plain / "candidates" / "run.csv", newline="", encoding="utf-8") as f:
+        first = list(csv.DictReader(f))
+    key = [(r["coordX"], r["coordY"], r["coordZ"]) for r in first]
+    assert key == [(r["coordX"], r["coordY"], r["coordZ"]) for r in rows]
+    assert [float(r["probability"]) for r in first] == [float(r["probability_stage1"]) for r in rows]
+    assert "second stage" in (out / "report.md").read_text(encoding="utf-8")
