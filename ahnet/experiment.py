@@ -8,9 +8,10 @@ Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after trans
 a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0). Each
 variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed
 for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
-step that transfers prints the table and refuses an inexact transfer). Presets with ``rescore`` (cpu, paper) then
-give every variant its own second stage, a candidate classifier trained on its candidates on the training scans
-(``python -m ahnet.rescore``, printed too), and evaluate each with it. Evaluation and report: ahnet.evaluate.
+step that transfers prints the table and refuses an inexact transfer). With ``--rescore`` (the paper preset's
+default) every variant then gets its own second stage, a candidate classifier trained on its candidates on the
+training scans (``python -m ahnet.rescore``, printed too), and is evaluated with it. Evaluation and report:
+ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the
 cpu preset trains two variants at a time, each in its own process on one core (``--jobs``; two 1-thread
 trainings moved about 11.4 patches/s on this 2-core CPU against 9 for one 2-thread training), a transferred variant
@@ -21,6 +22,7 @@ alone evaluates; the presets' batches must divide by the number of ranks (checke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -74,8 +76,9 @@ class Preset:
     phantom: Dict = field(default_factory=dict)  # options of the training phantom (PhantomOptions fields)
     recipe: Dict = field(default_factory=dict)   # TrainConfig settings of every variant (sampling, validation,
                                                  # early stopping); paper_notes/results.md measures them
-    rescore: bool = False                # give every variant its second stage (python -m ahnet.rescore) and
-                                         # evaluate with it; paper_notes/candidates.md measures it
+    rescore: Optional[Dict] = None       # options of every variant's second stage (python -m ahnet.rescore,
+                                         # e.g. {"epochs": 30}), evaluated with it; None = no second stage;
+                                         # paper_notes/candidates.md measures it
 
 
 # Variant names: "<model>-<init>[-pfn<K>]"; "mcgcn-2d" is the 2D stage itself.
@@ -101,7 +104,7 @@ PRESETS: Dict[str, Preset] = {
                               pos_weighting="inverse-diameter")),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
-                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32, rescore=True),
+                    variants=ALL_VARIANTS, z_pool="paper", unet_base=32, rescore={}),
 }
 
 
@@ -261,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainings side by side on a CPU, each in its own process on its share of the cores "
                         "(default: the preset's, cpu: 2; 1 on CUDA and under torchrun); a transferred variant "
                         "waits for the 2D stage")
+    p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
+                   help="give every variant its second stage (python -m ahnet.rescore, its defaults) and evaluate "
+                        "with it, or not (default: the preset's: paper yes, cpu and demo no)")
     p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
     return p
@@ -356,9 +362,35 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
     sys.exit(cli.run(f"{PROG} ({variant})", body, {TrainingDiverged: 3}))
 
 
-def rescore_argv(run: Path, dataset_json: Path, device: str, amp: str) -> List[str]:
-    """The ``python -m ahnet.rescore`` arguments of one variant's second stage (its defaults otherwise)."""
-    return ["--run", str(run), "--data", str(dataset_json), "--device", device, "--amp", amp]
+def rescore_argv(run: Path, dataset_json: Path, device: str, amp: str, options: Dict) -> List[str]:
+    """The ``python -m ahnet.rescore`` arguments of one variant's second stage: the preset's ``options``
+    ({"max_cases": 24} -> --max-cases 24), its defaults otherwise."""
+    flags = [f for k, v in options.items() for f in ("--" + k.replace("_", "-"), str(v))]
+    return ["--run", str(run), "--data", str(dataset_json), "--device", device, "--amp", amp, *flags]
+
+
+def with_rescore(preset: Preset, rescore: Optional[bool]) -> Preset:
+    """The preset as --rescore / --no-rescore asks (None: as it is; --rescore keeps a preset's own options)."""
+    if rescore is None or rescore == (preset.rescore is not None):
+        return preset
+    return dataclasses.replace(preset, rescore={} if rescore else None)
+
+
+def check_rescore_options(options: Dict) -> None:
+    """ValueError (before any work) for a preset's second-stage option that ``python -m ahnet.rescore`` lacks or
+    refuses; run, data, device and amp are the experiment's own."""
+    from .rescore import build_parser
+    actions = {a.dest: a for a in build_parser()._actions if a.option_strings}
+    for k, v in options.items():
+        if k in ("run", "data", "device", "amp", "help") or k not in actions:
+            takes = sorted(set(actions) - {"run", "data", "device", "amp", "help"})
+            raise ValueError(f"the preset's second-stage option {k!r} is not one python -m ahnet.rescore takes "
+                             f"from a preset; it takes {', '.join(takes)}")
+        try:
+            if actions[k].type is not None:
+                actions[k].type(str(v))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ValueError(f"the preset's second-stage option {k} = {v!r}: {e}") from None
 
 
 def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
@@ -437,7 +469,7 @@ def main(argv=None) -> int:
 
 def run_experiment(args) -> int:
     """Data -> the variants' configs (all checked first) -> training (the 2D stage first) -> evaluation."""
-    preset = PRESETS[args.preset]
+    preset = with_rescore(PRESETS[args.preset], args.rescore)
     name = args.name or f"phantom-{args.preset}"
     runs = paths.RUNS_ROOT / name
     variants = list(args.variants or preset.variants)
@@ -449,6 +481,8 @@ def run_experiment(args) -> int:
         cli.check_output_dir(paths.DATA_ROOT / name, "--name")
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
+    if preset.rescore is not None:
+        check_rescore_options(preset.rescore)
     for v in variants:
         dist.check_batch(preset.batch_2d if parse_variant(v)[0] == "mcgcn" else preset.batch_3d)
     t0 = time.time()
@@ -482,10 +516,10 @@ def run_experiment(args) -> int:
     if not ctx.is_main:
         return 0
     amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
-    if preset.rescore:
+    if preset.rescore is not None:
         t = time.time()
-        failed = rescore_side_by_side({v: rescore_argv(runs / v, dataset_json, args.device, amp) for v in variants},
-                                      jobs)
+        failed = rescore_side_by_side({v: rescore_argv(runs / v, dataset_json, args.device, amp, preset.rescore)
+                                       for v in variants}, jobs)
         if failed:
             return failed
         print(f"[experiment] second stages trained in {time.time() - t:.0f} s", flush=True)
@@ -496,12 +530,13 @@ def run_experiment(args) -> int:
     flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
              "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else []) + (
-        ["--amp", amp, "--channels-last"] if amp != "off" else []) + (["--rescore"] if preset.rescore else [])
+        ["--amp", amp, "--channels-last"] if amp != "off" else []) + (
+        ["--rescore"] if preset.rescore is not None else [])
     print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
           flush=True)
     rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
                               n_bootstrap=args.bootstrap, window=preset.window, amp=amp,
-                              channels_last=amp != "off", rescore=preset.rescore,
+                              channels_last=amp != "off", rescore=preset.rescore is not None,
                               title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
     print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / 'report.html'} "
           f"(also report.md, report.json)")

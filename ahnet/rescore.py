@@ -162,7 +162,7 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--max-cases", type=cli.number(int, 0), default=0, help="use the first N cases (0 = all)")
     ap.add_argument("--jitter", type=cli.number(int, 0, 100), default=2,
                     help="extra crops per reference nodule, off its centre by up to half its radius")
-    ap.add_argument("--epochs", type=cli.number(int, 1, 10000), default=15, help="passes over the crops")
+    ap.add_argument("--epochs", type=cli.number(int, 1, 10000), default=30, help="passes over the crops")
     ap.add_argument("--width", type=cli.number(int, 1, 256), default=16, help="CandidateNet's first channel count")
     ap.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
     ap.add_argument("--amp", choices=AMP_MODES, default="auto", help="precision of the first stage's maps")

@@ -34,7 +34,8 @@ from .data._pipeline_synth import make_dataset
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"predict": "ahnet.predict", "train": "ahnet.train.cli", "evaluate": "ahnet.evaluate.cli",
          "cache": "ahnet.data.cache", "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom",
-         "transfer": "weights_transfer.__main__", "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
+         "transfer": "weights_transfer.__main__", "experiment": "ahnet.experiment", "bench": "ahnet.bench",
+         "rescore": "ahnet.rescore"}
 PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.data.cache",
         "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom", "transfer": "weights_transfer",
         "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}

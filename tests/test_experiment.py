@@ -197,7 +197,8 @@ def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch
     monkeypatch.setenv("CI", "true")
     tiny = Preset(cases=4, size=96, encoder="resnet18", patch_2d=[3, 64, 64], batch_2d=2, epochs_2d=1, steps_2d=2,
                   patch_3d=[16, 64, 64], batch_3d=1, epochs_3d=1, steps_3d=2, lr=1e-3,
-                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96], jobs=2, rescore=True)
+                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96], jobs=2,
+                  rescore={"epochs": 2, "max_cases": 2})
     monkeypatch.setitem(PRESETS, "demo", tiny)
     argv = ["--preset", "demo", "--bootstrap", "0", "--device", "cpu"]
     assert experiment.main(argv) == 0
@@ -236,3 +237,24 @@ def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_t
         assert train_side_by_side({"ahnet-scratch": TrainConfig(out="x")}, 2) == want
         err = capsys.readouterr().err
         assert err == (f"ahnet.experiment: error: {line}\n" if line else "")
+
+
+def test_second_stage_options_of_a_preset_are_checked_before_any_work():
+    from ahnet.experiment import check_rescore_options, rescore_argv
+    check_rescore_options({"epochs": 30, "max_cases": 24})
+    with pytest.raises(ValueError, match="'epoch' is not one python -m ahnet.rescore takes .* epochs"):
+        check_rescore_options({"epoch": 30})
+    with pytest.raises(ValueError, match="'run' is not one"):
+        check_rescore_options({"run": "x"})
+    with pytest.raises(ValueError, match="option epochs = 0"):
+        check_rescore_options({"epochs": 0})
+    assert rescore_argv(Path("r"), Path("d.json"), "cpu", "bf16", {"max_cases": 24}) == [
+        "--run", "r", "--data", "d.json", "--device", "cpu", "--amp", "bf16", "--max-cases", "24"]
+    for preset in PRESETS.values():
+        if preset.rescore is not None:
+            check_rescore_options(preset.rescore)
+    from ahnet.experiment import with_rescore
+    own = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epochs": 5}})
+    assert with_rescore(own, True).rescore == {"epochs": 5} and with_rescore(own, None) is own
+    assert with_rescore(own, False).rescore is None and with_rescore(PRESETS["cpu"], True).rescore == {}
+    assert experiment.build_parser().parse_args(["--no-rescore"]).rescore is False

@@ -91,8 +91,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
     (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
-    (ahnet.infer.rescore; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last
-    (ahnet.infer.predict_volume)."""
+    (ahnet.infer.rescore; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
+    overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
     out = cli.check_output_dir(out, "--out")
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
