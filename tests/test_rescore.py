@@ -114,7 +114,7 @@ def world(tmp_path_factory):
 
 def test_training_writes_a_safe_rescorer_with_its_counts(world):
     r = load_rescorer(world["run"])
-    assert isinstance(r.net, CandidateNet) and r.settings["epochs"] == 2 and r.crop == (8, 48, 48)
+    assert isinstance(r.net, CandidateNet) and r.settings["epochs"] == 2 and r.crop == (8, 32, 32)
     torch.load(world["run"] / RESCORER, weights_only=True)
     info = json.loads((world["run"] / "rescorer.json").read_text(encoding="utf-8"))
     ann = read_annotations_csv(world["ds"].parent / "annotations.csv")
