@@ -21,6 +21,8 @@ input's spacing, origin and direction, then drops the case's arrays before the n
 holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set, by the candidate rule of
 ``--candidates`` and its flags (default ahnet.infer.DEFAULT_RULE: local maxima with p >= 0.02, NMS in world mm,
 merging, sub-voxel centres; ``--candidates components --candidate-threshold 0.5`` gives the older components).
+With ``--rescore`` (one run folder) its second stage (``RUN/rescorer.pt``, ``python -m ahnet.rescore``) rescores
+every candidate to sqrt(p1 x p2), the first stage's score kept in a column ``probability_stage1``.
 
 Window (3D): the one rule of ahnet.infer.window_for: ``--window``, else the largest ``patch_size`` in the runs'
 training configs, else DEFAULT_WINDOW; rounded up to the models' input multiple and never larger than the volume
@@ -49,6 +51,7 @@ from .data import io
 from .data.preprocess import clip_and_scale
 from .infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
                     extract_candidates, load_ensemble, predict_volume, rule_from_arguments)
+from .infer.rescore import Rescorer, load_rescorer, rescore_candidates
 from .precision import AMP_MODES
 
 PROG = "ahnet.predict"
@@ -163,22 +166,28 @@ def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "aut
     return out
 
 
-def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule) -> list:
-    """One scan -> its _prob and _mask files (each written atomically) and its candidate rows."""
+def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
+                  rescorer: Rescorer | None = None) -> list:
+    """One scan -> its _prob and _mask files (each written atomically) and its candidate rows (rescored by the
+    second stage when ``rescorer`` is given)."""
     vol = io.read_scan(case.image)
     scale_in_place(vol.array)
     prob = probability(vol.array)
+    rows = extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
+    if rescorer is not None:
+        rows = rescore_candidates(rescorer, rows, vol.array, prob, vol)
     vol.array = None
     io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
     io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
-    return extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
+    return rows
 
 
 def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
-                      skip_bad: bool = False) -> dict:
+                      skip_bad: bool = False, rescorer: Rescorer | None = None) -> dict:
     """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
     writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and <out>/candidates.csv (by the rule
-    ``candidates``, default ahnet.infer.DEFAULT_RULE), with --out locked.
+    ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by ``rescorer``, the run's second stage, when
+    given, the first stage's score kept as probability_stage1), with --out locked.
 
     One case in memory at a time. A scan that fails: the candidates of the scans done are written, then
     PredictInputError, or with ``skip_bad`` a warning and the next scan.
@@ -190,7 +199,7 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
         remove_temps(out, only_dead=False)
         for case in _progress(cases, desc="predict", unit="case"):
             try:
-                rows += _predict_case(case, out, probability, threshold, rule)
+                rows += _predict_case(case, out, probability, threshold, rule, rescorer)
             except (ValueError, OSError) as e:
                 why = cli.one_line(e).rstrip(".")
                 failed.append((case.case_id, why))
@@ -204,13 +213,15 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
                 cli.warn(PROG, f"skipped case {case.case_id}: {why}")
                 continue
             done.append(case.case_id)
-        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+        csv_path = io.write_candidates_csv(out / "candidates.csv", rows,
+                                           ["probability_stage1"] if rescorer is not None else ())
     return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
 
 
 def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
                   tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
-                  candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False) -> dict:
+                  candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False,
+                  rescorer: Rescorer | None = None) -> dict:
     """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
     write its files (write_predictions), the options checked first (check_options)."""
     out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
@@ -218,7 +229,7 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
     def probability(image01):
         return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
                               channels_last=channels_last)
-    return write_predictions(cases, out, probability, threshold, candidates, skip_bad)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer)
 
 
 def build_parser() -> cli.Parser:
@@ -244,6 +255,9 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
                     help="mask threshold on probability, in [0, 1]")
     add_candidate_arguments(ap)
+    ap.add_argument("--rescore", action="store_true",
+                    help="rescore the candidates by the run's second stage (RUN/rescorer.pt, python -m ahnet.rescore); "
+                         "one run folder")
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     ap.add_argument("--skip-bad", action="store_true",
                     help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
@@ -260,9 +274,15 @@ def _main(a) -> int:
     rule = rule_from_arguments(a)
     cases = find_cases(a.input, a.split)
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
+    rescorer = None
+    if a.rescore:
+        if len(a.runs) != 1 or not Path(a.runs[0]).is_dir():
+            raise PredictInputError("--rescore takes one run folder in --runs: its rescorer.pt learnt that run's "
+                                    "candidates")
+        rescorer = load_rescorer(a.runs[0], ens.device)
     res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
                         amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last,
-                        skip_bad=a.skip_bad)
+                        skip_bad=a.skip_bad, rescorer=rescorer)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     if res["failed"]:

@@ -152,3 +152,21 @@ def test_evaluate_rescore_writes_the_geometric_mean_of_both_stages(world, tmp_pa
     assert key == [(r["coordX"], r["coordY"], r["coordZ"]) for r in rows]
     assert [float(r["probability"]) for r in first] == [float(r["probability_stage1"]) for r in rows]
     assert "second stage" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_predict_rescore_equals_the_second_stage_applied_to_the_plain_prediction(world, tmp_path):
+    from ahnet import predict as pr
+    from ahnet.data.io import read_candidates_csv, read_image, read_scan
+    from ahnet.data.preprocess import clip_and_scale
+    base = ["--input", str(world["ds"]), "--split", "test", "--runs", str(world["run"]), "--device", "cpu"]
+    assert pr.main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert pr.main(base + ["--out", str(tmp_path / "two"), "--rescore"]) == 0
+    plain = read_candidates_csv(tmp_path / "plain" / "candidates.csv")
+    two = read_candidates_csv(tmp_path / "two" / "candidates.csv")
+    scan = read_scan(world["ds"].parent / "imagesTr" / "case_003.nii.gz")
+    prob = read_image(tmp_path / "plain" / "case_003_prob.nii.gz").array
+    direct = rescore_candidates(load_rescorer(world["run"]), plain, clip_and_scale(scan.array), prob, scan)
+    assert plain and [r["probability_stage1"] for r in two] == [r["probability"] for r in plain]
+    np.testing.assert_allclose([r["probability"] for r in two], [r["probability"] for r in direct], rtol=1e-12)
+    assert pr.main(base[:5] + [str(world["run"]), str(world["run"]), "--device", "cpu", "--out",
+                               str(tmp_path / "x"), "--rescore"]) == 2

@@ -40,8 +40,8 @@ ITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 _INT_COLUMNS = {"label", "class"}
-_FLOAT_COLUMNS = {"coordX", "coordY", "coordZ", "diameter_mm", "probability", "volume_mm3", "texture",
-                  "spiculation", "lobulation", "calcification", "subtlety", "malignancy", "sphericity",
+_FLOAT_COLUMNS = {"coordX", "coordY", "coordZ", "diameter_mm", "probability", "probability_stage1", "volume_mm3",
+                  "texture", "spiculation", "lobulation", "calcification", "subtlety", "malignancy", "sphericity",
                   "margin", "internalStructure"}
 
 

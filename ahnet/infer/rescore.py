@@ -2,10 +2,11 @@
 
 A segmentation network ranks its candidates by its own probability p1, which saturates at 1.0 on vessels and
 pleura as on nodules. The second stage looks again at each candidate: a crop of the scan (lung window, [0, 1])
-and of the first stage's probability map around it, on the scan's own voxel grid (``CROP`` = D, H, W voxels,
-zero beyond the scan; the rescorer keeps the crop it was trained on), scored by ahnet.nets.CandidateNet as p2 = the mean of its probabilities over the 8
-in-plane views (4 quarter turns, each also mirrored). The candidate's new score is sqrt(p1 * p2): a candidate
-keeps its place only when both stages agree. Training: ``python -m ahnet.rescore`` (paper_notes/candidates.md).
+and of the first stage's probability map around it, on the scan's own voxel grid (default ``CROP`` = D, H, W
+voxels, zero beyond the scan; a rescorer keeps the crop it was trained on), scored by ahnet.nets.CandidateNet as
+p2 = the mean of its probabilities over the 8 in-plane views (4 quarter turns, each also mirrored). The
+candidate's new score is sqrt(p1 * p2): it ranks high only when both stages agree. Training:
+``python -m ahnet.rescore`` (paper_notes/candidates.md).
 
 A run's second stage is ``RUN/rescorer.pt`` (``torch.save`` of {"format", "state_dict", "settings"}; loaded with
 ``weights_only=True``).
