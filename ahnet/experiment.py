@@ -322,12 +322,13 @@ class TrainingFailed(Exception):
 
 
 class _Job:
-    """One variant's training in a spawned process (``_train_in_child``), on ``threads`` CPU threads."""
+    """One variant's training in a spawned process (``target``, default ``_train_in_child``; the second stage's:
+    ``_rescore_in_child``), on ``threads`` CPU threads; ``what`` names the work in the line printed when it ends."""
 
-    def __init__(self, variant: str, cfg, threads: int, target=None):
+    def __init__(self, variant: str, cfg, threads: int, target=None, what: str = "trained"):
         import multiprocessing
 
-        self.variant, self.t0 = variant, time.time()
+        self.variant, self.t0, self.what = variant, time.time(), what
         self.proc = multiprocessing.get_context("spawn").Process(
             target=target or _train_in_child, args=(variant, cfg, threads), name=variant)
         self.proc.start()
@@ -339,7 +340,7 @@ class _Job:
         self.proc.join()
         if self.proc.exitcode != 0:
             raise TrainingFailed(self.variant, self.proc.exitcode)
-        print(f"[experiment] {self.variant} trained in {time.time() - self.t0:.0f} s", flush=True)
+        print(f"[experiment] {self.variant} {self.what} in {time.time() - self.t0:.0f} s", flush=True)
 
     def stop(self) -> None:
         """Ctrl-C for the child (its run stays resumable), then wait for it to leave."""
@@ -413,8 +414,11 @@ def rescore_side_by_side(argvs: Dict[str, List[str]], jobs: int) -> int:
         return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
     import torch
     threads = max(1, torch.get_num_threads() // jobs)
+
+    def start(v: str) -> _Job:
+        return _Job(v, argvs[v], threads, _rescore_in_child, "second stage trained")
     try:
-        run_when_ready({v: None for v in argvs}, lambda v: _Job(v, argvs[v], threads, _rescore_in_child), jobs)
+        run_when_ready({v: None for v in argvs}, start, jobs)
     except TrainingFailed as e:
         if e.code > 0:
             return e.code
