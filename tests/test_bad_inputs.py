@@ -438,6 +438,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),
     ("rescore", "crop too small", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--crop", "2", "32", "32"],
      "use at least 4 8 8"),
+    ("rescore", "overlap 1", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--overlap", "1"], "argument --overlap"),
     ("rescore", "epochs 0", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--epochs", "0"], "argument --epochs"),
     ("rescore", "split without cases", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--split", "nosuch"],
      "has no case with split 'nosuch'"),

@@ -248,6 +248,9 @@ def test_second_stage_options_of_a_preset_are_checked_before_any_work():
         check_rescore_options({"run": "x"})
     with pytest.raises(ValueError, match="option epochs = 0"):
         check_rescore_options({"epochs": 0})
+    check_rescore_options({"overlap": 0.25})
+    with pytest.raises(ValueError, match="option overlap = 1"):
+        check_rescore_options({"overlap": 1})
     assert rescore_argv(Path("r"), Path("d.json"), "cpu", "bf16", {"max_cases": 24}) == [
         "--run", "r", "--data", "d.json", "--device", "cpu", "--amp", "bf16", "--max-cases", "24"]
     for preset in PRESETS.values():
