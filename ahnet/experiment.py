@@ -417,14 +417,7 @@ def rescore_side_by_side(argvs: Dict[str, List[str]], jobs: int) -> int:
 
     def start(v: str) -> _Job:
         return _Job(v, argvs[v], threads, _rescore_in_child, "second stage trained")
-    try:
-        run_when_ready({v: None for v in argvs}, start, jobs)
-    except TrainingFailed as e:
-        if e.code > 0:
-            return e.code
-        return cli.fail(PROG, f"{e.variant}'s second stage was killed by signal {-e.code}; run the experiment "
-                              f"again to train it", 1)
-    return 0
+    return run_jobs({v: None for v in argvs}, start, jobs, "second stage", "train it")
 
 
 class _LinePrefix:
@@ -456,13 +449,21 @@ def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> int:
         print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
     print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
           flush=True)
+    return run_jobs(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs,
+                    "training process", "resume it")
+
+
+def run_jobs(plan: Dict[str, Optional[str]], start, jobs: int, what: str, again: str) -> int:
+    """run_when_ready over spawned _Jobs: 0, or the exit code of the first that failed (its process printed its
+    one error line); one killed by a signal gets a line "<variant>'s <what> was killed by signal N; run the
+    experiment again to <again>" and exit code 1."""
     try:
-        run_when_ready(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs)
+        run_when_ready(plan, start, jobs)
     except TrainingFailed as e:
         if e.code > 0:
             return e.code
-        return cli.fail(PROG, f"{e.variant}'s training process was killed by signal {-e.code}; run the experiment "
-                              f"again to resume it", 1)
+        return cli.fail(PROG, f"{e.variant}'s {what} was killed by signal {-e.code}; run the experiment again to "
+                              f"{again}", 1)
     return 0
 
 

@@ -51,7 +51,7 @@ from .data import io
 from .data.preprocess import clip_and_scale
 from .infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
                     extract_candidates, load_ensemble, predict_volume, rule_from_arguments)
-from .infer.rescore import Rescorer, load_rescorer, rescore_candidates
+from .infer.rescore import Rescorer, load_run_rescorer, rescore_candidates
 from .precision import AMP_MODES
 
 PROG = "ahnet.predict"
@@ -276,10 +276,10 @@ def _main(a) -> int:
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
     rescorer = None
     if a.rescore:
-        if len(a.runs) != 1 or not Path(a.runs[0]).is_dir():
+        if len(a.runs) != 1:
             raise PredictInputError("--rescore takes one run folder in --runs: its rescorer.pt learnt that run's "
                                     "candidates")
-        rescorer = load_rescorer(a.runs[0], ens.device)
+        rescorer = load_run_rescorer(a.runs[0], ens.device)
     res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
                         amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last,
                         skip_bad=a.skip_bad, rescorer=rescorer)

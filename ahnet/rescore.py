@@ -33,8 +33,8 @@ from . import cli, paths
 from .atomic import atomic_path, write_text_atomic
 from .data.io import load_dataset_json, read_annotations_csv
 from .evaluate import load_cases
-from .infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume, world_to_voxel
-from .infer.rescore import CROP, RESCORER, RESCORER_FORMAT, candidate_crops, crop_at, load_rescorer
+from .infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
+from .infer.rescore import CROP, RESCORER, RESCORER_FORMAT, candidate_crops, load_rescorer
 from .nets.candidate_net import CandidateNet
 from .precision import AMP_MODES, resolve_device
 
@@ -51,14 +51,11 @@ def labelled_crops(image01, prob, geometry, nodules, rows, jitter: int, rng, cro
     x = candidate_crops(image01, prob, geometry, rows, crop)
     xyz = np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in rows], float).reshape(-1, 3)
     dist = np.linalg.norm(xyz[:, None, :] - centres[None, :, :], axis=2)
-    y = (dist <= radii[None, :]).any(axis=1).astype(np.float32) if len(centres) else np.zeros(len(rows), np.float32)
-    extra = [c + rng.uniform(-0.5, 0.5, 3) * r for c, r in zip(centres, radii) for _ in range(jitter)]
-    if extra:
-        zyx = np.rint(world_to_voxel(np.array(extra), geometry.spacing, geometry.origin, geometry.direction))
-        xj = np.stack([np.stack([crop_at(image01, c.astype(int), crop), crop_at(prob, c.astype(int), crop)])
-                       for c in zyx])
-        x, y = np.concatenate([x, xj]), np.concatenate([y, np.ones(len(xj), np.float32)])
-    return x, y
+    y = (dist <= radii[None, :]).any(axis=1).astype(np.float32)
+    extra = [dict(zip(("coordX", "coordY", "coordZ"), c + rng.uniform(-0.5, 0.5, 3) * r))
+             for c, r in zip(centres, radii) for _ in range(jitter)]
+    xj = candidate_crops(image01, prob, geometry, extra, crop)
+    return np.concatenate([x, xj]), np.concatenate([y, np.ones(len(xj), np.float32)])
 
 
 def collect(run, data, split: str, jitter: int, seed: int, device, amp: str, max_cases: int = 0, crop=CROP,

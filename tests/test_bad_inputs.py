@@ -29,7 +29,8 @@ from ahnet.atomic import folder_lock
 from ahnet.data.io import write_image
 from ahnet.nets import build_model
 
-from .data._pipeline_synth import make_dataset
+from .data._pipeline_synth import TINY_UNET as UNET
+from .data._pipeline_synth import make_evaluation_world
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"predict": "ahnet.predict", "train": "ahnet.train.cli", "evaluate": "ahnet.evaluate.cli",
@@ -39,7 +40,6 @@ MAINS = {"predict": "ahnet.predict", "train": "ahnet.train.cli", "evaluate": "ah
 PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.data.cache",
         "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom", "transfer": "weights_transfer",
         "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
-UNET = {"base_channels": 4, "max_channels": 16, "z_pool": "none"}
 
 
 @dataclass
@@ -57,16 +57,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("drill")
-    js, ann = make_dataset(root / "ds", n_cases=3, shape=(12, 48, 48))
-    meta = json.loads(js.read_text(encoding="utf-8"))
-    meta["training"][1]["split"] = "test"                       # evaluate's default split
-    js.write_text(json.dumps(meta), encoding="utf-8")
-    run = root / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    m = build_model("unet3d", **UNET)
-    torch.save({"model": m.state_dict(), "model_name": "unet3d", "model_kwargs": m.config,
-                "config": {"patch_size": [4, 32, 32]}}, run / "checkpoints" / "best.pt")
+    js, ann, run = make_evaluation_world(root, n_cases=3, test_case=1)     # case 1: evaluate's default split
     with open(ann, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return World(root, js, rows, run)

@@ -12,13 +12,11 @@ from ahnet.evaluate import cli as ev_cli
 from ahnet.infer.candidates import voxel_to_world
 from ahnet.infer.rescore import (RESCORER, Rescorer, candidate_crops, crop_at, load_rescorer, rescore_candidates,
                                  views)
-from ahnet.nets import build_model
 from ahnet.nets.candidate_net import CandidateNet
 
-from .data._pipeline_synth import make_dataset
+from .data._pipeline_synth import make_evaluation_world
 
 SP = (2.5, 0.7, 0.7)
-UNET = {"base_channels": 4, "max_channels": 16, "z_pool": "none"}
 
 
 def test_crop_equals_direct_slicing_and_pads_with_zeros():
@@ -97,16 +95,7 @@ def test_candidates_are_labelled_by_the_nodule_radius():
 def world(tmp_path_factory):
     """Four synthetic scans (validation, train, train, test) with nodules and an untrained 3D U-Net run."""
     root = tmp_path_factory.mktemp("rescore")
-    js, _ = make_dataset(root / "ds", n_cases=4, shape=(12, 48, 48), empty_cases=())
-    meta = json.loads(js.read_text(encoding="utf-8"))
-    meta["training"][3]["split"] = "test"
-    js.write_text(json.dumps(meta), encoding="utf-8")
-    run = root / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    m = build_model("unet3d", **UNET)
-    torch.save({"model": m.state_dict(), "model_name": "unet3d", "model_kwargs": m.config,
-                "config": {"patch_size": [4, 32, 32]}}, run / "checkpoints" / "best.pt")
+    js, _, run = make_evaluation_world(root, n_cases=4, test_case=3, empty_cases=())
     argv = ["--run", str(run), "--data", str(js), "--epochs", "2", "--width", "4", "--device", "cpu"]
     assert rs.main(argv) == 0
     return {"root": root, "ds": js, "run": run, "argv": argv}

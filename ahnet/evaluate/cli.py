@@ -19,7 +19,7 @@ from ..atomic import folder_lock, remove_temps
 from ..data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
 from ..infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
 from ..infer import rule_from_arguments
-from ..infer.rescore import RESCORER, Rescorer, load_rescorer
+from ..infer.rescore import load_run_rescorer
 from ..precision import AMP_MODES, resolve_device
 from ..report import build_report
 from ..report.claims import claim_sentence, found_line
@@ -76,13 +76,6 @@ def _main(a) -> int:
     return 0
 
 
-def rescorer_of(run, device) -> Rescorer:
-    """The second stage of a run folder (ValueError naming the run when it has none or is not a folder)."""
-    if not Path(run).is_dir():
-        raise ValueError(f"--rescore needs run folders holding {RESCORER}; {run} is not a folder")
-    return load_rescorer(run, device)
-
-
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
@@ -103,7 +96,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
         load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
-    rescorers = {name: rescorer_of(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
+    rescorers = {name: load_run_rescorer(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     cases, images = load_cases(data, split, ann, ann_csv)

@@ -24,7 +24,7 @@ from ..nets.candidate_net import CandidateNet
 from .candidates import world_to_voxel
 
 __all__ = ["CROP", "RESCORER", "RESCORER_FORMAT", "Rescorer", "crop_at", "candidate_crops", "views",
-           "load_rescorer", "rescore_candidates"]
+           "load_rescorer", "load_run_rescorer", "rescore_candidates"]
 
 #: default crop (D, H, W) in voxels of the scan's own grid, centred on the candidate's nearest voxel (20 x 22 x 22 mm
 #: at 2.5 mm slices and 0.7 mm pixels; 8 x 48 x 48 scored the same at 2.25x the compute, candidates.md)
@@ -107,6 +107,14 @@ def load_rescorer(path, device="cpu") -> Rescorer:
         raise CheckpointError(f"{path}: not a rescorer this version can rebuild ({str(e).splitlines()[0][:160]})"
                               ) from None
     return Rescorer(net.to(device).eval(), crop, s, path)
+
+
+def load_run_rescorer(run, device="cpu") -> Rescorer:
+    """The second stage of the run folder ``run`` (``--rescore`` of evaluate and predict): ValueError naming
+    ``run`` when it is not a folder, else as load_rescorer."""
+    if not Path(run).is_dir():
+        raise ValueError(f"--rescore needs a run folder holding {RESCORER}; {run} is not a folder")
+    return load_rescorer(run, device)
 
 
 def rescore_candidates(rescorer: Rescorer, rows, image01: np.ndarray, prob: np.ndarray, geometry) -> list:

@@ -43,3 +43,27 @@ def make_dataset(root, n_cases=3, shape=(12, 48, 48), empty_cases=(2,), suffix="
     (root / "dataset.json").write_text(json.dumps({"name": "synth", "training": entries}, indent=1))
     csv = write_annotations_csv(root / "annotations.csv", rows)
     return root / "dataset.json", csv
+
+
+#: the tiny 3D U-Net of the evaluation worlds (untrained; 4 x 32 x 32 windows)
+TINY_UNET = {"base_channels": 4, "max_channels": 16, "z_pool": "none"}
+
+
+def make_evaluation_world(root, n_cases, test_case, empty_cases=(2,)):
+    """make_dataset under root/ds with case ``test_case`` moved to split "test", and beside it root/run: an
+    untrained TINY_UNET (seed 0) saved as a trained run's checkpoints/best.pt. Returns (json, csv, run)."""
+    import torch
+
+    from ahnet.nets import build_model
+    js, ann = make_dataset(root / "ds", n_cases=n_cases, shape=(12, 48, 48), empty_cases=empty_cases)
+    meta = json.loads(js.read_text(encoding="utf-8"))
+    meta["training"][test_case]["split"] = "test"
+    js.write_text(json.dumps(meta), encoding="utf-8")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    m = build_model("unet3d", **TINY_UNET)
+    torch.save({"model": m.state_dict(), "model_name": "unet3d", "model_kwargs": m.config,
+                "config": {"patch_size": [4, 32, 32]}}, run / "checkpoints" / "best.pt")
+    return js, ann, run
+
