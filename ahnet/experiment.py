@@ -85,8 +85,9 @@ class Preset:
 ALL_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
                 "ahnet-transfer-pfn0", "ahnet-transfer-pfn1", "ahnet-transfer-pfn2", "ahnet-transfer-pfn3"]
 
-# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~50 min a
-# 3D run of 8,000 steps; the 2D stage's 2,400 steps run beside AH-Net from scratch, off the critical path):
+# The cpu preset's comparison within its 2-hour budget (two trainings side by side, one core each, ~38 min a
+# 3D run of 6,000 steps; the 2D stage's 2,400 steps run beside AH-Net from scratch, off the critical path;
+# each second stage, at window overlap 0.25, as soon as its training has ended):
 # the pyramid ablated (depth 0) against the paper's depth 4; depths 1-3 with --variants.
 CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
 
@@ -98,10 +99,10 @@ PRESETS: Dict[str, Preset] = {
                    recipe=dict(hard_fraction=0.3, val_cases=4, dice_per_patch=True,
                                pos_weighting="inverse-diameter")),
     "cpu": Preset(cases=96, test_phantom="cpu", size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8,
-                  epochs_2d=10, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=1000, lr=1e-3,
+                  epochs_2d=10, steps_2d=240, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=1000, lr=1e-3,
                   variants=CPU_VARIANTS, jobs=2, phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
                   recipe=dict(hard_fraction=0.3, val_cases=10, patience=3, dice_per_patch=True,
-                              pos_weighting="inverse-diameter")),
+                              pos_weighting="inverse-diameter"), rescore=dict(overlap=0.25)),
     "paper": Preset(cases=120, test_cases=120, size=384, encoder="resnet50", patch_2d=[3, 256, 256], batch_2d=16, epochs_2d=20,
                     steps_2d=200, patch_3d=[32, 128, 128], batch_3d=4, epochs_3d=30, steps_3d=200, lr=3e-4,
                     variants=ALL_VARIANTS, z_pool="paper", unet_base=32, rescore={}),
@@ -404,20 +405,13 @@ def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
     sys.exit(rescore_main(argv))
 
 
-def rescore_side_by_side(argvs: Dict[str, List[str]], jobs: int) -> int:
-    """Train every variant's second stage, ``jobs`` at a time (in spawned processes when jobs > 1); 0, or the
-    exit code of the first that failed."""
+def rescore_one_by_one(argvs: Dict[str, List[str]]) -> int:
+    """Train every variant's second stage in this process, one after another (side by side, ``--jobs`` > 1,
+    they run inside ``train_side_by_side``); 0, or the exit code of the first that failed."""
     from .rescore import main as rescore_main
     for v, argv in argvs.items():
         print(f"[experiment] {v}: python -m ahnet.rescore {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    if jobs == 1:
-        return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
-    import torch
-    threads = max(1, torch.get_num_threads() // jobs)
-
-    def start(v: str) -> _Job:
-        return _Job(v, argvs[v], threads, _rescore_in_child, "second stage trained")
-    return run_jobs({v: None for v in argvs}, start, jobs, "second stage", "train it")
+    return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
 
 
 class _LinePrefix:
@@ -438,19 +432,31 @@ class _LinePrefix:
         return getattr(self.stream, name)
 
 
-def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int) -> int:
-    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly. Returns 0, or
-    the exit code of the first training that failed (its process printed the one error line; the others are
-    stopped, resumable)."""
+def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int,
+                       rescore_argvs: Optional[Dict[str, List[str]]] = None) -> int:
+    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly; each variant's
+    second stage (``rescore_argvs``: its ``python -m ahnet.rescore`` arguments) starts once its training has ended
+    and a place is free, trainings first. Returns 0, or the exit code of the first process that failed (it printed
+    the one error line; the others are stopped, resumable)."""
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
+    rescore_argvs = rescore_argvs or {}
     for v, cfg in configs.items():
         print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
+    for v, argv in rescore_argvs.items():
+        print(f"[experiment] {v}, once trained: python -m ahnet.rescore "
+              f"{' '.join(shlex.quote(a) for a in argv)}", flush=True)
     print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
           flush=True)
-    return run_jobs(training_plan(list(configs)), lambda v: _Job(v, configs[v], threads), jobs,
-                    "training process", "resume it")
+    second = {f"{v} (second stage)": v for v in rescore_argvs}
+
+    def start(name: str) -> _Job:
+        if name in second:
+            return _Job(second[name], rescore_argvs[second[name]], threads, _rescore_in_child,
+                        "second stage trained")
+        return _Job(name, configs[name], threads)
+    return run_jobs({**training_plan(list(configs)), **second}, start, jobs, "training process", "resume it")
 
 
 def run_jobs(plan: Dict[str, Optional[str]], start, jobs: int, what: str, again: str) -> int:
@@ -508,6 +514,9 @@ def run_experiment(args) -> int:
         preflight(cfg, sources=cfg.init != "transfer")
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
+    amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
+    rescore_argvs = {} if preset.rescore is None else {
+        v: rescore_argv(runs / v, dataset_json, args.device, amp, preset.rescore) for v in variants}
     if jobs == 1:
         for v, cfg in configs.items():
             print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
@@ -515,16 +524,14 @@ def run_experiment(args) -> int:
             train(cfg, validator_for=make_validator)
             print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
     else:
-        failed = train_side_by_side(configs, jobs)
+        failed = train_side_by_side(configs, jobs, rescore_argvs)
         if failed:
             return failed
     if not ctx.is_main:
         return 0
-    amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
-    if preset.rescore is not None:
+    if jobs == 1 and rescore_argvs:
         t = time.time()
-        failed = rescore_side_by_side({v: rescore_argv(runs / v, dataset_json, args.device, amp, preset.rescore)
-                                       for v in variants}, jobs)
+        failed = rescore_one_by_one(rescore_argvs)
         if failed:
             return failed
         print(f"[experiment] second stages trained in {time.time() - t:.0f} s", flush=True)

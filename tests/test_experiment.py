@@ -239,6 +239,32 @@ def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_t
         assert err == (f"ahnet.experiment: error: {line}\n" if line else "")
 
 
+def test_each_second_stage_starts_once_its_own_training_ended_trainings_first(monkeypatch, capsys):
+    """Side by side, a variant's second stage waits for its training only (not for every training), and a free
+    place goes to a training before a second stage."""
+    from ahnet.experiment import train_side_by_side
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    started, ended = [], []
+
+    class Job:
+        def __init__(self, v, cfg, threads, target=None, what="trained"):
+            self.name = f"{v} {what}"
+            started.append(self.name)
+
+        def done(self):
+            return True
+
+        def result(self):
+            ended.append(self.name)
+    monkeypatch.setattr(experiment, "_Job", Job)
+    variants = ["mcgcn-2d", "ahnet-scratch", "ahnet-transfer", "ahnet-transfer-pfn0"]
+    argvs = {v: ["--run", v] for v in variants}
+    assert train_side_by_side({v: TrainConfig(out=v) for v in variants}, 2, argvs) == 0
+    assert started == ["mcgcn-2d trained", "ahnet-scratch trained", "ahnet-transfer trained",
+                       "ahnet-transfer-pfn0 trained"] + [f"{v} second stage trained" for v in variants]
+    assert started == ended and "ahnet-transfer, once trained: python -m ahnet.rescore --run" in capsys.readouterr().out
+
+
 def test_second_stage_options_of_a_preset_are_checked_before_any_work():
     from ahnet.experiment import check_rescore_options, rescore_argv
     check_rescore_options({"epochs": 30, "max_cases": 24})
@@ -259,5 +285,5 @@ def test_second_stage_options_of_a_preset_are_checked_before_any_work():
     from ahnet.experiment import with_rescore
     own = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epochs": 5}})
     assert with_rescore(own, True).rescore == {"epochs": 5} and with_rescore(own, None) is own
-    assert with_rescore(own, False).rescore is None and with_rescore(PRESETS["cpu"], True).rescore == {}
+    assert with_rescore(own, False).rescore is None and with_rescore(PRESETS["demo"], True).rescore == {}
     assert experiment.build_parser().parse_args(["--no-rescore"]).rescore is False
