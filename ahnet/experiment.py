@@ -8,10 +8,11 @@ Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after trans
 a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0). Each
 variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed
 for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
-step that transfers prints the table and refuses an inexact transfer). With ``--rescore`` (the paper preset's
-default) every variant then gets its own second stage, a candidate classifier trained on its candidates on the
-training scans (``python -m ahnet.rescore``, printed too), and is evaluated with it. Evaluation and report:
-ahnet.evaluate.
+step that transfers prints the table and refuses an inexact transfer). With ``--rescore`` (the cpu and
+paper presets' default) every variant then gets its own second stage, a candidate classifier trained on its
+candidates on the training scans (``python -m ahnet.rescore``, printed too; side by side, it starts as soon as
+that variant's training has ended), and is evaluated with it.
+Evaluation and report: ahnet.evaluate.
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the
 cpu preset trains two variants at a time, each in its own process on one core (``--jobs``; two 1-thread
 trainings moved about 11.4 patches/s on this 2-core CPU against 9 for one 2-thread training), a transferred variant
@@ -266,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's, cpu: 2; 1 on CUDA and under torchrun); a transferred variant "
                         "waits for the 2D stage")
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
-                   help="give every variant its second stage (python -m ahnet.rescore, its defaults) and evaluate "
-                        "with it, or not (default: the preset's: paper yes, cpu and demo no)")
+                   help="give every variant its second stage (python -m ahnet.rescore with the preset's options) "
+                        "and evaluate with it, or not (default: the preset's: cpu and paper yes, demo no)")
     p.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
     return p
