@@ -94,6 +94,8 @@ def test_end_to_end_tiny_interrupted_then_resumed_without_retraining(tmp_path, m
     assert (runs / "report/report.html").is_file()
     assert report["comparisons"]["claims"][0]["a"] == "ahnet-transfer"
     assert set(report["learning_curves"]) == {"mcgcn-2d", "ahnet-transfer"}
+    assert report["learning_curves"]["ahnet-transfer"]["budget"]["cap"] == 2        # 1 epoch x 2 steps, stated
+    assert "| ahnet-transfer | 2 | 2 |" in (runs / "report/report.md").read_text(encoding="utf-8")
 
     # a third call resumes both finished runs: nothing is retrained, the report is rebuilt
     steps.clear()

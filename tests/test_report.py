@@ -150,6 +150,23 @@ def _log(run, rows, columns):
     (run / "log.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+@pytest.mark.parametrize("config, stopped_by", [
+    ({"epochs": 8, "steps_per_epoch": 10, "max_steps": None, "patience": 2}, "patience"),    # 2 after best 20
+    ({"epochs": 4, "steps_per_epoch": 10, "max_steps": None, "patience": 3}, "step cap"),    # 40 = 4 x 10
+    ({"epochs": 8, "steps_per_epoch": 10, "max_steps": None, "patience": 3}, "not finished"),
+    ({"epochs": 8, "steps_per_epoch": 10, "max_steps": 40, "patience": 0}, "step cap")])
+def test_the_report_states_each_runs_step_cap_and_what_stopped_it(tmp_path, config, stopped_by):
+    from ahnet.report.curves import budget_table, read_curves
+    run = tmp_path / "run"
+    _log(run, [(1, 10, .9, .2), (2, 20, .7, .5), (3, 30, .6, .3), (4, 40, .5, .4)], ["epoch", "step", "loss", "val_cpm"])
+    assert read_curves({"m": run})["m"]["budget"] is None and budget_table(read_curves({"m": run})) is None
+    (run / "config.json").write_text(json.dumps({"config": config}), encoding="utf-8")
+    title, head, rows = budget_table(read_curves({"m": run}))
+    cap = str(config["max_steps"] or config["epochs"] * 10)
+    assert "step cap" in title and rows == [["m", "40", cap, str(config["patience"] or "none"), "20", "0.500",
+                                             stopped_by]]
+
+
 def test_report_sections_claims_curves_found_and_gallery(tmp_path):
     from ahnet.froc import paired_bootstrap
     nod, cands, scans = _three_models()
@@ -198,6 +215,7 @@ def test_report_sections_claims_curves_found_and_gallery(tmp_path):
     assert want in md and want in html
     assert "no decision" in md or all(k["types_no_decision"] == [] for k in c["claims"])
     assert "![gallery_types.png](gallery_types.png)" in md and "Candidates: a rule." in md
+    assert "Training budget" not in md                           # the logs have no config.json: no rule to state
 
 
 def _crop(kind):

@@ -29,7 +29,7 @@ import numpy as np
 from ..atomic import atomic_path, write_text_atomic
 from ..data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
 from .claims import claim_sentence, comparison_tables, found_line, found_summary, summarize_comparisons
-from .curves import curves_figure, read_curves
+from .curves import budget_table, curves_figure, read_curves
 from .gallery import gallery_figures, gallery_json
 
 TIE_TOL = 1e-9
@@ -306,6 +306,9 @@ def _blocks(rep, figs) -> list:
                    fig("gallery_types.png", "gallery_false_positives.png")))
     blocks += [("table", *t) for t in comparison_tables(rep["comparisons"], rep["type_names"])]
     blocks.append(("figures", "Learning curves", fig("learning_curves.png")))
+    budget = budget_table(rep["learning_curves"])
+    if budget:
+        blocks.append(("table", *budget))
     blocks.append(("figures", "By type and location", fig("type_sensitivity.png", "type_dice.png",
                                                           "location_cpm.png")))
     blocks += [("table", *t) for t in tables[2:]]                       # Dice per type, sensitivities

@@ -8,6 +8,7 @@ first on ties): the step ``best.pt`` was saved at when the run chose by that sco
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,40 @@ def read_curve(run) -> dict | None:
     known = [(v, s) for v, s in zip(val, steps) if v is not None]
     best = max(known, key=lambda t: t[0]) if known else None         # max keeps the first of equal values
     return {"steps": steps, "loss": loss, "val": val, "val_metric": metric, "log": str(log),
-            "best_step": best[1] if best else None, "best_value": best[0] if best else None}
+            "best_step": best[1] if best else None, "best_value": best[0] if best else None,
+            "budget": read_budget(run, steps, val, best[1] if best else None)}
+
+
+def read_budget(run, steps: list, val: list, best_step) -> dict | None:
+    """The run's stopping rule and what ended it: {"cap": the step cap (--max-steps, else epochs x
+    steps_per_epoch), "patience", "steps_run", "stopped_by": "step cap" | "patience" | "not finished"}, from its
+    config.json; None without one. "patience": at least ``patience`` validations after the best one."""
+    cfg_file = paths.run_paths(run).config
+    if not Path(cfg_file).is_file():
+        return None
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f).get("config", {})
+    try:
+        cap = int(cfg["max_steps"] or cfg["epochs"] * cfg["steps_per_epoch"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    patience, run_steps = cfg.get("patience") or 0, steps[-1]
+    after_best = sum(v is not None and s > best_step for s, v in zip(steps, val)) if best_step is not None else 0
+    stopped = ("step cap" if run_steps >= cap else
+               "patience" if patience and after_best >= patience else "not finished")
+    return {"cap": cap, "patience": patience, "steps_run": run_steps, "stopped_by": stopped}
+
+
+def budget_table(curves: dict):
+    """(title, header, rows) of each run's budget and how it ended, or None when no run has a config.json."""
+    rows = [[m, str(c["budget"]["steps_run"]), str(c["budget"]["cap"]), str(c["budget"]["patience"] or "none"),
+             str(c["best_step"]), "n/a" if c["best_value"] is None else f"{c['best_value']:.3f}",
+             c["budget"]["stopped_by"]] for m, c in curves.items() if c.get("budget")]
+    if not rows:
+        return None
+    return (f"Training budget ({paths.BEST} = the best validation score; a run stops after 'patience' validations "
+            "without a better one, or at its step cap)",
+            ["model", "steps run", "step cap", "patience", "best step", "best validation", "stopped by"], rows)
 
 
 def read_curves(runs: dict) -> dict:
