@@ -29,7 +29,7 @@ from .nets import ENCODERS, MODELS
 from .precision import AMP_MODES
 
 __all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
-           "read_run_config"]
+           "read_run_config", "step_cap", "patience_spent"]
 
 
 def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
@@ -362,6 +362,17 @@ def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) ->
                   metavar=None if choices else base.upper())
     kw.update(overrides)
     parser.add_argument(flag, **kw)
+
+
+def step_cap(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """The optimiser steps a run takes at most: epochs x steps_per_epoch, or --max-steps when that is smaller."""
+    full = epochs * steps_per_epoch
+    return full if max_steps is None else min(max_steps, full)
+
+
+def patience_spent(epoch: int, best_epoch: int | None, patience: int) -> bool:
+    """The early-stop rule: ``patience`` (> 0) epochs have passed since the best validation score's epoch."""
+    return bool(patience) and best_epoch is not None and epoch - best_epoch >= patience
 
 
 def read_json_config(path: str | os.PathLike) -> dict:

@@ -160,7 +160,8 @@ def test_the_report_states_each_runs_step_cap_and_what_stopped_it(tmp_path, conf
     run = tmp_path / "run"
     _log(run, [(1, 10, .9, .2), (2, 20, .7, .5), (3, 30, .6, .3), (4, 40, .5, .4)], ["epoch", "step", "loss", "val_cpm"])
     assert read_curves({"m": run})["m"]["budget"] is None and budget_table(read_curves({"m": run})) is None
-    (run / "config.json").write_text(json.dumps({"config": config}), encoding="utf-8")
+    from ahnet.config import TrainConfig, save_run_config
+    save_run_config(TrainConfig(out=str(run), **config), run)                # the trainer's own config.json
     title, head, rows = budget_table(read_curves({"m": run}))
     cap = str(config["max_steps"] or config["epochs"] * 10)
     assert "step cap" in title and rows == [["m", "40", cap, str(config["patience"] or "none"), "20", "0.500",

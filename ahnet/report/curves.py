@@ -8,12 +8,12 @@ first on ties): the step ``best.pt`` was saved at when the run chose by that sco
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import paths
+from ..config import patience_spent, read_run_config, step_cap
 
 VAL_COLUMNS = ("val_cpm", "val_dice")      # preferred first
 
@@ -46,27 +46,24 @@ def read_curve(run) -> dict | None:
     best = max(known, key=lambda t: t[0]) if known else None         # max keeps the first of equal values
     return {"steps": steps, "loss": loss, "val": val, "val_metric": metric, "log": str(log),
             "best_step": best[1] if best else None, "best_value": best[0] if best else None,
-            "budget": read_budget(run, steps, val, best[1] if best else None)}
+            "budget": read_budget(run, rows, best[1] if best else None)}
 
 
-def read_budget(run, steps: list, val: list, best_step) -> dict | None:
-    """The run's stopping rule and what ended it: {"cap": the step cap (--max-steps, else epochs x
-    steps_per_epoch), "patience", "steps_run", "stopped_by": "step cap" | "patience" | "not finished"}, from its
-    config.json; None without one. "patience": at least ``patience`` validations after the best one."""
-    cfg_file = paths.run_paths(run).config
-    if not Path(cfg_file).is_file():
-        return None
-    with open(cfg_file, encoding="utf-8") as f:
-        cfg = json.load(f).get("config", {})
+def read_budget(run, rows: list, best_step) -> dict | None:
+    """The run's stopping rule and what ended it, from its config.json and log rows: {"cap" (config.step_cap),
+    "patience", "steps_run", "stopped_by": "step cap" | "patience" (config.patience_spent at the last epoch) |
+    "not finished"}; None without a config.json (or one without those settings)."""
+    cfg = read_run_config(run)
     try:
-        cap = int(cfg["max_steps"] or cfg["epochs"] * cfg["steps_per_epoch"])
+        cap = step_cap(int(cfg["epochs"]), int(cfg["steps_per_epoch"]), cfg.get("max_steps"))
+        epoch = {int(float(r["step"])): int(float(r["epoch"])) for r in rows}
     except (KeyError, TypeError, ValueError):
         return None
-    patience, run_steps = cfg.get("patience") or 0, steps[-1]
-    after_best = sum(v is not None and s > best_step for s, v in zip(steps, val)) if best_step is not None else 0
-    stopped = ("step cap" if run_steps >= cap else
-               "patience" if patience and after_best >= patience else "not finished")
-    return {"cap": cap, "patience": patience, "steps_run": run_steps, "stopped_by": stopped}
+    patience, last = cfg.get("patience") or 0, max(epoch)
+    stopped = ("step cap" if last >= cap else
+               "patience" if best_step is not None and patience_spent(epoch[last], epoch[best_step], patience)
+               else "not finished")
+    return {"cap": cap, "patience": patience, "steps_run": last, "stopped_by": stopped}
 
 
 def budget_table(curves: dict):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ahnet import paths
 from ahnet.cli import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from ahnet.config import TrainConfig, save_run_config
+from ahnet.config import TrainConfig, patience_spent, save_run_config, step_cap
 from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
 
 from . import dist
@@ -97,8 +97,7 @@ class Session:
 
     @property
     def total_steps(self) -> int:
-        full = self.cfg.epochs * self.cfg.steps_per_epoch
-        return full if self.cfg.max_steps is None else min(self.cfg.max_steps, full)
+        return step_cap(self.cfg.epochs, self.cfg.steps_per_epoch, self.cfg.max_steps)
 
     def save(self, path) -> None:
         """A checkpoint of the whole session (tensors and plain values only) at ``path``, atomically; never one
@@ -382,7 +381,7 @@ def early_stop(s: Session) -> str | None:
     """The stop reason when --patience epochs in a row have not beaten the best score (a pure function of the
     saved counters, so a resumed run decides as the uninterrupted one did), else None."""
     p, k = s.progress, s.cfg.patience
-    if not k or p.best_epoch is None or s.epoch - p.best_epoch < k:
+    if not patience_spent(s.epoch, p.best_epoch, k):
         return None
     return (f"early stop at epoch {s.epoch}: no better validation score for {k} epochs (best epoch "
             f"{p.best_epoch}, score {p.best_score:.4f})")
