@@ -372,6 +372,11 @@ def rescore_argv(run: Path, dataset_json: Path, device: str, amp: str, options: 
     return ["--run", str(run), "--data", str(dataset_json), "--device", device, "--amp", amp, *flags]
 
 
+def rescore_command_line(argv: List[str]) -> str:
+    """The shell command of one second stage (printed for a reader who wants to rerun it)."""
+    return "python -m ahnet.rescore " + " ".join(shlex.quote(a) for a in argv)
+
+
 def with_rescore(preset: Preset, rescore: Optional[bool]) -> Preset:
     """The preset as --rescore / --no-rescore asks (None: as it is; --rescore keeps a preset's own options)."""
     if rescore is None or rescore == (preset.rescore is not None):
@@ -411,7 +416,7 @@ def rescore_one_by_one(argvs: Dict[str, List[str]]) -> int:
     they run inside ``train_side_by_side``); 0, or the exit code of the first that failed."""
     from .rescore import main as rescore_main
     for v, argv in argvs.items():
-        print(f"[experiment] {v}: python -m ahnet.rescore {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+        print(f"[experiment] {v}: {rescore_command_line(argv)}", flush=True)
     return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
 
 
@@ -446,8 +451,7 @@ def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int,
     for v, cfg in configs.items():
         print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
     for v, argv in rescore_argvs.items():
-        print(f"[experiment] {v}, once trained: python -m ahnet.rescore "
-              f"{' '.join(shlex.quote(a) for a in argv)}", flush=True)
+        print(f"[experiment] {v}, once trained: {rescore_command_line(argv)}", flush=True)
     print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
           flush=True)
     second = {f"{v} (second stage)": v for v in rescore_argvs}
