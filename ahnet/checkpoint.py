@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from ahnet.atomic import atomic_path
 
 __all__ = [
     "CheckpointError", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "capture_rng_state",

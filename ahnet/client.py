@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cli, predict
-from .infer import CandidateRule, add_candidate_arguments, rule_from_arguments, sliding_window_predict, window_for
-from .serve import store
+from ahnet import cli, predict
+from ahnet.infer import CandidateRule, add_candidate_arguments, rule_from_arguments, sliding_window_predict, window_for
+from ahnet.serve import store
 
 PROG = "ahnet.client"
 

@@ -20,13 +20,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import cli, paths
-from .atomic import write_text_atomic
-from .data.checks import read_json
-from .data.sampling import POS_WEIGHTINGS
-from .losses import LOSSES
-from .nets import ENCODERS, MODELS
-from .precision import AMP_MODES
+from ahnet import cli, paths
+from ahnet.atomic import write_text_atomic
+from ahnet.data.checks import read_json
+from ahnet.data.sampling import POS_WEIGHTINGS
+from ahnet.losses import LOSSES
+from ahnet.nets import ENCODERS, MODELS
+from ahnet.precision import AMP_MODES
 
 __all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
            "read_run_config", "step_cap", "patience_spent"]

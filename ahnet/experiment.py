@@ -33,17 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import cli, paths
-from .config import TrainConfig
-from .data.cache import cache_dataset
-from .data.io import load_dataset_json, read_scan
-from .evaluate.cli import evaluate_and_report
-from .evaluate.validation import make_validator
-from .precision import cpu_native_bf16, resolve_device
-from .report.claims import found_line
-from .train import TrainingDiverged, train
-from .train import dist
-from .train.guard import preflight
+from ahnet import cli, paths
+from ahnet.config import TrainConfig
+from ahnet.data.cache import cache_dataset
+from ahnet.data.io import load_dataset_json, read_scan
+from ahnet.evaluate.cli import evaluate_and_report
+from ahnet.evaluate.validation import make_validator
+from ahnet.precision import cpu_native_bf16, resolve_device
+from ahnet.report.claims import found_line
+from ahnet.train import TrainingDiverged, train
+from ahnet.train import dist
+from ahnet.train.guard import preflight
 
 PROG = "ahnet.experiment"
 
@@ -144,7 +144,7 @@ def stored_phantom(dataset_json: Path) -> dict:
 def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """Generate the phantom into ``data_dir`` (unless its dataset.json exists) and build its cache; returns the
     dataset.json."""
-    from .data.phantom import generate_dataset
+    from ahnet.data.phantom import generate_dataset
     dataset_json = data_dir / paths.DATASET
     if not dataset_json.is_file():
         print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
@@ -164,8 +164,8 @@ def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
 def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
     """Refuse (ValueError, before any training) a test folder that holds another phantom than the preset's
     held-out test phantom, e.g. one an earlier version generated with other sizes or seed."""
-    from .data.phantom import held_out_seed
-    from .data.phantom.heldout import test_phantom_options
+    from ahnet.data.phantom import held_out_seed
+    from ahnet.data.phantom.heldout import test_phantom_options
     dataset_json = data_dir / paths.DATASET
     if not preset.test_phantom or not dataset_json.is_file():
         return
@@ -182,7 +182,7 @@ def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
 
 def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
     """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
-    from .data.phantom import generate_dataset, generate_test_phantom
+    from ahnet.data.phantom import generate_dataset, generate_test_phantom
     dataset_json = data_dir / paths.DATASET
     if preset.test_phantom and not dataset_json.is_file():
         print(f"[experiment] generating the {preset.test_phantom!r} test-only phantom in {data_dir}", flush=True)
@@ -387,7 +387,7 @@ def with_rescore(preset: Preset, rescore: Optional[bool]) -> Preset:
 def check_rescore_options(options: Dict) -> None:
     """ValueError (before any work) for a preset's second-stage option that ``python -m ahnet.rescore`` lacks or
     refuses; run, data, device and amp are the experiment's own."""
-    from .rescore import build_parser
+    from ahnet.rescore import build_parser
     actions = {a.dest: a for a in build_parser()._actions if a.option_strings}
     for k, v in options.items():
         if k in ("run", "data", "device", "amp", "help") or k not in actions:
@@ -404,7 +404,7 @@ def check_rescore_options(options: Dict) -> None:
 def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
     import torch
 
-    from .rescore import main as rescore_main
+    from ahnet.rescore import main as rescore_main
     torch.set_num_threads(threads)
     sys.stdout = _LinePrefix(sys.stdout, f"[{variant}] ")
     sys.stderr = _LinePrefix(sys.stderr, f"[{variant}] ")
@@ -414,7 +414,7 @@ def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
 def rescore_one_by_one(argvs: Dict[str, List[str]]) -> int:
     """Train every variant's second stage in this process, one after another (side by side, ``--jobs`` > 1,
     they run inside ``train_side_by_side``); 0, or the exit code of the first that failed."""
-    from .rescore import main as rescore_main
+    from ahnet.rescore import main as rescore_main
     for v, argv in argvs.items():
         print(f"[experiment] {v}: {rescore_command_line(argv)}", flush=True)
     return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from . import cli
-from .data.preprocess import HU_MAX, HU_MIN
-from .infer import Ensemble, Member, load_ensemble
-from .nets.blocks import PyramidPooling
-from .serve import store
+from ahnet import cli
+from ahnet.data.preprocess import HU_MAX, HU_MIN
+from ahnet.infer import Ensemble, Member, load_ensemble
+from ahnet.nets.blocks import PyramidPooling
+from ahnet.serve import store
 
 PROG = "ahnet.export"
 UNCAPPED = (1 << 30,) * 3       # a volume shape no window is capped at: the ensemble's default window

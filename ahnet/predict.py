@@ -45,14 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli
-from .atomic import folder_lock, remove_temps
-from .data import io
-from .data.preprocess import clip_and_scale
-from .infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
+from ahnet import cli
+from ahnet.atomic import folder_lock, remove_temps
+from ahnet.data import io
+from ahnet.data.preprocess import clip_and_scale
+from ahnet.infer import (DEFAULT_WINDOW, CandidateRule, Ensemble, add_candidate_arguments, candidate_rule,
                     extract_candidates, load_ensemble, predict_volume, rule_from_arguments)
-from .infer.rescore import Rescorer, load_run_rescorer, rescore_candidates
-from .precision import AMP_MODES
+from ahnet.infer.rescore import Rescorer, load_run_rescorer, rescore_candidates
+from ahnet.precision import AMP_MODES
 
 PROG = "ahnet.predict"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cli, paths
-from .atomic import atomic_path, write_text_atomic
-from .data.io import load_dataset_json, read_annotations_csv
-from .evaluate import load_cases
-from .infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
-from .infer.rescore import CROP, RESCORER, RESCORER_FORMAT, candidate_crops, load_rescorer
-from .nets.candidate_net import CandidateNet
-from .precision import AMP_MODES, resolve_device
+from ahnet import cli, paths
+from ahnet.atomic import atomic_path, write_text_atomic
+from ahnet.data.io import load_dataset_json, read_annotations_csv
+from ahnet.evaluate import load_cases
+from ahnet.infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
+from ahnet.infer.rescore import CROP, RESCORER, RESCORER_FORMAT, candidate_crops, load_rescorer
+from ahnet.nets.candidate_net import CandidateNet
+from ahnet.precision import AMP_MODES, resolve_device
 
 PROG = "ahnet.rescore"
 BATCH = 32

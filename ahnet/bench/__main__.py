@@ -1,6 +1,6 @@
 """``python -m ahnet.bench``: see the package docstring, or ``--help``."""
 import sys
 
-from .cli import main
+from ahnet.bench.cli import main
 
 sys.exit(main())

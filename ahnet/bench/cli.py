@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .. import cli
-from .plan import build_plan, lever_name
-from .report import format_table, machine_info, summarise
-from .workers import WORKERS, run_worker
+from ahnet import cli
+from ahnet.bench.plan import build_plan, lever_name
+from ahnet.bench.report import format_table, machine_info, summarise
+from ahnet.bench.workers import WORKERS, run_worker
 
 PROG = "ahnet.bench"
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
@@ -139,7 +139,7 @@ def write_results(args, device: torch.device, results: list, rows: list, wall_s:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serving" in argv:
-        from ..serve.bench import main as serving_main
+        from ahnet.serve.bench import main as serving_main
         argv.remove("--serving")
         return serving_main(argv, prog=PROG)
     args = parse_args(argv)

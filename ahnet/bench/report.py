@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .plan import lever_name, peer_levers
+from ahnet.bench.plan import lever_name, peer_levers
 
 
 def machine_info(device: torch.device) -> dict:

@@ -15,9 +15,9 @@ import torch
 
 from ahnet.precision import to_channels_last
 
-from .data_worker import work_data
-from .layout import from_monai_layout, to_monai_layout
-from .measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+from ahnet.bench.data_worker import work_data
+from ahnet.bench.layout import from_monai_layout, to_monai_layout
+from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
 
 
 def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):

@@ -26,11 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import cli, paths
-from ..atomic import atomic_path, remove_temps
-from .checks import SPACING_RANGE_MM, check_inside
-from .io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image, read_scan
-from .preprocess import HU_MAX, HU_MIN, check_label, clip_and_scale, resample
+from ahnet import cli, paths
+from ahnet.atomic import atomic_path, remove_temps
+from ahnet.data.checks import SPACING_RANGE_MM, check_inside
+from ahnet.data.io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image, read_scan
+from ahnet.data.preprocess import HU_MAX, HU_MIN, check_label, clip_and_scale, resample
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path
-from .checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
+from ahnet.atomic import atomic_path
+from ahnet.data.checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
                      dataset_entries, decode_utf8, read_json)
 
 log = logging.getLogger(__name__)

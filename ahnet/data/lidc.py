@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .nodule_types import is_calcified, mean_rating, nodule_type, volume_equivalent_diameter
+from ahnet.data.nodule_types import is_calcified, mean_rating, nodule_type, volume_equivalent_diameter
 
 __all__ = ["LidcNotFoundError", "find_lidc_db", "load_lidc", "LidcDatabase", "Scan", "Annotation", "Contour",
            "Nodule", "AnnotationMask", "rasterize", "group_annotations", "is_reserved", "RATING_NAMES",
@@ -422,7 +422,7 @@ def load_lidc(path: Optional[str] = None) -> LidcDatabase:
 
 def type_counts(nodules: Sequence[Nodule]) -> Dict[str, int]:
     """Nodules per type code, all 12 codes present."""
-    from .nodule_types import TYPE_CODES
+    from ahnet.data.nodule_types import TYPE_CODES
     out = {c: 0 for c in TYPE_CODES}
     for n in nodules:
         out[n.type] += 1

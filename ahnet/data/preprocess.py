@@ -10,7 +10,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from .io import DataError, Volume
+from ahnet.data.io import DataError, Volume
 
 HU_MIN, HU_MAX = -1000.0, 400.0
 #: the most voxels a resampled volume may have (2^30: 4 GiB as float32); more is a wrong target spacing

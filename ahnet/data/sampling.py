@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import foreground_index
+from ahnet.data.cache import foreground_index
 
 
 #: how a positive patch picks its nodule (module docstring)
@@ -203,7 +203,7 @@ def hard_negative_index(path, dense_hu: float = -400.0, aerated_hu: float = -600
     import h5py
     from scipy import ndimage
 
-    from .preprocess import HU_MAX, HU_MIN
+    from ahnet.data.preprocess import HU_MAX, HU_MIN
 
     def scaled(hu):
         return (hu - HU_MIN) / (HU_MAX - HU_MIN)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.checks import check_inside
-from ..data.io import load_dataset_json, read_image, read_scan
-from ..data.preprocess import clip_and_scale
-from ..froc import evaluate_detection, paired_bootstrap
-from ..infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
-from ..infer.rescore import rescore_candidates
-from ..segmetrics import aggregate_seg, nodule_seg_metrics
-from .gallery import gallery_crops
+from ahnet.data.checks import check_inside
+from ahnet.data.io import load_dataset_json, read_image, read_scan
+from ahnet.data.preprocess import clip_and_scale
+from ahnet.froc import evaluate_detection, paired_bootstrap
+from ahnet.infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
+from ahnet.infer.rescore import rescore_candidates
+from ahnet.segmetrics import aggregate_seg, nodule_seg_metrics
+from ahnet.evaluate.gallery import gallery_crops
 
 __all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions",
            "compare_models", "gallery_crops"]

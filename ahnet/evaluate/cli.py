@@ -14,16 +14,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import cli, paths
-from ..atomic import folder_lock, remove_temps
-from ..data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
-from ..infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
-from ..infer import rule_from_arguments
-from ..infer.rescore import load_run_rescorer
-from ..precision import AMP_MODES, resolve_device
-from ..report import build_report
-from ..report.claims import claim_sentence, found_line
-from . import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
+from ahnet import cli, paths
+from ahnet.atomic import folder_lock, remove_temps
+from ahnet.data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
+from ahnet.infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
+from ahnet.infer import rule_from_arguments
+from ahnet.infer.rescore import load_run_rescorer
+from ahnet.precision import AMP_MODES, resolve_device
+from ahnet.report import build_report
+from ahnet.report.claims import claim_sentence, found_line
+from ahnet.evaluate import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
 
 PROG = "ahnet.evaluate"
 SECOND_STAGE = ("; then each run's second stage (RUN/rescorer.pt, a candidate classifier on crops of the scan and "

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.preprocess import HU_MAX, HU_MIN
-from ..froc import found_at, match_candidates
-from ..infer import world_to_voxel
+from ahnet.data.preprocess import HU_MAX, HU_MIN
+from ahnet.froc import found_at, match_candidates
+from ahnet.infer import world_to_voxel
 
 FOCUS = "ahnet-transfer"    # the experiment's name for AH-Net after transfer: the model the type rows show
 MARK_SLICES = 1             # candidates within this many slices of the crop's slice are marked on it

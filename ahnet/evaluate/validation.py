@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .. import paths
-from ..config import TrainConfig
-from ..data.cache import cache_dataset, read_cache_attrs
-from ..data.io import Volume, load_dataset_json, read_annotations_csv
-from ..froc import evaluate_detection
-from ..infer import Ensemble, Member, extract_candidates, predict_volume
-from ..nets import model_spec
-from ..train import TrainError, split_cases
+from ahnet import paths
+from ahnet.config import TrainConfig
+from ahnet.data.cache import cache_dataset, read_cache_attrs
+from ahnet.data.io import Volume, load_dataset_json, read_annotations_csv
+from ahnet.froc import evaluate_detection
+from ahnet.infer import Ensemble, Member, extract_candidates, predict_volume
+from ahnet.nets import model_spec
+from ahnet.train import TrainError, split_cases
 
 __all__ = ["CPMValidator", "make_validator"]
 

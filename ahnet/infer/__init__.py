@@ -14,10 +14,10 @@ The API (shapes: arrays (z, y, x); tensors (N, C, D, H, W); world coordinates LP
 
 Modules: ``ensemble`` (loading, the window rule, predict_volume), ``windows`` (the drivers), ``candidates``.
 """
-from .candidates import (DEFAULT_RULE, CandidateInputError, CandidateRule, add_candidate_arguments, candidate_rule,
+from ahnet.infer.candidates import (DEFAULT_RULE, CandidateInputError, CandidateRule, add_candidate_arguments, candidate_rule,
                          extract_candidates, find_peaks, rule_from_arguments, voxel_to_world, world_to_voxel)
-from .ensemble import DEFAULT_WINDOW, Ensemble, Member, load_ensemble, load_member, predict_volume, window_for
-from .windows import (FLIPS, InferenceInputError, gaussian_importance, input_multiple, slicewise_predict,
+from ahnet.infer.ensemble import DEFAULT_WINDOW, Ensemble, Member, load_ensemble, load_member, predict_volume, window_for
+from ahnet.infer.windows import (FLIPS, InferenceInputError, gaussian_importance, input_multiple, slicewise_predict,
                       sliding_window_predict, window_starts)
 
 __all__ = ["load_ensemble", "load_member", "Ensemble", "Member", "predict_volume", "window_for", "DEFAULT_WINDOW",

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from ..data import io
+from ahnet.data import io
 
 METHODS = ("nms", "components", "maxima")
 REGION_HALF_MM = 20.0     # half size of the box in which a peak's support region is grown (a 40 mm nodule fits)

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import paths
-from ..checkpoint import load_checkpoint
-from ..nets import build_model, model_spec
-from ..precision import AMP_MODES, resolve_amp, resolve_device
-from .windows import InferenceInputError, input_multiple, slicewise_predict, sliding_window_predict
+from ahnet import paths
+from ahnet.checkpoint import load_checkpoint
+from ahnet.nets import build_model, model_spec
+from ahnet.precision import AMP_MODES, resolve_amp, resolve_device
+from ahnet.infer.windows import InferenceInputError, input_multiple, slicewise_predict, sliding_window_predict
 
 DEFAULT_WINDOW = (64, 192, 192)   # (D, H, W) voxels: for 3D checkpoints whose training config gives no patch_size
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..nets.candidate_net import CandidateNet
-from .candidates import world_to_voxel
+from ahnet.checkpoint import CheckpointError, load_checkpoint
+from ahnet.nets.candidate_net import CandidateNet
+from ahnet.infer.candidates import world_to_voxel
 
 __all__ = ["CROP", "RESCORER", "RESCORER_FORMAT", "Rescorer", "crop_at", "candidate_crops", "views",
            "load_rescorer", "load_run_rescorer", "rescore_candidates"]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..precision import AmpSettings, resolve_amp, to_channels_last
+from ahnet.precision import AmpSettings, resolve_amp, to_channels_last
 
 FLIPS = ((), (-2,), (-1,), (-2, -1))   # in-plane flips of (..., H, W)
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .ahnet3d import AHNet3d
-from .mcgcn import MCGCN
-from .resnet import ENCODERS, ResNet2d, load_torchvision_weights
-from .sizes import padded_shape
-from .unet3d import UNet3d
+from ahnet.nets.ahnet3d import AHNet3d
+from ahnet.nets.mcgcn import MCGCN
+from ahnet.nets.resnet import ENCODERS, ResNet2d, load_torchvision_weights
+from ahnet.nets.sizes import padded_shape
+from ahnet.nets.unet3d import UNet3d
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .blocks import (ACDenseBlock, OutputHead, PyramidPooling, UpProjection, check_upsample, checkpointed,
+from ahnet.nets.blocks import (ACDenseBlock, OutputHead, PyramidPooling, UpProjection, check_upsample, checkpointed,
                      count_parameters, init_ahnet_decoder, level_scale)
-from .resnet import parse_encoder
-from .resnet3d import ResNet3dEncoder
-from .sizes import ZPool, check_input, input_multiple, z_pool_schedule
+from ahnet.nets.resnet import parse_encoder
+from ahnet.nets.resnet3d import ResNet3dEncoder
+from ahnet.nets.sizes import ZPool, check_input, input_multiple, z_pool_schedule
 
 
 CHECKPOINT_MODES = ("none", "encoder", "decoder", "all")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .pooling import adaptive_max_pool3d, grid_max_pool, max_pool3d
+from ahnet.nets.pooling import adaptive_max_pool3d, grid_max_pool, max_pool3d
 
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import he_normal_
-from .resnet import ResNet2d, parse_encoder
-from .sizes import check_input
+from ahnet.nets.blocks import he_normal_
+from ahnet.nets.resnet import ResNet2d, parse_encoder
+from ahnet.nets.sizes import check_input
 
 UPSAMPLE_2D = ("nearest", "bilinear", "bicubic")
 

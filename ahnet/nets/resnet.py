@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from .pooling import MaxPool2d
+from ahnet.nets.pooling import MaxPool2d
 
 #: depth -> (block kind, blocks per stage)
 RESNET_SPECS: Dict[int, Tuple[str, Tuple[int, int, int, int]]] = {

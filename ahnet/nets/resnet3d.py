@@ -13,10 +13,10 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .blocks import checkpointed
-from .pooling import MaxPool3d
-from .resnet import EXPANSION, RESNET_SPECS, STAGE_WIDTHS, parse_encoder, stage_channels
-from .sizes import NUM_LEVELS
+from ahnet.nets.blocks import checkpointed
+from ahnet.nets.pooling import MaxPool3d
+from ahnet.nets.resnet import EXPANSION, RESNET_SPECS, STAGE_WIDTHS, parse_encoder, stage_channels
+from ahnet.nets.sizes import NUM_LEVELS
 
 
 def _zpool(enabled: bool) -> nn.Module:

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .ahnet3d import AHNet3d
-from .resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
-from .resnet3d import ResNet3dEncoder
+from ahnet.nets.ahnet3d import AHNet3d
+from ahnet.nets.resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
+from ahnet.nets.resnet3d import ResNet3dEncoder
 
 TOLERANCE = 1e-4
 

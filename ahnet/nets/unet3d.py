@@ -13,9 +13,9 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .blocks import count_parameters, he_normal_
-from .pooling import MaxPool3d
-from .sizes import NUM_LEVELS, ZPool, check_input, input_multiple, z_pool_schedule
+from ahnet.nets.blocks import count_parameters, he_normal_
+from ahnet.nets.pooling import MaxPool3d
+from ahnet.nets.sizes import NUM_LEVELS, ZPool, check_input, input_multiple, z_pool_schedule
 
 
 class ConvUnit(nn.Sequential):

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, write_text_atomic
-from ..data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
-from .claims import claim_sentence, comparison_tables, found_line, found_summary, summarize_comparisons
-from .curves import budget_table, curves_figure, read_curves
-from .gallery import gallery_figures, gallery_json
+from ahnet.atomic import atomic_path, write_text_atomic
+from ahnet.data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
+from ahnet.report.claims import claim_sentence, comparison_tables, found_line, found_summary, summarize_comparisons
+from ahnet.report.curves import budget_table, curves_figure, read_curves
+from ahnet.report.gallery import gallery_figures, gallery_json
 
 TIE_TOL = 1e-9
 

@@ -10,7 +10,7 @@ evaluated, in at least ``CLAIM_TYPES`` of the 12 types.
 """
 from __future__ import annotations
 
-from ..evaluate.gallery import FOCUS          # "ahnet-transfer": the model the claim is about
+from ahnet.evaluate.gallery import FOCUS          # "ahnet-transfer": the model the claim is about
 
 CLAIM_TYPES = 6
 DISPLAY = {"mcgcn-2d": "2D MC-GCN", "ahnet-transfer": "AH-Net after transfer", "ahnet-scratch": "AH-Net from scratch",

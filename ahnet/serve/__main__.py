@@ -1,6 +1,6 @@
 """python -m ahnet.serve: the Triton server (ahnet.serve.server)."""
 import sys
 
-from .server import main
+from ahnet.serve.server import main
 
 sys.exit(main())

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cli
-from . import store
+from ahnet import cli
+from ahnet.serve import store
 
 PROG = "ahnet.serve.bench"
 
@@ -41,7 +41,7 @@ class ServingBenchError(ValueError):
 
 def synthetic_scan(shape, seed: int = 0) -> np.ndarray:
     """A [0, 1]-scaled CT-like volume (z, y, x): air with noise, a soft-tissue slab, bright blobs."""
-    from ..data.preprocess import clip_and_scale
+    from ahnet.data.preprocess import clip_and_scale
     rng = np.random.default_rng(seed)
     hu = np.full(shape, -850.0, np.float32) + rng.normal(0, 60, shape).astype(np.float32)
     hu[:, shape[1] * 2 // 3:, :] = 30.0
@@ -53,7 +53,7 @@ def synthetic_scan(shape, seed: int = 0) -> np.ndarray:
 
 def window_count(shape, window, overlap: float) -> int:
     """Window positions of a volume of ``shape`` (ahnet.infer.window_starts on the padded shape)."""
-    from ..infer import window_starts
+    from ahnet.infer import window_starts
     padded = [max(s, w) for s, w in zip(shape, window)]
     return int(np.prod([len(window_starts(L, w, overlap)) for L, w in zip(padded, window)]))
 
@@ -90,8 +90,8 @@ def _row(name, lat, wall, n_windows, concurrency, peak_mb=None) -> dict:
 
 def _served_rows(a, meta, scan, window, n_win, backend: str) -> list:
     """Rows of one backend: a server on free ports, then each --concurrency level of clients."""
-    from ..client import Connection, RemoteWindows, remote_probability
-    from .process import ServerProcess
+    from ahnet.client import Connection, RemoteWindows, remote_probability
+    from ahnet.serve.process import ServerProcess
     rows = []
     log = Path(tempfile.mkdtemp(prefix="ahnet-serve-bench-")) / f"serve-{backend}.log"
     args = ["--backend", backend, "--threads", str(a.threads), "--max-batch", str(a.max_batch),
@@ -132,7 +132,7 @@ def check_options(a) -> dict:
     if not 0 <= a.overlap < 1:
         raise ServingBenchError(f"--overlap {a.overlap} must lie in [0, 1)")
     meta = store.read_model_json(a.models)
-    from ..infer import window_for
+    from ahnet.infer import window_for
     window_for((1, 1, 1), meta["input_multiple"], meta["window"], a.window)    # --window, by the rule itself
     return meta
 
@@ -141,7 +141,7 @@ def run_serving_bench(a) -> dict:
     """The rows (see the module docstring) for parsed options ``a``; writes --out when given."""
     meta = check_options(a)
     import torch
-    from ..infer import load_ensemble, predict_volume
+    from ahnet.infer import load_ensemble, predict_volume
     torch.set_num_threads(a.threads or torch.get_num_threads())
     ens = load_ensemble([f["checkpoint"] for f in meta["folds"]], "cpu")
     shape = tuple(a.scan)

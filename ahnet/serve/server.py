@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cli
-from . import store
-from .process import READY_LINE, STOPPED_LINE
+from ahnet import cli
+from ahnet.serve import store
+from ahnet.serve.process import READY_LINE, STOPPED_LINE
 
 PROG = "ahnet.serve"
 

@@ -26,13 +26,13 @@ scaler, loss), ``order`` (seeded data order and its shards), ``outputs`` (log.cs
 ranks of a torchrun job: sharding, agreement, failures), ``syncbn`` (BatchNorm over the global batch on any
 backend), ``cli`` (the command, on top of the stages: ``python -m ahnet.train``).
 """
-from .data import make_datasets, prepare_batch, split_batch_2d, split_cases
-from .errors import DistributedError, TrainError, TrainingDiverged
-from .loop import Validator, train, train_all_folds, validate
-from .model import build_network, check_patch_size, model_kwargs_for
-from .optim import lr_factor, make_optimizer, make_scheduler
-from .order import EpochSampler, mix_seed
-from .outputs import LOG_COLUMNS
+from ahnet.train.data import make_datasets, prepare_batch, split_batch_2d, split_cases
+from ahnet.train.errors import DistributedError, TrainError, TrainingDiverged
+from ahnet.train.loop import Validator, train, train_all_folds, validate
+from ahnet.train.model import build_network, check_patch_size, model_kwargs_for
+from ahnet.train.optim import lr_factor, make_optimizer, make_scheduler
+from ahnet.train.order import EpochSampler, mix_seed
+from ahnet.train.outputs import LOG_COLUMNS
 
 __all__ = ["TrainError", "TrainingDiverged", "DistributedError", "EpochSampler", "mix_seed", "lr_factor",
            "make_optimizer",

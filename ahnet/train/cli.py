@@ -10,9 +10,9 @@ from typing import Sequence
 from ahnet.config import build_parser, load_config
 from ahnet.evaluate.validation import make_validator
 
-from .dist import run_command
-from .errors import TrainingDiverged
-from .loop import train, train_all_folds
+from ahnet.train.dist import run_command
+from ahnet.train.errors import TrainingDiverged
+from ahnet.train.loop import train, train_all_folds
 
 PROG = "ahnet.train"
 

@@ -19,8 +19,8 @@ from ahnet.folds import groups_from_annotations, make_folds
 from ahnet.nets import MODELS
 from ahnet.precision import to_channels_last
 
-from .errors import TrainError
-from .order import mix_seed
+from ahnet.train.errors import TrainError
+from ahnet.train.order import mix_seed
 
 
 def split_cases(cfg: TrainConfig, cases: list[dict]) -> tuple[list[str], list[str]]:

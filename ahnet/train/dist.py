@@ -45,8 +45,8 @@ import torch.nn as nn
 from ahnet import cli
 from ahnet.losses import DiceLoss
 
-from .errors import DistributedError, TrainError
-from .syncbn import all_reduce_sum, convert_batchnorm
+from ahnet.train.errors import DistributedError, TrainError
+from ahnet.train.syncbn import all_reduce_sum, convert_batchnorm
 
 __all__ = ["DistContext", "env_world", "check_batch", "plan", "start", "wrap_model", "global_batch_loss",
            "rank_rng_state", "run_command", "BACKENDS", "PEER_FAILURE_EXIT"]

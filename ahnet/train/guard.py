@@ -26,7 +26,7 @@ from ahnet.atomic import folder_lock, remove_temps
 from ahnet.config import TrainConfig
 from ahnet.nets import build_model, model_spec
 
-from .errors import TrainError, TrainingDiverged
+from ahnet.train.errors import TrainError, TrainingDiverged
 
 #: settings a resumed run may change: applied from the resume on and recorded in config.json and the
 #: checkpoints (the others must equal the checkpoint's: they decide what is trained)
@@ -67,7 +67,7 @@ def check_output_places(cfg: TrainConfig) -> None:
 def check_network(cfg: TrainConfig, builder=None) -> None:
     """Build the network of ``cfg`` once (global RNG untouched) and fit the patch size to it: TrainError or
     ValueError in one sentence."""
-    from .model import check_patch_size, model_kwargs_for
+    from ahnet.train.model import check_patch_size, model_kwargs_for
     with torch.random.fork_rng(devices=[]):
         check_patch_size(build_checked(cfg.model, model_kwargs_for(cfg), builder), cfg)
 

@@ -26,15 +26,15 @@ from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_sta
 from ahnet.config import TrainConfig, patience_spent, save_run_config, step_cap
 from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
 
-from . import dist
+from ahnet.train import dist
 
-from .data import make_datasets, prepare_batch
-from .errors import TrainError, TrainingDiverged
-from .guard import check_finite, check_resume, preflight, run_lock
-from .model import Builder, build_network, place_model, restore_network
-from .optim import WeightAverage, group_lrs, make_optimisation
-from .order import EpochSampler, mix_seed
-from .outputs import plot_progress, write_log
+from ahnet.train.data import make_datasets, prepare_batch
+from ahnet.train.errors import TrainError, TrainingDiverged
+from ahnet.train.guard import check_finite, check_resume, preflight, run_lock
+from ahnet.train.model import Builder, build_network, place_model, restore_network
+from ahnet.train.optim import WeightAverage, group_lrs, make_optimisation
+from ahnet.train.order import EpochSampler, mix_seed
+from ahnet.train.outputs import plot_progress, write_log
 
 class Validator(Protocol):
     """Scores a model on the validation cases (higher is better), in eval mode, restoring its mode after.

@@ -16,8 +16,8 @@ from ahnet.nets import build_model, load_torchvision_weights
 from ahnet.nets.transfer import format_table, load_source, transfer_and_verify
 from ahnet.precision import to_channels_last
 
-from .errors import TrainError
-from .order import mix_seed
+from ahnet.train.errors import TrainError
+from ahnet.train.order import mix_seed
 
 Builder = Callable[..., nn.Module]
 

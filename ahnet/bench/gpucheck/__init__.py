@@ -17,6 +17,6 @@ is how the test suite keeps it from rotting.
 Modules: ``cli`` (options and the run), ``env`` (modules and wheels, the machine), ``parts`` (the tests and the
 benchmark), ``training`` (the timed training), ``synth`` (the synthetic cases), ``report`` (JSON and Markdown).
 """
-from .cli import main
+from ahnet.bench.gpucheck.cli import main
 
 __all__ = ["main"]

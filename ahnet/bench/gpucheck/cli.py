@@ -14,7 +14,7 @@ import torch
 
 from ahnet import cli
 
-from . import env, parts, report, training
+from ahnet.bench.gpucheck import env, parts, report, training
 
 PROG = "ahnet.bench.gpucheck"
 PARTS = ("tests", "bench", "train")

@@ -25,7 +25,7 @@ from ahnet.data.augment import Augment
 from ahnet.data.sampling import PatchDataset
 from ahnet.train import train
 
-from .synth import write_cases
+from ahnet.bench.gpucheck.synth import write_cases
 
 CURVE_CSV, CURVE_PNG = "learning_curve.csv", "learning_curve.png"
 PAPER = dict(cases=(12, 3), shape=(64, 256, 256), patch=[32, 128, 128], encoder="resnet50", pfn_depth=4,

@@ -1,4 +1,4 @@
 """python -m ahnet.data.phantom: generate a phantom dataset (see cli.main)."""
-from .cli import main
+from ahnet.data.phantom.cli import main
 
 raise SystemExit(main())

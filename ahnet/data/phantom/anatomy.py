@@ -13,10 +13,10 @@ from typing import Dict, List, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .constants import (AW_LUMEN, AW_WALL, CORTICAL, FAT, FISSURE, LUNG, MARROW, MUSCLE, TISSUE_HU,
+from ahnet.data.phantom.constants import (AW_LUMEN, AW_WALL, CORTICAL, FAT, FISSURE, LUNG, MARROW, MUSCLE, TISSUE_HU,
                         VESSEL)
-from .geometry import grow_tree, lut, paint_segments
-from .options import PhantomOptions
+from ahnet.data.phantom.geometry import grow_tree, lut, paint_segments
+from ahnet.data.phantom.options import PhantomOptions
 
 # body ellipse semi-axes (x, y) as fractions of the field of view, with their per-case random factors;
 # lung ellipse semi-axes (x, y) as fractions of the body's

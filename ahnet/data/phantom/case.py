@@ -13,12 +13,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..nodule_types import TYPE_CODES, nodule_type, volume_equivalent_diameter
-from .anatomy import Anatomy
-from .constants import LOCATIONS, NODULE, PROC_D
-from .options import Case, PhantomOptions
-from .placement import LUNG_LIKE, footprint, place
-from .shapes import ShapePool, composition_hu, get_pool, procedural_shape
+from ahnet.data.nodule_types import TYPE_CODES, nodule_type, volume_equivalent_diameter
+from ahnet.data.phantom.anatomy import Anatomy
+from ahnet.data.phantom.constants import LOCATIONS, NODULE, PROC_D
+from ahnet.data.phantom.options import Case, PhantomOptions
+from ahnet.data.phantom.placement import LUNG_LIKE, footprint, place
+from ahnet.data.phantom.shapes import ShapePool, composition_hu, get_pool, procedural_shape
 
 log = logging.getLogger(__name__)
 

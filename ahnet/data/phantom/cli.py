@@ -10,11 +10,11 @@ import logging
 import time
 from typing import Tuple
 
-from ... import cli
-from ...cli import number
-from . import __doc__ as _package_doc
-from .dataset import generate_dataset
-from .heldout import TEST_PHANTOMS, generate_test_phantom, held_out_seed
+from ahnet import cli
+from ahnet.cli import number
+from ahnet.data.phantom import __doc__ as _package_doc
+from ahnet.data.phantom.dataset import generate_dataset
+from ahnet.data.phantom.heldout import TEST_PHANTOMS, generate_test_phantom, held_out_seed
 
 PROG = "ahnet.data.phantom"
 DEFAULTS = dict(cases=16, seed=0, size=192, slices=None, z_extent=100.0, thickness=2.5, spacing=0.7,

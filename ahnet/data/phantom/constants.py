@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from typing import Optional
-from ..nodule_types import LOCATIONS  # noqa: F401  (nodule location classes: one owner)
+from ahnet.data.nodule_types import LOCATIONS  # noqa: F401  (nodule location classes: one owner)
 
 # tissue labels of the fine label map
 TISSUE = dict(air=0, fat=1, muscle=2, cortical=3, marrow=4, lung=5, vessel=6, airway_wall=7, airway_lumen=8,

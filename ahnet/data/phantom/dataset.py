@@ -13,16 +13,16 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ...atomic import atomic_path, folder_lock
-from ... import paths
-from ..io import write_annotations_csv, write_dataset_json, write_image
-from ..nodule_types import TYPE_CODES
-from .case import generate_case
-from .constants import CSV_COLUMNS, LOCATIONS
-from .options import Case, PhantomOptions
-from .anatomy import largest_nodule_bound_mm
-from .schedule import balanced_locations, shape_sources
-from .shapes import ShapePool, get_pool
+from ahnet.atomic import atomic_path, folder_lock
+from ahnet import paths
+from ahnet.data.io import write_annotations_csv, write_dataset_json, write_image
+from ahnet.data.nodule_types import TYPE_CODES
+from ahnet.data.phantom.case import generate_case
+from ahnet.data.phantom.constants import CSV_COLUMNS, LOCATIONS
+from ahnet.data.phantom.options import Case, PhantomOptions
+from ahnet.data.phantom.anatomy import largest_nodule_bound_mm
+from ahnet.data.phantom.schedule import balanced_locations, shape_sources
+from ahnet.data.phantom.shapes import ShapePool, get_pool
 
 log = logging.getLogger(__name__)
 

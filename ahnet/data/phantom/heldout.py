@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import generate_dataset
+from ahnet.data.phantom.dataset import generate_dataset
 
 HELD_OUT_SEED_OFFSET = 1_000_003          # the offset the experiment has always used for its test phantom
 # what makes a phantom a held-out test phantom (not overridable)

@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ..io import voxel_to_world
+from ahnet.data.io import voxel_to_world
 
 #: the most voxels of a case's fine grid (size^2 x slices x fine slices per slice): about 1 GiB per float32 copy
 MAX_FINE_VOXELS = 2 ** 28

@@ -11,10 +11,10 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..nodule_types import volume_equivalent_diameter
-from .anatomy import Anatomy
-from .constants import AIR, AW_WALL, CORTICAL, FAT, FISSURE, LOCATIONS, LUNG, MARROW, MUSCLE, VESSEL
-from .geometry import lut, rand_unit
+from ahnet.data.nodule_types import volume_equivalent_diameter
+from ahnet.data.phantom.anatomy import Anatomy
+from ahnet.data.phantom.constants import AIR, AW_WALL, CORTICAL, FAT, FISSURE, LOCATIONS, LUNG, MARROW, MUSCLE, VESSEL
+from ahnet.data.phantom.geometry import lut, rand_unit
 
 LUNG_LIKE = lut(LUNG, VESSEL, FISSURE)          # what a nodule may be painted over
 WALL_LIKE = lut(FAT, MUSCLE, CORTICAL, MARROW, AIR)

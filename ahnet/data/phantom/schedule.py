@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..nodule_types import TYPE_CODES
-from .constants import LOCATIONS, PROC_D
+from ahnet.data.nodule_types import TYPE_CODES
+from ahnet.data.phantom.constants import LOCATIONS, PROC_D
 
 Source = Optional[Tuple[int, bool]]          # (LIDC annotation id, reuse) or None (procedural shape)
 

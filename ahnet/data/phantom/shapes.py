@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..nodule_types import TYPE_CODES
-from .constants import CALC_PATTERN, CALC_TYPES, GGO_TYPES, PART_TYPES, PROC_D, SPLITS, lidc_split_of_scan
-from .geometry import paint_segments, rand_unit
+from ahnet.data.nodule_types import TYPE_CODES
+from ahnet.data.phantom.constants import CALC_PATTERN, CALC_TYPES, GGO_TYPES, PART_TYPES, PROC_D, SPLITS, lidc_split_of_scan
+from ahnet.data.phantom.geometry import paint_segments, rand_unit
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class ShapePool:
     """
 
     def __init__(self, grid_sp: float):
-        from .. import lidc
+        from ahnet.data import lidc
         self.db = lidc.load_lidc()
         self.by = {s: {c: [] for c in TYPE_CODES} for s in SPLITS}
         for a in self.db.annotations.values():
@@ -43,7 +43,7 @@ class ShapePool:
     def draw(self, rng, split: str, code: str, d_max: float, grid) -> Optional[Tuple[np.ndarray, dict, int, int]]:
         """A random annotation of this split and type no larger than d_max (mm) on the grid, mirrored in x with
         probability 1/2: (mask, ratings, LIDC scan id, annotation id); None when there is none."""
-        from .. import lidc
+        from ahnet.data import lidc
         ids = [i for i in self.by[split][code] if self.db.annotations[i].diameter_mm <= d_max]
         if not ids:
             return None
@@ -64,7 +64,7 @@ class ShapePool:
 
         Grouping as lidc.group_annotations (pylidc's clustering), computed per scan on first use.
         """
-        from .. import lidc
+        from ahnet.data import lidc
         if not hasattr(self, "_lesion"):
             self._lesion = {}
         if ann_id not in self._lesion:
@@ -80,8 +80,8 @@ class ShapePool:
         """One named annotation on the grid: (mask, ratings, LIDC scan id). augment False: as drawn, mirrored
         in x with probability 1/2; True: a random rotation or rotation-reflection and a scale in 0.9..1.1 that
         keeps the annotation's type (see `augmented`)."""
-        from .. import lidc
-        from ..nodule_types import is_calcified, nodule_type
+        from ahnet.data import lidc
+        from ahnet.data.nodule_types import is_calcified, nodule_type
         a = self.db.annotations[ann_id]
         m = lidc.shape_on_grid(a, self.db.scans[a.scan_id], grid)
         r = a.ratings
