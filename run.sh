@@ -9,7 +9,7 @@
 #   demo       the whole job end to end on a small phantom, on a CPU in minutes (python -m ahnet.experiment)
 #   bench      benchmarks against MONAI's AHNet; --serving: Triton (python -m ahnet.bench --help)
 #   serve      Triton server for an exported ensemble   (python -m ahnet.serve --help; export: python -m ahnet.export)
-#   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.bench.gpucheck --help; no setup, no network)
+#   gpu-check  the GPU proof: CUDA tests, bench, timed training (python -m ahnet.gpucheck --help; no setup, no network)
 #   gpu-wheels download the wheels gpu-check installs on a bare GPU machine into .whl/ (carry .whl/ there)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -75,7 +75,7 @@ case "$cmd" in
             for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
             if [[ -z "$out" ]]; then out="data/phantom"; set -- --out "$out" "$@"; fi
             "$PY" -m ahnet.data.phantom "$@"
-            exec "$PY" -m ahnet.data.cache --data "$out/dataset.json" ;;
+            exec "$PY" -m ahnet.commands.cache --data "$out/dataset.json" ;;
   train)    setup test; exec "$PY" -m ahnet.pipeline "$@" ;;
   transfer) setup test; exec "$PY" -m weights_transfer "$@" ;;
   evaluate) setup test; exec "$PY" -m ahnet.evaluate "$@" ;;
@@ -83,7 +83,7 @@ case "$cmd" in
   bench)    extras="test,peer"; [[ " $* " == *" --serving "* ]] && extras="test,peer,serve"   # the serving section
             setup "$extras"; exec "$PY" -m ahnet.bench "$@" ;;
   serve)    setup "test,serve"; exec "$PY" -m ahnet.serve "$@" ;;
-  gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.bench.gpucheck "$@" ;;
+  gpu-check) gpu_python; export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; exec "$PY" -m ahnet.gpucheck "$@" ;;
   gpu-wheels) setup test
             "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
               --no-deps -d .whl "${GPU_WHEELS[@]}"

@@ -2,12 +2,13 @@
 
 Run folder (one training stage, ``python -m ahnet.train --out RUN``)::
 
-    RUN/config.json            settings + versions (ahnet.config.save_run_config)
+    RUN/config.json            settings + versions (ahnet.train.config.save_run_config)
     RUN/log.csv                one row per epoch
     RUN/progress.png           loss, validation Dice and learning rate per epoch
     RUN/checkpoints/last.pt    written at every epoch end (and every --ckpt-every steps): --resume reads it
     RUN/checkpoints/best.pt    the epoch with the best validation score: what inference loads
-    RUN/report/                an evaluation report (ahnet.evaluate)
+    RUN/rescorer.pt            the run's second stage (python -m ahnet.rescore), with RUN/rescorer.json beside it
+    RUN/report/                an evaluation report (ahnet.evaluate): report.json, report.md, report.html
 
 Cross-validation (``--all-folds``): fold k of RUN is the sibling folder ``RUN-fold<k>``; a folder holding
 ``fold<k>/`` run folders is read the same way. The trained model of a run is ``best.pt``, else ``last.pt``.
@@ -22,7 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "DATASET", "ANNOTATIONS",
+__all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "RESCORER", "RESCORER_JSON",
+           "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS",
            "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
            "trained_checkpoint", "resolve_checkpoints", "resolve_checkpoint", "cache_dir", "annotations_csv",
            "dataset_annotations"]
@@ -34,6 +36,9 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 REPORT = "report"
+RESCORER = "rescorer.pt"
+RESCORER_JSON = "rescorer.json"
+REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 DATASET = "dataset.json"
 ANNOTATIONS = "annotations.csv"
 
@@ -80,6 +85,14 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def rescorer(self) -> Path:
+        return self.root / RESCORER
+
+    @property
+    def rescorer_json(self) -> Path:
+        return self.root / RESCORER_JSON
 
 
 def run_paths(run: str | os.PathLike) -> RunPaths:

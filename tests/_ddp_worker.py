@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.train import TrainingDiverged, train
 from ahnet.train.dist import run_command
 from tests._tiny import TinyPatches

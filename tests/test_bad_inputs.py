@@ -33,11 +33,11 @@ from .data._pipeline_synth import TINY_UNET as UNET
 from .data._pipeline_synth import make_evaluation_world
 
 ROOT = Path(__file__).resolve().parents[1]
-MAINS = {"predict": "ahnet.predict", "train": "ahnet.train.cli", "evaluate": "ahnet.evaluate.cli",
-         "cache": "ahnet.data.cache", "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom",
-         "transfer": "weights_transfer.__main__", "experiment": "ahnet.experiment", "bench": "ahnet.bench",
-         "rescore": "ahnet.rescore"}
-PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.data.cache",
+MAINS = {"predict": "ahnet.commands.predict", "train": "ahnet.commands.train", "evaluate": "ahnet.commands.evaluate",
+         "cache": "ahnet.commands.cache", "pipeline": "ahnet.commands.pipeline", "phantom": "ahnet.commands.phantom",
+         "transfer": "weights_transfer.__main__", "experiment": "ahnet.commands.experiment",
+         "bench": "ahnet.commands.bench", "rescore": "ahnet.commands.rescore"}
+PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.commands.cache",
         "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom", "transfer": "weights_transfer",
         "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
 
@@ -490,9 +490,9 @@ def test_the_table_covers_every_command_and_enough_rows():
 
 @pytest.mark.parametrize("module, argv, says", [
     ("ahnet.train", ["--lr", "inf", "--out", "{t}/r"], "ahnet.train: error: --lr inf is not a finite number."),
-    ("ahnet.data.cache", ["--data", "{t}/none.json", "--spacing", "nan", "1"],
-     "ahnet.data.cache: error: argument --spacing: expected a finite number in [0.05, 20], got 'nan'"),
-    ("ahnet.predict", ["--input", "{t}", "--runs", "{t}", "--out", "{t}/f"],
+    ("ahnet.commands.cache", ["--data", "{t}/none.json", "--spacing", "nan", "1"],
+     "ahnet.commands.cache: error: argument --spacing: expected a finite number in [0.05, 20], got 'nan'"),
+    ("ahnet.commands.predict", ["--input", "{t}", "--runs", "{t}", "--out", "{t}/f"],
      "ahnet.predict: error: --out {t}/f is a file; expected a folder (created if missing)"),
 ])
 def test_the_module_entry_points_say_the_same(module, argv, says, tmp_path):

@@ -1,5 +1,5 @@
 """One cache for a dataset, whoever builds it: training, the experiment's data step and `bash run.sh data`
-(python -m ahnet.data.cache --data) agree on every case's build key, so none rebuilds another's files, and
+(python -m ahnet.commands.cache --data) agree on every case's build key, so none rebuilds another's files, and
 each nodule keeps the type and location of the annotations beside dataset.json."""
 import itertools
 import json
@@ -9,8 +9,9 @@ import h5py
 import pytest
 
 import ahnet.data.cache as cache_mod
-from ahnet import experiment
-from ahnet.config import TrainConfig
+from ahnet.commands import cache as cache_cmd
+from ahnet.commands import experiment
+from ahnet.train.config import TrainConfig
 from ahnet.train import make_datasets
 
 from .data._pipeline_synth import make_dataset
@@ -27,7 +28,7 @@ def _via_experiment(js):
 
 
 def _via_run_sh(js):
-    assert cache_mod.main(["--data", str(js)]) == 0
+    assert cache_cmd.main(["--data", str(js)]) == 0
 
 
 CALLERS = {"train": _via_train, "experiment": _via_experiment, "run.sh data": _via_run_sh}
@@ -35,8 +36,8 @@ CALLERS = {"train": _via_train, "experiment": _via_experiment, "run.sh data": _v
 
 def test_run_sh_data_builds_through_the_cache_entry_with_nothing_but_the_dataset():
     text = (ROOT / "run.sh").read_text()
-    line = next(ln for ln in text.splitlines() if "ahnet.data.cache" in ln and "exec" in ln)
-    assert line.split("ahnet.data.cache", 1)[1].split(";")[0].split() == ["--data", '"$out/dataset.json"']
+    line = next(ln for ln in text.splitlines() if "ahnet.commands.cache" in ln and "exec" in ln)
+    assert line.split("ahnet.commands.cache", 1)[1].split(";")[0].split() == ["--data", '"$out/dataset.json"']
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(CALLERS)), ids=lambda o: " > ".join(o))

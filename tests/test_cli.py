@@ -1,15 +1,14 @@
-"""ahnet.cli: one error line on stderr and exit code 2, for usage errors and input errors alike."""
-import re
+"""ahnet.failures: one error line on stderr and exit code 2, for usage errors and input errors alike."""
 
 import pytest
 import torch
 
-from ahnet import cli
+from ahnet import failures
 from ahnet.precision import resolve_device
 
 
 def test_parser_usage_error_is_one_line(capsys):
-    p = cli.Parser("ahnet.thing")
+    p = failures.Parser("ahnet.thing")
     p.add_argument("--n", type=int, required=True)
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--n", "x"])
@@ -23,11 +22,11 @@ def test_run_turns_value_and_os_errors_into_one_line(capsys):
     def bad():
         raise ValueError("first line\nsecond line")
 
-    assert cli.run("ahnet.x", bad) == 2
+    assert failures.run("ahnet.x", bad) == 2
     assert capsys.readouterr().err == "ahnet.x: error: first line\n"
-    assert cli.run("ahnet.x", lambda: open("/nonexistent/dir/f")) == 2
+    assert failures.run("ahnet.x", lambda: open("/nonexistent/dir/f")) == 2
     assert "No such file or directory" in capsys.readouterr().err
-    assert cli.run("ahnet.x", lambda: None) == 0 and cli.run("ahnet.x", lambda: 3) == 3
+    assert failures.run("ahnet.x", lambda: None) == 0 and failures.run("ahnet.x", lambda: 3) == 3
 
     class Diverged(ValueError):
         pass
@@ -35,9 +34,9 @@ def test_run_turns_value_and_os_errors_into_one_line(capsys):
     def diverge():
         raise Diverged("stopped")
 
-    assert cli.run("ahnet.x", diverge, codes={Diverged: 3}) == 3
+    assert failures.run("ahnet.x", diverge, codes={Diverged: 3}) == 3
     with pytest.raises(KeyError):                 # a bug stays a traceback
-        cli.run("ahnet.x", lambda: {}["k"])
+        failures.run("ahnet.x", lambda: {}["k"])
 
 
 @pytest.mark.parametrize("name, match", [("bogus", "'bogus' is not a torch device"),
@@ -70,14 +69,19 @@ def test_every_user_facing_command_has_a_console_script():
         assert callable(getattr(importlib.import_module(module), func)), target
 
 
-@pytest.mark.parametrize("module", ["ahnet.train.cli", "ahnet.pipeline", "ahnet.experiment", "ahnet.evaluate.cli",
-                                    "ahnet.predict", "ahnet.data.cache", "weights_transfer.__main__", "ahnet.bench.cli",
-                                    "ahnet.export", "ahnet.client", "ahnet.serve.bench", "ahnet.rescore"])
-def test_usage_errors_are_one_line_with_the_program_name(module, capsys):
+@pytest.mark.parametrize("module, prog", [
+    ("ahnet.commands.train", "ahnet.train"), ("ahnet.commands.pipeline", "ahnet.pipeline"),
+    ("ahnet.commands.experiment", "ahnet.experiment"), ("ahnet.commands.evaluate", "ahnet.evaluate"),
+    ("ahnet.commands.predict", "ahnet.predict"), ("ahnet.commands.cache", "ahnet.commands.cache"),
+    ("weights_transfer.__main__", "weights_transfer"), ("ahnet.commands.bench", "ahnet.bench"),
+    ("ahnet.commands.export", "ahnet.export"), ("ahnet.commands.client", "ahnet.client"),
+    ("ahnet.commands.serve", "ahnet.serve"), ("ahnet.commands.phantom", "ahnet.data.phantom"),
+    ("ahnet.commands.rescore", "ahnet.rescore")])
+def test_usage_errors_are_one_line_with_the_program_name(module, prog, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:
         importlib.import_module(module).main(["--no-such-flag"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("unrecognized arguments: --no-such-flag" in err or "are required" in err)
-    assert err.startswith(re.sub(r"\.(cli|__main__)$", "", module) + ": error:")
+    assert err.startswith(prog + ": error:")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ahnet.config import TrainConfig, build_parser, load_config, read_run_config, save_run_config
+from ahnet.train.config import TrainConfig, build_parser, load_config, read_run_config, save_run_config
 
 
 def test_layers_defaults_then_file_then_flags(tmp_path):

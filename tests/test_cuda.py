@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ahnet.checkpoint import load_checkpoint  # noqa: E402
-from ahnet.config import TrainConfig  # noqa: E402
+from ahnet.train.config import TrainConfig  # noqa: E402
 from ahnet.nets import build_model  # noqa: E402
 from ahnet.precision import to_channels_last  # noqa: E402
 from ahnet.train import train  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ahnet.checkpoint import load_checkpoint
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.train import EpochSampler, TrainError, train
 from ahnet.train import dist as tdist
 
@@ -229,15 +229,15 @@ def test_settings_are_checked_per_rank_before_any_work(monkeypatch):
 
 @pytest.mark.parametrize("command", ["pipeline", "experiment"])
 def test_multi_stage_commands_check_every_stage_batch_before_training(monkeypatch, tmp_path, capsys, command):
-    import ahnet.experiment
-    import ahnet.pipeline
+    import ahnet.commands.experiment
+    import ahnet.commands.pipeline
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.chdir(tmp_path)
     if command == "pipeline":        # the shared --batch-size 6 fits neither stage over 4 ranks
-        rc = ahnet.pipeline.main(["--batch-size", "6", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
+        rc = ahnet.commands.pipeline.main(["--batch-size", "6", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
     else:                            # the demo preset's 2D batch (8) divides by 4, its 3D batch (2) does not
-        rc = ahnet.experiment.main(["--preset", "demo", "--device", "cpu"])
+        rc = ahnet.commands.experiment.main(["--preset", "demo", "--device", "cpu"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must divide evenly over the 4 ranks" in err[0] and err[0].endswith("(rank 0 of 4)")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ahnet import evaluate as ev
-from ahnet.evaluate import cli as ev_cli
+from ahnet.commands import evaluate as ev_cli
 from ahnet.infer.candidates import voxel_to_world
 
 SP = (2.5, 0.7, 0.7)

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 
-from ahnet import experiment
-from ahnet.config import load_config
-from ahnet.experiment import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
+from ahnet.commands import experiment, jobs
+from ahnet.train.config import load_config
+from ahnet.commands.experiment import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
 
 
 def test_parse_variant():
@@ -106,7 +106,7 @@ def test_end_to_end_tiny_interrupted_then_resumed_without_retraining(tmp_path, m
 
 def test_demo_and_cpu_evaluate_on_their_held_out_test_phantoms_and_refuse_another(tmp_path):
     from ahnet.data.phantom import TEST_PHANTOMS, held_out_seed
-    from ahnet.experiment import check_test_data
+    from ahnet.commands.experiment import check_test_data
     assert PRESETS["demo"].test_phantom == "demo" and PRESETS["cpu"].test_phantom == "cpu"
     cpu = TEST_PHANTOMS["cpu"]
     assert cpu["n_cases"] * cpu["nodules_per_case"] >= 240                  # >= 20 nodules of each of 12 types
@@ -152,7 +152,7 @@ class _FakeJob:
 
 
 def test_side_by_side_trainings_wait_for_the_2d_stage_and_never_exceed_jobs(monkeypatch):
-    from ahnet.experiment import run_when_ready, training_plan
+    from ahnet.commands.jobs import run_when_ready, training_plan
     monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
     variants = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
     plan = training_plan(variants)
@@ -180,7 +180,7 @@ def test_side_by_side_trainings_wait_for_the_2d_stage_and_never_exceed_jobs(monk
 
 def test_jobs_default_to_the_presets_on_a_cpu_and_refuse_cuda_and_torchrun():
     import torch
-    from ahnet.experiment import training_jobs
+    from ahnet.commands.jobs import training_jobs
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert PRESETS["cpu"].jobs == 2 and training_jobs(None, PRESETS["cpu"], cpu, 1) == 2
     assert training_jobs(None, PRESETS["cpu"], cuda, 1) == 1 and training_jobs(None, PRESETS["cpu"], cpu, 2) == 1
@@ -222,7 +222,7 @@ def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch
 def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_traceback(monkeypatch, capsys):
     """The child printed its own error line: the experiment adds none and exits with the child's code; a child
     killed by a signal (nothing printed) gets one line naming the variant and the signal, exit 1."""
-    from ahnet.experiment import TrainingFailed, train_side_by_side
+    from ahnet.commands.jobs import TrainingFailed, train_side_by_side
     monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
     for code, want, line in [(2, 2, ""), (3, 3, ""), (-9, 1, "ahnet-scratch's training process was killed by "
                                                               "signal 9; run the experiment again to resume it")]:
@@ -235,7 +235,7 @@ def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_t
 
             def result(self):
                 raise TrainingFailed(self.v, code)
-        monkeypatch.setattr(experiment, "_Job", Job)
+        monkeypatch.setattr(jobs, "_Job", Job)
         assert train_side_by_side({"ahnet-scratch": TrainConfig(out="x")}, 2) == want
         err = capsys.readouterr().err
         assert err == (f"ahnet.experiment: error: {line}\n" if line else "")
@@ -244,7 +244,7 @@ def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_t
 def test_each_second_stage_starts_once_its_own_training_ended_trainings_first(monkeypatch, capsys):
     """Side by side, a variant's second stage waits for its training only (not for every training), and a free
     place goes to a training before a second stage."""
-    from ahnet.experiment import train_side_by_side
+    from ahnet.commands.jobs import train_side_by_side
     monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
     started, ended = [], []
 
@@ -258,7 +258,7 @@ def test_each_second_stage_starts_once_its_own_training_ended_trainings_first(mo
 
         def result(self):
             ended.append(self.name)
-    monkeypatch.setattr(experiment, "_Job", Job)
+    monkeypatch.setattr(jobs, "_Job", Job)
     variants = ["mcgcn-2d", "ahnet-scratch", "ahnet-transfer", "ahnet-transfer-pfn0"]
     argvs = {v: ["--run", v] for v in variants}
     assert train_side_by_side({v: TrainConfig(out=v) for v in variants}, 2, argvs) == 0
@@ -268,7 +268,7 @@ def test_each_second_stage_starts_once_its_own_training_ended_trainings_first(mo
 
 
 def test_second_stage_options_of_a_preset_are_checked_before_any_work():
-    from ahnet.experiment import check_rescore_options, rescore_argv
+    from ahnet.commands.experiment import check_rescore_options, rescore_argv
     check_rescore_options({"epochs": 30, "max_cases": 24})
     with pytest.raises(ValueError, match="'epoch' is not one python -m ahnet.rescore takes .* epochs"):
         check_rescore_options({"epoch": 30})
@@ -284,7 +284,7 @@ def test_second_stage_options_of_a_preset_are_checked_before_any_work():
     for preset in PRESETS.values():
         if preset.rescore is not None:
             check_rescore_options(preset.rescore)
-    from ahnet.experiment import with_rescore
+    from ahnet.commands.experiment import with_rescore
     own = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epochs": 5}})
     assert with_rescore(own, True).rescore == {"epochs": 5} and with_rescore(own, None) is own
     assert with_rescore(own, False).rescore is None and with_rescore(PRESETS["demo"], True).rescore == {}

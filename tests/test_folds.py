@@ -1,7 +1,7 @@
 """Cross-validation folds by case: cases sharing an LIDC scan never straddle a split."""
 import pytest
 
-from ahnet.folds import case_groups, groups_from_annotations, make_folds
+from ahnet.data.folds import case_groups, groups_from_annotations, make_folds
 
 
 def test_groups_from_annotations_and_components(tmp_path):

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from ahnet.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_from_curve, evaluate_detection,
+from ahnet.evaluate.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_from_curve, evaluate_detection,
                         found_at, froc_curve, interp_curve, match_candidates, paired_bootstrap)
 
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from ahnet.data.sampling import PatchDataset
-from ahnet.bench.gpucheck import env
-from ahnet.bench.gpucheck.report import OUTPUTS
-from ahnet.bench.gpucheck.synth import synthetic_case, write_cases
+from ahnet.gpucheck import env
+from ahnet.gpucheck.report import OUTPUTS
+from ahnet.gpucheck.synth import synthetic_case, write_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_check_runs_every_part_on_a_cpu(tmp_path):
     out = tmp_path / "gc"
-    p = subprocess.run([sys.executable, "-m", "ahnet.bench.gpucheck", "--tiny", "--out", str(out)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "ahnet.gpucheck", "--tiny", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     have_monai = importlib.util.find_spec("monai") is not None
     assert p.returncode == (0 if have_monai else 1), p.stdout[-3000:] + p.stderr[-3000:]
@@ -56,7 +56,7 @@ def test_bad_options_end_with_one_line_before_any_work(tmp_path, argv, says):
     p = subprocess.run(["bash", "run.sh", "gpu-check", "--out", str(tmp_path / "gc"), *argv], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("ahnet.bench.gpucheck: error: ")
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("ahnet.gpucheck: error: ")
     assert says in lines[0]
     assert not (tmp_path / "gc").exists()
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ahnet.losses import (CrossEntropyLoss, DiceFocalLoss, DiceLoss, FocalLoss, build_loss, loss_kwargs)
+from ahnet.train.losses import (CrossEntropyLoss, DiceFocalLoss, DiceLoss, FocalLoss, build_loss, loss_kwargs)
 
 
 def _np_sigmoid(x):

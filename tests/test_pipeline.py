@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ahnet.checkpoint import load_checkpoint
-from ahnet.pipeline import build_parser, main, stage_configs
+from ahnet.commands.pipeline import build_parser, main, stage_configs
 
 from .data._pipeline_synth import make_dataset
 

@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 from ahnet import paths
-from ahnet import predict as pr
+from ahnet.commands import predict as pr
 from ahnet.data import io
 from ahnet.data.preprocess import clip_and_scale
 from ahnet.infer import load_member, slicewise_predict, sliding_window_predict
@@ -298,7 +298,7 @@ def test_module_entry_point_exits_2(tmp_path):
 
 def test_predict_never_imports_the_evaluation_modules():
     """Predicting a scan loads the inference stage only: not FROC, the report or the segmentation metrics."""
-    code = ("import sys, ahnet.predict; bad = [m for m in ('ahnet.froc', 'ahnet.report', 'ahnet.segmetrics', "
+    code = ("import sys, ahnet.commands.predict; bad = [m for m in ('ahnet.evaluate.froc', 'ahnet.report', 'ahnet.evaluate.segmetrics', "
             "'ahnet.evaluate') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=120)

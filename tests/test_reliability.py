@@ -26,11 +26,11 @@ import pytest
 import torch
 
 import ahnet.train.loop as loop
-from ahnet import cli
-from ahnet import predict as pr
+from ahnet import failures
+from ahnet.commands import predict as pr
 from ahnet.atomic import LOCK_NAME, is_temp, remove_temps
 from ahnet.checkpoint import load_checkpoint
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.data import checks
 from ahnet.data.cache import build_cache
 from ahnet.data.io import DataError, Volume, read_annotations_csv, read_image, write_image
@@ -305,12 +305,12 @@ def test_output_places_are_checked_with_the_access_the_user_has(tmp_path):
     ro.mkdir()
     deny = lambda p, mode: not str(p).startswith(str(ro))       # noqa: E731 - a user without write access to ro
     with pytest.raises(ValueError, match=r"--out .*ro/new: permission denied \(the folder cannot be created: "):
-        cli.check_output_dir(ro / "new", access=deny)
+        failures.check_output_dir(ro / "new", access=deny)
     with pytest.raises(ValueError, match=r"permission denied \(the folder is not writable for this user\)"):
-        cli.check_output_dir(ro, access=deny)
+        failures.check_output_dir(ro, access=deny)
     with pytest.raises(ValueError, match=r"is a folder; expected a file name"):
-        cli.check_output_file(ro, access=deny)
-    assert cli.check_output_dir(tmp_path / "a" / "b", access=deny) == tmp_path / "a" / "b"
+        failures.check_output_file(ro, access=deny)
+    assert failures.check_output_dir(tmp_path / "a" / "b", access=deny) == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
 
 

@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from ahnet.froc import FP_RATES, evaluate_detection
+from ahnet.evaluate.froc import FP_RATES, evaluate_detection
 from ahnet.report import ReportInputError, build_report, pick_winners, summarize
-from ahnet.segmetrics import aggregate_seg
+from ahnet.evaluate.segmetrics import aggregate_seg
 
 TYPES = [f"T{k:02d}" for k in range(1, 13)]
 
@@ -160,7 +160,7 @@ def test_the_report_states_each_runs_step_cap_and_what_stopped_it(tmp_path, conf
     run = tmp_path / "run"
     _log(run, [(1, 10, .9, .2), (2, 20, .7, .5), (3, 30, .6, .3), (4, 40, .5, .4)], ["epoch", "step", "loss", "val_cpm"])
     assert read_curves({"m": run})["m"]["budget"] is None and budget_table(read_curves({"m": run})) is None
-    from ahnet.config import TrainConfig, save_run_config
+    from ahnet.train.config import TrainConfig, save_run_config
     save_run_config(TrainConfig(out=str(run), **config), run)                # the trainer's own config.json
     title, head, rows = budget_table(read_curves({"m": run}))
     cap = str(config["max_steps"] or config["epochs"] * 10)
@@ -169,7 +169,7 @@ def test_the_report_states_each_runs_step_cap_and_what_stopped_it(tmp_path, conf
 
 
 def test_report_sections_claims_curves_found_and_gallery(tmp_path):
-    from ahnet.froc import paired_bootstrap
+    from ahnet.evaluate.froc import paired_bootstrap
     nod, cands, scans = _three_models()
     res = {m: {"detection": evaluate_detection(nod, c, scans, n_bootstrap=200, seed=0), "segmentation": None}
            for m, c in cands.items()}

@@ -1,4 +1,4 @@
-"""The second stage (ahnet.infer.rescore, python -m ahnet.rescore, evaluate --rescore) against direct computations."""
+"""The second stage (ahnet.infer.second_stage, python -m ahnet.rescore, evaluate --rescore) against direct computations."""
 import csv
 import json
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ahnet import rescore as rs
+from ahnet.commands import rescore as rs
 from ahnet.data.io import Volume, read_annotations_csv
-from ahnet.evaluate import cli as ev_cli
+from ahnet.commands import evaluate as ev_cli
 from ahnet.infer.candidates import voxel_to_world
-from ahnet.infer.rescore import (RESCORER, Rescorer, candidate_crops, crop_at, load_rescorer, rescore_candidates,
+from ahnet.infer.second_stage import (RESCORER, Rescorer, candidate_crops, crop_at, load_rescorer, rescore_candidates,
                                  views)
 from ahnet.nets.candidate_net import CandidateNet
 
@@ -144,7 +144,7 @@ def test_evaluate_rescore_writes_the_geometric_mean_of_both_stages(world, tmp_pa
 
 
 def test_predict_rescore_equals_the_second_stage_applied_to_the_plain_prediction(world, tmp_path):
-    from ahnet import predict as pr
+    from ahnet.commands import predict as pr
     from ahnet.data.io import read_candidates_csv, read_image, read_scan
     from ahnet.data.preprocess import clip_and_scale
     base = ["--input", str(world["ds"]), "--split", "test", "--runs", str(world["run"]), "--device", "cpu"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from ahnet.segmetrics import (SegMetricsInputError, aggregate_seg, dice, hausdorff, hd95, mean_ci,
+from ahnet.evaluate.segmetrics import (SegMetricsInputError, aggregate_seg, dice, hausdorff, hd95, mean_ci,
                               nodule_seg_metrics, surface)
 
 SP = (2.5, 0.7, 0.8)   # (sz, sy, sx) mm, anisotropic on purpose

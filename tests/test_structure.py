@@ -1,46 +1,53 @@
-"""The shape of the code, read with ``ast``: every module's stage and imports, file and function sizes, and the
-on-disk layout spelled in ahnet.paths only.
+"""The shape of the code, read with ``ast``: one folder per stage, every module's imports, file and function sizes,
+and the on-disk layout spelled in ahnet.paths only.
 
 Stages, in order (README.md "Where things live" states the same map): a module may import its own stage and
-earlier ones, never a later one.
+earlier ones, never a later one. A stage is a folder (the base modules sit at the top of the package); nothing in a
+folder belongs to another stage, so the rule holds for files and for folders alike.
 
-    base      ahnet (package), atomic, paths, precision, checkpoint, cli
-    data      ahnet.data.*, folds
-    nets      ahnet.nets.*
-    train     config, losses, ahnet.train.*
-    infer     ahnet.infer.*
-    evaluate  froc, segmetrics, ahnet.evaluate (the package: the library)
-    report    report
-    cli       predict, pipeline, experiment, bench, rescore, ahnet.evaluate.cli / __main__, export, serve.*,
-              client, weights_transfer
+    base      ahnet (package), atomic, paths, precision, checkpoint, failures
+    data      ahnet.data       (readers, checks, cache, sampling, folds, the phantom)
+    nets      ahnet.nets
+    train     ahnet.train      (config, losses, the loop)
+    infer     ahnet.infer      (ensembles, windows, candidates, the second stage applied, whole scans)
+    evaluate  ahnet.evaluate   (froc, segmetrics, the evaluation library, validation)
+    report    ahnet.report
+    serve     ahnet.serve      (export, the Triton server, the client library)
+    bench     ahnet.bench      (benchmarks against MONAI, the serving benchmark)
+    gpucheck  ahnet.gpucheck   (the GPU acceptance run)
+    commands  ahnet.commands, weights_transfer   (every command line)
+    entry     four-line modules where people type a command (``python -m ahnet.train`` -> ahnet.commands.train)
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("base", "data", "nets", "train", "infer", "evaluate", "report", "cli")
-# module name or package prefix -> stage; the longest matching entry wins
+STAGES = ("base", "data", "nets", "train", "infer", "evaluate", "report", "serve", "bench", "gpucheck", "commands",
+          "entry")
+# module name or package prefix -> stage; the longest matching entry wins. Folders map whole; the top level of the
+# package holds the base modules and entry modules only.
 STAGE_OF = {
     "ahnet": "base", "ahnet.atomic": "base", "ahnet.paths": "base", "ahnet.precision": "base",
-    "ahnet.checkpoint": "base", "ahnet.cli": "base",
-    "ahnet.data": "data", "ahnet.folds": "data",
-    "ahnet.nets": "nets",
-    "ahnet.config": "train", "ahnet.losses": "train", "ahnet.train": "train",
-    "ahnet.infer": "infer",
-    "ahnet.froc": "evaluate", "ahnet.segmetrics": "evaluate", "ahnet.evaluate": "evaluate",
-    "ahnet.report": "report",
-    "ahnet.predict": "cli", "ahnet.pipeline": "cli", "ahnet.experiment": "cli", "ahnet.bench": "cli",
-    "ahnet.rescore": "cli",
-    "ahnet.evaluate.cli": "cli", "ahnet.evaluate.__main__": "cli", "ahnet.export": "cli", "ahnet.serve": "cli",
-    "ahnet.client": "cli", "weights_transfer": "cli",
-    "ahnet.train.cli": "cli", "ahnet.train.__main__": "cli",
+    "ahnet.checkpoint": "base", "ahnet.failures": "base",
+    "ahnet.data": "data", "ahnet.nets": "nets", "ahnet.train": "train", "ahnet.infer": "infer",
+    "ahnet.evaluate": "evaluate", "ahnet.report": "report", "ahnet.serve": "serve", "ahnet.bench": "bench",
+    "ahnet.gpucheck": "gpucheck", "ahnet.commands": "commands", "weights_transfer": "commands",
+    "ahnet.predict": "entry", "ahnet.experiment": "entry", "ahnet.pipeline": "entry", "ahnet.rescore": "entry",
+    "ahnet.export": "entry", "ahnet.client": "entry", "ahnet.train.__main__": "entry",
+    "ahnet.evaluate.__main__": "entry", "ahnet.serve.__main__": "entry", "ahnet.bench.__main__": "entry",
+    "ahnet.gpucheck.__main__": "entry", "ahnet.data.phantom.__main__": "entry",
 }
+ENTRY_TEXT = re.compile(r'"""``python -m (?P<entry>[\w.]+)``: runs the command ahnet\.commands\.(?P<cmd>\w+) \(an entry point '
+                        r'kept where people type it\)\."""\nimport sys\n\nfrom ahnet\.commands\.(?P=cmd) import main\n\n'
+                        r'if __name__ == "__main__":\n    sys\.exit\(main\(\)\)\n\Z')
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
 # Functions allowed over MAX_FUNCTION_LINES, each with the reason its docstring gives: none today.
 LONG_FUNCTIONS: dict = {}
-LAYOUT_WORDS = ("best.pt", "last.pt", "annotations.csv", "data/cache")
+LAYOUT_WORDS = ("best.pt", "last.pt", "annotations.csv", "data/cache", "rescorer.pt", "rescorer.json",
+                "report.html", "report.json", "report.md")
 
 
 def _modules():
@@ -91,6 +98,37 @@ def test_no_module_imports_a_later_stage(module):
     own = STAGES.index(_stage(module))
     later = [(m, _stage(m)) for m in _imports(module, MODULES[module]) if STAGES.index(_stage(m)) > own]
     assert not later, f"{module} ({_stage(module)}) imports later stages: {later}"
+
+
+def _room(module: str) -> str:
+    """The top folder a module lives in: "ahnet" for the package's top level, "ahnet/data" for anything under
+    ahnet/data (ahnet/data/phantom included), "weights_transfer"."""
+    return "/".join(MODULES[module].relative_to(ROOT).parent.parts[:2])
+
+
+def test_every_folder_is_one_stage():
+    """Every module of a folder has the folder's stage (entry modules aside), and the top level of the package
+    holds base modules only (with the entry modules)."""
+    stages_of_room = {}
+    for m in MODULES:
+        if _stage(m) != "entry":
+            stages_of_room.setdefault(_room(m), set()).add(_stage(m))
+    assert {room: s for room, s in stages_of_room.items() if len(s) > 1} == {}
+    assert stages_of_room["ahnet"] == {"base"}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _stage(m) == "entry"))
+def test_entry_modules_only_call_their_command(module):
+    text = MODULES[module].read_text(encoding="utf-8")
+    found = ENTRY_TEXT.match(text)
+    assert found, f"{module} must be the four-line entry module (see ahnet/predict.py)"
+    want = module[:-len(".__main__")] if module.endswith(".__main__") else module
+    assert found["entry"] == want
+
+
+def test_nothing_imports_an_entry_module():
+    offenders = [(m, i) for m in MODULES for i in _imports(m, MODULES[m]) if _stage(i) == "entry" and i != m]
+    assert not offenders
 
 
 def test_the_package_never_imports_the_transfer_command():

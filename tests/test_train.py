@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from ahnet.checkpoint import load_checkpoint
-from ahnet.config import TrainConfig, build_parser, load_config
+from ahnet.train.config import TrainConfig, build_parser, load_config
 from ahnet.precision import resolve_amp
-from ahnet.train.cli import main
+from ahnet.commands.train import main
 from ahnet.train.optim import WeightAverage
 from ahnet.train import (EpochSampler, TrainError, TrainingDiverged, lr_factor, make_optimizer,
                          split_batch_2d, train, train_all_folds)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ahnet.checkpoint import load_checkpoint
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.train import train
-from ahnet.train.cli import main
+from ahnet.commands.train import main
 
 from .data._pipeline_synth import make_dataset
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ahnet import cli, paths
+from ahnet import failures, paths
 from ahnet.checkpoint import save_checkpoint
 from ahnet.nets import AHNet3d
 from ahnet.nets.blocks import UPSAMPLE_MODES
@@ -42,7 +42,7 @@ def newest_2d_checkpoint(runs: Path) -> Optional[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = failures.Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, help="2D checkpoint (this project's mcgcn run, its checkpoints/*.pt) or a "
                    "torchvision ResNet state-dict file; default: newest mcgcn checkpoint under --runs-dir")
     p.add_argument("--runs-dir", type=Path, default=paths.RUNS_ROOT,
@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pfn-depth", type=int, default=4, help="pyramid pooling levels of the 3D net (0 = off, 4 = paper)")
     p.add_argument("--upsample", default="trilinear", choices=UPSAMPLE_MODES)
     p.add_argument("--z-pool", default="paper", choices=("paper", "spacing", "none"))
-    p.add_argument("--spacing", type=cli.number(float, 0.05, 20), nargs=3, metavar=("SZ", "SY", "SX"),
+    p.add_argument("--spacing", type=failures.number(float, 0.05, 20), nargs=3, metavar=("SZ", "SY", "SX"),
                    help="voxel spacing in mm (0.05 to 20), for --z-pool spacing")
     p.add_argument("--out-channels", type=int, default=1)
-    p.add_argument("--check-size", type=cli.number(int, 1, 1024), nargs=3, default=(5, 64, 64), metavar=("D", "H", "W"),
+    p.add_argument("--check-size", type=failures.number(int, 1, 1024), nargs=3, default=(5, 64, 64), metavar=("D", "H", "W"),
                    help="volume size of the verification, at most %d voxels (default 5 64 64)" % MAX_CHECK_VOXELS)
-    p.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
+    p.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
     return p
 
 
@@ -85,12 +85,12 @@ def choose_source(args) -> Source2d:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: _main(args))
+    return failures.run(PROG, lambda: _main(args))
 
 
 def _main(args) -> int:
     if args.out is not None:
-        cli.check_output_file(args.out, "--out")
+        failures.check_output_file(args.out, "--out")
     if args.check_size[0] * args.check_size[1] * args.check_size[2] > MAX_CHECK_VOXELS:
         raise ValueError(f"--check-size {' '.join(map(str, args.check_size))} is more than {MAX_CHECK_VOXELS} voxels; "
                          f"the verification needs no more than the default 5 64 64")
@@ -101,7 +101,7 @@ def _main(args) -> int:
     with torch.random.fork_rng(devices=[]):     # the 3D options, before a source is read or a fresh one measured
         AHNet3d(**{"encoder": args.encoder or args.fresh_encoder, **kwargs})
     source = choose_source(args)
-    out = cli.check_output_file(args.out or default_out(source), "--out")
+    out = failures.check_output_file(args.out or default_out(source), "--out")
     t0 = time.time()
     model, rows = transfer_and_verify(source, tuple(args.check_size), args.seed, **kwargs)
     print(format_table(rows))
@@ -115,7 +115,7 @@ def _main(args) -> int:
     print(f"3D AH-Net ({model.config['encoder']}, pfn_depth {model.config['pfn_depth']}, {model.config['upsample']}): "
           f"{counts['total']:,} parameters ({counts['encoder']:,} transferred) -> {out}")
     if not all(r.ok for r in rows):
-        return cli.fail(PROG, "the transferred encoder does not reproduce the 2D encoder (see the FAIL rows above)",
+        return failures.fail(PROG, "the transferred encoder does not reproduce the 2D encoder (see the FAIL rows above)",
                         code=1)
     return 0
 

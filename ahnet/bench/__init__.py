@@ -27,10 +27,10 @@ measurements, one process each), ``measure`` (timing and peak memory), ``report`
 GPU proof, ``bash run.sh gpu-check``: the CUDA tests, these workers at the paper's size, a timed training run).
 MONAI itself is imported only inside the workers and the tests; the rest of the package never imports this one.
 """
-from ahnet.bench.cli import check_args, main, parse_args
+
 from ahnet.bench.plan import build_plan, lever_name, parse_infer_levers, parse_levers, peer_levers
 from ahnet.bench.report import format_table, summarise
 from ahnet.bench.workers import prepare_model, run_worker
 
-__all__ = ["build_plan", "check_args", "format_table", "lever_name", "main", "parse_args", "parse_infer_levers",
+__all__ = ["build_plan", "format_table", "lever_name", "parse_infer_levers",
            "parse_levers", "peer_levers", "prepare_model", "run_worker", "summarise"]

@@ -1,6 +1,7 @@
-"""``python -m ahnet.bench``: see the package docstring, or ``--help``."""
+"""``python -m ahnet.bench``: runs the command ahnet.commands.bench (an entry point kept where people type it)."""
 import sys
 
-from ahnet.bench.cli import main
+from ahnet.commands.bench import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ahnet import cli, paths
+from ahnet import paths
 from ahnet.atomic import atomic_path, remove_temps
-from ahnet.data.checks import SPACING_RANGE_MM, check_inside
+from ahnet.data.checks import check_inside
 from ahnet.data.io import DataError, Volume, check_pair, load_dataset_json, read_annotations_csv, read_image, read_scan
 from ahnet.data.preprocess import HU_MAX, HU_MIN, check_label, clip_and_scale, resample
 
@@ -231,7 +231,7 @@ def build_cache(dataset_json, cache_dir, target_spacing=None, annotations_csv=No
 
 def cache_dataset(dataset_json, cache_dir=None, progress: bool = True, **build_kw) -> list[Path]:
     """The HDF5 cache of a dataset, built or refreshed: THE way every caller gets it (training, the experiment,
-    ``python -m ahnet.data.cache`` behind ``bash run.sh data``), so all of them agree on each case's build key
+    ``python -m ahnet.commands.cache`` behind ``bash run.sh data``), so all of them agree on each case's build key
     and none rebuilds the others' files.
 
     cache_dir: default ``paths.cache_dir(dataset_json)`` (data/cache/<dataset folder name>). The annotations are
@@ -241,31 +241,3 @@ def cache_dataset(dataset_json, cache_dir=None, progress: bool = True, **build_k
     """
     return build_cache(dataset_json, paths.cache_dir(dataset_json) if cache_dir is None else cache_dir,
                        annotations_csv=paths.dataset_annotations(dataset_json), progress=progress, **build_kw)
-
-
-def main(argv=None) -> int:
-    """CLI: python -m ahnet.data.cache --data data/phantom/dataset.json (one error line and exit 2 on bad input)."""
-    ap = cli.Parser("ahnet.data.cache", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help=f"Decathlon-style dataset.json; its annotations are the "
-                                                 f"{paths.ANNOTATIONS} beside it when there is one")
-    ap.add_argument("--out", default=None, help=f"cache folder, one <case_id>.h5 per case (default: "
-                                                f"{paths.CACHE_ROOT}/<dataset folder name>, where training looks)")
-    ap.add_argument("--spacing", type=cli.number(float, *SPACING_RANGE_MM), nargs=2, default=None,
-                    metavar=("SY", "SX"), help="in-plane target spacing in mm (z is kept); %g to %g" % SPACING_RANGE_MM)
-    ap.add_argument("--nan-policy", choices=["raise", "repair"], default="raise")
-    ap.add_argument("--skip-bad", action="store_true", help="log bad cases and go on instead of stopping")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    def body() -> int:
-        out = cli.check_output_dir(paths.cache_dir(a.data) if a.out is None else Path(a.out))
-        got = cache_dataset(a.data, out, progress=not cli.quiet(), target_spacing=a.spacing,
-                            nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise")
-        print(f"{len(got)} cases cached in {out}")
-        return 0
-
-    return cli.run("ahnet.data.cache", body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,7 @@ For each run (``--runs``; a cross-validation ``X`` = the ensemble of its ``X-fol
 the inference stage (ahnet.infer: load_ensemble, predict_volume with its window rule) on every case of the chosen
 split (HU clipped to [-1000, 400] and scaled to [0, 1] as the cache does; native spacing); then candidates
 (ahnet.infer.candidates, by a CandidateRule, default DEFAULT_RULE) in world mm, FROC/CPM per type and location
-(ahnet.froc) against the dataset's annotations and Dice/HD95 per nodule (ahnet.segmetrics, mask = probability >=
+(ahnet.evaluate.froc) against the dataset's annotations and Dice/HD95 per nodule (ahnet.evaluate.segmetrics, mask = probability >=
 threshold, nodule k = instance label k of the label file, joined to the annotation row whose ``label`` is k).
 Between models: ``compare_models`` (paired bootstrap CPM differences on the same scan resamples); for the eye:
 ``gallery_crops`` (module ``gallery``: hits, misses and false positives as crops).
@@ -20,11 +20,11 @@ import numpy as np
 from ahnet.data.checks import check_inside
 from ahnet.data.io import load_dataset_json, read_image, read_scan
 from ahnet.data.preprocess import clip_and_scale
-from ahnet.froc import evaluate_detection, paired_bootstrap
+from ahnet.evaluate.froc import evaluate_detection, paired_bootstrap
 from ahnet.infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
-from ahnet.infer.rescore import rescore_candidates
-from ahnet.segmetrics import aggregate_seg, nodule_seg_metrics
-from ahnet.evaluate.gallery import gallery_crops
+from ahnet.infer.second_stage import rescore_candidates
+from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
+from ahnet.evaluate.crops import gallery_crops
 
 __all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions",
            "compare_models", "gallery_crops"]
@@ -87,7 +87,7 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
     direction [, voxel_to_world]), "label" ((z, y, x) instance mask or None)}]; annotations: LUNA16 rows with
     ``type``, ``location`` and ``label`` (instance label in the case's mask) where known. threshold: the
     segmentation mask's; candidates: the CandidateRule (or a method name; None = DEFAULT_RULE). rescorers:
-    {model: ahnet.infer.rescore.Rescorer} whose candidates the second stage rescores, with ``images`` {case_id:
+    {model: ahnet.infer.second_stage.Rescorer} whose candidates the second stage rescores, with ``images`` {case_id:
     (z, y, x) scan scaled to [0, 1]} to crop from.
     Returns {model: {"detection", "segmentation", "candidates", "seg_rows"}}.
     """
@@ -124,7 +124,7 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
 
 def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: int = 1000,
                    seed: int = 0) -> dict | None:
-    """Paired comparisons of every pair of models (ahnet.froc.paired_bootstrap on their candidates, on the scan
+    """Paired comparisons of every pair of models (ahnet.evaluate.froc.paired_bootstrap on their candidates, on the scan
     resamples of each model's own intervals); None with fewer than two models."""
     if len(results) < 2:
         return None

@@ -1,5 +1,7 @@
+"""``python -m ahnet.evaluate``: runs the command ahnet.commands.evaluate (an entry point kept where people type it)."""
 import sys
 
-from ahnet.evaluate.cli import main
+from ahnet.commands.evaluate import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ cheap but says little about a detector (and nothing where the patches hold no no
 what the evaluation reports: each validation case predicted whole through the inference stage
 (``ahnet.infer.predict_volume``: the training patch as the sliding window, overlap 0.5, the run's precision and
 memory layout), candidates as the evaluation extracts them (``ahnet.infer.extract_candidates`` with its
-defaults), and the CPM of the LUNA16 FROC (``ahnet.froc.evaluate_detection``, no bootstrap) against the
+defaults), and the CPM of the LUNA16 FROC (``ahnet.evaluate.froc.evaluate_detection``, no bootstrap) against the
 dataset's annotations (``ahnet.paths.dataset_annotations``; without that file, the nodules the cache derived from
 the masks). Images are read from the run's HDF5 cache (already scaled to [0, 1]), one case at a time.
 
@@ -22,10 +22,10 @@ import numpy as np
 from torch import nn
 
 from ahnet import paths
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.data.cache import cache_dataset, read_cache_attrs
 from ahnet.data.io import Volume, load_dataset_json, read_annotations_csv
-from ahnet.froc import evaluate_detection
+from ahnet.evaluate.froc import evaluate_detection
 from ahnet.infer import Ensemble, Member, extract_candidates, predict_volume
 from ahnet.nets import model_spec
 from ahnet.train import TrainError, split_cases

@@ -1,7 +1,7 @@
 """The second stage's candidate classifier: a small 3D CNN that tells a nodule from a false positive.
 
 Input (N, 2, D, H, W): channel 0 the scan in the lung window scaled to [0, 1], channel 1 the first stage's
-probability map, both cropped around one candidate on the scan's own voxel grid (ahnet.infer.rescore; default
+probability map, both cropped around one candidate on the scan's own voxel grid (ahnet.infer.second_stage; default
 D, H, W = 8, 32, 32: 20 x 22 x 22 mm at 2.5 mm slices and 0.7 mm pixels). Output (N,) logits (> 0: a nodule).
 Anisotropic like the scans: the first block convolves in-plane only and the first pooling halves H and W only;
 the head sees the mean and the maximum of the last features, so any D, H, W >= 4, 8, 8 works.

@@ -1,16 +1,16 @@
 """The paper's claims as paired comparisons, and how many nodules each model finds at 1 FP/scan.
 
-Models are named as the experiment names its variants (ahnet.experiment: ``mcgcn-2d``, ``ahnet-transfer``,
+Models are named as the experiment names its variants (ahnet.commands.experiment: ``mcgcn-2d``, ``ahnet-transfer``,
 ``ahnet-scratch``, ``unet3d-scratch``, ``ahnet-transfer-pfn0`` .. ``pfn3``; pyramid depth 4 is
 ``ahnet-transfer``). ``CLAIMS`` lists the pairs the paper's claims name; a pair is reported when both models
 were evaluated. Each comparison is the CPM difference (first minus second) with its paired bootstrap interval
-(ahnet.froc.paired_bootstrap); a type is won only where the interval excludes 0, otherwise "no decision".
+(ahnet.evaluate.froc.paired_bootstrap); a type is won only where the interval excludes 0, otherwise "no decision".
 The claim to test: AH-Net after transfer is best, with a decisive interval against every other model
 evaluated, in at least ``CLAIM_TYPES`` of the 12 types.
 """
 from __future__ import annotations
 
-from ahnet.evaluate.gallery import FOCUS          # "ahnet-transfer": the model the claim is about
+from ahnet.evaluate.crops import FOCUS          # "ahnet-transfer": the model the claim is about
 
 CLAIM_TYPES = 6
 DISPLAY = {"mcgcn-2d": "2D MC-GCN", "ahnet-transfer": "AH-Net after transfer", "ahnet-scratch": "AH-Net from scratch",
@@ -45,7 +45,7 @@ def _pair(comparisons: dict, a: str, b: str):
 
 
 def summarize_comparisons(comparisons: dict | None, types, locations) -> dict | None:
-    """The report's "comparisons" entry from ahnet.froc.paired_bootstrap's result (None when there is none)."""
+    """The report's "comparisons" entry from ahnet.evaluate.froc.paired_bootstrap's result (None when there is none)."""
     if not comparisons:
         return None
     claims = []
@@ -76,7 +76,7 @@ def summarize_comparisons(comparisons: dict | None, types, locations) -> dict | 
 
 
 def found_summary(det: dict, types) -> dict | None:
-    """How many nodules a model finds at 1 FP/scan (ahnet.froc's "found"), and whether every type present was
+    """How many nodules a model finds at 1 FP/scan (ahnet.evaluate.froc's "found"), and whether every type present was
     found at least once."""
     f = det.get("found")
     if not f:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ahnet import paths
-from ahnet.config import patience_spent, read_run_config, step_cap
+from ahnet.train.config import patience_spent, read_run_config, step_cap
 
 VAL_COLUMNS = ("val_cpm", "val_dice")      # preferred first
 

@@ -1,6 +1,6 @@
 """Serving a trained ensemble with NVIDIA Triton (through PyTriton): the optional ``serve`` extra. Command lines on
 top of the inference stage: export, server and client use ahnet.infer's ensemble, window rule and sliding-window
-driver and ahnet.predict's inputs and outputs, never copies of them.
+driver and ahnet.commands.predict's inputs and outputs, never copies of them.
 
 Modules: ``store`` (an exported model folder and the runners of its files), ``server`` (``python -m ahnet.serve``:
 the Triton server), ``process`` (that server as a child process on free ports, always stopped), ``bench`` (the

@@ -1,6 +1,7 @@
-"""python -m ahnet.serve: the Triton server (ahnet.serve.server)."""
+"""``python -m ahnet.serve``: runs the command ahnet.commands.serve (an entry point kept where people type it)."""
 import sys
 
-from ahnet.serve.server import main
+from ahnet.commands.serve import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ the metrics port (/metrics).
 Bad requests: Triton itself rejects a wrong dtype, rank or channel count, a batch over --max-batch and an unknown
 model; the model rejects sizes that are not multiples, oversized windows and non-finite values, each with one
 sentence: ``RequestError: <sentence>`` in the reply (PyTriton wraps it in its tracebacks, which no option turns
-off; ``ahnet.client.server_message`` takes the sentence out, and the client prints it alone), and one line
+off; ``ahnet.serve.client.server_message`` takes the sentence out, and the client prints it alone), and one line
 ``bad request: <sentence>`` in this server's log instead of PyTriton's traceback. A request that fails fails the
 dynamic batch it was merged into (PyTriton answers one error per batch); Triton merges only requests of equal
 shape.
@@ -35,17 +35,14 @@ import logging
 import os
 import re
 import signal
-import socket
-import sys
 import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ahnet import cli
+from ahnet import failures
 from ahnet.serve import store
 from ahnet.serve.process import READY_LINE, STOPPED_LINE
 
@@ -93,7 +90,7 @@ def check_windows(x: np.ndarray, multiple, max_voxels: int) -> None:
     size = tuple(int(s) for s in x.shape[2:])
     if any(s < 1 or s % m for s, m in zip(size, multiple)):
         raise RequestError(f"window size {size} is not a multiple of the model's input multiple "
-                           f"{tuple(multiple)}; pad windows to multiples (ahnet.client does)")
+                           f"{tuple(multiple)}; pad windows to multiples (ahnet.serve.client does)")
     if int(np.prod(size)) > max_voxels:
         raise RequestError(f"window size {size} has {int(np.prod(size))} voxels, over this server's limit of "
                            f"{max_voxels} per window; send smaller windows")
@@ -167,55 +164,8 @@ def bind_models(triton, meta: dict, runners, max_batch: int, queue_delay_us: int
 
 # --------------------------------------------------------------------------------------------- the CLI
 
-def _port_free(address: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
 
-
-def check_options(a) -> None:
-    ports = {"--http-port": a.http_port, "--grpc-port": a.grpc_port, "--metrics-port": a.metrics_port}
-    for flag, p in ports.items():
-        if not 1 <= p <= 65535:
-            raise ServeInputError(f"{flag} {p} is not a port (1 .. 65535)")
-    if len(set(ports.values())) != 3:
-        raise ServeInputError(f"--http-port, --grpc-port and --metrics-port must differ; got {list(ports.values())}")
-    if not 1 <= a.max_batch <= 1024:
-        raise ServeInputError(f"--max-batch {a.max_batch} must lie in 1 .. 1024 windows")
-    if a.queue_delay_us < 0:
-        raise ServeInputError(f"--queue-delay-us {a.queue_delay_us} must be >= 0")
-    if a.max_window_voxels is not None and a.max_window_voxels < 1:
-        raise ServeInputError(f"--max-window-voxels {a.max_window_voxels} must be >= 1")
-    if a.threads < 0 or a.exit_timeout < 1:
-        raise ServeInputError("--threads must be >= 0 and --exit-timeout >= 1 second")
-    for flag, p in ports.items():
-        if not _port_free(a.address, p):
-            raise ServeInputError(f"{flag} {p} is in use on {a.address}; choose a free port")
-
-
-def build_parser() -> cli.Parser:
-    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", required=True, help="a folder written by python -m ahnet.export")
-    ap.add_argument("--backend", choices=tuple(store.BACKENDS), default="pytorch",
-                    help="pytorch: the TorchScript files (default); onnx: the ONNX files in ONNX Runtime")
-    ap.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--metrics-port", type=int, default=8002)
-    ap.add_argument("--max-batch", type=int, default=8, help="windows per model execution (dynamic batching)")
-    ap.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher's longest wait")
-    ap.add_argument("--max-window-voxels", type=int, default=None,
-                    help="largest window accepted, in voxels (default 8 x the default window)")
-    ap.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0 = their default)")
-    ap.add_argument("--exit-timeout", type=int, default=5, help="seconds in-flight requests get at shutdown")
-    return ap
-
-
-def _serve(a, meta, runners, max_voxels) -> int:
+def run_server(a, meta, runners, max_voxels) -> int:
     libpython_first()
     from pytriton.triton import Triton, TritonConfig
     logging.getLogger("pytriton.proxy.inference").addFilter(OneLineRequestErrors())
@@ -234,30 +184,9 @@ def _serve(a, meta, runners, max_voxels) -> int:
               f"{a.address}:{a.grpc_port}, metrics {a.address}:{a.metrics_port}/metrics", flush=True)
         while not stop.wait(1.0):
             if not triton.is_alive():
-                return cli.fail(PROG, "the Triton server stopped on its own", 1)
+                return failures.fail(PROG, "the Triton server stopped on its own", 1)
     finally:
         t0 = time.monotonic()
         triton.stop()
         print(f"{STOPPED_LINE} {time.monotonic() - t0:.1f} s", flush=True)
     return 0
-
-
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: _main(a))
-
-
-def _main(a) -> int:
-    check_options(a)
-    meta = store.read_model_json(a.models)
-    if Path(a.models).resolve().name != meta["name"]:
-        meta = dict(meta, name=Path(a.models).resolve().name)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    runners = store.load_runners(a.models, a.backend, a.threads)
-    max_voxels = a.max_window_voxels or 8 * int(np.prod(meta["window"]))
-    return _serve(a, meta, runners, max_voxels)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ scaler, loss), ``order`` (seeded data order and its shards), ``outputs`` (log.cs
 ranks of a torchrun job: sharding, agreement, failures), ``syncbn`` (BatchNorm over the global batch on any
 backend), ``cli`` (the command, on top of the stages: ``python -m ahnet.train``).
 """
-from ahnet.train.data import make_datasets, prepare_batch, split_batch_2d, split_cases
+from ahnet.train.batches import make_datasets, prepare_batch, split_batch_2d, split_cases
 from ahnet.train.errors import DistributedError, TrainError, TrainingDiverged
 from ahnet.train.loop import Validator, train, train_all_folds, validate
 from ahnet.train.model import build_network, check_patch_size, model_kwargs_for

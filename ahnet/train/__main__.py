@@ -1,5 +1,7 @@
+"""``python -m ahnet.train``: runs the command ahnet.commands.train (an entry point kept where people type it)."""
 import sys
 
-from ahnet.train.cli import main
+from ahnet.commands.train import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

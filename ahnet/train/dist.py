@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ahnet import cli
-from ahnet.losses import DiceLoss
+from ahnet import failures
+from ahnet.train.losses import DiceLoss
 
 from ahnet.train.errors import DistributedError, TrainError
 from ahnet.train.syncbn import all_reduce_sum, convert_batchnorm
@@ -129,7 +129,7 @@ class DistContext:
                 box = [("ok", fn())]
             except (ValueError, OSError) as e:
                 with self.guard(doing):
-                    dist.broadcast_object_list([("error", cli.one_line(e))], src=0, device=self._device())
+                    dist.broadcast_object_list([("error", failures.one_line(e))], src=0, device=self._device())
                 raise
         with self.guard(doing):
             dist.broadcast_object_list(box, src=0, device=self._device())
@@ -202,7 +202,7 @@ class DistContext:
                 if not is_peer_failure(e):
                     raise
                 raise DistributedError(f"{self.label} lost contact with another rank while "
-                                       f"{WATCHDOG.doing} ({cli.one_line(e)[:200]}); every rank stops: see the "
+                                       f"{WATCHDOG.doing} ({failures.one_line(e)[:200]}); every rank stops: see the "
                                        f"failed rank's own line, then continue with --resume.") from None
 
     def progress(self, doing: str) -> None:
@@ -256,7 +256,7 @@ class Watchdog:
             time.sleep(max(0.05, min(1.0, self.timeout / 20)))
             deadline = self.deadline
             if deadline is not None and time.monotonic() > deadline:
-                cli.fail(cli.program(), f"{self.label} made no progress for {self.timeout:g} s while {self.doing} "
+                failures.fail(failures.program(), f"{self.label} made no progress for {self.timeout:g} s while {self.doing} "
                          f"(another rank died or hangs, or --dist-timeout is shorter than a step, a validation or "
                          f"a checkpoint write); every rank stops: continue with --resume.")
                 sys.stdout.flush()
@@ -313,7 +313,7 @@ def start(ctx: DistContext, device: torch.device) -> DistContext:
         with ctx.guard(f"waiting for the {ctx.world_size} ranks to join"):
             dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
     except (RuntimeError, ValueError) as e:
-        raise DistributedError(f"{ctx.label} could not join the process group ({cli.one_line(e)[:200]}); start "
+        raise DistributedError(f"{ctx.label} could not join the process group ({failures.one_line(e)[:200]}); start "
                                f"every rank with torchrun (README 'Scaling up').") from None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -380,12 +380,12 @@ def quiet_other_ranks() -> None:
 
 
 def run_command(prog: str, body: Callable[[], int | None], codes: Mapping[type, int] | None = None) -> int:
-    """cli.run(prog, body, codes) for a command that may run under torchrun: ranks other than 0 print errors
+    """failures.run(prog, body, codes) for a command that may run under torchrun: ranks other than 0 print errors
     only, a lost peer exits 4, a failed rank leaves at once (a broken process group must not hang its exit) and
     a finished one leaves the group and exits at once (status 0; no interpreter finalization, see below)."""
     quiet_other_ranks()
     try:
-        rc = cli.run(prog, body, {**(codes or {}), DistributedError: PEER_FAILURE_EXIT})
+        rc = failures.run(prog, body, {**(codes or {}), DistributedError: PEER_FAILURE_EXIT})
     except BaseException as e:                # a bug (its traceback) or an exit: out without waiting on the group
         if not (dist.is_available() and dist.is_initialized()):
             raise

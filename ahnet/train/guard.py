@@ -21,9 +21,9 @@ from typing import Iterator
 
 import torch
 
-from ahnet import cli, paths
+from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.nets import build_model, model_spec
 
 from ahnet.train.errors import TrainError, TrainingDiverged
@@ -54,14 +54,14 @@ def build_checked(name: str, kw: dict, builder=None) -> torch.nn.Module:
         return (builder or build_model)(name, **kw)
     except TypeError as e:
         raise TrainError(f"--model-kwargs {json.dumps(kw, default=str)[:120]} do not build {name}: "
-                         f"{cli.one_line(e)}.") from None
+                         f"{failures.one_line(e)}.") from None
 
 
 def check_output_places(cfg: TrainConfig) -> None:
     """--out and --cache-dir: folders this user can write (or create), before any work."""
-    cli.check_output_dir(cfg.out, "--out")
+    failures.check_output_dir(cfg.out, "--out")
     if cfg.cache_dir:
-        cli.check_output_dir(cfg.cache_dir, "--cache-dir")
+        failures.check_output_dir(cfg.cache_dir, "--cache-dir")
 
 
 def check_network(cfg: TrainConfig, builder=None) -> None:

@@ -21,14 +21,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ahnet import paths
-from ahnet.cli import quiet
+from ahnet.failures import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from ahnet.config import TrainConfig, patience_spent, save_run_config, step_cap
+from ahnet.train.config import TrainConfig, patience_spent, save_run_config, step_cap
 from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
 
 from ahnet.train import dist
 
-from ahnet.train.data import make_datasets, prepare_batch
+from ahnet.train.batches import make_datasets, prepare_batch
 from ahnet.train.errors import TrainError, TrainingDiverged
 from ahnet.train.guard import check_finite, check_resume, preflight, run_lock
 from ahnet.train.model import Builder, build_network, place_model, restore_network

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ahnet import paths
 from ahnet.checkpoint import CheckpointError
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.nets import build_model, load_torchvision_weights
 from ahnet.nets.transfer import format_table, load_source, transfer_and_verify
 from ahnet.precision import to_channels_last

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ahnet.config import TrainConfig
-from ahnet.losses import build_loss, loss_kwargs
+from ahnet.train.config import TrainConfig
+from ahnet.train.losses import build_loss, loss_kwargs
 from ahnet.precision import AmpSettings
 
 
@@ -53,7 +53,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
 
 
 def make_optimisation(model: nn.Module, cfg: TrainConfig, device: torch.device, amp: AmpSettings):
-    """(optimizer, scheduler, GradScaler, loss) of a run; the loss from ahnet.losses by the run's settings."""
+    """(optimizer, scheduler, GradScaler, loss) of a run; the loss from ahnet.train.losses by the run's settings."""
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)

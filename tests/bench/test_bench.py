@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ahnet import bench
+import ahnet.bench as bench
+from ahnet.commands.bench import parse_args
 from ahnet.bench import plan as bench_plan
 
 
@@ -34,7 +35,7 @@ def test_our_inference_driver_equals_monais_inferer_on_the_same_windows():
 
 
 def _args(*argv):
-    return bench.parse_args(["--device", "cpu", *argv])
+    return parse_args(["--device", "cpu", *argv])
 
 
 def test_plan_gives_monai_the_levers_it_can_take(monkeypatch):

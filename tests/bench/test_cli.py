@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from ahnet import bench
-from ahnet.bench import cli
+from ahnet.commands import bench
+from ahnet.commands import bench as cli
 
 
 @pytest.fixture

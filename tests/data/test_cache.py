@@ -8,6 +8,7 @@ import pytest
 from ._pipeline_synth import make_dataset
 
 import ahnet.data.cache as cache_mod
+from ahnet.commands import cache as cache_cmd
 from ahnet.data.cache import build_cache
 from ahnet.data.io import DataError, Volume, read_image, write_image
 from ahnet.data.preprocess import clip_and_scale, resample
@@ -200,10 +201,10 @@ def test_nan_repair_policy_builds(tmp_path):
 
 def test_cli_builds_and_reports_bad_input(tmp_path, capsys):
     js, csv = make_dataset(tmp_path / "ds", n_cases=2)
-    assert cache_mod.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 0
+    assert cache_cmd.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 0
     assert "2 cases cached" in capsys.readouterr().out
     _break(tmp_path / "ds", "nan")
-    assert cache_mod.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 2
+    assert cache_cmd.main(["--data", str(js), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ahnet.data.cache: error: ") and "case_001.nii.gz: 1 voxels are NaN" in err
+    assert err.startswith("ahnet.commands.cache: error: ") and "case_001.nii.gz: 1 voxels are NaN" in err
     assert err.count("\n") == 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from ahnet.commands import phantom as phantom_cmd
 from ahnet.data import phantom as ph
 from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.data.phantom import schedule as sch
@@ -32,7 +33,7 @@ def small_test_phantom(tmp_path_factory):
     """The demo test phantom through the CLI, shrunk: 2 scans x 6 nodules (each type once)."""
     lidc_pool()
     out = tmp_path_factory.mktemp("heldout")
-    assert ph.main(["--out", str(out), "--test-phantom", "demo", "--cases", "2", "--size", "96", "--spacing",
+    assert phantom_cmd.main(["--out", str(out), "--test-phantom", "demo", "--cases", "2", "--size", "96", "--spacing",
                     "1.2", "--slices", "16", "--previews", "0"]) == 0
     ds = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     rows = list(csv.DictReader(open(out / "annotations.csv", newline="", encoding="utf-8")))

@@ -4,7 +4,7 @@ The ensemble: five fold run folders ``cv-fold0 .. cv-fold4`` laid out as ``ahnet
 each a tiny AH-Net (resnet18 encoder, growth 4, one layer per dense block, pyramid depth 2, z pooled by spacing)
 built with its own seed and saved by ahnet.checkpoint.save_checkpoint with the trainer's keys and a real
 TrainConfig. Not trained: two training steps per fold took 236 s on this shared 2-core CPU, while what serving
-must reproduce (the same probabilities and candidates as ahnet.predict for the same checkpoints) does not depend
+must reproduce (the same probabilities and candidates as ahnet.commands.predict for the same checkpoints) does not depend
 on how the weights were reached. Servers run as ``python -m ahnet.serve`` through ahnet.serve.process (their own
 session on free ports, a bounded wait for ready, always stopped: SIGTERM, then SIGKILL of the whole group).
 """
@@ -22,7 +22,7 @@ pytest.importorskip("pytriton", reason="the serve extra (bash run.sh test instal
 pytest.importorskip("tritonclient.http", reason="the serve extra (bash run.sh test installs it)")
 
 from ahnet.checkpoint import save_checkpoint  # noqa: E402
-from ahnet.config import TrainConfig  # noqa: E402
+from ahnet.train.config import TrainConfig  # noqa: E402
 from ahnet.data.io import Volume, write_image  # noqa: E402
 from ahnet.nets import build_model  # noqa: E402
 from ahnet.serve.process import ServerProcess  # noqa: E402
@@ -37,7 +37,7 @@ START_TIMEOUT_S = 240
 
 @contextlib.contextmanager
 def one_thread():
-    """torch on one thread inside, as it was after: the in-process references (export verification, ahnet.predict,
+    """torch on one thread inside, as it was after: the in-process references (export verification, ahnet.commands.predict,
     fold runners) while a server works beside them. On this 2-core machine under other jobs' load, two OpenMP
     threads ran the same windows 10-20x slower than one."""
     before = torch.get_num_threads()
@@ -79,7 +79,7 @@ def cv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(cv, tmp_path_factory) -> Path:
     """models/cv: the five folds exported as TorchScript (the ONNX path has its own test)."""
-    from ahnet.export import export_runs
+    from ahnet.serve.export import export_runs
     out = tmp_path_factory.mktemp("models") / "cv"
     with one_thread():                                 # a session fixture: set up before the package's one thread
         export_runs([str(cv)], out, formats=("torchscript",), log=lambda m: None)

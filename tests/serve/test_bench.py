@@ -1,7 +1,7 @@
 """The serving section of python -m ahnet.bench: options checked before anything runs, one error line each."""
 import pytest
 
-from ahnet import bench
+from ahnet.commands import bench
 
 pytestmark = pytest.mark.serve
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ahnet import export
+from ahnet.commands import export as export_cmd
+from ahnet.serve import export
 from ahnet.data.preprocess import HU_MAX, HU_MIN
 from ahnet.infer import load_ensemble, load_member
 from ahnet.serve import store
@@ -44,7 +45,7 @@ def test_a_wrong_export_fails_verification_and_leaves_nothing(cv, tmp_path, monk
         real(bad, example, path)
     monkeypatch.setattr(export, "export_torchscript", perturbed)
     out = tmp_path / "m"
-    rc = export.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(out), "--formats", "torchscript"])
+    rc = export_cmd.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(out), "--formats", "torchscript"])
     err = capsys.readouterr()
     assert rc == 1
     assert "[export] fold0 torchscript: max |diff|" in err.out
@@ -67,7 +68,7 @@ def test_verification_scales_the_logit_tolerance_with_the_logits():
     (["--tol", "0"], "--tol 0"),
 ])
 def test_bad_options_are_one_line(cv, tmp_path, capsys, args, words):
-    rc = export.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(tmp_path / "m"), *args])
+    rc = export_cmd.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(tmp_path / "m"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("ahnet.export: error: ") and words in err and err.count("\n") == 1
 
@@ -84,7 +85,7 @@ def test_existing_out_2d_models_and_missing_runs_are_refused(cv, tmp_path, capsy
     cases = [(["--runs", str(cv.parent / "cv-fold0"), "--out", str(tmp_path / "taken")], "exists; pass --force"),
              (["--runs", str(mc), "--out", str(tmp_path / "x")], "export serves 3D models")]
     for args, words in cases:
-        assert export.main(args) == 2
+        assert export_cmd.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("ahnet.export: error: ") and words in err and err.count("\n") == 1, err
     # and through the module entry point

@@ -1,6 +1,6 @@
 """A real Triton server (python -m ahnet.serve) and a real client (python -m ahnet.client), end to end.
 
-The client's files equal ahnet.predict's for the same 5-fold ensemble; bad requests get clear error replies and
+The client's files equal ahnet.commands.predict's for the same 5-fold ensemble; bad requests get clear error replies and
 the server keeps serving; a client killed mid-request leaves it serving; SIGTERM stops it with nothing left.
 """
 import csv
@@ -14,9 +14,10 @@ import urllib.request
 import nibabel as nib
 import numpy as np
 import pytest
-from ahnet import predict
-from ahnet.client import ClientError, Connection, server_message
+from ahnet.commands import predict
+from ahnet.serve.client import ClientError, Connection, server_message
 from ahnet.serve import server as srv
+from ahnet.commands import serve as serve_cmd
 from ahnet.serve import store
 
 from ahnet.serve.process import free_ports, process_tree
@@ -124,7 +125,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
         ("no-such-model", good, "FP32", "Request for unknown model: 'no-such-model' is not found"),
     ]
     for model, arr, dtype, words in bad:
-        msg = server_message(_error(client, model, arr, dtype))          # the line ahnet.client prints
+        msg = server_message(_error(client, model, arr, dtype))          # the line ahnet.serve.client prints
         assert words in msg and "\n" not in msg and "Traceback" not in msg and ".py" not in msg, (words, msg)
         assert np.array_equal(_infer(client, "cv", good), want)          # still serving, and the same answer
     assert "bad request: window size (16, 64, 48) is not a multiple" in server.log_text()   # one line in its log
@@ -132,14 +133,14 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_the_clients_error_line_is_the_servers_sentence(server, protocol):
-    """The model's own checks reach ahnet.client as their sentence alone, over either protocol."""
+    """The model's own checks reach ahnet.serve.client as their sentence alone, over either protocol."""
     conn = Connection(server.url if protocol == "http" else server.grpc_url, protocol, retries=0)
     nan = np.full((1, 1, 16, 32, 32), 0.5, np.float32)
     nan[0, 0, 1, 2, 3] = np.nan
     cases = [(nan, "input image holds 1 NaN or infinite value(s); expected a [0, 1]-scaled CT window"),
              (np.zeros((1, 1, 16, 32, 48), np.float32), "window size (16, 32, 48) is not a multiple of the model's "
                                                         "input multiple (16, 32, 32); pad windows to multiples "
-                                                        "(ahnet.client does)")]
+                                                        "(ahnet.serve.client does)")]
     for arr, sentence in cases:
         with pytest.raises(ClientError) as e:
             conn.infer("cv-fold1", {store.INPUT: arr}, store.OUTPUT)
@@ -205,7 +206,7 @@ def test_client_retries_a_refused_connection_then_exits_2(scans, tmp_path):
 
 
 def test_client_bad_options_are_one_line(scans, tmp_path, capsys):
-    from ahnet import client
+    from ahnet.commands import client
     out = ["--out", str(tmp_path / "o")]
     for args, words in [(["--url", "localhost", "--input", str(scans)], "must be HOST:PORT"),
                         (["--url", "h:1", "--input", str(scans), "--overlap", "1"], "--overlap 1.0"),
@@ -228,7 +229,7 @@ def test_server_bad_options_are_one_line(exported, tmp_path, capsys):
                             (["--models", str(exported), "--http-port", str(taken), "--grpc-port", str(g),
                               "--metrics-port", str(m)], f"--http-port {taken} is in use"),
                             (["--models", str(exported), "--http-port", str(h), "--grpc-port", str(h)], "must differ")]:
-            assert srv.main(args) == 2
+            assert serve_cmd.main(args) == 2
             err = capsys.readouterr().err
             assert err.startswith("ahnet.serve: error: ") and words in err and err.count("\n") == 1, err
     # and through the module entry point, as bash run.sh serve runs it
@@ -240,7 +241,7 @@ def test_server_bad_options_are_one_line(exported, tmp_path, capsys):
 
 
 def test_onnx_backend_serves_the_same_and_sigterm_stops_everything(cv, scans, tmp_path):
-    from ahnet.export import export_runs
+    from ahnet.serve.export import export_runs
     models = tmp_path / "onnx1"
     # fold0's untrained logits reach |68|: float32 rounding alone puts ONNX Runtime ~1e-4 from PyTorch there
     meta = export_runs([str(cv.parent / "cv-fold0")], models, formats=("onnx",), log=lambda m: None)

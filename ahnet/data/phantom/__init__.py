@@ -24,7 +24,6 @@ composition HU), placement (location classes, gaps), case (one case), schedule (
 (many cases and their files), heldout (the test-only phantoms the experiment evaluates on), cli.
 """
 from ahnet.data.phantom.case import generate_case
-from ahnet.data.phantom.cli import main
 from ahnet.data.phantom.constants import CSV_COLUMNS, LOCATIONS, SPLITS, TISSUE, TISSUE_HU, lidc_split_of_scan
 from ahnet.data.phantom.dataset import generate_dataset
 from ahnet.data.phantom.heldout import HELD_OUT_SEED_OFFSET, TEST_PHANTOMS, generate_test_phantom, held_out_seed
@@ -32,5 +31,5 @@ from ahnet.data.phantom.options import Case, PhantomOptions
 from ahnet.data.phantom.shapes import get_pool as _get_pool  # noqa: F401  (ahnet.bench times the pool load through this name)
 
 __all__ = ["generate_dataset", "generate_case", "PhantomOptions", "Case", "TISSUE", "TISSUE_HU",
-           "LOCATIONS", "lidc_split_of_scan", "main", "CSV_COLUMNS", "SPLITS", "TEST_PHANTOMS",
+           "LOCATIONS", "lidc_split_of_scan", "CSV_COLUMNS", "SPLITS", "TEST_PHANTOMS",
            "generate_test_phantom", "held_out_seed", "HELD_OUT_SEED_OFFSET"]

@@ -1,4 +1,7 @@
-"""python -m ahnet.data.phantom: generate a phantom dataset (see cli.main)."""
-from ahnet.data.phantom.cli import main
+"""``python -m ahnet.data.phantom``: runs the command ahnet.commands.phantom (an entry point kept where people type it)."""
+import sys
 
-raise SystemExit(main())
+from ahnet.commands.phantom import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ahnet.config import build_parser, load_config
+from ahnet.train.config import build_parser, load_config
 from ahnet.evaluate.validation import make_validator
 
 from ahnet.train.dist import run_command

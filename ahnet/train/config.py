@@ -20,11 +20,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from ahnet import cli, paths
+from ahnet import failures, paths
 from ahnet.atomic import write_text_atomic
 from ahnet.data.checks import read_json
 from ahnet.data.sampling import POS_WEIGHTINGS
-from ahnet.losses import LOSSES
+from ahnet.train.losses import LOSSES
 from ahnet.nets import ENCODERS, MODELS
 from ahnet.precision import AMP_MODES
 
@@ -301,7 +301,7 @@ def check_limits(c: TrainConfig) -> None:
             lo, hi, lo_open, hi_open = LIMITS[f.name]
             ok = ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
             if not ok:
-                raise ValueError(f"{flag} must be {cli.describe_range(lo, hi, lo_open, hi_open)}, got {v:g}.")
+                raise ValueError(f"{flag} must be {failures.describe_range(lo, hi, lo_open, hi_open)}, got {v:g}.")
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -327,7 +327,7 @@ def build_parser(name: str = "ahnet.train", description: str | None = None) -> a
 
     Flags not given are absent from the namespace (argparse.SUPPRESS), so they do not override the file.
     """
-    p = cli.Parser(
+    p = failures.Parser(
         name, argument_default=argparse.SUPPRESS,
         description=description or (
             "Train one stage of AH-Net for lung nodules. Settings come from defaults, then --config FILE "
@@ -421,7 +421,7 @@ def load_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPars
 
 # ----------------------------------------------------------------------------------------- environment
 def _git_commit() -> dict | None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)

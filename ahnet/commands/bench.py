@@ -1,6 +1,6 @@
 """``python -m ahnet.bench``: parse and check the options, run each planned measurement in its own process,
 print the table and write ``bench_results/bench-<time>.json``. ``--serving`` runs the serving section instead
-(ahnet.serve.bench: in-process inference against Triton + PyTorch and Triton + ONNX Runtime; the serve extra),
+(ahnet.bench.serving: in-process inference against Triton + PyTorch and Triton + ONNX Runtime; the serve extra),
 with that section's options; errors either way are one line ``ahnet.bench: error: ...`` and exit code 2."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ahnet import cli
+from ahnet import failures
 from ahnet.bench.plan import build_plan, lever_name
 from ahnet.bench.report import format_table, machine_info, summarise
 from ahnet.bench.workers import WORKERS, run_worker
@@ -24,7 +24,7 @@ DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side 
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = cli.Parser(PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = failures.Parser(PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--serving", action="store_true",
                    help="the serving section instead: in-process inference against Triton + PyTorch and Triton + "
                         "ONNX Runtime for an exported model (needs the serve extra; its options: "
@@ -98,7 +98,7 @@ def check_args(args) -> None:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive; got {args.timeout}")
-    cli.check_output_dir(args.out, "--out")
+    failures.check_output_dir(args.out, "--out")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -139,9 +139,8 @@ def write_results(args, device: torch.device, results: list, rows: list, wall_s:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--serving" in argv:
-        from ahnet.serve.bench import main as serving_main
         argv.remove("--serving")
-        return serving_main(argv, prog=PROG)
+        return serving_main(argv)
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
@@ -155,11 +154,11 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
         plan = build_plan(args, device)
     except ValueError as exc:
-        return cli.fail(PROG, exc)
+        return failures.fail(PROG, exc)
     try:
         import monai  # noqa: F401
     except ImportError:
-        return cli.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
+        return failures.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
                               "bash run.sh bench)")
     t0 = time.time()
     results = run_plan(plan, args.threads, args.timeout)
@@ -168,3 +167,22 @@ def main(argv=None) -> int:
     path = write_results(args, device, results, rows, time.time() - t0)
     print(f"wrote {path}")
     return 0
+
+
+def serving_main(argv) -> int:
+    """``python -m ahnet.bench --serving ...``: parse, check and run the serving section (ahnet.bench.serving);
+    errors are one line ``ahnet.bench: error: ...`` and exit 2."""
+    from ahnet.bench.serving import add_options, run_serving_bench
+    ap = failures.Parser(PROG, description=serving_doc())
+    add_options(ap)
+    a = ap.parse_args(argv)
+
+    def body() -> None:
+        res = run_serving_bench(a)
+        print(json.dumps(res["rows"], indent=1))
+    return failures.run(PROG, body)
+
+
+def serving_doc() -> str:
+    from ahnet.bench import serving
+    return serving.__doc__.split("\n\n")[0]

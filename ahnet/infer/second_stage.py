@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ahnet import paths
 from ahnet.checkpoint import CheckpointError, load_checkpoint
 from ahnet.nets.candidate_net import CandidateNet
 from ahnet.infer.candidates import world_to_voxel
@@ -30,7 +31,7 @@ __all__ = ["CROP", "RESCORER", "RESCORER_FORMAT", "Rescorer", "crop_at", "candid
 #: at 2.5 mm slices and 0.7 mm pixels; 8 x 48 x 48 scored the same at 2.25x the compute, candidates.md)
 CROP = (8, 32, 32)
 #: the file of a run's second stage, inside the run folder
-RESCORER = "rescorer.pt"
+RESCORER = paths.RESCORER
 RESCORER_FORMAT = 1
 
 
@@ -93,7 +94,7 @@ def load_rescorer(path, device="cpu") -> Rescorer:
         path = path / RESCORER
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the run has no second stage yet (train it with python -m "
-                              f"ahnet.rescore --run RUN --data DATASET.json)")
+                              f"ahnet.commands.rescore --run RUN --data DATASET.json)")
     ck = load_checkpoint(path, required_keys=("format", "state_dict", "settings"))
     if ck["format"] != RESCORER_FORMAT:
         raise CheckpointError(f"{path} is a rescorer of format {ck['format']!r}; this version reads "

@@ -14,24 +14,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ahnet import cli, paths
+from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
 from ahnet.data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
 from ahnet.infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
 from ahnet.infer import rule_from_arguments
-from ahnet.infer.rescore import load_run_rescorer
+from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
 from ahnet.evaluate import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
 
 PROG = "ahnet.evaluate"
-SECOND_STAGE = ("; then each run's second stage (RUN/rescorer.pt, a candidate classifier on crops of the scan and "
+SECOND_STAGE = (f"; then each run's second stage (RUN/{paths.RESCORER}, a candidate classifier on crops of the scan and "
                 "the map) rescores every candidate to sqrt(p1 x p2)")
 
 
-def build_parser() -> cli.Parser:
-    ap = cli.Parser(PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> failures.Parser:
+    ap = failures.Parser(PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True,
                     help="run folders, checkpoint files or cross-validations (X for X-fold<k>), one model each")
     ap.add_argument("--data", required=True, help="dataset.json (Decathlon style, with split per case)")
@@ -39,33 +39,33 @@ def build_parser() -> cli.Parser:
                     help=f"annotations CSV (default: the {paths.ANNOTATIONS} beside --data)")
     ap.add_argument("--out", default=paths.REPORT, help="output folder")
     ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
-    ap.add_argument("--window", type=cli.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
+    ap.add_argument("--window", type=failures.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
                     help=f"3D window (default: the run's patch_size, else {DEFAULT_WINDOW}; ahnet.infer.window_for)")
-    ap.add_argument("--overlap", type=cli.number(float, 0, 1, hi_open=True), default=0.5,
+    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=0.5,
                     help="window overlap fraction in [0, 1)")
-    ap.add_argument("--sw-batch", type=cli.number(int, 1, 4096), default=2,
+    ap.add_argument("--sw-batch", type=failures.number(int, 1, 4096), default=2,
                     help="windows per forward pass (x4 slices for 2D models)")
     ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
     ap.add_argument("--channels-last", action="store_true",
                     help="3D models in channels-last 3D memory (same values; faster with --amp bf16)")
-    ap.add_argument("--threshold", type=cli.number(float, 0, 1, what="a probability"), default=0.5,
+    ap.add_argument("--threshold", type=failures.number(float, 0, 1, what="a probability"), default=0.5,
                     help="probability threshold of the segmentation masks, in [0, 1]")
     add_candidate_arguments(ap)
-    ap.add_argument("--bootstrap", type=cli.number(int, 0, 10 ** 6), default=1000,
+    ap.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                     help="bootstrap resamples of the confidence intervals (0 = none)")
-    ap.add_argument("--seed", type=cli.number(int, 0, 2 ** 32 - 1), default=0)
+    ap.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ap.add_argument("--title", default="AH-Net per-type evaluation")
     ap.add_argument("--rescore", action="store_true",
-                    help="rescore each run's candidates by its second stage (RUN/rescorer.pt, python -m ahnet.rescore)")
+                    help=f"rescore each run's candidates by its second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore)")
     return ap
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    return cli.run(PROG, lambda: _main(a))
+    return failures.run(PROG, lambda: _main(a))
 
 
 def _main(a) -> int:
@@ -84,9 +84,9 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
     (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
-    (ahnet.infer.rescore; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
+    (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
     overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
-    out = cli.check_output_dir(out, "--out")
+    out = failures.check_output_dir(out, "--out")
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} must be a probability in [0, 1]")
@@ -120,7 +120,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
             print("  " + found_line(m, r["found"]))
     if claim_sentence(rep["comparisons"]):
         print(claim_sentence(rep["comparisons"]))
-    print(f"report: {out / 'report.html'}")
+    print(f"report: {out / paths.REPORT_HTML}")
     return rep
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ahnet.atomic import write_text_atomic
 
-from ahnet.bench.gpucheck.parts import TESTS_LOG, TESTS_XML
-from ahnet.bench.gpucheck.training import CURVE_CSV, CURVE_PNG
+from ahnet.gpucheck.parts import TESTS_LOG, TESTS_XML
+from ahnet.gpucheck.training import CURVE_CSV, CURVE_PNG
 
 JSON_NAME, MD_NAME = "gpu_check.json", "gpu_check.md"
 #: every file a check may write under --out

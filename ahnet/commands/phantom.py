@@ -10,8 +10,8 @@ import logging
 import time
 from typing import Tuple
 
-from ahnet import cli
-from ahnet.cli import number
+from ahnet import failures
+from ahnet.failures import number
 from ahnet.data.phantom import __doc__ as _package_doc
 from ahnet.data.phantom.dataset import generate_dataset
 from ahnet.data.phantom.heldout import TEST_PHANTOMS, generate_test_phantom, held_out_seed
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     kw, given = _options(a, ap)
     try:
-        cli.check_output_dir(a.out, "--out")
+        failures.check_output_dir(a.out, "--out")
     except ValueError as e:
         ap.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             n, seed = kw.pop("n_cases"), kw.pop("seed")
             p = generate_dataset(a.out, n, seed, **kw)
     except (ValueError, OSError) as e:                 # FolderBusy too: another generator writes into --out
-        ap.error(cli.one_line(e))
+        ap.error(failures.one_line(e))
     dt = time.perf_counter() - t
     print(f"wrote {p} ({n} cases, seed {seed}, {dt:.1f} s, {dt / n:.2f} s/case)")
     return 0

@@ -6,7 +6,7 @@
   up to ``n_hits`` nodules of that type found at 1 false positive per scan and up to ``n_misses`` missed there,
   in annotation order (the first ones, not the best ones);
 - ``false_positives``: {model: [crop]}: each model's highest-scoring false positives;
-- ``focus``, ``thresholds`` {model: the 1 FP/scan operating threshold (ahnet.froc.found_at)}, ``half_mm``.
+- ``focus``, ``thresholds`` {model: the 1 FP/scan operating threshold (ahnet.evaluate.froc.found_at)}, ``half_mm``.
 
 A crop: the axial slice through the centre (nodule centre or candidate), ``half_mm`` each side in-plane, HU
 (float32, the evaluation's [0, 1] image mapped back, so clipped to the cache's HU range); ``contour``: that slice
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ahnet.data.preprocess import HU_MAX, HU_MIN
-from ahnet.froc import found_at, match_candidates
+from ahnet.evaluate.froc import found_at, match_candidates
 from ahnet.infer import world_to_voxel
 
 FOCUS = "ahnet-transfer"    # the experiment's name for AH-Net after transfer: the model the type rows show

@@ -1,4 +1,4 @@
-"""``python -m ahnet.bench.gpucheck`` (``bash run.sh gpu-check``): parse and check the options, prepare the modules,
+"""``python -m ahnet.gpucheck`` (``bash run.sh gpu-check``): parse and check the options, prepare the modules,
 run the parts, write the report."""
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from ahnet import cli
+from ahnet import failures
 
-from ahnet.bench.gpucheck import env, parts, report, training
+from ahnet.gpucheck import env, parts, report, training
 
-PROG = "ahnet.bench.gpucheck"
+PROG = "ahnet.gpucheck"
 PARTS = ("tests", "bench", "train")
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_parser():
-    p = cli.Parser(PROG, description=(
+    p = failures.Parser(PROG, description=(
         "The GPU proof of the CUDA path in one command: (a) the CUDA-marked tests, (b) speed and memory against "
         "MONAI's AHNet at the paper's size, (c) AH-Net trained for a fixed time with its learning curve; all "
         "figures into --out as gpu_check.json and gpu_check.md (at most 6 files). No network: missing optional "
@@ -64,7 +64,7 @@ def _part(name: str, fn, log) -> dict:
     try:
         res = fn()
     except Exception as e:        # one part's failure must not lose the others' figures
-        res = {"ok": False, "error": cli.one_line(f"{type(e).__name__}: {e}"),
+        res = {"ok": False, "error": failures.one_line(f"{type(e).__name__}: {e}"),
                "traceback": traceback.format_exc()[-4000:]}
     res.setdefault("seconds", round(time.monotonic() - t0, 1))
     log(f"[gpu-check] {name}: {'ok' if res.get('ok') else 'NOT ok'} in {res['seconds']} s")
@@ -111,4 +111,4 @@ def main(argv=None) -> int:
         device = check_args(args)
         return run_check(args, device)
 
-    return cli.run(PROG, body)
+    return failures.run(PROG, body)

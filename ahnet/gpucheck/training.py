@@ -4,7 +4,7 @@ learning curve (one row per epoch: loss, validation Dice, samples per second).
 The paper's configuration (ResNet50 encoder from scratch, 4 pyramid levels, 32 x 128 x 128 patches, batch 2,
 float16 AMP with a GradScaler, Dice + focal loss, Adam at a constant 3e-4 after 20 warm-up steps) through
 ``ahnet.train.train``, on 12 training and 3 validation cases of 64 x 256 x 256 at 2.5 x 0.7 x 0.7 mm written
-straight into the HDF5 cache format (ahnet.bench.gpucheck.synth). The time box is checked at the first step of each
+straight into the HDF5 cache format (ahnet.gpucheck.synth). The time box is checked at the first step of each
 epoch, so every logged epoch is whole; the run folder lives in a temporary folder and only log.csv and
 progress.png are kept (learning_curve.csv / .png).
 """
@@ -20,12 +20,12 @@ import torch
 
 from ahnet import paths
 from ahnet.atomic import atomic_path
-from ahnet.config import TrainConfig
+from ahnet.train.config import TrainConfig
 from ahnet.data.augment import Augment
 from ahnet.data.sampling import PatchDataset
 from ahnet.train import train
 
-from ahnet.bench.gpucheck.synth import write_cases
+from ahnet.gpucheck.synth import write_cases
 
 CURVE_CSV, CURVE_PNG = "learning_curve.csv", "learning_curve.png"
 PAPER = dict(cases=(12, 3), shape=(64, 256, 256), patch=[32, 128, 128], encoder="resnet50", pfn_depth=4,

@@ -1,5 +1,5 @@
 """The GPU proof of the CUDA path, prepared as one command: ``bash run.sh gpu-check [--out DIR] [--tiny]``
-(``python -m ahnet.bench.gpucheck``), within about 5 minutes on one data-centre GPU.
+(``python -m ahnet.gpucheck``), within about 5 minutes on one data-centre GPU.
 
 (a) the CUDA-marked tests (tests/test_cuda.py: fp16 autocast + GradScaler with skipped non-finite steps, bf16,
     channels-last 3D, exact resume under --deterministic, 2 GPUs with DDP where present);
@@ -17,6 +17,5 @@ is how the test suite keeps it from rotting.
 Modules: ``cli`` (options and the run), ``env`` (modules and wheels, the machine), ``parts`` (the tests and the
 benchmark), ``training`` (the timed training), ``synth`` (the synthetic cases), ``report`` (JSON and Markdown).
 """
-from ahnet.bench.gpucheck.cli import main
 
-__all__ = ["main"]
+__all__: list = []

@@ -9,13 +9,13 @@ from typing import Sequence
 import torch
 
 from ahnet import paths
-from ahnet.cli import quiet
-from ahnet.config import TrainConfig
+from ahnet.failures import quiet
+from ahnet.train.config import TrainConfig
 from ahnet.data.augment import Augment
 from ahnet.data.cache import cache_dataset, read_cache_attrs
 from ahnet.data.io import load_dataset_json
 from ahnet.data.sampling import PatchDataset
-from ahnet.folds import groups_from_annotations, make_folds
+from ahnet.data.folds import groups_from_annotations, make_folds
 from ahnet.nets import MODELS
 from ahnet.precision import to_channels_last
 

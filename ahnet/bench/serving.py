@@ -3,13 +3,13 @@
     python -m ahnet.bench --serving --models models/<name> [--scan 40 192 192] [--window D H W] [--scans 3]
                           [--concurrency 1 4] [--backends pytorch onnx] [--out bench_results/serving.json]
 
-(the serving section of ``python -m ahnet.bench``; ``python -m ahnet.serve.bench`` runs the same.)
+(the serving section of ``python -m ahnet.bench``; ``python -m ahnet.bench.serving`` runs the same.)
 
-For a synthetic CT-like scan of ``--scan`` (z, y, x) voxels, HU scaled as ahnet.predict scales it:
+For a synthetic CT-like scan of ``--scan`` (z, y, x) voxels, HU scaled as ahnet.commands.predict scales it:
 - in-process: ahnet.infer.predict_volume with the ensemble of the folds' checkpoints named in model.json (fp32,
   CPU), the window by the ensemble's own rule;
 - Triton + backend: ``python -m ahnet.serve`` started on free local ports (ahnet.serve.process), then clients
-  that each run ahnet.client's remote probability (``--batch`` windows per request) on their own copy of the scan,
+  that each run ahnet.serve.client's remote probability (``--batch`` windows per request) on their own copy of the scan,
   ``--concurrency`` clients at once.
 Reported per row: seconds per scan (median), windows per second (window positions of the scan x scans / wall time;
 each window runs through every fold), p50 / p95 scan latency per concurrency level, and the server's peak memory
@@ -21,7 +21,6 @@ import importlib.util
 import itertools
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ahnet import cli
 from ahnet.serve import store
 
 PROG = "ahnet.serve.bench"
@@ -90,7 +88,7 @@ def _row(name, lat, wall, n_windows, concurrency, peak_mb=None) -> dict:
 
 def _served_rows(a, meta, scan, window, n_win, backend: str) -> list:
     """Rows of one backend: a server on free ports, then each --concurrency level of clients."""
-    from ahnet.client import Connection, RemoteWindows, remote_probability
+    from ahnet.serve.client import Connection, RemoteWindows, remote_probability
     from ahnet.serve.process import ServerProcess
     rows = []
     log = Path(tempfile.mkdtemp(prefix="ahnet-serve-bench-")) / f"serve-{backend}.log"
@@ -174,7 +172,7 @@ def run_serving_bench(a) -> dict:
 
 
 def add_options(ap) -> None:
-    """The serving benchmark's options (python -m ahnet.serve.bench, python -m ahnet.bench --serving)."""
+    """The serving benchmark's options (python -m ahnet.bench.serving, python -m ahnet.bench --serving)."""
     ap.add_argument("--models", required=True, help="a folder written by python -m ahnet.export (both formats)")
     ap.add_argument("--scan", type=int, nargs=3, default=[40, 192, 192], metavar=("Z", "Y", "X"))
     ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
@@ -186,20 +184,3 @@ def add_options(ap) -> None:
     ap.add_argument("--backends", nargs="+", choices=tuple(store.BACKENDS), default=list(store.BACKENDS))
     ap.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0 = default)")
     ap.add_argument("--out", default="bench_results/serving.json")
-
-
-def main(argv=None, prog: str = PROG) -> int:
-    """Parse, check and run; errors are one line ``<prog>: error: ...`` and exit 2 (``prog``: the command the
-    person typed, ahnet.bench for its --serving section)."""
-    ap = cli.Parser(prog, description=__doc__.split("\n\n")[0])
-    add_options(ap)
-    a = ap.parse_args(argv)
-
-    def body() -> None:
-        res = run_serving_bench(a)
-        print(json.dumps(res["rows"], indent=1))
-    return cli.run(prog, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

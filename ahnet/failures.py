@@ -6,7 +6,7 @@ usage block first); ``run`` calls a CLI's body and turns the errors a person can
 subclasses, OSError) into that line::
 
     def main(argv=None) -> int:
-        return cli.run("ahnet.predict", lambda: _main(argv))
+        return cli.run("ahnet.commands.predict", lambda: _main(argv))
 
 Under torchrun (WORLD_SIZE > 1) every rank that fails prints its own line, ending ``(rank R of N)``; ranks
 other than 0 draw no progress bars.
@@ -67,7 +67,7 @@ def warn(prog: str, message: object) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser named ``name`` (``ahnet.predict``) whose usage shows ``python -m <name>`` and whose usage
+    """An ArgumentParser named ``name`` (``ahnet.commands.predict``) whose usage shows ``python -m <name>`` and whose usage
     errors are one line ``<name>: error: ...`` with exit code 2."""
 
     def __init__(self, name: str, **kw):

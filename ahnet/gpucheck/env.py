@@ -115,7 +115,7 @@ def _nvidia_smi() -> dict:
 
 def machine() -> dict:
     """The machine: Python, torch, CUDA, cuDNN, the GPUs (name, memory, capability, driver), CPUs, the commit."""
-    from ahnet.config import environment_info
+    from ahnet.train.config import environment_info
     info = environment_info()
     info.update(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 cuda_available=torch.cuda.is_available(), gpu_count=torch.cuda.device_count())

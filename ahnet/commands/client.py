@@ -1,0 +1,78 @@
+"""``python -m ahnet.client`` (console script ``ahnet-client``): what ``python -m ahnet.predict`` writes, with the
+windows answered by an ahnet Triton server (the client library: ahnet.serve.client).
+
+    python -m ahnet.client --url localhost:8000 --input scans/ --out pred/ [--model NAME] [--protocol grpc]
+
+A refused connection is retried ``--retries`` times, ``--retry-wait`` seconds apart, with a message on stderr each
+time; then the client exits with code 2. Bad input and a server's error reply print one line
+``ahnet.client: error: ...`` and exit 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ahnet import failures
+from ahnet.infer import add_candidate_arguments, rule_from_arguments
+from ahnet.infer.scans import find_cases
+from ahnet.serve.client import ClientError, Connection, model_info, run_cases
+
+PROG = "ahnet.client"
+
+def build_parser() -> failures.Parser:
+    ap = failures.Parser(PROG, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", required=True, help="HOST:PORT of the server's HTTP (or --protocol grpc) endpoint")
+    ap.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    ap.add_argument("--input", required=True, help="image file, DICOM folder, folder of images, or dataset.json")
+    ap.add_argument("--split", default=None, help="dataset.json split(s), comma-separated (default all)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--model", default=None, help="served model (default: the server's ensemble <name>; "
+                                                  "<name>-fold<k> for one fold)")
+    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                    help="3D window (default: the served model's window, as ahnet.commands.predict)")
+    ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
+    ap.add_argument("--batch", type=int, default=4, help="windows per request")
+    ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
+    ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability, in [0, 1]")
+    add_candidate_arguments(ap)
+    ap.add_argument("--retries", type=int, default=3, help="retries of a refused connection")
+    ap.add_argument("--retry-wait", type=float, default=1.0, help="seconds between retries")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    return ap
+
+
+def _check(a) -> None:
+    if ":" not in a.url or not a.url.rsplit(":", 1)[1].isdigit():
+        raise ClientError(f"--url {a.url!r} must be HOST:PORT")
+    if not 0 <= a.overlap < 1:
+        raise ClientError(f"--overlap {a.overlap} must lie in [0, 1)")
+    if a.batch < 1:
+        raise ClientError(f"--batch {a.batch} must be >= 1")
+    if not 0 <= a.threshold <= 1:
+        raise ClientError(f"--threshold {a.threshold} must be a probability in [0, 1]")
+    if a.retries < 0 or a.retry_wait < 0 or a.timeout <= 0:
+        raise ClientError("--retries and --retry-wait must be >= 0 and --timeout > 0")
+    failures.check_output_dir(a.out, "--out")
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return failures.run(PROG, lambda: _main(a))
+
+
+def _main(a) -> int:
+    _check(a)
+    cases = find_cases(a.input, a.split)
+    conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
+    conn.ready()
+    model = a.model or model_info(conn)["name"]
+    conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
+    res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
+                    threshold=a.threshold, candidates=rule_from_arguments(a))
+    print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
+          f"{res['candidates']} candidates in {res['csv']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Predicting whole scans: the scans an input names (``find_cases``), their HU scaled as in training, and what
+the prediction of each writes (``write_predictions``: probability map, mask, one candidates CSV), atomically and one
+case in memory at a time. ``python -m ahnet.predict`` (ahnet.commands.predict) and the Triton client both write
+through here. This module imports the inference stage only, never the evaluation modules."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ahnet import failures
+from ahnet.atomic import folder_lock, remove_temps
+from ahnet.data import io
+from ahnet.data.preprocess import clip_and_scale
+from ahnet.infer import (CandidateRule, Ensemble, candidate_rule,
+                    extract_candidates, predict_volume)
+from ahnet.infer.second_stage import Rescorer, rescore_candidates
+
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+class PredictInputError(ValueError):
+    """An input or option that prediction cannot use; the message is one sentence naming it."""
+
+
+@dataclass
+class Case:
+    """One scan to predict: case_id (output file stem and CSV seriesuid) and image path (file or DICOM folder)."""
+    case_id: str
+    image: Path
+
+
+def _image_stem(path: Path):
+    """File name without an image suffix, or None when the name has no image suffix."""
+    low = path.name.lower()
+    for s in IMAGE_SUFFIXES:
+        if low.endswith(s) and len(low) > len(s):
+            return path.name[: -len(s)]
+    return None
+
+
+def _has_dicom_series(folder: Path) -> bool:
+    import SimpleITK as sitk
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def find_cases(input_path, split=None) -> list:
+    """Cases of ``input_path`` (image file, DICOM folder, folder of images, or dataset.json) -> [Case].
+
+    split: for a dataset.json, a split name or comma-separated names (None = every case).
+    """
+    p = Path(input_path)
+    if not p.exists():
+        raise PredictInputError(f"input {p} not found; expected an image file, a folder or a dataset.json")
+    if split is not None and not (p.is_file() and p.suffix.lower() == ".json"):
+        raise PredictInputError(f"--split {split!r} applies to a dataset.json input only; {p} is not one")
+    if p.is_file():
+        if p.suffix.lower() == ".json":
+            entries = io.load_dataset_json(p, ("training", "test"))
+            if split is not None:
+                want = {s.strip() for s in str(split).split(",") if s.strip()}
+                entries = [e for e in entries if e.get("split") in want]
+                if not entries:
+                    raise PredictInputError(f"{p} has no case with split {split!r}")
+            if not entries:
+                raise PredictInputError(f"{p} lists no cases under 'training' or 'test'")
+            return [Case(e["case_id"], Path(e["image"])) for e in entries]
+        stem = _image_stem(p)
+        if stem is None:
+            raise PredictInputError(f"input {p} is not an image file; expected .nii, .nii.gz, .mha, .mhd, .nrrd, "
+                                    f"a folder or a dataset.json")
+        return [Case(stem, p)]
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _image_stem(f) is not None)
+    if files:
+        cases, seen = [], {}
+        for f in files:
+            cid = _image_stem(f)
+            if cid in seen:
+                raise PredictInputError(f"folder {p} holds two images of case {cid!r} ({seen[cid].name} and "
+                                        f"{f.name}); keep one per case")
+            seen[cid] = f
+            cases.append(Case(cid, f))
+        return cases
+    if _has_dicom_series(p):
+        return [Case(p.name, p)]
+    raise PredictInputError(f"folder {p} holds no images; expected .nii/.nii.gz/.mha/.mhd/.nrrd files or a DICOM "
+                            f"series")
+
+
+def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
+    """HU (z, y, x) float32 -> [0, 1] in place by ahnet.data.preprocess.clip_and_scale, ``slab`` slices at a time
+    (its temporaries stay slab-sized instead of four full-size copies). Returns ``hu``."""
+    if hu.dtype != np.float32 or not hu.flags.writeable:
+        raise PredictInputError(f"scale_in_place needs a writeable float32 array; got {hu.dtype}")
+    for z in range(0, hu.shape[0], slab):
+        hu[z:z + slab] = clip_and_scale(hu[z:z + slab])
+    return hu
+
+
+def _progress(items, **kw):
+    """A progress bar on stderr, unless failures.quiet() (CI, or stderr is no terminal: an error line stays alone)."""
+    from tqdm import tqdm
+    return tqdm(items, disable=failures.quiet(), file=sys.stderr, **kw)
+
+
+def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "auto", threshold: float = 0.5,
+                  overlap: float = 0.5, sw_batch: int = 2, skip_bad: bool = False) -> Path:
+    """Every option and the output place, before any scan is read (PredictInputError in one sentence); without
+    ``skip_bad`` also that every scan exists. Returns --out as a Path."""
+    out = failures.check_output_dir(out, "--out")
+    if not 0.0 <= threshold <= 1.0:
+        raise PredictInputError(f"--threshold {threshold} must be a probability in [0, 1]")
+    if not 0.0 <= overlap < 1.0:
+        raise PredictInputError(f"--overlap {overlap} must be a fraction in [0, 1)")
+    if int(sw_batch) < 1:
+        raise PredictInputError(f"--sw-batch {sw_batch} must be >= 1")
+    ens.check(window, amp)                                  # --window and --amp before the first case
+    missing = [c for c in cases if not Path(c.image).exists()]
+    if missing and not skip_bad:
+        raise PredictInputError(f"scan {missing[0].image} of case {missing[0].case_id} not found"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                + "; fix the input or pass --skip-bad to predict the others")
+    return out
+
+
+def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
+                  rescorer: Rescorer | None = None) -> list:
+    """One scan -> its _prob and _mask files (each written atomically) and its candidate rows (rescored by the
+    second stage when ``rescorer`` is given)."""
+    vol = io.read_scan(case.image)
+    scale_in_place(vol.array)
+    prob = probability(vol.array)
+    rows = extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
+    if rescorer is not None:
+        rows = rescore_candidates(rescorer, rows, vol.array, prob, vol)
+    vol.array = None
+    io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
+    io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
+    return rows
+
+
+def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
+                      skip_bad: bool = False, rescorer: Rescorer | None = None) -> dict:
+    """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
+    writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and <out>/candidates.csv (by the rule
+    ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by ``rescorer``, the run's second stage, when
+    given, the first stage's score kept as probability_stage1), with --out locked.
+
+    One case in memory at a time. A scan that fails: the candidates of the scans done are written, then
+    PredictInputError, or with ``skip_bad`` a warning and the next scan.
+    Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path}.
+    """
+    out, rule = Path(out), candidate_rule(candidates)
+    rows, done, failed = [], [], []
+    with folder_lock(out, "--out"):
+        remove_temps(out, only_dead=False)
+        for case in _progress(cases, desc="predict", unit="case"):
+            try:
+                rows += _predict_case(case, out, probability, threshold, rule, rescorer)
+            except (ValueError, OSError) as e:
+                why = failures.one_line(e).rstrip(".")
+                failed.append((case.case_id, why))
+                if not skip_bad:
+                    done_note = ""
+                    if done:                                 # the scans that succeeded keep their candidates
+                        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+                        done_note = f"; the candidates of the {len(done)} case(s) before it are in {csv_path}"
+                    raise PredictInputError(f"case {case.case_id}: {why}{done_note} (--skip-bad goes on past bad "
+                                            f"scans)") from None
+                failures.warn(failures.program(), f"skipped case {case.case_id}: {why}")
+                continue
+            done.append(case.case_id)
+        csv_path = io.write_candidates_csv(out / "candidates.csv", rows,
+                                           ["probability_stage1"] if rescorer is not None else ())
+    return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
+
+
+def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
+                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
+                  candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False,
+                  rescorer: Rescorer | None = None) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
+    write its files (write_predictions), the options checked first (check_options)."""
+    out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
+
+    def probability(image01):
+        return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
+                              channels_last=channels_last)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer)
