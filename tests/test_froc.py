@@ -338,3 +338,26 @@ def test_one_run_per_model_gives_the_plain_paired_bootstrap():
     assert plain["pairs"] == wrapped["pairs"] and plain["cpm"] == wrapped["cpm"]
     with pytest.raises(FROCInputError, match="at least one run"):
         paired_bootstrap(nods, {"A": {}, "B": cands["B"]}, scans)
+
+
+def test_paired_across_sets_equals_a_direct_loop_over_shared_scan_and_run_draws():
+    """The same two runs on two renderings of the same scans (other nodules in b): the difference b - a of the
+    mean CPM over the runs, each resample drawing the scans and the runs once for both sets."""
+    from ahnet.evaluate.froc import paired_across_sets
+    nods_a, ca, scans = _three_models(21, n_scans=8)
+    nods_b, cb, _ = _three_models(22, n_scans=8)
+    runs_a, runs_b = {"r0": ca["A"], "r1": ca["B"]}, {"r0": cb["A"], "r1": cb["C"]}
+    B, seed = 25, 4
+    res = paired_across_sets(nods_a, runs_a, nods_b, runs_b, scans, n_bootstrap=B, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(scans), size=(B, len(scans)))
+    pick = np.random.default_rng([seed, 1]).integers(0, 2, size=(B, 2))
+
+    def cpm(nods, rows, b):
+        return _direct_resample_cpms(nods, {"m": rows}, scans, idx[b])["m"]["overall"]
+    d = [np.mean([cpm(nods_b, runs_b[f"r{j}"], b) for j in pick[b]])
+         - np.mean([cpm(nods_a, runs_a[f"r{j}"], b) for j in pick[b]]) for b in range(B)]
+    np.testing.assert_allclose(res["ci"], np.percentile(d, [2.5, 97.5]), atol=1e-12)
+    full = lambda nods, runs: np.mean([evaluate_detection(nods, r, scans, n_bootstrap=0)["cpm"] for r in runs.values()])
+    assert res["diff"] == pytest.approx(full(nods_b, runs_b) - full(nods_a, runs_a), abs=1e-12)
+    with pytest.raises(FROCInputError, match="the same runs"):
+        paired_across_sets(nods_a, runs_a, nods_b, {"r0": cb["A"]}, scans)

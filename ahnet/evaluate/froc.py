@@ -518,3 +518,28 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
 def _pick(pair: dict, key) -> dict:
     """The entry of a pair (paired_bootstrap) for mask key ("all", None) or (group key, label)."""
     return pair["overall"] if key[0] == "all" else pair["groups"][key[0]][key[1]]
+
+
+def paired_across_sets(nodules_a, runs_a: dict, nodules_b, runs_b: dict, scan_ids, n_bootstrap: int = 1000,
+                       seed: int = 0, confidence: float = 0.95, fp_rates=FP_RATES, chunk: int = 200) -> dict:
+    """One model on two renderings of the same scans (a shifted set b against the original a): its overall CPM on
+    each, the mean over its runs ({run: candidate rows}, the same runs on both), and the difference b - a with an
+    interval paired by scan and by run (each resample draws the scans, bootstrap_weights(len(scan_ids),
+    n_bootstrap, seed), and the runs, rng [seed, 1], once for both sets).
+    Returns {"cpm_a", "cpm_b", "diff", "ci", "n_bootstrap"}."""
+    if set(runs_a) != set(runs_b) or not runs_a:
+        raise FROCInputError(f"the two sets need the same runs; got {sorted(runs_a)} and {sorted(runs_b)}")
+    fp_rates = tuple(float(f) for f in fp_rates)
+    W = bootstrap_weights(len(scan_ids), n_bootstrap, seed) if n_bootstrap else np.zeros((0, len(scan_ids)))
+    pick = np.random.default_rng([int(seed), 1]).integers(0, len(runs_a), size=(n_bootstrap, len(runs_a)))
+    out = {}
+    for key, nodules, runs in (("a", nodules_a, runs_a), ("b", nodules_b, runs_b)):
+        match = [match_candidates(nodules, runs[r], scan_ids) for r in sorted(runs)]
+        masks = {("all", None): np.ones(match[0].nod_score.size, bool)}
+        point = np.mean([_operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks)[("all", None)].mean(1)
+                         for m in match])
+        draws = np.stack([_cpm_draws(m, W, fp_rates, masks, chunk)[("all", None)] for m in match], axis=1)
+        out[key] = (float(point), np.take_along_axis(draws, pick, axis=1).mean(1) if n_bootstrap else draws[:, 0])
+    d = out["b"][1] - out["a"][1]
+    return {"cpm_a": out["a"][0], "cpm_b": out["b"][0], "diff": out["b"][0] - out["a"][0],
+            "ci": _ci(d, confidence) if d.size else None, "n_bootstrap": int(n_bootstrap)}
