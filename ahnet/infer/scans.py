@@ -20,9 +20,6 @@ from ahnet.infer.second_stage import Rescorer, rescore_candidates
 
 
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
-
-
 class PredictInputError(ValueError):
     """An input or option that prediction cannot use; the message is one sentence naming it."""
 
@@ -37,7 +34,7 @@ class Case:
 def _image_stem(path: Path):
     """File name without an image suffix, or None when the name has no image suffix."""
     low = path.name.lower()
-    for s in IMAGE_SUFFIXES:
+    for s in io.IMAGE_SUFFIXES:
         if low.endswith(s) and len(low) > len(s):
             return path.name[: -len(s)]
     return None
@@ -71,7 +68,7 @@ def find_cases(input_path, split=None) -> list:
             return [Case(e["case_id"], Path(e["image"])) for e in entries]
         stem = _image_stem(p)
         if stem is None:
-            raise PredictInputError(f"input {p} is not an image file; expected .nii, .nii.gz, .mha, .mhd, .nrrd, "
+            raise PredictInputError(f"input {p} is not an image file; expected {', '.join(io.IMAGE_SUFFIXES)}, "
                                     f"a folder or a dataset.json")
         return [Case(stem, p)]
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _image_stem(f) is not None)
@@ -87,8 +84,8 @@ def find_cases(input_path, split=None) -> list:
         return cases
     if _has_dicom_series(p):
         return [Case(p.name, p)]
-    raise PredictInputError(f"folder {p} holds no images; expected .nii/.nii.gz/.mha/.mhd/.nrrd files or a DICOM "
-                            f"series")
+    raise PredictInputError(f"folder {p} holds no images; expected {'/'.join(io.IMAGE_SUFFIXES)} files or a "
+                            f"DICOM series")
 
 
 def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
