@@ -441,7 +441,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("evaluate", "rescore without a second stage", lambda c: ev(c, "--rescore"), "has no second stage yet"),
     # ----------------------------------------------------------------------------------------------- bench
     ("bench", "unknown flag", lambda c: ["--bogus"], "unrecognized arguments: --bogus"),
-    ("bench", "overlap 1.5", lambda c: ["--device", "cpu", "--overlap", "1.5"], "--overlap must be in [0, 1)"),
+    ("bench", "overlap 1.5", lambda c: ["--device", "cpu", "--overlap", "1.5"], "argument --overlap"),
     ("bench", "device bogus", lambda c: ["--device", "gpu7"], "not a torch device"),
     ("bench", "timeout nan", lambda c: ["--device", "cpu", "--timeout", "nan"], "--timeout must be positive"),
     ("bench", "out is a file", lambda c: ["--device", "cpu", "--out", c.file()], "is a file"),
