@@ -36,8 +36,9 @@ from ahnet import failures, paths
 from ahnet.atomic import atomic_path, write_text_atomic
 from ahnet.data.io import load_dataset_json, read_annotations_csv
 from ahnet.evaluate import load_cases
-from ahnet.infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
+from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
 from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
+from ahnet.infer.windows import check_overlap
 from ahnet.nets.candidate_net import CandidateNet
 from ahnet.precision import AMP_MODES, resolve_device
 
@@ -156,8 +157,10 @@ class SecondStageConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"second-stage {k} = {v!r} must be an integer in {lo} .. {hi}")
-        if not 0 <= float(self.overlap) < 1:
-            raise ValueError(f"second-stage overlap = {self.overlap!r} must lie in [0, 1)")
+        try:
+            check_overlap(self.overlap)
+        except ValueError as e:
+            raise ValueError(f"second-stage overlap: {e}") from None
         if len(self.crop) != 3 or self.crop[0] < 4 or min(self.crop[1:]) < 8 or max(self.crop) > 512:
             raise ValueError(f"second-stage crop {' '.join(map(str, self.crop))}: CandidateNet pools three times; "
                              f"use 4 8 8 .. 512 512 512")
@@ -222,9 +225,9 @@ def build_parser() -> failures.Parser:
                     help="extra crops per reference nodule, off its centre by up to half its radius")
     ap.add_argument("--crop", type=failures.number(int, 1, 512), nargs=3, default=list(CROP), metavar=("D", "H", "W"),
                     help="crop around each candidate in voxels (default %s; at least 4 8 8)" % " ".join(map(str, CROP)))
-    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=0.5,
-                    help="window overlap of the training scans' predictions, in [0, 1) (0.25: 2.8x faster, the same "
-                         "second stage within -0.008 [-0.020, +0.006] CPM; candidates.md)")
+    add_window_arguments(ap, window=False, batch_flag=None,
+                         overlap_help="window overlap of the training scans' predictions, in [0, 1) (0.25: 2.8x "
+                                      "faster, the same second stage within -0.008 [-0.020, +0.006] CPM; candidates.md)")
     ap.add_argument("--epochs", type=failures.number(int, 1, 10000), default=30, help="passes over the crops")
     ap.add_argument("--width", type=failures.number(int, 1, 256), default=16, help="CandidateNet's first channel count")
     ap.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
