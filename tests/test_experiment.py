@@ -345,3 +345,34 @@ def test_second_stage_options_of_a_preset_are_checked_before_any_work():
     assert with_rescore(own, True).rescore == {"epochs": 5} and with_rescore(own, None) is own
     assert with_rescore(own, False).rescore is None and with_rescore(PRESETS["demo"], True).rescore == {}
     assert experiment.build_parser().parse_args(["--no-rescore"]).rescore is False
+
+
+@pytest.mark.slow
+def test_seeds_train_each_variant_n_times_and_the_report_compares_models_over_them(tmp_path, monkeypatch):
+    """--seeds 2 on a tiny phantom: every variant's second training has its own folder and seed, and the report
+    compares the two models over seeds and scans (each model's runs, mean and interval); --seeds 1 afterwards
+    reuses the first trainings and compares runs as before."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CI", "true")
+    tiny = Preset(cases=4, size=96, encoder="resnet18", patch_2d=[3, 64, 64], batch_2d=2, epochs_2d=1, steps_2d=2,
+                  patch_3d=[16, 64, 64], batch_3d=1, epochs_3d=1, steps_3d=2, lr=1e-3,
+                  variants=["ahnet-scratch", "unet3d-scratch"], window=[16, 96, 96])
+    monkeypatch.setitem(PRESETS, "demo", tiny)
+    assert experiment.main(["--preset", "demo", "--bootstrap", "20", "--device", "cpu", "--seeds", "2"]) == 0
+    runs = Path("runs/phantom-demo")
+    cfg = {r: json.loads((runs / r / "config.json").read_text())["config"]
+           for r in ("ahnet-scratch", "ahnet-scratch-seed1", "unet3d-scratch-seed1")}
+    assert (cfg["ahnet-scratch"]["seed"], cfg["ahnet-scratch-seed1"]["seed"]) == (0, 1)
+    report = json.loads((runs / "report/report.json").read_text(encoding="utf-8"))
+    assert set(report["models"]) == {"ahnet-scratch", "ahnet-scratch-seed1", "unet3d-scratch", "unet3d-scratch-seed1"}
+    seeds = report["comparisons"]["seeds"]
+    assert set(seeds) == {"ahnet-scratch", "unet3d-scratch"}
+    assert set(seeds["ahnet-scratch"]["runs"]) == {"ahnet-scratch", "ahnet-scratch-seed1"}
+    per_run = [report["models"][r]["cpm"] for r in ("ahnet-scratch", "ahnet-scratch-seed1")]
+    if None not in per_run:
+        assert seeds["ahnet-scratch"]["mean"] == pytest.approx(sum(per_run) / 2, abs=1e-9)
+    assert "over seeds" in (runs / "report/report.md").read_text(encoding="utf-8")
+    done = _files(runs / "ahnet-scratch" / "checkpoints")
+    assert experiment.main(["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]) == 0
+    assert _files(runs / "ahnet-scratch" / "checkpoints") == done
+    assert json.loads((runs / "report/report.json").read_text())["comparisons"]["seeds"] is None
