@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ahnet import failures, paths
-from ahnet.atomic import atomic_path, write_text_atomic
+from ahnet.atomic import write_text_atomic
+from ahnet.checkpoint import save_checkpoint
 from ahnet.data.io import load_dataset_json, read_annotations_csv
 from ahnet.evaluate import load_cases
 from ahnet.infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
@@ -147,8 +148,7 @@ def train_rescorer(a) -> Path:
     x, y, counts = collect(run, data, a.split, a.jitter, a.seed, device, a.amp, a.max_cases, tuple(a.crop),
                            a.overlap)
     net, losses = fit(x, y, a.epochs, a.seed, a.width)
-    with atomic_path(out) as tmp:
-        torch.save({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, tmp)
+    save_checkpoint({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, out)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
     write_text_atomic(paths.run_paths(run).rescorer_json, json.dumps(info, indent=2) + "\n")
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "
