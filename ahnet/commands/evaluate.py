@@ -23,7 +23,9 @@ from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
-from ahnet.evaluate import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
+from ahnet.data.budget import add_limit_argument
+from ahnet.evaluate import (compare_models, evaluate_predictions, evaluation_limit, gallery_crops, load_cases,
+                            predict_runs, run_names)
 
 PROG = "ahnet.evaluate"
 SECOND_STAGE = (f"; then each run's second stage (RUN/{paths.RESCORER}, a candidate classifier on crops of the scan and "
@@ -60,6 +62,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--title", default="AH-Net per-type evaluation")
     ap.add_argument("--rescore", action="store_true",
                     help=f"rescore each run's candidates by its second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore)")
+    add_limit_argument(ap, "the split's scans together (evaluate holds them all)")
     return ap
 
 
@@ -72,19 +75,21 @@ def _main(a) -> int:
     evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
                         seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
-                        tta=a.tta, amp=a.amp, channels_last=a.channels_last, rescore=a.rescore)
+                        tta=a.tta, amp=a.amp, channels_last=a.channels_last, rescore=a.rescore,
+                        max_scan_voxels=a.max_scan_voxels)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
-                        **predict_kw) -> dict:
+                        max_scan_voxels: int | None = None, **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
     (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
-    (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
+    (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1); max_scan_voxels: the
+    voxels of the split's scans together (default: evaluation_limit from the memory available). ``predict_kw``: window,
     overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
     out = failures.check_output_dir(out, "--out")
     device = resolve_device(device)
@@ -99,7 +104,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     rescorers = {name: load_run_rescorer(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
-    cases, images = load_cases(data, split, ann, ann_csv)
+    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(len(runs), max_scan_voxels))
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
         probs = predict_runs(runs, images, device, **predict_kw)

@@ -187,18 +187,18 @@ def run_experiment(args) -> int:
     ctx, device = dist.plan(args.device, resolve_device(args.device))
     dist.start(ctx, device)
     jobs = training_jobs(args.jobs, preset, device, ctx.world_size)
-    if args.data:
+    if args.data:                                     # your data: every check before its cache is written
         dataset_json = Path(args.data)
-        ctx.main_first(lambda: cache_dataset(dataset_json))
-    else:
-        dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
-    if not args.data:
+    else:                                             # the phantom: the test folder checked before generating
         check_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
+        dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
     spacing = data_spacing(dataset_json)
     configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
                for v in variants}
     for v, cfg in configs.items():                   # every variant's network and places before the first trains
         preflight(cfg, sources=cfg.init != "transfer")
+    if args.data:
+        ctx.main_first(lambda: cache_dataset(dataset_json))
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
           f"variants {', '.join(variants)}", flush=True)
     amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
