@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
-from ahnet.data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
+from ahnet.data.io import candidates_csv_text, load_dataset_json, read_annotations_csv
 from ahnet.infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
 from ahnet.infer import rule_from_arguments
 from ahnet.infer.second_stage import load_run_rescorer
@@ -110,14 +110,13 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
         probs = predict_runs(runs, images, device, **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                        n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
-        for name, r in results.items():
-            write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"],
-                                 extra_columns=["probability_stage1"] if rescore else ())
+        csvs = {f"candidates/{name}.csv": candidates_csv_text(r["candidates"], ["probability_stage1"] if rescore else ())
+                for name, r in results.items()}                 # written with the report, all or none
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,
                            comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
-                           candidates=rule.describe() + (SECOND_STAGE if rescore else ""))
+                           candidates=rule.describe() + (SECOND_STAGE if rescore else ""), extra_files=csvs)
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")

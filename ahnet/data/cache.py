@@ -28,6 +28,7 @@ bytes) is named in a warning and rebuilt from its source, never read as it is.
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import json
 import logging
 import math
@@ -171,12 +172,14 @@ def verify_cache_file(path) -> str | None:
 
 def _write_h5(path: Path, img: Volume, label: np.ndarray, attrs: dict, chunks, compression) -> None:
     """Write one cache file at ``path`` (the caller makes it atomic): the datasets with Fletcher-32 chunk
-    checksums, the attributes, then the SHA-256 of it all (attr ``sha256``)."""
+    checksums, the attributes, then the SHA-256 of it all (attr ``sha256``). The file is made in memory and
+    written in one piece (HDF5 failing to flush on a full disk prints tracebacks no handler can catch)."""
     import h5py
 
     ch = tuple(int(min(c, n)) for c, n in zip(chunks, img.shape)) if chunks else None
     fg = foreground_index(label)
-    with h5py.File(path, "w", libver="latest") as f:
+    buf = _io.BytesIO()
+    with h5py.File(buf, "w", libver="latest") as f:
         f.create_dataset("image", data=img.array.astype(np.float32), chunks=ch or True, compression=compression,
                          fletcher32=True)
         f.create_dataset("label", data=label.astype(np.int16), chunks=ch or True, compression=compression,
@@ -185,6 +188,8 @@ def _write_h5(path: Path, img: Volume, label: np.ndarray, attrs: dict, chunks, c
         for k, v in attrs.items():
             f.attrs[k] = v
         f.attrs[DIGEST_ATTR] = content_sha256(f)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def write_case_file(path, image: np.ndarray, label: np.ndarray, spacing, case_id: str, split: str = "train",

@@ -426,19 +426,26 @@ def read_candidates_csv(path) -> list[dict]:
     return _read_csv(path, ("seriesuid", "coordX", "coordY", "coordZ"))
 
 
-def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
-    """Write candidates: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
-    path = Path(path)
+def candidates_csv_text(rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> str:
+    """Candidates as CSV text: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
     cols = list(CANDIDATE_COLUMNS) + [c for c in extra_columns if c not in CANDIDATE_COLUMNS]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            out = dict(r)
-            for c in ("coordX", "coordY", "coordZ", "probability"):
-                if c in out and out[c] is not None:
-                    out[c] = repr(float(out[c]))
-            w.writerow(out)
+    f = _io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        out = dict(r)
+        for c in ("coordX", "coordY", "coordZ", "probability"):
+            if c in out and out[c] is not None:
+                out[c] = repr(float(out[c]))
+        w.writerow(out)
+    return f.getvalue()
+
+
+def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
+    """Write candidates_csv_text atomically at ``path``; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(candidates_csv_text(rows, extra_columns), encoding="utf-8", newline="")
     return path
 
 

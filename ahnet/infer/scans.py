@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ahnet import failures
-from ahnet.atomic import atomic_paths, folder_lock, remove_temps
+from ahnet.atomic import DiskFull, atomic_paths, folder_lock, remove_temps
 from ahnet.data import io
 from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.data.header import read_header
@@ -182,6 +182,8 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
         for case in _progress(cases, desc="predict", unit="case"):
             try:
                 rows += _predict_case(case, out, probability, threshold, rule, rescorer, limit)
+            except DiskFull:
+                raise                                        # not the scan's fault: no --skip-bad past it
             except (ValueError, OSError) as e:
                 why = failures.one_line(e).rstrip(".")
                 failed.append((case.case_id, why))
