@@ -47,13 +47,13 @@ def check_split_size(entries, limit: ScanLimit, what: str) -> None:
     """The headers of every entry's image and label, and their voxels together, against ``limit`` (an
     evaluation holds them all at once), before any scan is read."""
     heads = [read_header(e["image"]) for e in entries]
+    total = sum(h.voxels for h in heads)
+    biggest = max(heads, key=lambda h: h.voxels)
+    limit.check(biggest, total, f"{what}: its {len(heads)} scan(s) hold {total:.3g} voxels together (the largest "
+                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all")
     for e in entries:
         if e.get("label"):
             limit.check(read_header(e["label"]))
-    total = sum(h.voxels for h in heads)
-    biggest = max(heads, key=lambda h: h.voxels)
-    limit.check(biggest, total, f"{what}: its {len(heads)} scans hold {total:.3g} voxels together (the largest "
-                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all")
 
 
 def load_cases(dataset_json, split: str = "test", annotations: list | None = None,
