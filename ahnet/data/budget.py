@@ -25,13 +25,16 @@ import numpy as np
 from ahnet.data.checks import DataError
 from ahnet.data.header import ScanHeader
 
-#: peak bytes a command holds per voxel of the scan in hand (measured, paper_notes/data.md "Reliability"):
-#: read = the readers alone (file dtype, the transposed copy, float32); predict and client = reading, scaling,
-#: the window accumulators, the probability map and masks; cache = reading, the mask, resampling, the HDF5
-#: write; evaluate_held = what evaluate keeps per voxel of every scan of the split (geometry, scaled image,
-#: label) and evaluate_per_run = one probability map per run on top.
-BYTES_PER_VOXEL = {"read": 12, "predict": 24, "client": 24, "cache": 24, "evaluate_held": 12,
-                   "evaluate_per_run": 4}
+#: peak bytes a command holds per voxel of the scan in hand, measured as the slope of peak RSS over two scan
+#: sizes (paper_notes/data.md "Reliability"): read = the readers alone (5.99 measured: file dtype, the transposed
+#: copy, float32); predict = reading, scaling, the window accumulators, the probability map, candidates and masks
+#: (39.8); client = predict's pipeline with the windows answered remotely (taken as predict's); cache = reading,
+#: the mask, resampling, the file made in memory (18.1). Evaluate holds every scan of the split at once:
+#: evaluate_held per voxel of each (its geometry and scaled image in float32, its label in int32), evaluate_per_run
+#: per run (a probability map each), and evaluate_in_hand on top for the scan being predicted (53.6 measured
+#: for one scan and one run = 16 + 4 + the rest).
+BYTES_PER_VOXEL = {"read": 8, "predict": 40, "client": 40, "cache": 20, "evaluate_held": 16, "evaluate_per_run": 4,
+                   "evaluate_in_hand": 36}
 FLAG = "--max-scan-voxels"
 _GB = 1e9
 
@@ -92,33 +95,44 @@ def memory_available() -> tuple[int | None, str]:
 
 @dataclass(frozen=True)
 class ScanLimit:
-    """The most voxels a command holds at once (``max_voxels``; None = no limit known) and why: ``command`` and
-    its ``bytes_per_voxel``, ``available`` bytes and their ``source``, or the ``flag`` that set it."""
-    max_voxels: int | None
+    """What a command may hold: ``flag_voxels`` when the flag set it, else the ``available`` bytes of memory (None
+    = unknown: no limit) from ``source``, at ``bytes_per_voxel`` of what it holds (``command`` names it)."""
     command: str
     bytes_per_voxel: float
     available: int | None = None
     source: str = ""
-    set_by_flag: bool = False
+    flag_voxels: int | None = None
     flag: str = FLAG
 
-    def reason(self, voxels: int) -> str:
-        """Why ``voxels`` is too many, in words (part of the one-line error)."""
-        if self.set_by_flag:
-            return f"more than {self.flag} {self.max_voxels}"
-        need = voxels * self.bytes_per_voxel
-        return (f"{self.command} holds about {self.bytes_per_voxel:g} B per voxel ({need / _GB:.1f} GB), more than "
-                f"the {self.available / _GB:.1f} GB of memory available ({self.source}), so it is refused before "
-                f"its voxels are read; free memory, or pass {self.flag} {voxels} to try anyway")
+    @property
+    def max_voxels(self) -> int | None:
+        """The most voxels held at once: the flag's, else the memory available over the bytes per voxel."""
+        if self.flag_voxels is not None:
+            return self.flag_voxels
+        return None if self.available is None else int(self.available // self.bytes_per_voxel)
 
-    def check(self, header: ScanHeader, voxels: int | None = None, what: str | None = None) -> None:
-        """ScanTooLarge when the scan of ``header`` (or ``voxels`` held for it, e.g. a whole split) is over the
-        limit; ``what`` names the thing held (default: the header's file and size)."""
+    def refusal(self, voxels: int, need: float | None = None, how: str | None = None) -> str | None:
+        """Why holding ``voxels`` (needing ``need`` bytes, default voxels x bytes_per_voxel; ``how`` says how
+        they add up) is refused, in words; None when it fits."""
+        if self.flag_voxels is not None:
+            return None if voxels <= self.flag_voxels else f"more than {self.flag} {self.flag_voxels}"
+        need = voxels * self.bytes_per_voxel if need is None else need
+        if self.available is None or need <= self.available:
+            return None
+        return (f"{self.command} holds about {how or f'{self.bytes_per_voxel:g} B per voxel'} ({need / _GB:.1f} GB), "
+                f"more than the {self.available / _GB:.1f} GB of memory available ({self.source}), so it is refused "
+                f"before its voxels are read; free memory, or pass {self.flag} {voxels} to try anyway")
+
+    def check(self, header: ScanHeader, voxels: int | None = None, what: str | None = None,
+              need: float | None = None, how: str | None = None) -> None:
+        """ScanTooLarge when the scan of ``header`` (or ``voxels`` held for it, e.g. a whole split, needing
+        ``need`` bytes as ``how`` says) is over the limit; ``what`` names the thing held (default: the header's
+        file and size)."""
         n = header.voxels if voxels is None else int(voxels)
-        if self.max_voxels is None or n <= self.max_voxels:
-            return
-        what = what or f"{header.path}: the header says {header.describe()} ({n:.3g} voxels)"
-        raise ScanTooLarge(f"{what}; {self.reason(n)}.")
+        why = self.refusal(n, need, how)
+        if why is not None:
+            what = what or f"{header.path}: the header says {header.describe()} ({n:.3g} voxels)"
+            raise ScanTooLarge(f"{what}; {why}.")
 
     def check_request(self, shape: Sequence[int], dtype, nbytes: int | None = None, what: str = "request") -> None:
         """For a server: ScanTooLarge (one sentence) when a declared tensor of ``shape`` and ``dtype`` has more
@@ -131,26 +145,21 @@ class ScanLimit:
         if nbytes is not None and int(nbytes) != n * item:
             raise DataError(f"{what}: {nbytes} bytes of data for shape {shape} {np.dtype(dtype).name}, which needs "
                             f"{n * item}.")
-        if self.max_voxels is not None and n > self.max_voxels:
-            raise ScanTooLarge(f"{what}: shape {shape} ({n:.3g} voxels); {self.reason(n)}.")
+        why = self.refusal(n)
+        if why is not None:
+            raise ScanTooLarge(f"{what}: shape {shape} ({n:.3g} voxels); {why}.")
 
 
 def scan_limit(command: str, override: int | None = None, bytes_per_voxel: float | None = None,
                available: tuple[int | None, str] | None = None, flag: str = FLAG) -> ScanLimit:
     """The ScanLimit of ``command`` (a key of BYTES_PER_VOXEL, or any name with ``bytes_per_voxel``):
     ``override`` voxels when given (the flag), else the available memory (``available``: (bytes, source),
-    default memory_available()) over its bytes per voxel."""
+    default memory_available()) at its bytes per voxel."""
     bpv = float(bytes_per_voxel if bytes_per_voxel is not None else BYTES_PER_VOXEL[command])
     if override is not None:
-        return ScanLimit(int(override), command, bpv, set_by_flag=True, flag=flag)
+        return ScanLimit(command, bpv, flag_voxels=int(override), flag=flag)
     room, source = available if available is not None else memory_available()
-    return ScanLimit(None if room is None else int(room // bpv), command, bpv, room, source, flag=flag)
-
-
-def check_headers(headers: Sequence[ScanHeader], limit: ScanLimit) -> None:
-    """Each header against ``limit`` (a command that holds one scan at a time)."""
-    for h in headers:
-        limit.check(h)
+    return ScanLimit(command, bpv, room, source, flag=flag)
 
 
 def add_limit_argument(parser, what: str = "one scan") -> None:

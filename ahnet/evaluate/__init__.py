@@ -37,20 +37,24 @@ class EvaluateInputError(ValueError):
 
 
 def evaluation_limit(n_runs: int = 1, override: int | None = None) -> ScanLimit:
-    """The ScanLimit of an evaluation of ``n_runs`` runs: it holds every scan of the split at once (geometry,
-    scaled image, label) and one probability map per run (ahnet.data.budget.BYTES_PER_VOXEL)."""
+    """The ScanLimit of an evaluation of ``n_runs`` runs (from the memory available, or ``override`` voxels of the
+    split's scans together): per voxel of every scan it keeps the geometry, scaled image and label, and one
+    probability map per run (ahnet.data.budget.BYTES_PER_VOXEL)."""
     bpv = BYTES_PER_VOXEL["evaluate_held"] + BYTES_PER_VOXEL["evaluate_per_run"] * max(1, int(n_runs))
     return scan_limit("evaluate", override, bytes_per_voxel=bpv)
 
 
 def check_split_size(entries, limit: ScanLimit, what: str) -> None:
-    """The headers of every entry's image and label, and their voxels together, against ``limit`` (an
-    evaluation holds them all at once), before any scan is read."""
+    """The headers of every entry's image and label against ``limit`` before any scan is read: an evaluation
+    holds every scan at once (limit.bytes_per_voxel each) and the one it predicts twice over (evaluate_in_hand)."""
     heads = [read_header(e["image"]) for e in entries]
     total = sum(h.voxels for h in heads)
     biggest = max(heads, key=lambda h: h.voxels)
+    in_hand = BYTES_PER_VOXEL["evaluate_in_hand"]
     limit.check(biggest, total, f"{what}: its {len(heads)} scan(s) hold {total:.3g} voxels together (the largest "
-                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all")
+                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all",
+                need=total * limit.bytes_per_voxel + biggest.voxels * in_hand,
+                how=f"{limit.bytes_per_voxel:g} B per voxel of them all and {in_hand:g} more of the one it predicts")
     for e in entries:
         if e.get("label"):
             limit.check(read_header(e["label"]))

@@ -115,14 +115,18 @@ def test_killed_write_leaves_the_old_cache_as_it_was(tmp_path, monkeypatch):
         pass
 
     real_create = h5.Group.create_dataset
+    labels = []
 
-    def dying(self, name, *a, **k):
-        if name == "label" and "case_001" in self.file.filename:
-            raise Killed()
+    def dying(self, name, *a, **k):          # the second case's label: case_001 (the files are made in memory)
+        if name == "label":
+            labels.append(1)
+            if len(labels) == 2:
+                raise Killed()
         return real_create(self, name, *a, **k)
 
     monkeypatch.setattr(h5.Group, "create_dataset", dying)
     for folder, kw in (("cache", {"target_spacing": (1.6, 1.6)}), ("first", {})):
+        labels.clear()
         with pytest.raises(Killed):
             build_cache(js, tmp_path / folder, annotations_csv=csv, progress=False, **kw)
     assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
