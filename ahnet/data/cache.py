@@ -32,6 +32,7 @@ import io as _io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +53,7 @@ CACHE_VERSION = 2          # 2: Fletcher-32 chunks and a content sha256 (version
 DEFAULT_CHUNKS = (4, 64, 64)
 DIGEST_ATTR = "sha256"
 _SLAB = 32                 # slices per read when a file is hashed
+_VERIFIED: set = set()     # (path, stamp) of the files this process has verified
 
 
 def file_sha1(paths: Sequence, h=None) -> "hashlib._Hash":
@@ -152,11 +154,24 @@ def content_sha256(f) -> str:
     return h.hexdigest()
 
 
+def _stamp(path) -> tuple | None:
+    """(inode, size, mtime ns) of a file: it has not been rewritten while its stamp stays."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def verify_cache_file(path) -> str | None:
     """Why the cache file at ``path`` cannot be trusted (unreadable, a failing checksum, no digest or one that
-    differs from its content), or None when it reads whole and matches its SHA-256."""
+    differs from its content), or None when it reads whole and matches its SHA-256. A file this process already
+    verified is not read again while its stamp (inode, size, mtime) stays (training opens the cache twice)."""
     import h5py
 
+    key = (str(Path(path).absolute()), _stamp(path))
+    if key in _VERIFIED:
+        return None
     try:
         with h5py.File(path, "r") as f:
             want = f.attrs.get(DIGEST_ATTR)
@@ -167,6 +182,7 @@ def verify_cache_file(path) -> str | None:
         return f"it cannot be read whole ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
     if got != (want.decode() if isinstance(want, bytes) else want):
         return "its content no longer matches the SHA-256 written with it"
+    _VERIFIED.add(key)
     return None
 
 
