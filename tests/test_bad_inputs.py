@@ -527,8 +527,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "rescorer.pt is corrupt"),
     ("evaluate", "rescore without a second stage", lambda c: ev(c, "--rescore"), "has no second stage yet"),
     # ---------------------------------------------------------------------------------------------- client
-    ("client", "scan over --max-scan-voxels", lambda c: ["--url", "localhost:9", "--input", c.w.image(0), "--out", c.out,
-                                                         "--max-scan-voxels", "1000", "--retries", "0"],
+    ("client", "scan over --max-scan-voxels", lambda c: ["--url", "localhost:9", "--input", c.w.image(0), "--out",
+                                                         c.out, "--max-scan-voxels", "1000", "--retries", "0"],
      "case case_000: "),
     # ----------------------------------------------------------------------------------------------- bench
     ("bench", "unknown flag", lambda c: ["--bogus"], "unrecognized arguments: --bogus"),

@@ -110,7 +110,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
         probs = predict_runs(runs, images, device, **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                        n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
-        csvs = {f"candidates/{name}.csv": candidates_csv_text(r["candidates"], ["probability_stage1"] if rescore else ())
+        stage1 = ["probability_stage1"] if rescore else []
+        csvs = {f"candidates/{name}.csv": candidates_csv_text(r["candidates"], stage1)
                 for name, r in results.items()}                 # written with the report, all or none
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,

@@ -179,7 +179,8 @@ def verify_cache_file(path) -> str | None:
                 return "it carries no checksum"
             got = content_sha256(f)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
-        return f"it cannot be read whole ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return f"it cannot be read whole ({first})"
     if got != (want.decode() if isinstance(want, bytes) else want):
         return "its content no longer matches the SHA-256 written with it"
     _VERIFIED.add(key)

@@ -28,8 +28,8 @@ from ahnet.infer.second_stage import rescore_candidates
 from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
-__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_runs", "evaluate_predictions",
-           "compare_models", "gallery_crops"]
+__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_runs",
+           "evaluate_predictions", "compare_models", "gallery_crops"]
 
 
 class EvaluateInputError(ValueError):

@@ -91,7 +91,8 @@ def test_the_limit_is_the_memory_available_over_the_commands_bytes_per_voxel(tmp
     msg = str(e.value)
     assert "\n" not in msg and "s.nii.gz: the header says 6 x 20 x 24 int16 (2.88e+03 voxels)" in msg
     assert f"predict holds about {bpv} B per voxel (0.0 GB), more than the 0.0 GB of memory available (MemAvailable)" \
-        in msg and "so it is refused before its voxels are read" in msg and "--max-scan-voxels 2880 to try anyway" in msg
+        in msg and "so it is refused before its voxels are read" in msg
+    assert "--max-scan-voxels 2880 to try anyway" in msg
     scan_limit("predict", available=(bpv * ARR.size, "MemAvailable")).check(read_header(p))   # exactly enough
     scan_limit("predict", available=(None, "unknown")).check(read_header(p))                # nothing known: no limit
     flag = scan_limit("predict", override=100)
@@ -163,7 +164,7 @@ def test_an_evaluation_counts_every_scan_of_the_split_and_the_one_it_predicts(tm
     assert evaluation_limit(3).bytes_per_voxel == 16 + 3 * 4
     need = (ARR.size // 2 + ARR.size) * 20 + ARR.size * 36              # two scans held, the larger in hand
     check_split_size(entries, ScanLimit("evaluate", 20, need, "MemAvailable"), "split 'test'")
-    with pytest.raises(ScanTooLarge, match=r"split 'test': its 2 scan\(s\) hold 4.32e\+03 voxels together \(the largest "
-                                           r"b.nii.gz, 6 x 20 x 24 int16\) .*holds about 20 B per voxel of them all "
-                                           r"and 36 more of the one it predicts"):
+    with pytest.raises(ScanTooLarge, match=r"split 'test': its 2 scan\(s\) hold 4.32e\+03 voxels together \(the "
+                                           r"largest b.nii.gz, 6 x 20 x 24 int16\) .*holds about 20 B per voxel of "
+                                           r"them all and 36 more of the one it predicts"):
         check_split_size(entries, ScanLimit("evaluate", 20, need - 1, "MemAvailable"), "split 'test'")
