@@ -510,7 +510,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),
     ("rescore", "crop too small", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--crop", "2", "32", "32"],
-     "use at least 4 8 8"),
+     "crop 2 32 32: CandidateNet pools three times; use 4 8 8 .. 512 512 512"),
     ("rescore", "overlap 1", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--overlap", "1"], "argument --overlap"),
     ("rescore", "epochs 0", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--epochs", "0"], "argument --epochs"),
     ("rescore", "split without cases", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--split", "nosuch"],

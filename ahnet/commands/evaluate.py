@@ -62,6 +62,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--title", default="AH-Net per-type evaluation")
     ap.add_argument("--rescore", action="store_true",
                     help=f"rescore each run's candidates by its second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore)")
+    ap.add_argument("--rescore-any-rule", action="store_true",
+                    help="with --rescore: apply a second stage to candidates of another rule than it learnt on")
     add_limit_argument(ap, "the split's scans together (evaluate holds them all)")
     return ap
 
@@ -76,21 +78,24 @@ def _main(a) -> int:
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
                         seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
                         tta=a.tta, amp=a.amp, channels_last=a.channels_last, rescore=a.rescore,
-                        max_scan_voxels=a.max_scan_voxels)
+                        rescore_any_rule=a.rescore_any_rule, max_scan_voxels=a.max_scan_voxels)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
+                        rescore_any_rule: bool = False, groups: dict | None = None,
                         max_scan_voxels: int | None = None, **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
     (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
-    (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1); max_scan_voxels: the
-    voxels of the split's scans together (default: evaluation_limit from the memory available). ``predict_kw``: window,
-    overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
+    (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
+    overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume). groups: {model: [run names]} for
+    models trained several times (seeds): the comparisons and claims are the models', over seeds and scans.
+    max_scan_voxels: the voxels of the split's scans together (default: evaluation_limit from the memory
+    available)."""
     out = failures.check_output_dir(out, "--out")
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
@@ -101,7 +106,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
         load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
-    rescorers = {name: load_run_rescorer(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
+    rescorers = {name: load_run_rescorer(run, device, rule, rescore_any_rule)
+                 for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(len(runs), max_scan_voxels))
@@ -110,14 +116,15 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
         probs = predict_runs(runs, images, device, **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                        n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
-        stage1 = ["probability_stage1"] if rescore else []
-        csvs = {f"candidates/{name}.csv": candidates_csv_text(r["candidates"], stage1)
+        stage1 = ["probability_stage1"] if rescorers else []
+        csvs = {paths.report_candidates(out, name).relative_to(out): candidates_csv_text(r["candidates"], stage1)
                 for name, r in results.items()}                 # written with the report, all or none
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,
-                           comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
+                           comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed,
+                                                      groups=groups),
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
-                           candidates=rule.describe() + (SECOND_STAGE if rescore else ""), extra_files=csvs)
+                           candidates=rule.describe() + (SECOND_STAGE if rescorers else ""), extra_files=csvs)
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")

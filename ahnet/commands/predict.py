@@ -79,6 +79,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--rescore", action="store_true",
                     help=f"rescore the candidates by the run's second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore); "
                          "one run folder")
+    ap.add_argument("--rescore-any-rule", action="store_true",
+                    help="with --rescore: apply the second stage to candidates of another rule than it learnt on")
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     ap.add_argument("--skip-bad", action="store_true",
                     help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
@@ -101,7 +103,7 @@ def _main(a) -> int:
         if len(a.runs) != 1:
             raise PredictInputError(f"--rescore takes one run folder in --runs: its {paths.RESCORER} learnt that run's "
                                     "candidates")
-        rescorer = load_run_rescorer(a.runs[0], ens.device)
+        rescorer = load_run_rescorer(a.runs[0], ens.device, rule, a.rescore_any_rule)
     res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
                         amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last,
                         skip_bad=a.skip_bad, rescorer=rescorer, limit=scan_limit("predict", a.max_scan_voxels))
