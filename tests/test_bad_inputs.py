@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"predict": "ahnet.commands.predict", "train": "ahnet.commands.train", "evaluate": "ahnet.commands.evaluate",
          "cache": "ahnet.commands.cache", "pipeline": "ahnet.commands.pipeline", "phantom": "ahnet.commands.phantom",
          "transfer": "weights_transfer.__main__", "experiment": "ahnet.commands.experiment",
-         "bench": "ahnet.commands.bench", "rescore": "ahnet.commands.rescore"}
+         "bench": "ahnet.commands.bench", "rescore": "ahnet.commands.rescore", "client": "ahnet.commands.client"}
 PROG = {"predict": "ahnet.predict", "train": "ahnet.train", "evaluate": "ahnet.evaluate", "cache": "ahnet.commands.cache",
         "pipeline": "ahnet.pipeline", "phantom": "ahnet.data.phantom", "transfer": "weights_transfer",
-        "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore"}
+        "experiment": "ahnet.experiment", "bench": "ahnet.bench", "rescore": "ahnet.rescore", "client": "ahnet.client"}
 
 
 @dataclass
@@ -151,6 +151,53 @@ class Ctx:
         (self.t / "r" / "checkpoints" / "last.pt").write_bytes(content)
         return self.t / "r"
 
+    def flipped_run(self) -> Path:
+        """A copy of the world's run whose best.pt (saved with its digest) has one bit flipped in a weight."""
+        from ahnet.checkpoint import load_checkpoint, save_checkpoint
+        ck = load_checkpoint(self.w.run / "checkpoints" / "best.pt")
+        path = save_checkpoint(ck, self.t / "flip" / "checkpoints" / "best.pt")
+        return flip_in(path, max(ck["model"].values(), key=lambda t: t.numel())).parent.parent
+
+    def flipped_rescorer(self) -> Path:
+        """A copy of the world's run with a trained-looking rescorer.pt (digest) that has one bit flipped."""
+        from ahnet.checkpoint import save_checkpoint
+        from ahnet.nets.candidate_net import CandidateNet
+        run = self.run_with_rescorer(b"")
+        state = CandidateNet().state_dict()
+        save_checkpoint({"format": 1, "state_dict": state, "settings": {}}, run / "rescorer.pt")
+        flip_in(run / "rescorer.pt", max(state.values(), key=lambda t: t.numel()))
+        return run
+
+    def only_validation(self) -> Path:
+        """The world's dataset with every case in split "validation" (no training case)."""
+        meta = json.loads(self.w.ds.read_text(encoding="utf-8"))
+        for e in meta["training"]:
+            e.update(image=str(self.w.ds.parent / e["image"]), label=str(self.w.ds.parent / e["label"]),
+                     split="validation")
+        return self.dataset(meta)
+
+    def last_case_nan(self) -> Path:
+        """The world's three cases, then a fourth whose scan has a NaN voxel (the first three are good)."""
+        meta = json.loads(self.w.ds.read_text(encoding="utf-8"))
+        for e in meta["training"]:
+            e.update(image=str(self.w.ds.parent / e["image"]), label=str(self.w.ds.parent / e["label"]))
+        nan = self.scan(np.where(HU == HU.max(), np.nan, HU), name="nan.nii.gz")
+        meta["training"].append({"image": str(nan), "case_id": "nan", "split": "train"})
+        return self.dataset(meta)
+
+    def folder_second_bad(self) -> Path:
+        """A folder of two scans: a good one, then one whose header promises 4000^3 voxels in 2 kB."""
+        from .data.test_header import nifti_header_only
+        (self.t / "scans").mkdir()
+        write_image(self.t / "scans" / "a.nii.gz", HU, spacing=(2.5, 0.8, 0.8))
+        nifti_header_only(self.t / "scans" / "b.nii", (4000, 4000, 4000))
+        return self.t / "scans"
+
+    def header_4000(self, suffix: str = ".nii") -> Path:
+        """A 2 kB NIfTI (or .nii.gz) whose header claims 4000 x 4000 x 4000 int16 voxels (128 GB)."""
+        from .data.test_header import nifti_header_only
+        return nifti_header_only(self.t / f"big{suffix}", (4000, 4000, 4000), gz=suffix == ".nii.gz")
+
     def diverged_run(self) -> Path:
         """A run folder whose best.pt holds a NaN weight (what a diverged run saved before training refused to)."""
         m = build_model("unet3d", **UNET)
@@ -176,6 +223,17 @@ class Ctx:
 
 
 HU = np.random.default_rng(0).normal(-500, 300, (12, 48, 48)).astype(np.float32)
+
+
+def flip_in(path: Path, tensor: torch.Tensor) -> Path:
+    """Flip one bit in the middle of ``tensor``'s bytes inside the torch file at ``path`` (found by content)."""
+    raw = bytearray(path.read_bytes())
+    data = tensor.detach().contiguous().view(-1).numpy().tobytes()
+    at = raw.find(data)
+    assert at > 0, "tensor bytes not found in the file"
+    raw[at + len(data) // 2] ^= 0x08
+    path.write_bytes(bytes(raw))
+    return path
 TINY_3D = ["--model", "unet3d", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--patch-size", "4",
            "32", "32", "--device", "cpu", "--val-patches", "1", "--model-kwargs", json.dumps(UNET)]
 
@@ -276,6 +334,15 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
                                                                            {"image": "b.nii", "case_id": "a"}]})),
      "case_id 'a' appears twice"),
     ("cache", "nan policy bogus", lambda c: ca(c, "--nan-policy", "bogus"), "argument --nan-policy"),
+    ("cache", "scan over --max-scan-voxels", lambda c: ca(c, "--max-scan-voxels", "1000"),
+     "(2.76e+04 voxels); more than --max-scan-voxels 1000"),
+    ("cache", "resampled over --max-scan-voxels", lambda c: ca(c, "--spacing", "0.05", "0.05", "--max-scan-voxels",
+                                                               "1000000"), "voxels once resampled; more than"),
+    ("cache", "header promises 4000^3 voxels in 2 kB", lambda c: ca(c, data=c.dataset(
+        {"training": [{"image": str(c.header_4000())}]}, ann="")), "4000 x 4000 x 4000 int16 voxels (128000000000 "
+                                                                   "bytes after byte 0) but the file has 2400 bytes"),
+    ("cache", "fourth case NaN: none cached", lambda c: ca(c, data=c.last_case_nan()), "nan.nii.gz: 1 voxels are NaN"),
+    ("cache", "max scan voxels 0", lambda c: ca(c, "--max-scan-voxels", "0"), "argument --max-scan-voxels"),
     # ----------------------------------------------------------------------------------------------- train
     ("train", "lr inf", lambda c: tr(c, "--lr", "inf"), "--lr inf is not a finite number"),
     ("train", "lr nan", lambda c: tr(c, "--lr", "nan"), "--lr nan is not a finite number"),
@@ -335,6 +402,10 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
         c.w.run.joinpath("checkpoints", "best.pt").read_bytes()[:1000])), "last.pt is not a readable torch checkpoint"),
     ("train", "resume a pickle", lambda c: tr(c, "--resume", "--out", c.run_with(b"\x80\x04K\x01.")),
      "last.pt is not a readable torch checkpoint"),
+    ("train", "no training split: no cache", lambda c: tr(c, data=c.only_validation()), "has no training cases"),
+    ("train", "fourth case NaN: no cache", lambda c: tr(c, data=c.last_case_nan()), "nan.nii.gz: 1 voxels are NaN"),
+    ("train", "resume a last.pt with a flipped bit", lambda c: tr(c, "--resume", "--out", c.run_with(
+        c.flipped_run().joinpath("checkpoints", "best.pt").read_bytes())), "last.pt is corrupt: its content no"),
     # -------------------------------------------------------------------------------------------- pipeline
     ("pipeline", "pfn depth negative", lambda c: pl(c, "--pfn-depth", "-3"), "--pfn-depth must be in [0, 6]"),
     ("pipeline", "3d model kwargs shadow --pfn-depth", lambda c: pl(c, "--model-kwargs-3d", '{"pfn_depth": 1}'),
@@ -384,6 +455,17 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("predict", "test entry without image", lambda c: pr(c, inp=c.dataset({"test": [{"label": "x"}]})),
      "entry 0 of 'test': \"image\" is null"),
     ("predict", "run with NaN weights", lambda c: pr(c, runs=c.diverged_run()), "holds non-finite weights"),
+    ("predict", "scan over --max-scan-voxels", lambda c: pr(c, "--max-scan-voxels", "1000", inp=c.w.image(0)),
+     "case_000.nii.gz: the header says 12 x 48 x 48 float32 (2.76e+04 voxels); more than --max-scan-voxels 1000"),
+    ("predict", "header promises 4000^3 voxels in 2 kB", lambda c: pr(c, inp=c.header_4000()),
+     "the header promises 4000 x 4000 x 4000 int16 voxels (128000000000 bytes after byte 0) but the file has 2400"),
+    ("predict", "header promises 4000^3 voxels in a 77-byte .nii.gz", lambda c: pr(c, inp=c.header_4000(".nii.gz")),
+     "but a gzip file of 77 bytes inflates to at most 1032 x that"),
+    ("predict", "max scan voxels not an integer", lambda c: pr(c, "--max-scan-voxels", "1e11"),
+     "argument --max-scan-voxels: expected an integer >= 1, got '1e11'"),
+    ("predict", "second scan bad: nothing written", lambda c: pr(c, inp=c.folder_second_bad()),
+     "case b: "),
+    ("predict", "run with a flipped bit", lambda c: pr(c, runs=c.flipped_run()), "best.pt is corrupt"),
     ("predict", "run given twice", lambda c: pr(c, runs=c.w.run)[:3] + [c.w.run] + pr(c)[3:], "is given twice"),
     # -------------------------------------------------------------------------------------------- evaluate
     ("evaluate", "threshold 2", lambda c: ev(c, "--threshold", "2"), "argument --threshold"),
@@ -452,7 +534,16 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("rescore", "rescorer.pt truncated", lambda c: ["--run", c.run_with_rescorer(
         (c.w.run / "checkpoints" / "best.pt").read_bytes()[:1000]), "--data", c.w.ds],
      "not a readable torch checkpoint"),
+    ("evaluate", "split over --max-scan-voxels", lambda c: ev(c, "--max-scan-voxels", "1000"),
+     "its 1 scan(s) hold 2.76e+04 voxels together (the largest case_001.nii.gz, 12 x 48 x 48 float32)"),
+    ("evaluate", "run with a flipped bit", lambda c: ev(c)[:1] + [c.flipped_run()] + ev(c)[2:], "best.pt is corrupt"),
+    ("rescore", "rescorer.pt with a flipped bit", lambda c: ["--run", c.flipped_rescorer(), "--data", c.w.ds],
+     "rescorer.pt is corrupt"),
     ("evaluate", "rescore without a second stage", lambda c: ev(c, "--rescore"), "has no second stage yet"),
+    # ---------------------------------------------------------------------------------------------- client
+    ("client", "scan over --max-scan-voxels", lambda c: ["--url", "localhost:9", "--input", c.w.image(0), "--out",
+                                                         c.out, "--max-scan-voxels", "1000", "--retries", "0"],
+     "case case_000: "),
     # ----------------------------------------------------------------------------------------------- bench
     ("bench", "unknown flag", lambda c: ["--bogus"], "unrecognized arguments: --bogus"),
     ("bench", "overlap 1.5", lambda c: ["--device", "cpu", "--overlap", "1.5"], "argument --overlap"),

@@ -10,7 +10,8 @@ import pytest
 
 import ahnet.data.cache as cache_mod
 from ahnet.commands import cache as cache_cmd
-from ahnet.commands import experiment
+from ahnet.commands import phantoms
+from ahnet.commands.presets import PRESETS
 from ahnet.train.config import TrainConfig
 from ahnet.train import make_datasets
 
@@ -24,7 +25,8 @@ def _via_train(js):
 
 
 def _via_experiment(js):
-    experiment.prepare_data(js.parent, experiment.PRESETS["demo"], 0)
+    demo = PRESETS["demo"]
+    phantoms.prepare_training(js.parent, demo.cases, demo.size, demo.phantom, 0)
 
 
 def _via_run_sh(js):

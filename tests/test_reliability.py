@@ -221,7 +221,8 @@ with folder_lock(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
-    """A tiny 3D run and a folder of three scans, the middle one corrupt."""
+    """A tiny 3D run and a folder of three scans, the middle one with a NaN voxel (its header is fine: only reading
+    it finds the problem); beside them in cut/, the same three with b cut to its first 300 bytes."""
     d = tmp_path_factory.mktemp("scans")
     run = d / "run" / "checkpoints"
     run.mkdir(parents=True)
@@ -232,7 +233,11 @@ def scans(tmp_path_factory):
     for name in ("a", "c"):
         write_image(d / "in" / f"{name}.nii.gz", Volume(rng.normal(-600, 200, (6, 32, 32)).astype(np.float32),
                                                         (2.5, 0.8, 0.8)))
-    (d / "in" / "b.nii.gz").write_bytes((d / "in" / "a.nii.gz").read_bytes()[:300])
+    nan = rng.normal(-600, 200, (6, 32, 32)).astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    write_image(d / "in" / "b.nii.gz", Volume(nan, (2.5, 0.8, 0.8)))
+    shutil.copytree(d / "in", d / "cut")
+    (d / "cut" / "b.nii.gz").write_bytes((d / "in" / "a.nii.gz").read_bytes()[:300])
     return d
 
 
@@ -276,6 +281,20 @@ def test_one_bad_scan_stops_the_batch_with_the_candidates_of_the_scans_before_it
     assert len(err) == 1 and err[0].startswith("ahnet.predict: error: case b: ") and "--skip-bad" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_prob.nii.gz", "candidates.csv"]
     assert _seriesuids(out) == ["a"]
+
+
+def test_a_scan_whose_header_fails_stops_the_batch_before_anything_is_written(scans, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Every header is read before the first scan: a cut file among three is one line naming it, and --out is not
+    even created (with --skip-bad it is skipped in its turn)."""
+    monkeypatch.setenv("CI", "true")
+    out = tmp_path / "out"
+    assert _predict(scans, out, inp=scans / "cut") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ahnet.predict: error: case b: ") and "cannot read as NIfTI" in err[0]
+    assert err[0].endswith("(nothing was written)") and not out.exists()
+    assert _predict(scans, out, "--skip-bad", inp=scans / "cut") == 1
+    assert _seriesuids(out) == ["a", "c"]
 
 
 def test_skip_bad_goes_on_lists_the_failure_and_exits_1(scans, tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ahnet import failures, paths
-from ahnet.checkpoint import save_checkpoint
+from ahnet.checkpoint import CheckpointError, CorruptCheckpoint, load_checkpoint, save_checkpoint
 from ahnet.nets import AHNet3d
 from ahnet.nets.ahnet3d import PFN_DEPTH, PFN_DEPTH_RANGE
 from ahnet.nets.blocks import UPSAMPLE_MODES
@@ -34,10 +34,12 @@ def newest_2d_checkpoint(runs: Path) -> Optional[Path]:
     candidates = sorted(runs.glob("**/*.pt"), key=lambda p: (p.stat().st_mtime, p.name == paths.BEST), reverse=True)
     for path in candidates:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - unreadable files are simply not candidates
-            continue
-        if isinstance(obj, dict) and obj.get("model_name") == "mcgcn":
+            obj = load_checkpoint(path, required_keys=())
+        except CorruptCheckpoint:
+            raise                     # never pass over a damaged newest run for an older one without a word
+        except CheckpointError:
+            continue                  # files that are no checkpoint are simply not candidates
+        if obj.get("model_name") == "mcgcn":
             return path
     return None
 

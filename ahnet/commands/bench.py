@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ahnet import failures
+from ahnet.atomic import write_text_atomic
 from ahnet.bench.plan import build_plan, lever_name
 from ahnet.bench.report import format_table, machine_info, summarise
 from ahnet.bench.workers import WORKERS, run_worker
@@ -118,17 +119,12 @@ def run_plan(plan: list, threads: int | None, timeout: float) -> list:
 
 
 def write_results(args, device: torch.device, results: list, rows: list, wall_s: float) -> Path:
-    """bench_results/bench-<time>.json (written to a temporary name, then renamed)."""
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    """bench_results/bench-<time>.json (ahnet.atomic: a temporary name, then renamed; a full disk is one line)."""
+    path = Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     doc = {"machine": machine_info(device), "args": {k: v for k, v in vars(args).items() if k != "worker"},
            "wall_s": wall_s, "results": results,
            "table": [dict(zip(("figure", "ours", "monai", "ratio", "unit"), r)) for r in rows]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=1))
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ahnet import failures, paths
+from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.data.cache import cache_dataset
 from ahnet.data.checks import SPACING_RANGE_MM
 
@@ -23,13 +24,15 @@ def main(argv=None) -> int:
                     metavar=("SY", "SX"), help="in-plane target spacing in mm (z is kept); %g to %g" % SPACING_RANGE_MM)
     ap.add_argument("--nan-policy", choices=["raise", "repair"], default="raise")
     ap.add_argument("--skip-bad", action="store_true", help="log bad cases and go on instead of stopping")
+    add_limit_argument(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     def body() -> int:
         out = failures.check_output_dir(paths.cache_dir(a.data) if a.out is None else Path(a.out))
         got = cache_dataset(a.data, out, progress=not failures.quiet(), target_spacing=a.spacing,
-                            nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise")
+                            nan_policy=a.nan_policy, errors="skip" if a.skip_bad else "raise",
+                            limit=scan_limit("cache", a.max_scan_voxels))
         print(f"{len(got)} cases cached in {out}")
         return 0
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from ahnet import failures
+from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, rule_from_arguments
-from ahnet.infer.scans import find_cases
+from ahnet.infer.scans import check_scan_sizes, find_cases
 from ahnet.serve.client import ClientError, Connection, model_info, run_cases
 
 PROG = "ahnet.client"
@@ -36,6 +37,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--retries", type=int, default=3, help="retries of a refused connection")
     ap.add_argument("--retry-wait", type=float, default=1.0, help="seconds between retries")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    add_limit_argument(ap)
     return ap
 
 
@@ -57,12 +59,14 @@ def main(argv=None) -> int:
 def _main(a) -> int:
     _check(a)
     cases = find_cases(a.input, a.split)
+    limit = scan_limit("client", a.max_scan_voxels)
+    check_scan_sizes(cases, limit)                  # every header before the server is asked anything
     conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
     conn.ready()
     model = a.model or model_info(conn)["name"]
     conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
     res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
-                    candidates=rule_from_arguments(a))
+                    candidates=rule_from_arguments(a), limit=limit)
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     return 0

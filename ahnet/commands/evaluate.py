@@ -16,14 +16,16 @@ from pathlib import Path
 
 from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
-from ahnet.data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
+from ahnet.data.io import candidates_csv_text, load_dataset_json, read_annotations_csv
 from ahnet.infer import CandidateRule, WindowSettings, add_candidate_arguments, add_window_arguments, candidate_rule
 from ahnet.infer import load_ensemble, rule_from_arguments
 from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
-from ahnet.evaluate import compare_models, evaluate_predictions, gallery_crops, load_cases, predict_runs, run_names
+from ahnet.data.budget import add_limit_argument
+from ahnet.evaluate import (compare_models, evaluate_predictions, evaluation_limit, gallery_crops, load_cases,
+                            predict_runs, run_names)
 
 PROG = "ahnet.evaluate"
 SECOND_STAGE = (f"; then each run's second stage (RUN/{paths.RESCORER}, a candidate classifier on crops of the scan and "
@@ -57,6 +59,7 @@ def build_parser() -> failures.Parser:
                     help=f"rescore each run's candidates by its second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore)")
     ap.add_argument("--rescore-any-rule", action="store_true",
                     help="with --rescore: apply a second stage to candidates of another rule than it learnt on")
+    add_limit_argument(ap, "the split's scans together (evaluate holds them all)")
     return ap
 
 
@@ -70,14 +73,15 @@ def _main(a) -> int:
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
                         seed=a.seed, title=a.title, **WindowSettings.from_arguments(a).kwargs(), tta=a.tta,
                         amp=a.amp, channels_last=a.channels_last, rescore=a.rescore,
-                        rescore_any_rule=a.rescore_any_rule)
+                        rescore_any_rule=a.rescore_any_rule, max_scan_voxels=a.max_scan_voxels)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
-                        rescore_any_rule: bool = False, groups: dict | None = None, **predict_kw) -> dict:
+                        rescore_any_rule: bool = False, groups: dict | None = None,
+                        max_scan_voxels: int | None = None, **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
@@ -85,7 +89,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
     overlap, sw_batch (ahnet.infer.WindowSettings, checked first), tta, amp, channels_last (predict_volume).
     groups: {model: [run names]} for models trained several times (seeds): the comparisons and claims are the
-    models', over seeds and scans."""
+    models', over seeds and scans. max_scan_voxels: the voxels of the split's scans together (default:
+    evaluation_limit from the memory available)."""
     out = failures.check_output_dir(out, "--out")
     windows = WindowSettings.take(predict_kw)
     device = resolve_device(device)
@@ -101,21 +106,21 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
                  for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
-    cases, images = load_cases(data, split, ann, ann_csv)
+    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(len(runs), max_scan_voxels))
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
         probs = predict_runs(runs, images, device, **windows.kwargs(), **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                        n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
-        for name, r in results.items():
-            write_candidates_csv(paths.report_candidates(out, name), r["candidates"],
-                                 extra_columns=["probability_stage1"] if rescorers else ())
+        stage1 = ["probability_stage1"] if rescorers else []
+        csvs = {paths.report_candidates(out, name).relative_to(out): candidates_csv_text(r["candidates"], stage1)
+                for name, r in results.items()}                 # written with the report, all or none
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,
                            comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed,
                                                       groups=groups),
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
-                           candidates=rule.describe() + (SECOND_STAGE if rescorers else ""))
+                           candidates=rule.describe() + (SECOND_STAGE if rescorers else ""), extra_files=csvs)
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")

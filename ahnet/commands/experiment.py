@@ -160,18 +160,19 @@ def run_experiment(args) -> int:
     ctx, device = dist.plan(args.device, resolve_device(args.device))
     dist.start(ctx, device)
     jobs = training_jobs(args.jobs, preset, device, ctx.world_size)
-    if args.data:
+    if args.data:                                     # your data: every check before its cache is written
         dataset_json = Path(args.data)
-        ctx.main_first(lambda: cache_dataset(dataset_json))
-    else:
+    else:                                             # the phantom: the held-out folders checked before generating
+        _check_eval_sets(plan, args)
         dataset_json = ctx.main_first(lambda: phantoms.prepare_training(ep.train, preset.cases, preset.size,
                                                                         preset.phantom, args.seed))
-        _check_eval_sets(plan, args)
     spacing = phantoms.data_spacing(dataset_json)
     configs = {name: variant_config(v, k, preset, dataset_json, ep, args.seed, args.device, spacing, args.sync_bn)
                for name, (v, k) in plan.trainings.items()}
     for cfg in configs.values():                         # every run's network and places before the first trains
         preflight(cfg, sources=cfg.init != "transfer")
+    if args.data:
+        ctx.main_first(lambda: cache_dataset(dataset_json))
     print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {ep.runs}/, "
           f"variants {', '.join(plan.variants)}, {args.seeds} seed(s)", flush=True)
     second = {} if preset.rescore is None else {

@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from ahnet import failures, paths
+from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, load_ensemble
 from ahnet.infer import rule_from_arguments
 from ahnet.infer.scans import PredictInputError, find_cases, predict_cases
@@ -79,6 +80,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     ap.add_argument("--skip-bad", action="store_true",
                     help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
+    add_limit_argument(ap)
     return ap
 
 
@@ -99,7 +101,8 @@ def _main(a) -> int:
                                     "candidates")
         rescorer = load_run_rescorer(a.runs[0], ens.device, rule, a.rescore_any_rule)
     res = predict_cases(cases, ens, a.out, windows, tta=a.tta, amp=a.amp, threshold=a.threshold, candidates=rule,
-                        channels_last=a.channels_last, skip_bad=a.skip_bad, rescorer=rescorer)
+                        channels_last=a.channels_last, skip_bad=a.skip_bad, rescorer=rescorer,
+                        limit=scan_limit("predict", a.max_scan_voxels))
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     if res["failed"]:

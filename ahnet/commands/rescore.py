@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ahnet import failures, paths
-from ahnet.atomic import atomic_path, write_text_atomic
+from ahnet.atomic import write_text_atomic
+from ahnet.checkpoint import save_checkpoint
 from ahnet.data.io import load_dataset_json, read_annotations_csv
 from ahnet.evaluate import load_cases
 from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
@@ -206,8 +207,7 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
     x, y, counts = collect(run, data, cfg.split, cfg.jitter, cfg.seed, device, cfg.amp, cfg.max_cases,
                            tuple(cfg.crop), cfg.overlap)
     net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width)
-    with atomic_path(out) as tmp:
-        torch.save({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, tmp)
+    save_checkpoint({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, out)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
     write_text_atomic(paths.run_paths(run).rescorer_json, json.dumps(info, indent=2) + "\n")
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "

@@ -16,8 +16,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-import contextlib
-import locale
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +24,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ahnet.atomic import atomic_path
+from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.data.checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
                      dataset_entries, decode_utf8, read_json)
+from ahnet.data.header import (IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, ScanHeader, check_meta_header,  # noqa: F401
+                               image_suffix, kept_locale, read_header)
 
 log = logging.getLogger(__name__)
 
 # LPS <-> RAS: negate x and y.
 _FLIP = np.diag([-1.0, -1.0, 1.0])
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
-#: every image file this module reads and writes (a DICOM series is a folder)
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
@@ -114,14 +110,6 @@ class Volume:
 
 
 # --------------------------------------------------------------------------------------------------- checks
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in NIFTI_SUFFIXES[::-1] + ITK_SUFFIXES:
-        if name.endswith(s):
-            return s
-    return path.suffix.lower()
-
 
 def validate_volume(vol: Volume, path, nan_policy: str = "raise") -> Volume:
     """Check a freshly read volume; raise DataError naming ``path`` on a problem.
@@ -225,23 +213,6 @@ def _read_nifti(path: Path) -> Volume:
     return Volume(arr, tuple(spacing_xyz[::-1]), tuple(origin), direction)
 
 
-def _check_meta_header(path: Path) -> None:
-    """MetaImage: ITK silently assumes 1 mm when ElementSpacing is missing; refuse that."""
-    with open(path, "rb") as f:
-        head = f.read(65536).decode("latin-1", errors="replace")
-    keys = set()
-    for line in head.splitlines():
-        if "=" in line:
-            k = line.split("=", 1)[0].strip()
-            keys.add(k)
-            if k == "ElementDataFile":
-                break
-    if "NDims" not in keys:
-        raise DataError(f"{path}: not a MetaImage header (no NDims line).")
-    if "ElementSpacing" not in keys and "ElementSize" not in keys:
-        raise DataError(f"{path}: MetaImage header has no ElementSpacing; expected the voxel spacing in mm.")
-
-
 def _sitk_to_volume(img, path) -> Volume:
     import SimpleITK as sitk
 
@@ -262,8 +233,6 @@ def _sitk_to_volume(img, path) -> Volume:
 def _read_itk(path: Path) -> Volume:
     import SimpleITK as sitk
 
-    if _suffix(path) in (".mha", ".mhd"):
-        _check_meta_header(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:
@@ -271,43 +240,15 @@ def _read_itk(path: Path) -> Volume:
     return _sitk_to_volume(img, path)
 
 
-@contextlib.contextmanager
-def kept_locale():
-    """Put the process locale back on exit. GDCM (SimpleITK's DICOM reader and writer) sets it to "C", which
-    turns Python's default text encoding into ASCII for the rest of the process (text files, and libraries
-    such as torch.compile that read their own UTF-8 files)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:
+def _read_dicom_dir(path: Path, head: ScanHeader) -> Volume:
     with kept_locale():
-        return _read_dicom_series(path, series_uid)
+        return _read_dicom_series(path, head.files, head.series)
 
 
-def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
+def _read_dicom_series(path: Path, files, series_uid: str) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    ids = list(reader.GetGDCMSeriesIDs(str(path)) or [])
-    if not ids:
-        raise DataError(f"{path}: folder holds no DICOM series.")
-    if series_uid is None:
-        files_by_id = {i: reader.GetGDCMSeriesFileNames(str(path), i) for i in ids}
-        series_uid = max(ids, key=lambda i: len(files_by_id[i]))
-        if len(ids) > 1:
-            log.warning("%s: %d DICOM series found; reading the largest, %s (pass series_uid to choose).",
-                        path, len(ids), series_uid)
-        files = files_by_id[series_uid]
-    else:
-        if series_uid not in ids:
-            raise DataError(f"{path}: no DICOM series {series_uid}; found {ids}.")
-        files = reader.GetGDCMSeriesFileNames(str(path), series_uid)
-    if len(files) < 2:
-        raise DataError(f"{path}: DICOM series {series_uid} has {len(files)} slice; expected a 3D series.")
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -331,36 +272,36 @@ def _read_dicom_series(path: Path, series_uid: str | None) -> Volume:
     return _sitk_to_volume(img, path)
 
 
-def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: str | None = None) -> Volume:
+def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: str | None = None,
+               limit: ScanLimit | None = None) -> Volume:
     """Read a 3D scan or mask: NIfTI (.nii/.nii.gz), MetaImage (.mha/.mhd), NRRD, or a DICOM series folder.
 
+    Its header first (ahnet.data.header.read_header): a scan with more voxels than ``limit`` (default: what the
+    memory available holds at ahnet.data.budget's "read" bytes per voxel) is refused before its voxels are read.
     Returns a validated :class:`Volume` with array (z, y, x) cast to ``dtype`` (None keeps the file's dtype).
     Raises DataError naming the file on a missing/corrupt file, a non-3D volume, bad spacing, or NaN voxels
     (unless nan_policy="repair").
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file or folder not found.")
+    head = read_header(path, series_uid)
+    (limit or scan_limit("read")).check(head)
     if path.is_dir():
-        vol = _read_dicom_dir(path, series_uid)
+        vol = _read_dicom_dir(path, head)
+    elif image_suffix(path) in NIFTI_SUFFIXES:
+        vol = _read_nifti(path)
     else:
-        suf = _suffix(path)
-        if suf in NIFTI_SUFFIXES:
-            vol = _read_nifti(path)
-        elif suf in ITK_SUFFIXES or suf in (".dcm", ""):
-            vol = _read_itk(path)
-        else:
-            raise DataError(f"{path}: unknown image format '{suf}'; expected {', '.join(IMAGE_SUFFIXES)} "
-                            f"or a DICOM folder.")
+        vol = _read_itk(path)
     vol = validate_volume(vol, path, nan_policy=nan_policy)
     if dtype is not None and vol.array.dtype != dtype:
         vol.array = vol.array.astype(dtype)
     return vol
 
 
-def read_scan(path, nan_policy: str = "raise", series_uid: str | None = None) -> Volume:
-    """A CT scan: read_image (float32), then checked for sense as CT in HU (ahnet.data.checks.check_scan)."""
-    vol = read_image(path, nan_policy=nan_policy, series_uid=series_uid)
+def read_scan(path, nan_policy: str = "raise", series_uid: str | None = None,
+              limit: ScanLimit | None = None) -> Volume:
+    """A CT scan: read_image (float32, ``limit`` as there), then checked for sense as CT in HU
+    (ahnet.data.checks.check_scan)."""
+    vol = read_image(path, nan_policy=nan_policy, series_uid=series_uid, limit=limit)
     check_scan(vol, path)
     return vol
 
@@ -402,7 +343,7 @@ def write_image(path, volume_or_array, like: Volume | None = None, spacing=None,
     elif arr.dtype == bool:
         arr = arr.astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suf = _suffix(path)
+    suf = image_suffix(path)
     if suf in NIFTI_SUFFIXES:
         import nibabel as nib
 
@@ -485,19 +426,26 @@ def read_candidates_csv(path) -> list[dict]:
     return _read_csv(path, ("seriesuid", "coordX", "coordY", "coordZ"))
 
 
-def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
-    """Write candidates: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
-    path = Path(path)
+def candidates_csv_text(rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> str:
+    """Candidates as CSV text: seriesuid,coordX,coordY,coordZ,probability (+ extra_columns), world LPS mm."""
     cols = list(CANDIDATE_COLUMNS) + [c for c in extra_columns if c not in CANDIDATE_COLUMNS]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            out = dict(r)
-            for c in ("coordX", "coordY", "coordZ", "probability"):
-                if c in out and out[c] is not None:
-                    out[c] = repr(float(out[c]))
-            w.writerow(out)
+    f = _io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        out = dict(r)
+        for c in ("coordX", "coordY", "coordZ", "probability"):
+            if c in out and out[c] is not None:
+                out[c] = repr(float(out[c]))
+        w.writerow(out)
+    return f.getvalue()
+
+
+def write_candidates_csv(path, rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> Path:
+    """Write candidates_csv_text atomically at ``path``; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(candidates_csv_text(rows, extra_columns), encoding="utf-8", newline="")
     return path
 
 

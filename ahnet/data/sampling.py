@@ -180,8 +180,12 @@ class PatchDataset(Dataset):
         if np.all(hi > lo):
             src = tuple(slice(a, b) for a, b in zip(lo, hi))
             dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-            img[dst] = f["image"][src]
-            lab[dst] = f["label"][src]
+            try:
+                img[dst] = f["image"][src]
+                lab[dst] = f["label"][src]
+            except OSError as e:          # a chunk whose Fletcher-32 checksum fails: damaged since it was built
+                raise ValueError(f"cache file {self.paths[k]} is damaged ({str(e).strip().splitlines()[0][:100]}); "
+                                 f"run again: the cache check finds it and rebuilds it from its source") from None
         return img, lab
 
     def __getitem__(self, index: int) -> dict:

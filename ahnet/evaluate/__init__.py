@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ahnet.data.budget import BYTES_PER_VOXEL, ScanLimit, scan_limit
 from ahnet.data.checks import check_inside
+from ahnet.data.header import read_header
 from ahnet.data.io import load_dataset_json, read_image, read_scan
 from ahnet.data.preprocess import clip_and_scale
 from ahnet.evaluate.froc import evaluate_detection, paired_bootstrap
@@ -26,30 +28,57 @@ from ahnet.infer.second_stage import rescore_candidates
 from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
-__all__ = ["EvaluateInputError", "load_cases", "run_names", "predict_runs", "evaluate_predictions",
-           "compare_models", "gallery_crops"]
+__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_runs",
+           "evaluate_predictions", "compare_models", "gallery_crops"]
 
 
 class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
 
 
+def evaluation_limit(n_runs: int = 1, override: int | None = None) -> ScanLimit:
+    """The ScanLimit of an evaluation of ``n_runs`` runs (from the memory available, or ``override`` voxels of the
+    split's scans together): per voxel of every scan it keeps the geometry, scaled image and label, and one
+    probability map per run (ahnet.data.budget.BYTES_PER_VOXEL)."""
+    bpv = BYTES_PER_VOXEL["evaluate_held"] + BYTES_PER_VOXEL["evaluate_per_run"] * max(1, int(n_runs))
+    return scan_limit("evaluate", override, bytes_per_voxel=bpv)
+
+
+def check_split_size(entries, limit: ScanLimit, what: str) -> None:
+    """The headers of every entry's image and label against ``limit`` before any scan is read: an evaluation
+    holds every scan at once (limit.bytes_per_voxel each) and the one it predicts twice over (evaluate_in_hand)."""
+    heads = [read_header(e["image"]) for e in entries]
+    total = sum(h.voxels for h in heads)
+    biggest = max(heads, key=lambda h: h.voxels)
+    in_hand = BYTES_PER_VOXEL["evaluate_in_hand"]
+    limit.check(biggest, total, f"{what}: its {len(heads)} scan(s) hold {total:.3g} voxels together (the largest "
+                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all",
+                need=total * limit.bytes_per_voxel + biggest.voxels * in_hand,
+                how=f"{limit.bytes_per_voxel:g} B per voxel of them all and {in_hand:g} more of the one it predicts")
+    for e in entries:
+        if e.get("label"):
+            limit.check(read_header(e["label"]))
+
+
 def load_cases(dataset_json, split: str = "test", annotations: list | None = None,
-               annotations_csv=None) -> tuple[list, dict]:
+               annotations_csv=None, limit: ScanLimit | None = None) -> tuple[list, dict]:
     """(cases, images) of one split of a dataset.json: cases [{"case_id", "geometry" (the image Volume),
     "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}.
+    The headers first: the split's voxels together against ``limit`` (default: evaluation_limit() of one run).
     Each scan is checked for sense as CT (ahnet.data.checks); with ``annotations`` (rows of ``annotations_csv``),
     each case's nodules must lie inside its scan."""
     entries = [e for e in load_dataset_json(dataset_json) if e.get("split") == split]
     if not entries:
         raise EvaluateInputError(f"{dataset_json} has no case with split {split!r}")
+    limit = limit or evaluation_limit()
+    check_split_size(entries, limit, f"split {split!r} of {dataset_json}")
     cases, images = [], {}
     for e in entries:
-        vol = read_scan(e["image"])
+        vol = read_scan(e["image"], limit=limit)
         if annotations is not None:
             check_inside([a for a in annotations if str(a["seriesuid"]) == e["case_id"]], vol, e["case_id"],
                          annotations_csv)
-        lab = read_image(e["label"]).array.astype(np.int32) if e.get("label") else None
+        lab = read_image(e["label"], limit=limit).array.astype(np.int32) if e.get("label") else None
         images[e["case_id"]] = clip_and_scale(vol.array)
         cases.append({"case_id": e["case_id"], "geometry": vol, "label": lab})
     return cases, images

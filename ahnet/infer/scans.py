@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ahnet import failures
-from ahnet.atomic import folder_lock, remove_temps
+from ahnet.atomic import DiskFull, atomic_paths, folder_lock, remove_temps
 from ahnet.data import io
+from ahnet.data.budget import ScanLimit, scan_limit
+from ahnet.data.header import read_header
 from ahnet.data.preprocess import clip_and_scale
 from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule, extract_candidates, predict_volume
 from ahnet.infer.second_stage import Rescorer, rescore_candidates
@@ -120,40 +122,61 @@ def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "aut
     return out
 
 
+def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> None:
+    """Every scan's header read and checked against ``limit`` before any scan is read or anything written
+    (PredictInputError naming the case); with ``skip_bad`` a bad one is left for its turn (skipped then)."""
+    for case in cases:
+        if skip_bad and not Path(case.image).exists():
+            continue
+        try:
+            limit.check(read_header(case.image))
+        except ValueError as e:
+            if not skip_bad:
+                raise PredictInputError(f"case {case.case_id}: {failures.one_line(e).rstrip('.')} (nothing was "
+                                        f"written)") from None
+
+
 def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
-                  rescorer: Rescorer | None = None) -> list:
-    """One scan -> its _prob and _mask files (each written atomically) and its candidate rows (rescored by the
-    second stage when ``rescorer`` is given)."""
-    vol = io.read_scan(case.image)
+                  rescorer: Rescorer | None = None, limit: ScanLimit | None = None) -> list:
+    """One scan -> its _prob and _mask files (written atomically together) and its candidate rows (rescored by
+    the second stage when ``rescorer`` is given)."""
+    vol = io.read_scan(case.image, limit=limit)
     scale_in_place(vol.array)
     prob = probability(vol.array)
     rows = extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
     if rescorer is not None:
         rows = rescore_candidates(rescorer, rows, vol.array, prob, vol)
     vol.array = None
-    io.write_image(out / f"{case.case_id}_prob.nii.gz", prob.astype(np.float32, copy=False), like=vol)
-    io.write_image(out / f"{case.case_id}_mask.nii.gz", (prob >= threshold).astype(np.uint8), like=vol)
+    names = [out / f"{case.case_id}_prob.nii.gz", out / f"{case.case_id}_mask.nii.gz"]
+    with atomic_paths(names) as (prob_tmp, mask_tmp):      # both or neither: a full disk leaves the old pair
+        io.write_image(prob_tmp, prob.astype(np.float32, copy=False), like=vol)
+        io.write_image(mask_tmp, (prob >= threshold).astype(np.uint8), like=vol)
     return rows
 
 
 def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
-                      skip_bad: bool = False, rescorer: Rescorer | None = None) -> dict:
+                      skip_bad: bool = False, rescorer: Rescorer | None = None, limit: ScanLimit | None = None) -> dict:
     """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
     writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and <out>/candidates.csv (by the rule
     ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by ``rescorer``, the run's second stage, when
     given, the first stage's score kept as probability_stage1), with --out locked.
 
-    One case in memory at a time. A scan that fails: the candidates of the scans done are written, then
-    PredictInputError, or with ``skip_bad`` a warning and the next scan.
+    One case in memory at a time; every scan's header checked against ``limit`` (default: ahnet.data.budget's
+    "predict" limit) before the first is read. A scan that fails: the candidates of the scans done are written,
+    then PredictInputError, or with ``skip_bad`` a warning and the next scan.
     Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path}.
     """
     out, rule = Path(out), candidate_rule(candidates)
+    limit = limit or scan_limit("predict")
+    check_scan_sizes(cases, limit, skip_bad)
     rows, done, failed = [], [], []
     with folder_lock(out, "--out"):
         remove_temps(out, only_dead=False)
         for case in _progress(cases, desc="predict", unit="case"):
             try:
-                rows += _predict_case(case, out, probability, threshold, rule, rescorer)
+                rows += _predict_case(case, out, probability, threshold, rule, rescorer, limit)
+            except DiskFull:
+                raise                                        # not the scan's fault: no --skip-bad past it
             except (ValueError, OSError) as e:
                 why = failures.one_line(e).rstrip(".")
                 failed.append((case.case_id, why))
@@ -174,11 +197,13 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
 
 def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSettings(), tta: bool = False,
                   amp: bool | str = "auto", threshold: float = 0.5, candidates: CandidateRule | None = None,
-                  channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None) -> dict:
+                  channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None,
+                  limit: ScanLimit | None = None) -> dict:
     """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``; accumulators inside
-    ahnet.infer) and write its files (write_predictions), the options checked first (check_options)."""
+    ahnet.infer) and write its files (write_predictions, scans up to ``limit``), the options checked first
+    (check_options)."""
     out = check_options(cases, ens, out, windows.window, amp, threshold, skip_bad)
 
     def probability(image01):
         return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last)
-    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit)

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ahnet.checkpoint import check_digest
 from ahnet.nets.ahnet3d import AHNet3d
 from ahnet.nets.resnet import RESNET_SPECS, ResNet2d, torchvision_encoder_state
 from ahnet.nets.resnet3d import ResNet3dEncoder
@@ -64,6 +65,7 @@ def load_source(path: str | Path) -> Source2d:
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(obj, dict):
         raise TransferError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state dict")
+    check_digest(obj, path)                                         # a project checkpoint carries its digest
     if "model" in obj and isinstance(obj["model"], dict):          # this project's checkpoint
         name = obj.get("model_name")
         if name != "mcgcn":

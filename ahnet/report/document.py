@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ahnet import paths
-from ahnet.atomic import atomic_path, write_text_atomic
+from ahnet.atomic import atomic_paths
 from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.report.claims import claim_sentence, comparison_tables, found_line
 from ahnet.report.curves import budget_table, curves_figure, read_curves
@@ -263,19 +263,20 @@ def _html(rep, figs, title) -> str:
 
 def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluation", types=TYPE_CODES,
                  tie_tol: float = TIE_TOL, comparisons: dict | None = None, runs: dict | None = None,
-                 gallery: dict | None = None, candidates: str | None = None) -> dict:
-    """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir, each
-    file atomically. Returns the report.json content. See the module docstring for the inputs and the rules.
+                 gallery: dict | None = None, candidates: str | None = None, extra_files: dict | None = None) -> dict:
+    """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir, with
+    ``extra_files`` ({path relative to out_dir: text or bytes}, e.g. the candidate CSVs), all renamed into place
+    together once every one is written (a kill or a full disk leaves the old report whole). Returns the
+    report.json content. See the module docstring for the inputs and the rules.
     """
     rep = summarize(results, types=types, tie_tol=tie_tol, comparisons=comparisons, curves=read_curves(runs),
                     gallery=gallery, candidates=candidates)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     figs = _figures(rep, gallery)
-    for name, data in figs.items():                   # every file atomically: a kill leaves old or new, not half
-        with atomic_path(out / name) as tmp:
-            tmp.write_bytes(data)
-    write_text_atomic(out / paths.REPORT_JSON, json.dumps(rep, indent=1, allow_nan=False))
-    write_text_atomic(out / paths.REPORT_MD, _markdown(rep, figs, title))
-    write_text_atomic(out / paths.REPORT_HTML, _html(rep, figs, title))
+    files = {**figs, paths.REPORT_JSON: json.dumps(rep, indent=1, allow_nan=False),
+             paths.REPORT_MD: _markdown(rep, figs, title), paths.REPORT_HTML: _html(rep, figs, title),
+             **(extra_files or {})}
+    with atomic_paths([out / name for name in files]) as tmps:
+        for tmp, data in zip(tmps, files.values()):
+            tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     return rep

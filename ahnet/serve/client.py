@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.infer.scans import write_predictions
 from ahnet.infer import CandidateRule, WindowSettings, sliding_window_predict, window_for
 from ahnet.serve import store
@@ -165,14 +166,14 @@ def remote_probability(remote: RemoteWindows, default_window, windows: WindowSet
 
 
 def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
-              threshold: float = 0.5, candidates: CandidateRule | None = None) -> dict:
+              threshold: float = 0.5, candidates: CandidateRule | None = None, limit: ScanLimit | None = None) -> dict:
     """Predict every case through the server and write ahnet.commands.predict's files (candidates by the rule
-    ``candidates``, default ahnet.infer.DEFAULT_RULE, as ahnet.commands.predict); returns {"cases", "failed",
-    "candidates", "csv"}."""
+    ``candidates``, default ahnet.infer.DEFAULT_RULE, as ahnet.commands.predict; scans up to ``limit``, default
+    ahnet.data.budget's "client" limit); returns {"cases", "failed", "candidates", "csv"}."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
     if windows.window is not None:
         window_for((1, 1, 1), multiple, meta["window"], windows.window)   # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
     probability = remote_probability(remote, meta["window"], windows, tta)
-    return write_predictions(cases, out, probability, threshold, candidates)
+    return write_predictions(cases, out, probability, threshold, candidates, limit=limit or scan_limit("client"))

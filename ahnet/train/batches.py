@@ -61,12 +61,12 @@ def make_datasets(cfg: TrainConfig):
         raise TrainError(f"--data {cfg.data} does not exist (expected a dataset.json; make one with "
                          f"python -m ahnet.data.phantom --out {paths.DATA_ROOT / 'phantom'}).")
     train_ids, val_ids = split_cases(cfg, load_dataset_json(cfg.data))
+    if not train_ids:                                  # before the cache is built: a refusal writes nothing
+        raise TrainError(f"{cfg.data} has no training cases (split 'train').")
     by_case = _cache_paths_by_case(cache_dataset(cfg.data, cfg.cache_dir, progress=not quiet()))
     missing = [c for c in train_ids + val_ids if c not in by_case]
     if missing:
         raise TrainError(f"the cache {cfg.cache_dir} lacks cases {missing[:5]} listed in {cfg.data}.")
-    if not train_ids:
-        raise TrainError(f"{cfg.data} has no training cases (split 'train').")
     train_ds = PatchDataset([by_case[c] for c in train_ids], patch_size=tuple(cfg.patch_size),
                             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
                             pos_fraction=cfg.pos_fraction, augment=make_augment(cfg), seed=cfg.seed,

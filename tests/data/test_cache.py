@@ -75,12 +75,17 @@ def test_build_cache_resampled_and_nodules_from_mask(tmp_path):
         assert 6.0 < nod[0]["diameter_mm"] < 10.0
 
 
+def target_name(tmp) -> str:
+    """The file a temporary of ahnet.atomic stands for (``.case_001.h5.tmp-123`` -> ``case_001.h5``)."""
+    return tmp.name[1:].split(".tmp-")[0]
+
+
 def test_rebuild_on_change_skip_when_unchanged(tmp_path, monkeypatch):
     js, csv = make_dataset(tmp_path / "ds")
     build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False)
     written = []
     real = cache_mod._write_h5
-    monkeypatch.setattr(cache_mod, "_write_h5", lambda p, *a, **k: (written.append(p.name), real(p, *a, **k)))
+    monkeypatch.setattr(cache_mod, "_write_h5", lambda p, *a, **k: (written.append(target_name(p)), real(p, *a, **k)))
     build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False)
     assert written == []
     # change one source image: only that case is rebuilt, and the content follows the new source
@@ -97,31 +102,41 @@ def test_rebuild_on_change_skip_when_unchanged(tmp_path, monkeypatch):
     assert written == ["case_000.h5", "case_001.h5", "case_002.h5"]
 
 
-def test_killed_write_leaves_no_readable_entry(tmp_path, monkeypatch):
+def test_killed_write_leaves_the_old_cache_as_it_was(tmp_path, monkeypatch):
+    """A build is renamed into place as a whole: a kill while case_001 is written (the settings changed, so all
+    three are rebuilt) leaves the three old files byte for byte and no temporary; a first build killed leaves no
+    folder at all."""
     js, csv = make_dataset(tmp_path / "ds")
+    build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
     import h5py as h5
 
     class Killed(BaseException):  # like KeyboardInterrupt: not swallowed by except Exception
         pass
 
     real_create = h5.Group.create_dataset
+    labels = []
 
-    def dying(self, name, *a, **k):
-        if name == "label" and "case_001" in self.file.filename:
-            raise Killed()
+    def dying(self, name, *a, **k):          # the second case's label: case_001 (the files are made in memory)
+        if name == "label":
+            labels.append(1)
+            if len(labels) == 2:
+                raise Killed()
         return real_create(self, name, *a, **k)
 
     monkeypatch.setattr(h5.Group, "create_dataset", dying)
-    with pytest.raises(Killed):
-        build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False)
-    files = sorted(os.listdir(tmp_path / "cache"))
-    assert files == ["case_000.h5"]  # no case_001.h5, no tmp left behind
+    for folder, kw in (("cache", {"target_spacing": (1.6, 1.6)}), ("first", {})):
+        labels.clear()
+        with pytest.raises(Killed):
+            build_cache(js, tmp_path / folder, annotations_csv=csv, progress=False, **kw)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+    assert not (tmp_path / "first").exists()
     monkeypatch.undo()
     # a really killed process would leave its tmp file: it never matches *.h5 and the next build is complete
     (tmp_path / "cache/.case_001.h5.tmp-99999").write_bytes(b"half")
     paths = build_cache(js, tmp_path / "cache", annotations_csv=csv, progress=False)
     assert [p.name for p in paths] == ["case_000.h5", "case_001.h5", "case_002.h5"]
-    assert sorted(p.name for p in (tmp_path / "cache").glob("*.h5")) == [p.name for p in paths]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [p.name for p in paths]
 
 
 def test_truncated_cache_file_is_rebuilt(tmp_path):
