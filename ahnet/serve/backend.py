@@ -1,0 +1,152 @@
+"""The served models as Triton Python-backend models: the code ``tritonserver``'s Python stubs run.
+
+ahnet.serve.server writes a model repository in which every model's ``1/model.py`` is the one line
+``from ahnet.serve.backend import TritonPythonModel``, beside ``1/ahnet.json`` (SPEC), a JSON object that says what
+the model is:
+
+- ``{"kind": "windows", "models": DIR, "backend": "pytorch"|"onnx", "folds": [names], "threads": n,
+  "max_voxels": n}``: the mean over the folds ``folds`` of the export folder DIR of sigmoid(logits) per window
+  (one fold: that fold alone); input ``image`` float32 (N, 1, D, H, W), output ``probability`` of the same shape;
+- ``{"kind": "info", "model_json": FILE}``: model.json as one BYTES output ``model_json`` for any ``query``.
+
+Bad requests: each request of a dynamic batch is checked on its own (``check_windows``); one that fails gets an
+error reply of its own, the one sentence of its RequestError with Triton's INVALID_ARG status (HTTP 400), while the
+other requests of the batch are answered as usual. The stub writes ``bad request (model <name>): <sentence>`` and
+the traceback to its stderr, which is the server's log. A failure that is not the request's fault (a runner that
+raises) answers every request of its group with one sentence naming the exception type and pointing to the log,
+which gets the full traceback. Replies never carry a traceback or a file path.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from ahnet.serve import store
+
+
+SPEC = "ahnet.json"
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer; the message is one sentence naming the problem."""
+
+
+def check_windows(x: np.ndarray, multiple, max_voxels: int) -> None:
+    """Raise RequestError unless ``x`` is (N, 1, D, H, W) float32, sizes multiples of ``multiple``, at most
+    ``max_voxels`` per window, and finite."""
+    if x.dtype != np.float32:
+        raise RequestError(f"input {store.INPUT} has dtype {x.dtype}; expected float32")
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise RequestError(f"input {store.INPUT} has shape {x.shape}; expected (N, 1, D, H, W)")
+    size = tuple(int(s) for s in x.shape[2:])
+    if any(s < 1 or s % m for s, m in zip(size, multiple)):
+        raise RequestError(f"window size {size} is not a multiple of the model's input multiple "
+                           f"{tuple(multiple)}; pad windows to multiples (ahnet.serve.client does)")
+    if int(np.prod(size)) > max_voxels:
+        raise RequestError(f"window size {size} has {int(np.prod(size))} voxels, over this server's limit of "
+                           f"{max_voxels} per window; send smaller windows")
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise RequestError(f"input {store.INPUT} holds {bad} NaN or infinite value(s); expected a [0, 1]-scaled "
+                           f"CT window")
+
+
+def mean_probability(runners, x: np.ndarray) -> np.ndarray:
+    """Mean over ``runners`` of sigmoid(logits) in float32, summed in runner order then divided, as
+    ahnet.infer averages an ensemble's probabilities."""
+    import torch
+    total = None
+    for run in runners:
+        p = torch.sigmoid(torch.from_numpy(run(x)).float())
+        total = p if total is None else total + p
+    return (total / len(runners)).numpy()
+
+
+def log(text: str) -> None:
+    """One write to stderr (the server's log), so lines of concurrent stubs do not interleave."""
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.flush()
+
+
+def answer_windows(arrays: list, compute, check) -> list:
+    """[probabilities or the exception that answers it] for the request arrays of one dynamic batch: each array
+    checked by ``check`` on its own, the valid ones of equal shape computed together by ``compute`` (N, 1, D, H, W)
+    -> same shape."""
+    out: list = [None] * len(arrays)
+    groups: dict = {}
+    for i, a in enumerate(arrays):
+        try:
+            check(a)
+        except RequestError as e:
+            out[i] = e
+            continue
+        groups.setdefault(a.shape[1:], []).append(i)
+    for idx in groups.values():
+        try:
+            p = compute(np.ascontiguousarray(np.concatenate([arrays[i] for i in idx]), np.float32))
+        except Exception as e:                          # not the request's fault: every request of the group
+            for i in idx:
+                out[i] = e
+            continue
+        start = 0
+        for i in idx:
+            n = arrays[i].shape[0]
+            out[i] = p[start:start + n]
+            start += n
+    return out
+
+
+def error_sentence(exc: BaseException, model: str) -> str:
+    """What a client is told: a RequestError's sentence, else the exception type (its text may hold paths)."""
+    if isinstance(exc, RequestError):
+        return str(exc)
+    return f"model {model} failed on this request ({type(exc).__name__}); the server's log has the details"
+
+
+class TritonPythonModel:
+    """A served model for Triton's Python backend (initialize / execute / finalize); see the module docstring."""
+
+    def initialize(self, args: dict) -> None:
+        self.name = json.loads(args["model_config"])["name"]
+        spec = json.loads((Path(args["model_repository"]) / str(args["model_version"]) / SPEC).read_text("utf-8"))
+        self.kind = spec["kind"]
+        if self.kind == "info":
+            self.payload = np.array([Path(spec["model_json"]).read_bytes()], dtype=object)
+            return
+        if spec.get("threads"):
+            import torch
+            torch.set_num_threads(int(spec["threads"]))
+        meta = store.read_model_json(spec["models"])
+        self.runners = [r for _, r in store.load_runners(spec["models"], spec["backend"],
+                                                         int(spec.get("threads") or 0), spec["folds"])]
+        self.multiple = tuple(int(m) for m in meta["input_multiple"])
+        self.max_voxels = int(spec["max_voxels"])
+
+    def execute(self, requests) -> list:
+        import triton_python_backend_utils as pb
+        if self.kind == "info":
+            return [pb.InferenceResponse(output_tensors=[pb.Tensor("model_json", self.payload)]) for _ in requests]
+        arrays = [pb.get_input_tensor_by_name(r, store.INPUT).as_numpy() for r in requests]
+        answers = answer_windows(arrays, lambda x: mean_probability(self.runners, x),
+                                 lambda a: check_windows(a, self.multiple, self.max_voxels))
+        responses = []
+        for a in answers:
+            if isinstance(a, BaseException):
+                self._log_failure(a)
+                code = pb.TritonError.INVALID_ARG if isinstance(a, RequestError) else pb.TritonError.INTERNAL
+                responses.append(pb.InferenceResponse(error=pb.TritonError(error_sentence(a, self.name), code)))
+            else:
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(store.OUTPUT, a)]))
+        return responses
+
+    def _log_failure(self, exc: BaseException) -> None:
+        what = "bad request" if isinstance(exc, RequestError) else "failed request"
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log(f"{what} (model {self.name}): {exc}\n{tb}")
+
+    def finalize(self) -> None:
+        self.runners = []
