@@ -5,8 +5,11 @@ ahnet.serve.server writes a model repository in which every model's ``1/model.py
 the model is:
 
 - ``{"kind": "windows", "models": DIR, "backend": "pytorch"|"onnx", "folds": [names], "threads": n,
-  "max_voxels": n}``: the mean over the folds ``folds`` of the export folder DIR of sigmoid(logits) per window
-  (one fold: that fold alone); input ``image`` float32 (N, 1, D, H, W), output ``probability`` of the same shape;
+  "max_voxels": n, "lazy": bool}``: the mean over the folds ``folds`` of the export folder DIR of sigmoid(logits)
+  per window (one fold: that fold alone); input ``image`` float32 (N, 1, D, H, W), output ``probability`` of the
+  same shape; the fold files are loaded at start, or with ``lazy`` on the model's first request (each stub is a
+  process of its own: measured, one that holds torch and the tests' five tiny folds 537 MB, an idle one 43 MB; the
+  ensemble's stub loads every fold at start, so a broken file still stops the start);
 - ``{"kind": "info", "model_json": FILE}``: model.json as one BYTES output ``model_json`` for any ``query``.
 
 Bad requests: each request of a dynamic batch is checked on its own (``check_windows``); one that fails gets an
@@ -117,21 +120,30 @@ class TritonPythonModel:
         if self.kind == "info":
             self.payload = np.array([Path(spec["model_json"]).read_bytes()], dtype=object)
             return
-        if spec.get("threads"):
-            import torch
-            torch.set_num_threads(int(spec["threads"]))
         meta = store.read_model_json(spec["models"])
-        self.runners = [r for _, r in store.load_runners(spec["models"], spec["backend"],
-                                                         int(spec.get("threads") or 0), spec["folds"])]
+        self.spec, self.runners = spec, None
         self.multiple = tuple(int(m) for m in meta["input_multiple"])
         self.max_voxels = int(spec["max_voxels"])
+        if not spec.get("lazy"):
+            self._load()
+
+    def _load(self) -> list:
+        """The runners of this model's folds, loaded on the first call."""
+        if self.runners is None:
+            s = self.spec
+            if s.get("threads"):
+                import torch
+                torch.set_num_threads(int(s["threads"]))
+            self.runners = [r for _, r in store.load_runners(s["models"], s["backend"], int(s.get("threads") or 0),
+                                                             s["folds"])]
+        return self.runners
 
     def execute(self, requests) -> list:
         import triton_python_backend_utils as pb
         if self.kind == "info":
             return [pb.InferenceResponse(output_tensors=[pb.Tensor("model_json", self.payload)]) for _ in requests]
         arrays = [pb.get_input_tensor_by_name(r, store.INPUT).as_numpy() for r in requests]
-        answers = answer_windows(arrays, lambda x: mean_probability(self.runners, x),
+        answers = answer_windows(arrays, lambda x: mean_probability(self._load(), x),
                                  lambda a: check_windows(a, self.multiple, self.max_voxels))
         responses = []
         for a in answers:

@@ -17,7 +17,8 @@ sees one), ``onnx`` its ONNX file in ONNX Runtime (CPU). Triton's own endpoints 
 How: the models are Triton Python-backend models of this package (ahnet.serve.backend), written into a temporary
 model repository (``write_repository``) that ``tritonserver`` loads at start; PyTriton (nvidia-pytriton) ships the
 ``tritonserver`` binary and its Python stub and starts and stops them. Each model runs in a stub process of its
-own (the ensemble's loads every fold, each fold model its fold). PyTriton's own model binding is not used: it
+own: the ensemble's loads every fold at start, each fold model its fold on its first request (a stub that holds
+torch and models costs hundreds of MB, an idle one ~43 MB). PyTriton's own model binding is not used: it
 answers a failed request with its tracebacks, file paths included, and no option turns that off.
 
 Bad requests get one sentence, never a traceback or a path: Triton itself rejects a wrong dtype, rank or channel
@@ -110,7 +111,7 @@ def write_repository(repo: Path, meta: dict, models, how: dict) -> list:
     served = [(name, folds)] + [(f"{name}-{f}", [f]) for f in folds]
     for model, its_folds in served:
         _write_model(repo, model, windows_config(model, how["max_batch"], how["queue_delay_us"]),
-                     dict(base, folds=its_folds))
+                     dict(base, folds=its_folds, lazy=model != name))
     info = repo / store.INFO_MODEL / "1" / store.MODEL_JSON
     _write_model(repo, store.INFO_MODEL, info_config(store.INFO_MODEL), {"kind": "info", "model_json": str(info)})
     info.write_text(json.dumps(meta), encoding="utf-8")
