@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,19 @@ def log(text: str) -> None:
     sys.stderr.flush()
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why one request of a batch is not answered: the RequestError's sentence (``bad_request``) or the type of
+    another exception, and the traceback as text. Text only: an exception kept past its handler holds, through its
+    traceback's frames, the request arrays (views of Triton's shared memory) in a reference cycle; measured, the
+    shared memory then grew by each rejected request's size until the garbage collector ran."""
+    message: str
+    bad_request: bool
+    trace: str
+
+
 def answer_windows(arrays: list, compute, check) -> list:
-    """[probabilities or the exception that answers it] for the request arrays of one dynamic batch: each array
+    """[probabilities or the Failure that answers it] for the request arrays of one dynamic batch: each array
     checked by ``check`` on its own, the valid ones of equal shape computed together by ``compute`` (N, 1, D, H, W)
     -> same shape."""
     out: list = [None] * len(arrays)
@@ -85,15 +97,16 @@ def answer_windows(arrays: list, compute, check) -> list:
         try:
             check(a)
         except RequestError as e:
-            out[i] = e
+            out[i] = Failure(str(e), True, traceback.format_exc())
             continue
         groups.setdefault(a.shape[1:], []).append(i)
     for idx in groups.values():
         try:
             p = compute(np.ascontiguousarray(np.concatenate([arrays[i] for i in idx]), np.float32))
         except Exception as e:                          # not the request's fault: every request of the group
+            failed = Failure(type(e).__name__, False, traceback.format_exc())
             for i in idx:
-                out[i] = e
+                out[i] = failed
             continue
         start = 0
         for i in idx:
@@ -103,11 +116,11 @@ def answer_windows(arrays: list, compute, check) -> list:
     return out
 
 
-def error_sentence(exc: BaseException, model: str) -> str:
-    """What a client is told: a RequestError's sentence, else the exception type (its text may hold paths)."""
-    if isinstance(exc, RequestError):
-        return str(exc)
-    return f"model {model} failed on this request ({type(exc).__name__}); the server's log has the details"
+def error_sentence(failure: Failure, model: str) -> str:
+    """What a client is told: a bad request's sentence, else the exception type (its text may hold paths)."""
+    if failure.bad_request:
+        return failure.message
+    return f"model {model} failed on this request ({failure.message}); the server's log has the details"
 
 
 class TritonPythonModel:
@@ -147,18 +160,13 @@ class TritonPythonModel:
                                  lambda a: check_windows(a, self.multiple, self.max_voxels))
         responses = []
         for a in answers:
-            if isinstance(a, BaseException):
-                self._log_failure(a)
-                code = pb.TritonError.INVALID_ARG if isinstance(a, RequestError) else pb.TritonError.INTERNAL
+            if isinstance(a, Failure):
+                log(f"{'bad' if a.bad_request else 'failed'} request (model {self.name}): {a.message}\n{a.trace}")
+                code = pb.TritonError.INVALID_ARG if a.bad_request else pb.TritonError.INTERNAL
                 responses.append(pb.InferenceResponse(error=pb.TritonError(error_sentence(a, self.name), code)))
             else:
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(store.OUTPUT, a)]))
         return responses
-
-    def _log_failure(self, exc: BaseException) -> None:
-        what = "bad request" if isinstance(exc, RequestError) else "failed request"
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        log(f"{what} (model {self.name}): {exc}\n{tb}")
 
     def finalize(self) -> None:
         self.runners = []
