@@ -5,15 +5,16 @@
                           [--max-growth-mb 100] [--out bench_results]
 
 One server (``python -m ahnet.serve`` on free loopback ports, ahnet.serve.process), warmed up (``warm_up``: every
-execution size the dynamic batcher can form, twice); then for each N of ``--concurrency``: N client threads, each with its own HTTP connection, send
-requests for ``--duration`` seconds (a request in flight at the deadline is finished and counted). Of each
-client's requests a share ``--bad-fraction`` is bad, evenly spread (``is_bad``; 0.1: every tenth), each one of
-BAD_KINDS in turn (the bad requests the serving tests send); the others are ``--batch`` random [0, 1] windows of
-the served default window for the ensemble. Counted: good requests that failed (any error, a wrong shape, a non-finite
-value) and bad requests whose reply was not their sentence (a success, other words, more than one line, a
-traceback or a path). Measured per N: p50 / p95 / p99 latency of the good requests (seconds, client side),
-throughput (good requests and windows per second of wall time), the server's memory (RSS summed over the server
-process and every process below it: tritonserver and its Python stubs, MB) before and after, and its peak.
+execution size the dynamic batcher can form, twice); then for each N of ``--concurrency``: N client threads, each
+with its own HTTP connection, send requests for ``--duration`` seconds (a request in flight at the deadline is
+finished and counted). Of each client's requests a share ``--bad-fraction`` is bad, evenly spread (``is_bad``; 0.1:
+every tenth), taking BAD_KINDS (the bad requests the serving tests send) in turn over the clients and levels; the
+others are ``--batch`` random [0, 1] windows of the served default window for the ensemble. Counted: good requests
+that failed (any error, a wrong shape, a non-finite value) and bad requests whose reply was not their sentence (a
+success, other words, more than one line, a traceback or a path). Measured per N: p50 / p95 / p99 latency of the
+good requests (seconds, client side), throughput (good requests and windows per second of wall time), the server's
+memory (RSS summed over the server process and every process below it: tritonserver and its Python stubs, MB) before
+and after, and its peak.
 
 Memory rule: the server's RSS after the last level may exceed its RSS after the warm-up by at most
 ``--max-growth-mb``. The command writes ``<out>/serving-load-<time>.json`` and ``.md`` (the Markdown table) and
@@ -135,13 +136,16 @@ def is_bad(i: int, client: int, fraction: float) -> bool:
 
 
 def run_clients(url: str, meta: dict, clients: int, duration_s: float, bad_fraction: float, batch: int,
-                max_batch: int, max_voxels: int, seed: int = 0) -> tuple:
+                max_batch: int, max_voxels: int, seed: int = 0, first_kind: int = 0) -> tuple:
     """``clients`` threads sending requests to the ensemble at ``url`` (HOST:PORT, HTTP) for ``duration_s``
-    seconds (see the module docstring); returns (Tally, wall seconds)."""
+    seconds (see the module docstring); the bad requests take BAD_KINDS in turn across the clients, from
+    ``first_kind`` on. Returns (Tally, wall seconds)."""
+    import itertools
     import tritonclient.http as tc
     tally = Tally()
     name, window = meta["name"], tuple(int(w) for w in meta["window"])
     deadline = time.perf_counter() + duration_s
+    turns = itertools.count(first_kind)                  # next() is atomic under the GIL
 
     def client(k: int) -> None:
         rng = np.random.default_rng(seed * 1000 + k)
@@ -149,12 +153,11 @@ def run_clients(url: str, meta: dict, clients: int, duration_s: float, bad_fract
         x = rng.random((batch, 1) + window, dtype=np.float32)
         bad = [(kind, bad_request(kind, x, name, meta["input_multiple"], max_batch, max_voxels))
                for kind in BAD_KINDS]
-        i, turn = 0, k
+        i = 0
         try:
             while time.perf_counter() < deadline:
                 if is_bad(i, k, bad_fraction):
-                    _bad(conn, *bad[turn % len(bad)], tally)
-                    turn += 1
+                    _bad(conn, *bad[next(turns) % len(bad)], tally)
                 else:
                     _good(conn, name, x, tally)
                 i += 1
@@ -258,12 +261,13 @@ def run_levels(srv, meta: dict, a, max_voxels: int, log=print) -> dict:
     from ahnet.serve.process import tree_rss_mb
     warm_up(srv.url, meta, a.batch, a.max_batch)
     start, start_parts = tree_rss_mb(srv.proc.pid), rss_by_process(srv.proc.pid)
-    rows = []
+    rows, bad_sent = [], 0
     for k, n in enumerate(a.concurrency):
         before = tree_rss_mb(srv.proc.pid)
         tally, wall = run_clients(srv.url, meta, n, a.duration, a.bad_fraction, a.batch, a.max_batch, max_voxels,
-                                  seed=k)
+                                  seed=k, first_kind=bad_sent)
         rows.append(level_row(n, tally, wall, before, tree_rss_mb(srv.proc.pid), srv.peak_rss_mb()))
+        bad_sent += rows[-1]["bad"]
         log(json.dumps({k: v for k, v in rows[-1].items() if k not in ("failures", "wrong_replies")}))
     end = tree_rss_mb(srv.proc.pid)
     memory = {"start_mb": round(start, 1), "end_mb": round(end, 1), "growth_mb": round(end - start, 1),
