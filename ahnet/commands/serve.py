@@ -1,4 +1,4 @@
-"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (PyTriton) for a
+"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (tritonserver from PyTriton) for a
 folder that ``python -m ahnet.export`` wrote (the server itself: ahnet.serve.server).
 """
 from __future__ import annotations
