@@ -1,5 +1,5 @@
-"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (tritonserver from PyTriton) for a
-folder that ``python -m ahnet.export`` wrote (the server itself: ahnet.serve.server).
+"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (the
+tritonserver PyTriton ships) for a folder that ``python -m ahnet.export`` wrote (the server: ahnet.serve.server).
 """
 from __future__ import annotations
 
