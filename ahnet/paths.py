@@ -15,6 +15,15 @@ Cross-validation (``--all-folds``): fold k of RUN is the sibling folder ``RUN-fo
 
 Datasets: a Decathlon-style ``dataset.json`` with its LUNA16-style ``annotations.csv`` beside it; the HDF5 cache
 of a dataset lives in ``data/cache/<name of the dataset.json's folder>`` (relative to the working directory).
+
+An experiment named N (``python -m ahnet.experiment``)::
+
+    data/N/                    the training phantom (training, validation and its own test split)
+    data/N-dev/                the development set: every choice is made on it
+    data/N-final/              the sealed final test set, with looks.csv (one row per evaluation of it)
+    data/N-final-<shift>/      the final set rendered with one shift (noise, kernel, spacing, vessels, HU)
+    runs/N/<variant>/          a variant's run (seed index 0); runs/N/<variant>-seed<k>/ its k-th retraining
+    runs/N/report/             the report on dev; runs/N/report-final/ and report-final-<shift>/ on the final set
 """
 from __future__ import annotations
 
@@ -25,7 +34,9 @@ from pathlib import Path
 
 __all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "RESCORER", "RESCORER_JSON",
            "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS",
-           "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
+           "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "DEV_SUFFIX", "FINAL_SUFFIX", "FINAL_LOOKS", "REPORT_CANDIDATES", "ExperimentPaths",
+           "report_candidates",
+           "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
            "trained_checkpoint", "resolve_checkpoints", "resolve_checkpoint", "cache_dir", "annotations_csv",
            "dataset_annotations"]
 
@@ -39,6 +50,9 @@ REPORT = "report"
 RESCORER = "rescorer.pt"
 RESCORER_JSON = "rescorer.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
+REPORT_CANDIDATES = "candidates"        # <report>/candidates/<run>.csv: each evaluated run's candidates
+DEV_SUFFIX, FINAL_SUFFIX = "-dev", "-final"
+FINAL_LOOKS = "looks.csv"
 DATASET = "dataset.json"
 ANNOTATIONS = "annotations.csv"
 
@@ -171,6 +185,51 @@ def resolve_checkpoint(arg: str | os.PathLike) -> Path:
 def cache_dir(dataset_json: str | os.PathLike) -> Path:
     """The default HDF5 cache folder of a dataset: data/cache/<name of the folder holding dataset.json>."""
     return CACHE_ROOT / (Path(dataset_json).parent.name or "dataset")
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """The folders of an experiment named ``name`` (see the module docstring)."""
+    name: str
+
+    @property
+    def runs(self) -> Path:
+        return RUNS_ROOT / self.name
+
+    @property
+    def train(self) -> Path:
+        return DATA_ROOT / self.name
+
+    @property
+    def dev(self) -> Path:
+        return DATA_ROOT / f"{self.name}{DEV_SUFFIX}"
+
+    @property
+    def final(self) -> Path:
+        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX}"
+
+    def shifted_final(self, shift: str) -> Path:
+        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX}-{shift}"
+
+    def run(self, variant: str, k: int = 0) -> Path:
+        """The run folder of a variant's k-th training (k = 0: the variant's own name)."""
+        return self.runs / (variant if k == 0 else f"{variant}-seed{k}")
+
+    def report(self, final: bool = False, shift: str | None = None) -> Path:
+        name = REPORT + (FINAL_SUFFIX if final or shift else "") + (f"-{shift}" if shift else "")
+        return self.runs / name
+
+    def looks(self) -> Path:
+        return self.final / FINAL_LOOKS
+
+    def shift_report(self) -> Path:
+        """Where the summary of every shift of the final set goes."""
+        return self.runs / f"{REPORT}{FINAL_SUFFIX}-shifts"
+
+
+def report_candidates(report_dir, run_name: str) -> Path:
+    """The candidates CSV an evaluation wrote for one run into its report folder."""
+    return Path(report_dir) / REPORT_CANDIDATES / f"{run_name}.csv"
 
 
 def annotations_csv(dataset_json: str | os.PathLike) -> Path:

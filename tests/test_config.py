@@ -77,3 +77,76 @@ def test_config_json_has_versions_and_round_trips(tmp_path):
     assert read_run_config(tmp_path / "run")["patch_size"] == [3, 32, 32]
     cfg3, _ = load_config(["--resume", "--out", str(tmp_path / "run"), "--epochs", "99"])
     assert cfg3.lr == 1e-3 and cfg3.epochs == 99 and cfg3.resume
+
+
+def test_pfn_depth_default_and_range_come_from_the_network():
+    import inspect
+
+    from ahnet.nets import AHNet3d
+    from ahnet.nets.ahnet3d import PFN_DEPTH, PFN_DEPTH_RANGE
+    from ahnet.train.config import LIMITS
+    from weights_transfer.__main__ import build_parser as transfer_parser
+
+    assert inspect.signature(AHNet3d).parameters["pfn_depth"].default == PFN_DEPTH == 4
+    assert TrainConfig().resolved().pfn_depth == PFN_DEPTH and TrainConfig().pfn_depth is None
+    assert LIMITS["pfn_depth"] == (*PFN_DEPTH_RANGE, False, False)
+    assert transfer_parser().parse_args([]).pfn_depth == PFN_DEPTH
+    lo, hi = PFN_DEPTH_RANGE
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(ValueError, match=rf"--pfn-depth must be in \[{lo}, {hi}\], got {bad}"):
+            TrainConfig(pfn_depth=bad).resolved()
+        with pytest.raises(ValueError, match=f"pfn_depth must be between {lo} and {hi}"):
+            AHNet3d("resnet18", pfn_depth=bad)
+        with pytest.raises(SystemExit):
+            transfer_parser().parse_args(["--pfn-depth", str(bad)])
+    assert TrainConfig(pfn_depth=hi).resolved().pfn_depth == hi
+    flag = next(a for a in build_parser()._actions if "--pfn-depth" in a.option_strings)
+    assert f"{lo} .. {hi}" in flag.help and f"(default: {PFN_DEPTH}, the paper's, for --model ahnet" in flag.help
+
+
+@pytest.mark.parametrize("kw", [{"model": "unet3d"}, {"stage": "2d", "model": "mcgcn"}])
+def test_models_without_a_pyramid_refuse_pfn_depth(kw):
+    assert TrainConfig(**kw).resolved().pfn_depth is None
+    with pytest.raises(ValueError, match=f"--pfn-depth sets AH-Net's pyramid pooling and --model {kw['model']} "
+                                         "has none; drop it"):
+        TrainConfig(**kw, pfn_depth=2).resolved()
+
+
+@pytest.mark.parametrize("kw, key, says", [
+    ({}, "pfn_depth", "which --pfn-depth sets; give it there"),
+    ({}, "encoder", "which --encoder sets"),
+    ({}, "in_channels", "which training fixes at 1"),
+    ({"model": "unet3d"}, "out_channels", "which training fixes at 1"),
+    ({"stage": "2d"}, "encoder", "which --encoder sets"),
+    ({"stage": "2d"}, "in_slices", "which the first --patch-size size sets"),
+])
+def test_model_kwargs_may_not_set_what_training_sets(kw, key, says):
+    with pytest.raises(ValueError, match=f"--model-kwargs sets {key}, {says}"):
+        TrainConfig(**kw, model_kwargs={key: 2, "z_pool": "none"}).resolved()
+
+
+def test_model_kwargs_come_from_the_registry_entry():
+    from ahnet.train.model import model_kwargs_for
+    ahnet = TrainConfig(encoder="resnet18", pfn_depth=2, model_kwargs={"growth": 4}).resolved()
+    assert model_kwargs_for(ahnet) == {"in_channels": 1, "out_channels": 1, "encoder": "resnet18", "pfn_depth": 2,
+                                       "growth": 4}
+    mcgcn = TrainConfig(stage="2d", encoder="resnet34", patch_size=[5, 64, 64]).resolved()
+    assert model_kwargs_for(mcgcn) == {"out_channels": 1, "encoder": "resnet34", "in_slices": 5}
+    unet = TrainConfig(model="unet3d", model_kwargs={"base_channels": 4}).resolved()
+    assert model_kwargs_for(unet) == {"in_channels": 1, "out_channels": 1, "base_channels": 4}
+
+
+def test_runs_of_earlier_versions_resume_without_the_pfn_depth_they_recorded(tmp_path):
+    """Earlier versions wrote pfn_depth 4 into every run's config.json and checkpoints, U-Net and MC-GCN alike."""
+    from ahnet.train.guard import check_resume
+    cfg = TrainConfig(model="unet3d", out=str(tmp_path / "run")).resolved()
+    p = save_run_config(cfg, tmp_path / "run")
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    doc["config"]["pfn_depth"] = 4
+    p.write_text(json.dumps(doc), encoding="utf-8")
+    assert read_run_config(tmp_path / "run")["pfn_depth"] is None
+    again, _ = load_config(["--resume", "--out", str(tmp_path / "run")])
+    assert again.resolved().pfn_depth is None
+    check_resume(doc["config"], cfg, "last.pt")                         # no "pfn_depth was 4 ... now None"
+    with pytest.raises(ValueError, match="--pfn-depth sets AH-Net's pyramid pooling"):   # a file a person wrote
+        TrainConfig.from_dict({"model": "unet3d", "pfn_depth": 4}).resolved()

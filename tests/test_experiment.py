@@ -7,7 +7,8 @@ from ahnet.train.config import TrainConfig
 
 from ahnet.commands import experiment, jobs
 from ahnet.train.config import load_config
-from ahnet.commands.experiment import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
+from ahnet import paths
+from ahnet.commands.presets import ALL_VARIANTS, PRESETS, Preset, command_line, parse_variant, variant_config
 
 
 def test_parse_variant():
@@ -33,18 +34,52 @@ def test_every_preset_variant_is_valid_and_cpu_preset_runs_the_papers_comparison
 def test_variant_configs_and_their_printed_commands(tmp_path):
     p = PRESETS["demo"]
     js = tmp_path / "d" / "dataset.json"
-    cfg = variant_config("ahnet-transfer-pfn2", p, js, tmp_path / "runs", 3, "cpu", [2.5, 0.7, 0.7])
-    assert (cfg.stage, cfg.model, cfg.init, cfg.pfn_depth) == ("3d", "ahnet", "transfer", 2)
-    assert cfg.init_from == str(tmp_path / "runs/mcgcn-2d") and cfg.cache_dir == "data/cache/d"
-    assert cfg.model_kwargs == {"z_pool": "spacing", "spacing": [2.5, 0.7, 0.7]}
-    c2d = variant_config("mcgcn-2d", p, js, tmp_path / "runs", 3, "cpu", [2.5, .7, .7])
+    ep = paths.ExperimentPaths("x")
+    cfg = variant_config("ahnet-transfer-pfn2", 0, p, js, ep, 3, "cpu", [2.5, 0.7, 0.7])
+    assert (cfg.stage, cfg.model, cfg.init, cfg.pfn_depth, cfg.seed) == ("3d", "ahnet", "transfer", 2, 3)
+    assert cfg.init_from == "runs/x/mcgcn-2d" and cfg.out == "runs/x/ahnet-transfer-pfn2"
+    assert cfg.cache_dir == "data/cache/d" and cfg.model_kwargs == {"z_pool": "spacing", "spacing": [2.5, 0.7, 0.7]}
+    again = variant_config("ahnet-transfer-pfn2", 2, p, js, ep, 3, "cpu", [2.5, 0.7, 0.7])   # its third training
+    assert (again.seed, again.out, again.init_from) == (5, "runs/x/ahnet-transfer-pfn2-seed2", "runs/x/mcgcn-2d-seed2")
+    assert again.to_dict() == {**cfg.to_dict(), "seed": 5, "out": again.out, "init_from": again.init_from}
+    c2d = variant_config("mcgcn-2d", 0, p, js, ep, 3, "cpu", [2.5, .7, .7])
     assert (c2d.stage, c2d.model, c2d.patch_size) == ("2d", "mcgcn", p.patch_2d)
-    cun = variant_config("unet3d-scratch", p, js, tmp_path / "runs", 3, "cpu", [2.5, .7, .7])
-    for c in (cfg, c2d, cun):                     # the printed command trains exactly this configuration
+    cun = variant_config("unet3d-scratch", 1, p, js, ep, 3, "cpu", [2.5, .7, .7])
+    for c in (cfg, again, c2d, cun):              # the printed command trains exactly this configuration
         cmd = command_line(c).split(" ", 3)
         assert cmd[:3] == ["python", "-m", "ahnet.train"]
         import shlex
         assert load_config(shlex.split(cmd[3]))[0].resolved() == c
+
+
+def test_the_slice_spacing_study_keeps_the_patch_depth_in_mm_and_refuses_what_it_cannot_render():
+    from ahnet.commands.presets import at_slice_spacing
+    cpu = PRESETS["cpu"]
+    assert at_slice_spacing(cpu, 2.5) is cpu
+    thin, thick = at_slice_spacing(cpu, 1.25), at_slice_spacing(cpu, 5.0)
+    assert thin.patch_3d == [32, 64, 64] and thick.patch_3d == [8, 64, 64] and thin.patch_2d == cpu.patch_2d
+    assert (thin.phantom["thickness"], thin.phantom["slices"], thick.phantom["slices"]) == (1.25, 80, 20)
+    assert thin.phantom["nodules_per_case"] == cpu.phantom["nodules_per_case"]
+    with pytest.raises(ValueError, match="--slice-spacing 3 mm must lie in 0.5 .. 10 mm and divide 100 mm"):
+        experiment.plan_experiment(experiment.build_parser().parse_args(["--preset", "cpu", "--slice-spacing", "3"]))
+    with pytest.raises(ValueError, match="--slice-spacing 7.5: the 16-slice 3D patch"):
+        at_slice_spacing(cpu, 7.5)
+
+
+def test_final_and_shifts_are_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parse = experiment.build_parser().parse_args
+    with pytest.raises(ValueError, match="--shifts renders the sealed final set with shifts; add --final"):
+        experiment.plan_experiment(parse(["--preset", "cpu", "--shifts", "noise2x"]))
+    with pytest.raises(ValueError, match="the demo preset has no sealed final test set"):
+        experiment.plan_experiment(parse(["--preset", "demo", "--final"]))
+    plan = experiment.plan_experiment(parse(["--preset", "cpu", "--final", "--shifts", "all", "--seeds", "3",
+                                             "--slice-spacing", "5"]))
+    assert plan.name == "phantom-cpu-z5" and len(plan.shifts) == 9 and not any(Path("data").iterdir()
+                                                                                if Path("data").exists() else [])
+    assert list(plan.trainings)[:6] == ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
+                                        "ahnet-transfer-pfn0", "mcgcn-2d-seed1"]
+    assert plan.trainings["unet3d-scratch-seed2"] == ("unet3d-scratch", 2) and len(plan.trainings) == 15
 
 
 def _files(folder):
@@ -105,27 +140,34 @@ def test_end_to_end_tiny_interrupted_then_resumed_without_retraining(tmp_path, m
 
 
 def test_demo_and_cpu_evaluate_on_their_held_out_test_phantoms_and_refuse_another(tmp_path):
+    from ahnet.commands.phantoms import check_held_out
     from ahnet.data.phantom import TEST_PHANTOMS, held_out_seed
-    from ahnet.commands.experiment import check_test_data
     assert PRESETS["demo"].test_phantom == "demo" and PRESETS["cpu"].test_phantom == "cpu"
-    cpu = TEST_PHANTOMS["cpu"]
+    cpu, final = TEST_PHANTOMS["cpu"], TEST_PHANTOMS["cpu-final"]
     assert cpu["n_cases"] * cpu["nodules_per_case"] >= 240                  # >= 20 nodules of each of 12 types
+    assert final["n_cases"] * final["nodules_per_case"] >= 480 and final["shape_pool"] == "final"
+    assert held_out_seed(0, "cpu-final") not in (0, held_out_seed(0, "cpu"))
     o = TEST_PHANTOMS["demo"]
 
-    def write(seed, per_case, n_cases=o["n_cases"]):
-        d = tmp_path / f"t{seed}-{per_case}-{n_cases}"
+    def write(seed, per_case, n_cases=o["n_cases"], **extra):
+        d = tmp_path / f"t{seed}-{per_case}-{n_cases}-{len(extra)}"
         d.mkdir(exist_ok=True)
         opts = {k: o[k] for k in ("size", "slices", "thickness", "spacing")}
-        opts.update(nodules_per_case=[per_case, per_case], negatives=0.0, exact=True, balance=True)
+        opts.update(nodules_per_case=[per_case, per_case], negatives=0.0, exact=True, balance=True,
+                    shape_pool="split", **extra)
         (d / "dataset.json").write_text(json.dumps({"options": opts, "numTraining": n_cases, "seed": seed}))
         return d
 
-    check_test_data(write(held_out_seed(0), o["nodules_per_case"]), PRESETS["demo"], 0)     # the right one
-    check_test_data(tmp_path / "absent", PRESETS["demo"], 0)                                 # generated later
+    check_held_out(write(held_out_seed(0), o["nodules_per_case"]), "demo", 0)          # the right one
+    check_held_out(tmp_path / "absent", "demo", 0)                                       # generated later
     for d, seed in [(write(held_out_seed(0), 3), 0), (write(held_out_seed(0), o["nodules_per_case"], 30), 0),
                     (write(held_out_seed(0), o["nodules_per_case"]), 1)]:
         with pytest.raises(ValueError, match="holds another phantom than the 'demo' test phantom"):
-            check_test_data(d, PRESETS["demo"], seed)
+            check_held_out(d, "demo", seed)
+    thick = write(held_out_seed(0), o["nodules_per_case"], thickness=5.0, slices=20)
+    check_held_out(thick, "demo", 0, {"thickness": 5.0, "slices": 20})                  # the 5 mm rendering
+    with pytest.raises(ValueError, match="thickness 5.0 instead of 2.5"):
+        check_held_out(thick, "demo", 0)
 
 
 class _FakeJob:
@@ -155,9 +197,13 @@ def test_side_by_side_trainings_wait_for_the_2d_stage_and_never_exceed_jobs(monk
     from ahnet.commands.jobs import run_when_ready, training_plan
     monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
     variants = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch", "ahnet-transfer-pfn0"]
-    plan = training_plan(variants)
+    plan = training_plan({v: (v, 0) for v in variants})
     assert plan == {"mcgcn-2d": None, "ahnet-transfer": "mcgcn-2d", "ahnet-scratch": None,
                     "unet3d-scratch": None, "ahnet-transfer-pfn0": "mcgcn-2d"}
+    seeds = training_plan({"mcgcn-2d": ("mcgcn-2d", 0), "ahnet-transfer": ("ahnet-transfer", 0),
+                           "mcgcn-2d-seed1": ("mcgcn-2d", 1), "ahnet-transfer-seed1": ("ahnet-transfer", 1),
+                           "unet3d-scratch-seed1": ("unet3d-scratch", 1)})
+    assert seeds["ahnet-transfer-seed1"] == "mcgcn-2d-seed1" and seeds["unet3d-scratch-seed1"] is None
     log, running = [], set()
     run_when_ready(plan, lambda v: _FakeJob(v, log, running, polls=1 if v == "mcgcn-2d" else 3), jobs=2)
     starts = [e[1] for e in log if e[0] == "start"]
@@ -236,7 +282,7 @@ def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_t
             def result(self):
                 raise TrainingFailed(self.v, code)
         monkeypatch.setattr(jobs, "_Job", Job)
-        assert train_side_by_side({"ahnet-scratch": TrainConfig(out="x")}, 2) == want
+        assert train_side_by_side({"ahnet-scratch": TrainConfig(out="x")}, {"ahnet-scratch": None}, 2) == want
         err = capsys.readouterr().err
         assert err == (f"ahnet.experiment: error: {line}\n" if line else "")
 
@@ -260,30 +306,40 @@ def test_each_second_stage_starts_once_its_own_training_ended_trainings_first(mo
             ended.append(self.name)
     monkeypatch.setattr(jobs, "_Job", Job)
     variants = ["mcgcn-2d", "ahnet-scratch", "ahnet-transfer", "ahnet-transfer-pfn0"]
-    argvs = {v: ["--run", v] for v in variants}
-    assert train_side_by_side({v: TrainConfig(out=v) for v in variants}, 2, argvs) == 0
+    from ahnet.commands.jobs import SecondStageJob, training_plan
+    from ahnet.commands.rescore import SecondStageConfig
+    second = {v: SecondStageJob(Path(v), Path("d.json"), "cpu", SecondStageConfig()) for v in variants}
+    order = training_plan({v: (v, 0) for v in variants})
+    assert train_side_by_side({v: TrainConfig(out=v) for v in variants}, order, 2, second) == 0
     assert started == ["mcgcn-2d trained", "ahnet-scratch trained", "ahnet-transfer trained",
                        "ahnet-transfer-pfn0 trained"] + [f"{v} second stage trained" for v in variants]
-    assert started == ended and "ahnet-transfer, once trained: python -m ahnet.rescore --run" in capsys.readouterr().out
+    assert started == ended
+    assert "ahnet-transfer, once trained: python -m ahnet.rescore --run ahnet-transfer" in capsys.readouterr().out
 
 
 def test_second_stage_options_of_a_preset_are_checked_before_any_work():
-    from ahnet.commands.experiment import check_rescore_options, rescore_argv
-    check_rescore_options({"epochs": 30, "max_cases": 24})
-    with pytest.raises(ValueError, match="'epoch' is not one python -m ahnet.rescore takes .* epochs"):
-        check_rescore_options({"epoch": 30})
-    with pytest.raises(ValueError, match="'run' is not one"):
-        check_rescore_options({"run": "x"})
-    with pytest.raises(ValueError, match="option epochs = 0"):
-        check_rescore_options({"epochs": 0})
-    check_rescore_options({"overlap": 0.25})
-    with pytest.raises(ValueError, match="option overlap = 1"):
-        check_rescore_options({"overlap": 1})
-    assert rescore_argv(Path("r"), Path("d.json"), "cpu", "bf16", {"max_cases": 24}) == [
-        "--run", "r", "--data", "d.json", "--device", "cpu", "--amp", "bf16", "--max-cases", "24"]
+    from ahnet.commands.presets import second_stage_config
+    from ahnet.commands.rescore import SecondStageConfig
+    assert SecondStageConfig.from_dict({"epochs": 30, "max_cases": 24}) == SecondStageConfig(max_cases=24)
+    with pytest.raises(ValueError, match="option 'epoch' is not one of split, max_cases, jitter, crop"):
+        SecondStageConfig.from_dict({"epoch": 30})
+    with pytest.raises(ValueError, match="option 'run' is not one of"):
+        SecondStageConfig.from_dict({"run": "x"})
+    with pytest.raises(ValueError, match="epochs = 0 must be an integer in 1 .. 10000"):
+        SecondStageConfig.from_dict({"epochs": 0})
+    with pytest.raises(ValueError, match="second-stage overlap: .*1"):
+        SecondStageConfig.from_dict({"overlap": 1})
+    with pytest.raises(ValueError, match="crop 2 8 8: CandidateNet pools three times"):
+        SecondStageConfig.from_dict({"crop": [2, 8, 8]})
+    cfg = SecondStageConfig.from_dict({"max_cases": 24, "overlap": 0.25, "amp": "bf16"})
+    assert cfg.command_line("r", "d.json", "cpu") == ("python -m ahnet.rescore --run r --data d.json --device cpu "
+                                                      "--max-cases 24 --overlap 0.25 --amp bf16")
     for preset in PRESETS.values():
         if preset.rescore is not None:
-            check_rescore_options(preset.rescore)
+            assert second_stage_config(preset, "bf16", 0, 2).seed == 2       # the k-th training's own seed
+    bad = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epoch": 5}})
+    with pytest.raises(ValueError, match="the preset's second-stage option 'epoch'"):
+        second_stage_config(bad, "off", 0, 0)
     from ahnet.commands.experiment import with_rescore
     own = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epochs": 5}})
     assert with_rescore(own, True).rescore == {"epochs": 5} and with_rescore(own, None) is own

@@ -285,3 +285,79 @@ def test_paired_bootstrap_decisions_and_best_model():
     assert none["pairs"][0]["overall"]["ci"] is None and none["best"]["overall"] is None
     with pytest.raises(FROCInputError, match="two or more models"):
         paired_bootstrap(nods, {"A": cands["A"]}, scans)
+
+
+# ------------------------------------------------------------------------------- seeds: hierarchical bootstrap
+def test_hierarchical_bootstrap_over_seeds_and_scans_equals_a_direct_loop():
+    """A model trained three times (A: runs a0, a1, a2) against one trained once (B) and one twice (C): each
+    resample draws the scans (bootstrap_weights' draws) and, per model with several runs, its runs with
+    replacement (rng [seed, 1], in model order); the model's score is the mean CPM of the drawn runs, every run
+    evaluated from scratch on the resampled scans here."""
+    nods, base, scans = _three_models(11, n_scans=8)
+    _, other, _ = _three_models(12, n_scans=8)
+    _, third, _ = _three_models(13, n_scans=8)
+    runs = {"A": {"a0": base["A"], "a1": other["A"], "a2": third["A"]}, "B": base["B"],
+            "C": {"c0": base["C"], "c1": other["B"]}}
+    B, seed = 30, 5
+    res = paired_bootstrap(nods, runs, scans, n_bootstrap=B, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(scans), size=(B, len(scans)))
+    rng = np.random.default_rng([seed, 1])
+    pick = {"A": rng.integers(0, 3, size=(B, 3)), "C": rng.integers(0, 2, size=(B, 2))}
+    flat = {"a0": base["A"], "a1": other["A"], "a2": third["A"], "B": base["B"], "c0": base["C"], "c1": other["B"]}
+    per = [_direct_resample_cpms(nods, flat, scans, idx[b]) for b in range(B)]
+    names = {"A": ["a0", "a1", "a2"], "B": ["B"], "C": ["c0", "c1"]}
+
+    def score(model, b, group):
+        vals = [per[b][names[model][j]].get(group) for j in (pick[model][b] if model in pick else [0])]
+        return np.nan if any(v is None for v in vals) else float(np.mean(vals))
+
+    full = {r: evaluate_detection(nods, rows, scans, n_bootstrap=0) for r, rows in flat.items()}
+    for p in res["pairs"]:
+        a, b = p["a"], p["b"]
+        for group in ["overall", "T01", "T02", "T03"]:
+            d = np.array([score(a, k, group) - score(b, k, group) for k in range(B)])
+            ok = ~np.isnan(d)
+            got = p["overall"] if group == "overall" else p["groups"]["type"][group]
+            np.testing.assert_allclose(got["ci"], np.percentile(d[ok], [2.5, 97.5]), atol=1e-12)
+            assert got["n_bootstrap_used"] == ok.sum()
+    # point estimates: the mean over a model's runs of each run's CPM on all scans
+    assert res["cpm"]["A"]["overall"] == pytest.approx(np.mean([full[r]["cpm"] for r in names["A"]]), abs=1e-12)
+    assert res["runs"]["A"]["a1"]["overall"] == pytest.approx(full["a1"]["cpm"], abs=1e-12)
+    assert res["pairs"][0]["overall"]["diff"] == pytest.approx(
+        np.mean([full[r]["cpm"] for r in names["A"]]) - full["B"]["cpm"], abs=1e-12)
+    # each model's own interval under the same two-level resampling
+    own = np.array([score("A", k, "overall") for k in range(B)])
+    np.testing.assert_allclose(res["cpm_ci"]["A"]["overall"], np.percentile(own, [2.5, 97.5]), atol=1e-12)
+
+
+def test_one_run_per_model_gives_the_plain_paired_bootstrap():
+    nods, cands, scans = _three_models(3)
+    plain = paired_bootstrap(nods, cands, scans, n_bootstrap=40, seed=7)
+    wrapped = paired_bootstrap(nods, {m: {f"{m}-run": rows} for m, rows in cands.items()}, scans, n_bootstrap=40,
+                               seed=7)
+    assert plain["pairs"] == wrapped["pairs"] and plain["cpm"] == wrapped["cpm"]
+    with pytest.raises(FROCInputError, match="at least one run"):
+        paired_bootstrap(nods, {"A": {}, "B": cands["B"]}, scans)
+
+
+def test_paired_across_sets_equals_a_direct_loop_over_shared_scan_and_run_draws():
+    """The same two runs on two renderings of the same scans (other nodules in b): the difference b - a of the
+    mean CPM over the runs, each resample drawing the scans and the runs once for both sets."""
+    from ahnet.evaluate.froc import paired_across_sets
+    nods_a, ca, scans = _three_models(21, n_scans=8)
+    nods_b, cb, _ = _three_models(22, n_scans=8)
+    runs_a, runs_b = {"r0": ca["A"], "r1": ca["B"]}, {"r0": cb["A"], "r1": cb["C"]}
+    B, seed = 25, 4
+    res = paired_across_sets(nods_a, runs_a, nods_b, runs_b, scans, n_bootstrap=B, seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(scans), size=(B, len(scans)))
+    pick = np.random.default_rng([seed, 1]).integers(0, 2, size=(B, 2))
+
+    def cpm(nods, rows, b):
+        return _direct_resample_cpms(nods, {"m": rows}, scans, idx[b])["m"]["overall"]
+    d = [np.mean([cpm(nods_b, runs_b[f"r{j}"], b) for j in pick[b]])
+         - np.mean([cpm(nods_a, runs_a[f"r{j}"], b) for j in pick[b]]) for b in range(B)]
+    np.testing.assert_allclose(res["ci"], np.percentile(d, [2.5, 97.5]), atol=1e-12)
+    full = lambda nods, runs: np.mean([evaluate_detection(nods, r, scans, n_bootstrap=0)["cpm"] for r in runs.values()])
+    assert res["diff"] == pytest.approx(full(nods_b, runs_b) - full(nods_a, runs_a), abs=1e-12)
+    with pytest.raises(FROCInputError, match="the same runs"):
+        paired_across_sets(nods_a, runs_a, nods_b, {"r0": cb["A"]}, scans)

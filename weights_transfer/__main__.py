@@ -17,6 +17,7 @@ import torch
 from ahnet import failures, paths
 from ahnet.checkpoint import save_checkpoint
 from ahnet.nets import AHNet3d
+from ahnet.nets.ahnet3d import PFN_DEPTH, PFN_DEPTH_RANGE
 from ahnet.nets.blocks import UPSAMPLE_MODES
 from ahnet.nets.resnet import ENCODERS, parse_encoder
 from ahnet.nets.transfer import (Source2d, format_table, fresh_encoder, load_source, source_from_model,
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", choices=ENCODERS, help="ResNet encoder of the 3D network (default: the source's)")
     p.add_argument("--fresh-encoder", default="resnet18", choices=ENCODERS, help="encoder of the fresh 2D network "
                    "used when no checkpoint is found (default resnet18)")
-    p.add_argument("--pfn-depth", type=int, default=4, help="pyramid pooling levels of the 3D net (0 = off, 4 = paper)")
+    p.add_argument("--pfn-depth", type=failures.number(int, *PFN_DEPTH_RANGE), default=PFN_DEPTH,
+                   help=f"pyramid pooling levels of the 3D net, {PFN_DEPTH_RANGE[0]} .. {PFN_DEPTH_RANGE[1]}, 0 = off "
+                        f"(default {PFN_DEPTH}, the paper's)")
     p.add_argument("--upsample", default="trilinear", choices=UPSAMPLE_MODES)
     p.add_argument("--z-pool", default="paper", choices=("paper", "spacing", "none"))
     p.add_argument("--spacing", type=failures.number(float, 0.05, 20), nargs=3, metavar=("SZ", "SY", "SX"),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ahnet.infer import WindowSettings, add_window_arguments, window_for
 from ahnet.serve import store
 
 PROG = "ahnet.serve.bench"
@@ -86,19 +87,19 @@ def _row(name, lat, wall, n_windows, concurrency, peak_mb=None) -> dict:
             "windows_per_s": n_windows * len(lat) / wall, "server_peak_rss_mb": peak_mb}
 
 
-def _served_rows(a, meta, scan, window, n_win, backend: str) -> list:
+def _served_rows(a, meta, scan, windows: WindowSettings, n_win, backend: str) -> list:
     """Rows of one backend: a server on free ports, then each --concurrency level of clients."""
     from ahnet.serve.client import Connection, RemoteWindows, remote_probability
     from ahnet.serve.process import ServerProcess
     rows = []
     log = Path(tempfile.mkdtemp(prefix="ahnet-serve-bench-")) / f"serve-{backend}.log"
     args = ["--backend", backend, "--threads", str(a.threads), "--max-batch", str(a.max_batch),
-            "--max-window-voxels", str(int(np.prod(window)))]
+            "--max-window-voxels", str(int(np.prod(windows.window)))]
     with ServerProcess(a.models, log, args, sample_rss=True) as srv:
         for c in a.concurrency:
             probs = [remote_probability(RemoteWindows(Connection(srv.url, retries=3), meta["name"],
-                                                      meta["input_multiple"]), meta["window"], window,
-                                        a.overlap, a.batch) for _ in range(c)]
+                                                      meta["input_multiple"]), meta["window"],
+                                        windows) for _ in range(c)]
             pick, local = itertools.count(), threading.local()
 
             def one(seed):
@@ -117,34 +118,33 @@ def _served_rows(a, meta, scan, window, n_win, backend: str) -> list:
     return rows
 
 
-def check_options(a) -> dict:
-    """The options and the model folder, before anything runs (ServingBenchError); returns model.json."""
+def check_options(a) -> tuple[dict, WindowSettings]:
+    """The options and the model folder, before anything runs (ServingBenchError); returns model.json and the
+    window settings."""
     missing = [m for m in ("pytriton", "tritonclient", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ServingBenchError(f"the serving benchmark needs the serve extra ({', '.join(missing)} missing): "
                                 f"pip install -e '.[serve]', or bash run.sh test")
-    if min(a.scan) < 1 or a.scans < 1 or a.batch < 1 or a.max_batch < 1 or a.threads < 0:
-        raise ServingBenchError("--scan sizes, --scans, --batch and --max-batch must be >= 1 and --threads >= 0")
+    if min(a.scan) < 1 or a.scans < 1 or a.max_batch < 1 or a.threads < 0:
+        raise ServingBenchError("--scan sizes, --scans and --max-batch must be >= 1 and --threads >= 0")
     if not a.concurrency or min(a.concurrency) < 1:
         raise ServingBenchError(f"--concurrency {a.concurrency} must list client counts >= 1")
-    if not 0 <= a.overlap < 1:
-        raise ServingBenchError(f"--overlap {a.overlap} must lie in [0, 1)")
+    windows = WindowSettings.from_arguments(a)
     meta = store.read_model_json(a.models)
-    from ahnet.infer import window_for
-    window_for((1, 1, 1), meta["input_multiple"], meta["window"], a.window)    # --window, by the rule itself
-    return meta
+    window_for((1, 1, 1), meta["input_multiple"], meta["window"], windows.window)    # --window, by the rule itself
+    return meta, windows
 
 
 def run_serving_bench(a) -> dict:
     """The rows (see the module docstring) for parsed options ``a``; writes --out when given."""
-    meta = check_options(a)
+    meta, windows = check_options(a)
     import torch
     from ahnet.infer import load_ensemble, predict_volume
     torch.set_num_threads(a.threads or torch.get_num_threads())
     ens = load_ensemble([f["checkpoint"] for f in meta["folds"]], "cpu")
     shape = tuple(a.scan)
-    window = ens.window(shape, a.window)
-    n_win = window_count(shape, window, a.overlap)
+    windows = WindowSettings(ens.window(shape, windows.window), windows.overlap, windows.sw_batch)
+    n_win = window_count(shape, windows.window, windows.overlap)
     scans = {}
 
     def scan(seed):
@@ -153,14 +153,14 @@ def run_serving_bench(a) -> dict:
         return scans[seed]
     for k in range(a.scans):                           # scans are made before any timing
         scan(k)
-    lat, wall = _latencies(lambda s: predict_volume(ens, scan(s), window=a.window, overlap=a.overlap,
-                                                    sw_batch=a.batch, amp="off"), 1, a.scans)
+    lat, wall = _latencies(lambda s: predict_volume(ens, scan(s), **windows.kwargs(), amp="off"), 1, a.scans)
     rows = [_row("in-process PyTorch", lat, wall, n_win, 1)]
     print(json.dumps(rows[-1]), flush=True)
     for backend in a.backends:
-        rows += _served_rows(a, meta, scan, window, n_win, backend)
-    res = {"scan": list(shape), "window": list(window), "overlap": a.overlap, "windows_per_scan": n_win,
-           "folds": len(meta["folds"]), "batch": a.batch, "threads": a.threads, "model": meta["architecture"][0],
+        rows += _served_rows(a, meta, scan, windows, n_win, backend)
+    res = {"scan": list(shape), "window": list(windows.window), "overlap": windows.overlap, "windows_per_scan": n_win,
+           "folds": len(meta["folds"]), "batch": windows.sw_batch, "threads": a.threads,
+           "model": meta["architecture"][0],
            "cpu_count": os.cpu_count(), "load_avg_before": os.getloadavg(), "rows": rows}
     if a.out:
         out = Path(a.out)
@@ -175,9 +175,8 @@ def add_options(ap) -> None:
     """The serving benchmark's options (python -m ahnet.bench.serving, python -m ahnet.bench --serving)."""
     ap.add_argument("--models", required=True, help="a folder written by python -m ahnet.export (both formats)")
     ap.add_argument("--scan", type=int, nargs=3, default=[40, 192, 192], metavar=("Z", "Y", "X"))
-    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
-    ap.add_argument("--overlap", type=float, default=0.5)
-    ap.add_argument("--batch", type=int, default=4, help="windows per request / forward pass")
+    add_window_arguments(ap, batch_flag="--batch", batch_default=4, batch_help="windows per request / forward pass",
+                         window_help="3D window (default: the exported model's window, as ahnet.commands.predict)")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's dynamic batch limit")
     ap.add_argument("--scans", type=int, default=3, help="scans per client")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])

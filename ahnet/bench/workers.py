@@ -1,7 +1,8 @@
 """The measurements, each run in a fresh Python subprocess (``python -m ahnet.bench --worker SPEC``) so that the
 peak memory of one implementation never includes the other's: a model's forward and training step, sliding-window
 inference of a whole volume, the 2D stage, and (``data_worker``) the data pipeline. MONAI is imported inside the
-workers only.
+workers only: by every model and inference worker where it is installed (ours too, for the same memory baseline),
+and needed by MONAI's rows alone (the GPU check runs ours without it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ from ahnet.precision import to_channels_last
 from ahnet.bench.data_worker import work_data
 from ahnet.bench.layout import from_monai_layout, to_monai_layout
 from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+
+
+def import_peer() -> None:
+    """Import MONAI's networks where MONAI is installed, so that both sides' workers start from the same resident
+    memory; without MONAI nothing (only our rows can run then: a MONAI row fails in build_net)."""
+    try:
+        import monai.networks.nets  # noqa: F401
+    except ImportError:
+        pass
 
 
 def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):
@@ -67,7 +77,7 @@ def forward_and_step(model, x, target, device: torch.device, dtype: str):
 def work_model(spec: dict) -> dict:
     """Forward and training-step figures of one implementation / configuration."""
     device = torch.device(spec["device"])
-    import monai.networks.nets  # noqa: F401  (same imports in every worker: same RSS baseline)
+    import_peer()
 
     base = rss_mb()
     torch.manual_seed(0)
@@ -98,7 +108,7 @@ def work_infer(spec: dict) -> dict:
     from ahnet.infer import sliding_window_predict, window_starts
 
     device = torch.device(spec["device"])
-    import monai.networks.nets  # noqa: F401
+    import_peer()
 
     base = rss_mb()
     torch.manual_seed(0)

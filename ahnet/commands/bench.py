@@ -17,6 +17,7 @@ from ahnet import failures
 from ahnet.bench.plan import build_plan, lever_name
 from ahnet.bench.report import format_table, machine_info, summarise
 from ahnet.bench.workers import WORKERS, run_worker
+from ahnet.infer import add_window_arguments
 
 PROG = "ahnet.bench"
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
@@ -51,9 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--volume", type=int, nargs=3, default=[128, 512, 512] if cuda else [64, 256, 256],
                    metavar=("D", "H", "W"), help="inference volume (the issue's: 128 512 512 at 2.5 x 0.7 x 0.7 mm)")
     p.add_argument("--full-volume", action="store_true", help="inference on 128 x 512 x 512 (slow on a CPU)")
-    p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="default: --patch")
-    p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--sw-batch", type=int, default=4 if cuda else 2)
+    add_window_arguments(p, batch_default=4 if cuda else 2, window_help="inference window (default: --patch)")
     p.add_argument("--infer-modes", nargs="+", default=["trilinear"], choices=UPSAMPLE_MODES)
     p.add_argument("--infer-levers", nargs="*", default=None,
                    help="extra inference rows, both implementations: channels_last, dtype=amp|bf16, joined by + "
@@ -81,21 +80,17 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """ValueError (one sentence) for an option no measurement could use; nothing expensive has run yet."""
     sizes = {"--patch": args.patch, "--volume": args.volume, "--size-2d": args.size_2d}
-    if args.window is not None:
-        sizes["--window"] = args.window
     for flag, values in sizes.items():
         if min(values) < 1:
             raise ValueError(f"{flag} needs positive sizes; got {' '.join(map(str, values))}")
     at_least = {"--batch": (args.batch, 1), "--repeats": (args.repeats, 1), "--warmup": (args.warmup, 0),
-                "--sw-batch": (args.sw_batch, 1), "--batch-2d": (args.batch_2d, 1),
+                "--batch-2d": (args.batch_2d, 1),
                 "--data-samples": (args.data_samples, 1), "--data-workers": (args.data_workers, 0)}
     for flag, (value, low) in at_least.items():
         if value < low:
             raise ValueError(f"{flag} must be at least {low}; got {value}")
     if not 0 <= args.pfn <= 4:
         raise ValueError(f"--pfn must be between 0 and 4 (MONAI's psp_block_num range); got {args.pfn}")
-    if not 0 <= args.overlap < 1:
-        raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1; got {args.threads}")
     if not args.timeout > 0:

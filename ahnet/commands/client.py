@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ahnet import failures
-from ahnet.infer import add_candidate_arguments, rule_from_arguments
+from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, rule_from_arguments
 from ahnet.infer.scans import find_cases
 from ahnet.serve.client import ClientError, Connection, model_info, run_cases
 
@@ -28,10 +28,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--model", default=None, help="served model (default: the server's ensemble <name>; "
                                                   "<name>-fold<k> for one fold)")
-    ap.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="3D window (default: the served model's window, as ahnet.commands.predict)")
-    ap.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
-    ap.add_argument("--batch", type=int, default=4, help="windows per request")
+    add_window_arguments(ap, batch_flag="--batch", batch_default=4, batch_help="windows per request",
+                         window_help="3D window (default: the served model's window, as ahnet.commands.predict)")
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
     ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability, in [0, 1]")
     add_candidate_arguments(ap)
@@ -44,10 +42,6 @@ def build_parser() -> failures.Parser:
 def _check(a) -> None:
     if ":" not in a.url or not a.url.rsplit(":", 1)[1].isdigit():
         raise ClientError(f"--url {a.url!r} must be HOST:PORT")
-    if not 0 <= a.overlap < 1:
-        raise ClientError(f"--overlap {a.overlap} must lie in [0, 1)")
-    if a.batch < 1:
-        raise ClientError(f"--batch {a.batch} must be >= 1")
     if not 0 <= a.threshold <= 1:
         raise ClientError(f"--threshold {a.threshold} must be a probability in [0, 1]")
     if a.retries < 0 or a.retry_wait < 0 or a.timeout <= 0:
@@ -67,8 +61,8 @@ def _main(a) -> int:
     conn.ready()
     model = a.model or model_info(conn)["name"]
     conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
-    res = run_cases(conn, model, cases, a.out, window=a.window, overlap=a.overlap, batch=a.batch, tta=a.tta,
-                    threshold=a.threshold, candidates=rule_from_arguments(a))
+    res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
+                    candidates=rule_from_arguments(a))
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     return 0

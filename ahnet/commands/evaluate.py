@@ -17,8 +17,8 @@ from pathlib import Path
 from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
 from ahnet.data.io import load_dataset_json, read_annotations_csv, write_candidates_csv
-from ahnet.infer import DEFAULT_WINDOW, CandidateRule, add_candidate_arguments, candidate_rule, load_ensemble
-from ahnet.infer import rule_from_arguments
+from ahnet.infer import CandidateRule, WindowSettings, add_candidate_arguments, add_window_arguments, candidate_rule
+from ahnet.infer import load_ensemble, rule_from_arguments
 from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
@@ -39,12 +39,7 @@ def build_parser() -> failures.Parser:
                     help=f"annotations CSV (default: the {paths.ANNOTATIONS} beside --data)")
     ap.add_argument("--out", default=paths.REPORT, help="output folder")
     ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
-    ap.add_argument("--window", type=failures.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
-                    help=f"3D window (default: the run's patch_size, else {DEFAULT_WINDOW}; ahnet.infer.window_for)")
-    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=0.5,
-                    help="window overlap fraction in [0, 1)")
-    ap.add_argument("--sw-batch", type=failures.number(int, 1, 4096), default=2,
-                    help="windows per forward pass (x4 slices for 2D models)")
+    add_window_arguments(ap)
     ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
@@ -60,6 +55,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--title", default="AH-Net per-type evaluation")
     ap.add_argument("--rescore", action="store_true",
                     help=f"rescore each run's candidates by its second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore)")
+    ap.add_argument("--rescore-any-rule", action="store_true",
+                    help="with --rescore: apply a second stage to candidates of another rule than it learnt on")
     return ap
 
 
@@ -71,22 +68,26 @@ def main(argv=None) -> int:
 def _main(a) -> int:
     evaluate_and_report(a.runs, a.data, a.out, annotations=a.annotations, split=a.split, device=a.device,
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
-                        seed=a.seed, title=a.title, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch,
-                        tta=a.tta, amp=a.amp, channels_last=a.channels_last, rescore=a.rescore)
+                        seed=a.seed, title=a.title, **WindowSettings.from_arguments(a).kwargs(), tta=a.tta,
+                        amp=a.amp, channels_last=a.channels_last, rescore=a.rescore,
+                        rescore_any_rule=a.rescore_any_rule)
     return 0
 
 
 def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", device="auto",
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
-                        **predict_kw) -> dict:
+                        rescore_any_rule: bool = False, groups: dict | None = None, **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
     (None = ahnet.infer.DEFAULT_RULE); rescore: each run's candidates rescored by its second stage
     (ahnet.infer.second_stage; the CSVs keep the first stage's score as probability_stage1). ``predict_kw``: window,
-    overlap, sw_batch, tta, amp, channels_last (ahnet.infer.predict_volume)."""
+    overlap, sw_batch (ahnet.infer.WindowSettings, checked first), tta, amp, channels_last (predict_volume).
+    groups: {model: [run names]} for models trained several times (seeds): the comparisons and claims are the
+    models', over seeds and scans."""
     out = failures.check_output_dir(out, "--out")
+    windows = WindowSettings.take(predict_kw)
     device = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} must be a probability in [0, 1]")
@@ -95,24 +96,26 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     rule = candidate_rule(candidates)
     run_names(runs)
     for run in runs:                                            # each run loads and takes the window and --amp
-        load_ensemble([run], device).check(predict_kw.get("window"), predict_kw.get("amp", "auto"))
-    rescorers = {name: load_run_rescorer(run, device) for name, run in zip(run_names(runs), runs)} if rescore else None
+        load_ensemble([run], device).check(windows.window, predict_kw.get("amp", "auto"))
+    rescorers = {name: load_run_rescorer(run, device, rule, rescore_any_rule)
+                 for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     cases, images = load_cases(data, split, ann, ann_csv)
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
-        probs = predict_runs(runs, images, device, **predict_kw)
+        probs = predict_runs(runs, images, device, **windows.kwargs(), **predict_kw)
         results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
                                        n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
         for name, r in results.items():
-            write_candidates_csv(out / "candidates" / f"{name}.csv", r["candidates"],
-                                 extra_columns=["probability_stage1"] if rescore else ())
+            write_candidates_csv(paths.report_candidates(out, name), r["candidates"],
+                                 extra_columns=["probability_stage1"] if rescorers else ())
         rep = build_report({k: {"detection": v["detection"], "segmentation": v["segmentation"]}
                             for k, v in results.items()}, out, title=title,
-                           comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed),
+                           comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed,
+                                                      groups=groups),
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
-                           candidates=rule.describe() + (SECOND_STAGE if rescore else ""))
+                           candidates=rule.describe() + (SECOND_STAGE if rescorers else ""))
     for m in rep["model_order"]:
         r = rep["models"][m]
         print(f"{m}: CPM {r['cpm']}  CI {r['cpm_ci']}  types won {rep['wins'][m]}/{len(rep['types'])}")

@@ -1,30 +1,44 @@
 """The paper's comparison as one command: data -> 2D stage -> transfer -> 3D variants -> per-type report.
 
     python -m ahnet.experiment --preset demo     # `bash run.sh demo`: 2D MC-GCN and AH-Net after transfer
-    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (under 2 hours, 2 cores)
+    python -m ahnet.experiment --preset cpu      # the whole comparison at CPU size (2 cores)
+    python -m ahnet.experiment --preset cpu --seeds 3             # each model trained 3 times (resumes the first)
+    python -m ahnet.experiment --preset cpu --seeds 3 --final     # the same models on the sealed final test set
+    python -m ahnet.experiment --preset cpu --slice-spacing 5.0   # every phantom at 5 mm slices (runs/phantom-cpu-z5)
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
 a 3D U-Net from scratch; AH-Net after transfer at other pyramid depths ("PFN depth"; cpu: 0). Each
 variant is a TrainConfig given to ahnet.train.train (the equivalent ``python -m ahnet.train`` command is printed
-for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the training
-step that transfers prints the table and refuses an inexact transfer). With ``--rescore`` (the cpu and
-paper presets' default) every variant then gets its own second stage, a candidate classifier trained on its
+for a reader who wants to rerun one); every transferred variant starts with the transfer's exactness check (the
+training step that transfers prints the table and refuses an inexact transfer). With ``--rescore`` (the cpu and
+paper presets' default) every run then gets its own second stage, a candidate classifier trained on its
 candidates on the training scans (``python -m ahnet.rescore``, printed too; side by side, it starts as soon as
-that variant's training has ended), and is evaluated with it.
-Evaluation and report: ahnet.evaluate.
-Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the
-cpu preset trains two variants at a time, each in its own process on one core (``--jobs``; two 1-thread
-trainings moved about 11.4 patches/s on this 2-core CPU against 9 for one 2-thread training), a transferred variant
-waiting for the 2D stage; lines of their output start with the variant's name.
-Under ``torchrun`` (README "Scaling up") every variant trains on all ranks; rank 0 prepares the data first and
-alone evaluates; the presets' batches must divide by the number of ranks (checked before any work).
+that run's training has ended), and is evaluated with it.
+
+Seeds (``--seeds N``): each variant is trained N times on the same data, training seed ``--seed + k`` (run
+folders ``<variant>`` for k = 0 and ``<variant>-seed<k>``; the k-th transfer starts from the k-th 2D stage), and
+the report compares models over seeds and scans together (ahnet.evaluate.froc.paired_bootstrap's hierarchical
+bootstrap): each model's mean and spread over its seeds, the claims as intervals that hold both sources of
+variation. A larger N reuses the trainings a smaller one finished.
+
+Evaluation sets: by default the development set (``data/<name>-dev``), on which every choice is made. ``--final``
+evaluates the same models on the sealed final test set instead (``data/<name>-final``: shapes from LIDC patients
+no other phantom draws from, checked before it is read; every look appended to its looks.csv), and with
+``--shifts`` on its shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
+ahnet.commands.phantoms.SHIFTS). ``--slice-spacing S`` renders every phantom at S mm slices over the same 100 mm
+(experiment ``<name>-z<S>``), the 3D patch over the same depth in mm.
+
+Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
+preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for
+its 2D stage; lines of their output start with the run's name. Under ``torchrun`` (README "Scaling up") every run
+trains on all ranks; rank 0 prepares the data first and alone evaluates; the presets' batches must divide by the
+number of ranks (checked before any work).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -32,104 +46,47 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ahnet import failures, paths
-from ahnet.data.cache import cache_dataset
-from ahnet.data.io import load_dataset_json, read_scan
+from ahnet.commands import phantoms
 from ahnet.commands.evaluate import evaluate_and_report
+from ahnet.commands.jobs import SecondStageJob, rescore_one_by_one, train_side_by_side, training_jobs, training_plan
+from ahnet.commands.presets import (ALL_VARIANTS, PRESETS, Preset, at_slice_spacing, command_line, fast_amp,
+                                    parse_variant, second_stage_config, variant_config)
+from ahnet.data.cache import cache_dataset
 from ahnet.evaluate.validation import make_validator
 from ahnet.precision import resolve_device
 from ahnet.report.claims import found_line
-from ahnet.train import TrainingDiverged, train
-from ahnet.train import dist
+from ahnet.train import TrainingDiverged, dist, train
 from ahnet.train.guard import preflight
 
 PROG = "ahnet.experiment"
-from ahnet.commands.jobs import rescore_one_by_one, train_side_by_side, training_jobs
-from ahnet.commands.presets import (PRESETS, Preset, command_line, fast_amp, parse_variant, rescore_argv,
-                                   variant_config, ALL_VARIANTS)
-
-def data_spacing(dataset_json: Path) -> List[float]:
-    """(sz, sy, sx) of the first case: the z-pooling schedule is chosen for it."""
-    cases = load_dataset_json(dataset_json)
-    if not cases:
-        raise ValueError(f"{dataset_json} lists no cases under 'training'")
-    return [round(float(s), 4) for s in read_scan(cases[0]["image"]).spacing]
-
-
-def stored_phantom(dataset_json: Path) -> dict:
-    """What a generated phantom's dataset.json says it is: its PhantomOptions, n_cases and seed."""
-    meta = json.loads(dataset_json.read_text(encoding="utf-8"))
-    return dict(meta.get("options") or {}, n_cases=meta.get("numTraining"), seed=meta.get("seed"))
-
-
-def prepare_data(data_dir: Path, preset: Preset, seed: int) -> Path:
-    """Generate the phantom into ``data_dir`` (unless its dataset.json exists) and build its cache; returns the
-    dataset.json."""
-    from ahnet.data.phantom import generate_dataset
-    dataset_json = data_dir / paths.DATASET
-    if not dataset_json.is_file():
-        print(f"[experiment] generating {preset.cases} phantom cases in {data_dir}", flush=True)
-        generate_dataset(data_dir, preset.cases, seed=seed, size=preset.size, **preset.phantom)
-    have = stored_phantom(dataset_json)
-    want = dict(preset.phantom, size=preset.size, n_cases=preset.cases, seed=seed)
-    differ = {k: have.get(k) for k, v in want.items() if have.get(k) != (list(v) if isinstance(v, tuple) else v)}
-    if differ:
-        found = ", ".join(f"{k} {v}" for k, v in differ.items())
-        wanted = ", ".join(f"{k} {want[k]}" for k in differ)
-        failures.warn(PROG, f"{data_dir} holds another phantom than this preset's ({found} instead of {wanted}); using "
-                       f"it as it is (move it away to generate the preset's phantom there)")
-    cache_dataset(dataset_json)
-    return dataset_json
-
-
-def check_test_data(data_dir: Path, preset: Preset, seed: int) -> None:
-    """Refuse (ValueError, before any training) a test folder that holds another phantom than the preset's
-    held-out test phantom, e.g. one an earlier version generated with other sizes or seed."""
-    from ahnet.data.phantom import held_out_seed
-    from ahnet.data.phantom.heldout import test_phantom_options
-    dataset_json = data_dir / paths.DATASET
-    if not preset.test_phantom or not dataset_json.is_file():
-        return
-    want = test_phantom_options(preset.test_phantom)
-    have = stored_phantom(dataset_json)
-    keys = ("size", "slices", "thickness", "spacing", "negatives", "exact", "n_cases")
-    npc = have.get("nodules_per_case")
-    same = all(have.get(k) == want[k] for k in keys) and have["seed"] == held_out_seed(seed) and \
-        list(npc if isinstance(npc, list) else [npc, npc]) == [want["nodules_per_case"]] * 2
-    if not same:
-        raise ValueError(f"{data_dir} holds another phantom than the {preset.test_phantom!r} test phantom of seed "
-                         f"{seed}; move it away and run again to generate the test phantom there")
-
-
-def ensure_test_data(data_dir: Path, preset: Preset, seed: int) -> Path:
-    """The extra test-only phantom (seeded apart from the training phantom); returns its dataset.json."""
-    from ahnet.data.phantom import generate_dataset, generate_test_phantom
-    dataset_json = data_dir / paths.DATASET
-    if preset.test_phantom and not dataset_json.is_file():
-        print(f"[experiment] generating the {preset.test_phantom!r} test-only phantom in {data_dir}", flush=True)
-        generate_test_phantom(data_dir, preset.test_phantom, seed=seed)
-    elif not dataset_json.is_file():
-        print(f"[experiment] generating {preset.test_cases} test-only phantom cases in {data_dir}", flush=True)
-        generate_dataset(data_dir, preset.test_cases, seed=seed + 1_000_003, size=preset.size, split=(0, 0, 1))
-    return dataset_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = failures.Parser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="experiment size (default demo)")
-    p.add_argument("--name", help="experiment name: runs/<name>, data/<name> (default: the preset's)")
+    p.add_argument("--name", help="experiment name: runs/<name>, data/<name> (default: the preset's, with -z<S> "
+                                  "at another --slice-spacing)")
     p.add_argument("--data", type=Path, help="an existing dataset.json to use instead of a generated phantom")
     p.add_argument("--variants", nargs="+", help=f"subset of variants to train (default: the preset's); "
                    f"any of {', '.join(ALL_VARIANTS)}")
+    p.add_argument("--seeds", type=failures.number(int, 1, 100), default=1,
+                   help="train each variant this many times (training seeds --seed .. --seed + N - 1, the same data)")
+    p.add_argument("--slice-spacing", type=failures.number(float, 0.5, 10), default=2.5,
+                   help="slice spacing = thickness of every phantom, mm (default 2.5; the study: 1.25 2.5 5)")
+    p.add_argument("--final", action="store_true",
+                   help="evaluate on the sealed final test set instead of the development set (its looks are logged)")
+    p.add_argument("--shifts", nargs="+", choices=["all", *phantoms.SHIFTS], default=None,
+                   help="with --final: also on the final set rendered with each of these shifts")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
     p.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch of all ranks (python -m ahnet.train --help)")
     p.add_argument("--jobs", type=failures.number(int, 1, 64),
                    help="trainings side by side on a CPU, each in its own process on its share of the cores "
-                        "(default: the preset's, cpu: 2; 1 on CUDA and under torchrun); a transferred variant "
-                        "waits for the 2D stage")
+                        "(default: the preset's, cpu: 2; 1 on CUDA and under torchrun); a transferred run "
+                        "waits for its 2D stage")
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
-                   help="give every variant its second stage (python -m ahnet.rescore with the preset's options) "
+                   help="give every run its second stage (python -m ahnet.rescore with the preset's options) "
                         "and evaluate with it, or not (default: the preset's: cpu and paper yes, demo no)")
     p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
@@ -143,21 +100,51 @@ def with_rescore(preset: Preset, rescore: Optional[bool]) -> Preset:
     return dataclasses.replace(preset, rescore={} if rescore else None)
 
 
-def check_rescore_options(options: Dict) -> None:
-    """ValueError (before any work) for a preset's second-stage option that ``python -m ahnet.rescore`` lacks or
-    refuses; run, data, device and amp are the experiment's own."""
-    from ahnet.commands.rescore import build_parser
-    actions = {a.dest: a for a in build_parser()._actions if a.option_strings}
-    for k, v in options.items():
-        if k in ("run", "data", "device", "amp", "help") or k not in actions:
-            takes = sorted(set(actions) - {"run", "data", "device", "amp", "help"})
-            raise ValueError(f"the preset's second-stage option {k!r} is not one python -m ahnet.rescore takes "
-                             f"from a preset; it takes {', '.join(takes)}")
-        try:
-            if actions[k].type is not None:
-                actions[k].type(str(v))
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            raise ValueError(f"the preset's second-stage option {k} = {v!r}: {e}") from None
+@dataclasses.dataclass
+class Plan:
+    """What one call does, every option checked: the preset, the folders, the variants and their runs."""
+    preset: Preset
+    name: str
+    ep: paths.ExperimentPaths
+    variants: List[str]
+    trainings: Dict[str, tuple]          # {run name: (variant, k)} in training order
+    shifts: List[str]
+    amp: str
+
+
+def plan_experiment(args) -> Plan:
+    """Every option of the call checked before any data work (ValueError, one sentence)."""
+    phantoms.slice_options(args.slice_spacing)
+    preset = at_slice_spacing(with_rescore(PRESETS[args.preset], args.rescore), args.slice_spacing)
+    name = args.name or f"phantom-{args.preset}" + (f"-z{args.slice_spacing:g}" if args.slice_spacing != 2.5 else "")
+    ep = paths.ExperimentPaths(name)
+    variants = list(args.variants or preset.variants)
+    for v in variants:
+        parse_variant(v)
+    if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
+        variants = ["mcgcn-2d"] + variants
+    shifts = list(phantoms.SHIFTS) if args.shifts and "all" in args.shifts else list(dict.fromkeys(args.shifts or []))
+    if shifts and not args.final:
+        raise ValueError("--shifts renders the sealed final set with shifts; add --final")
+    if args.final and (args.data or f"{preset.test_phantom}-final" not in _test_phantoms()):
+        raise ValueError(f"--final: the {args.preset} preset has no sealed final test set" if not args.data else
+                         "--final evaluates a preset's generated final set; it does not go with --data")
+    resolve_device(args.device)
+    failures.check_output_dir(ep.runs, "--name")
+    if not args.data:
+        failures.check_output_dir(ep.train, "--name")
+    for v in variants:
+        dist.check_batch(preset.batch_2d if parse_variant(v)[0] == "mcgcn" else preset.batch_3d)
+    amp = fast_amp(args.device)                         # second stage and evaluation in the runs' precision
+    for k in range(args.seeds):
+        second_stage_config(preset, amp, args.seed, k)
+    trainings = {ep.run(v, k).name: (v, k) for k in range(args.seeds) for v in variants}
+    return Plan(preset, name, ep, variants, trainings, shifts, amp)
+
+
+def _test_phantoms() -> dict:
+    from ahnet.data.phantom import TEST_PHANTOMS
+    return TEST_PHANTOMS
 
 
 def main(argv=None) -> int:
@@ -166,23 +153,9 @@ def main(argv=None) -> int:
 
 
 def run_experiment(args) -> int:
-    """Data -> the variants' configs (all checked first) -> training (the 2D stage first) -> evaluation."""
-    preset = with_rescore(PRESETS[args.preset], args.rescore)
-    name = args.name or f"phantom-{args.preset}"
-    runs = paths.RUNS_ROOT / name
-    variants = list(args.variants or preset.variants)
-    for v in variants:
-        parse_variant(v)
-    resolve_device(args.device)                       # the options and output places before any data work
-    failures.check_output_dir(runs, "--name")
-    if not args.data:
-        failures.check_output_dir(paths.DATA_ROOT / name, "--name")
-    if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
-        variants = ["mcgcn-2d"] + variants
-    if preset.rescore is not None:
-        check_rescore_options(preset.rescore)
-    for v in variants:
-        dist.check_batch(preset.batch_2d if parse_variant(v)[0] == "mcgcn" else preset.batch_3d)
+    """Options -> data -> every run's config (all checked first) -> training (2D stages first) -> evaluation."""
+    plan = plan_experiment(args)
+    preset, ep = plan.preset, plan.ep
     t0 = time.time()
     ctx, device = dist.plan(args.device, resolve_device(args.device))
     dist.start(ctx, device)
@@ -191,58 +164,133 @@ def run_experiment(args) -> int:
         dataset_json = Path(args.data)
         ctx.main_first(lambda: cache_dataset(dataset_json))
     else:
-        dataset_json = ctx.main_first(lambda: prepare_data(paths.DATA_ROOT / name, preset, args.seed))
-    if not args.data:
-        check_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
-    spacing = data_spacing(dataset_json)
-    configs = {v: variant_config(v, preset, dataset_json, runs, args.seed, args.device, spacing, args.sync_bn)
-               for v in variants}
-    for v, cfg in configs.items():                   # every variant's network and places before the first trains
+        dataset_json = ctx.main_first(lambda: phantoms.prepare_training(ep.train, preset.cases, preset.size,
+                                                                        preset.phantom, args.seed))
+        _check_eval_sets(plan, args)
+    spacing = phantoms.data_spacing(dataset_json)
+    configs = {name: variant_config(v, k, preset, dataset_json, ep, args.seed, args.device, spacing, args.sync_bn)
+               for name, (v, k) in plan.trainings.items()}
+    for cfg in configs.values():                         # every run's network and places before the first trains
         preflight(cfg, sources=cfg.init != "transfer")
-    print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {runs}/, "
-          f"variants {', '.join(variants)}", flush=True)
-    amp = fast_amp(args.device)                        # second stage and evaluation in the runs' precision
-    rescore_argvs = {} if preset.rescore is None else {
-        v: rescore_argv(runs / v, dataset_json, args.device, amp, preset.rescore) for v in variants}
-    if jobs == 1:
-        for v, cfg in configs.items():
-            print(f"\n[experiment] {v}: {command_line(cfg)}", flush=True)
-            t = time.time()
-            train(cfg, validator_for=make_validator)
-            print(f"[experiment] {v} trained in {time.time() - t:.0f} s", flush=True)
-    else:
-        failed = train_side_by_side(configs, jobs, rescore_argvs)
-        if failed:
-            return failed
-    if not ctx.is_main:
-        return 0
-    if jobs == 1 and rescore_argvs:
+    print(f"[experiment] {args.preset}: data {dataset_json} (spacing {spacing} mm), runs in {ep.runs}/, "
+          f"variants {', '.join(plan.variants)}, {args.seeds} seed(s)", flush=True)
+    second = {} if preset.rescore is None else {
+        name: SecondStageJob(ep.runs / name, dataset_json, args.device,
+                             second_stage_config(preset, plan.amp, args.seed, k))
+        for name, (v, k) in plan.trainings.items()}
+    failed = train_all(configs, training_plan(plan.trainings), jobs, second, ctx.is_main)
+    if failed or not ctx.is_main:
+        return failed
+    looks = evaluation_sets(plan, args)
+    for look in looks:
+        evaluate_set(plan, args, *look)
+    if plan.shifts:
+        summarize_shifts(plan, args, looks)
+    print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min.", flush=True)
+    return 0
+
+
+def _check_eval_sets(plan: Plan, args) -> None:
+    """The dev and final folders hold the phantoms this call would generate there (ValueError before training)."""
+    preset, ep, opts = plan.preset, plan.ep, _held_out_overrides(plan)
+    if preset.test_phantom:
+        phantoms.check_held_out(ep.dev, preset.test_phantom, args.seed, opts)
+        if args.final:
+            phantoms.check_held_out(ep.final, f"{preset.test_phantom}-final", args.seed, opts)
+            for s in plan.shifts:
+                phantoms.check_held_out(ep.shifted_final(s), f"{preset.test_phantom}-final", args.seed,
+                                        {**opts, **phantoms.SHIFTS[s]})
+
+
+def _held_out_overrides(plan: Plan) -> dict:
+    """The test phantoms' options that follow the training phantom's slice spacing."""
+    return {k: plan.preset.phantom[k] for k in ("thickness", "slices") if k in plan.preset.phantom}
+
+
+def train_all(configs: dict, order: Dict[str, Optional[str]], jobs: int, second: Dict[str, SecondStageJob],
+              is_main: bool) -> int:
+    """Every run's training, then (one job at a time) its second stage; side by side with ``jobs`` > 1.
+    Returns 0 or the exit code of the first failure."""
+    if jobs > 1:
+        return train_side_by_side(configs, order, jobs, second)
+    for name, cfg in configs.items():
+        print(f"\n[experiment] {name}: {command_line(cfg)}", flush=True)
         t = time.time()
-        failed = rescore_one_by_one(rescore_argvs)
-        if failed:
-            return failed
+        train(cfg, validator_for=make_validator)
+        print(f"[experiment] {name} trained in {time.time() - t:.0f} s", flush=True)
+    if is_main and second:
+        t = time.time()
+        rescore_one_by_one(second)
         print(f"[experiment] second stages trained in {time.time() - t:.0f} s", flush=True)
-    report = paths.run_paths(runs).report
-    eval_json = dataset_json
-    if (preset.test_phantom or preset.test_cases > 0) and not args.data:
-        eval_json = ensure_test_data(paths.DATA_ROOT / f"{name}-test", preset, args.seed)
-    flags = ["--runs", *[str(runs / v) for v in variants], "--data", str(eval_json), "--out", str(report),
-             "--device", args.device, "--bootstrap", str(args.bootstrap)] + (
+    return 0
+
+
+def evaluation_sets(plan: Plan, args) -> list:
+    """[(dataset.json, report folder, label, shift)] this call evaluates: dev, or the final set and its shifts
+    (generated when missing; the final set's seal checked, each look logged)."""
+    preset, ep, opts = plan.preset, plan.ep, _held_out_overrides(plan)
+    if args.data:
+        return [(Path(args.data), ep.report(), "its own test split", None)]
+    if not args.final:
+        if preset.test_phantom:
+            dev = phantoms.ensure_held_out(ep.dev, preset.test_phantom, args.seed, opts)
+        elif preset.test_cases > 0:
+            dev = phantoms.ensure_generated_dev(ep.dev, preset.test_cases, preset.size, preset.phantom, args.seed)
+        else:
+            dev = ep.train / paths.DATASET
+        return [(dev, ep.report(), "the development set", None)]
+    final_name = f"{preset.test_phantom}-final"
+    final = phantoms.ensure_held_out(ep.final, final_name, args.seed, opts)
+    dev = phantoms.ensure_held_out(ep.dev, preset.test_phantom, args.seed, opts)
+    n = phantoms.check_sealed(final, [ep.train / paths.DATASET, dev])
+    print(f"[experiment] the final set {ep.final} holds shapes of {n} LIDC patients, none in training, validation "
+          f"or dev", flush=True)
+    looks = [(final, ep.report(final=True), "the sealed final test set", None)]
+    for s in plan.shifts:
+        shifted = phantoms.ensure_held_out(ep.shifted_final(s), final_name, args.seed, {**opts, **phantoms.SHIFTS[s]})
+        looks.append((shifted, ep.report(shift=s), f"the final set, shifted: {s}", s))
+    return looks
+
+
+def evaluate_set(plan: Plan, args, data_json: Path, report: Path, label: str, shift: Optional[str]) -> dict:
+    """Every run on one evaluation set, the models compared over their seeds; the report into ``report``."""
+    preset, ep = plan.preset, plan.ep
+    runs = [ep.runs / name for name in plan.trainings]
+    groups = {v: [ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants} if args.seeds > 1 else None
+    if args.final:
+        n = phantoms.log_look(ep.looks(), args.preset, plan.name, runs, shift)
+        print(f"[experiment] look {n} at the sealed final set (logged in {ep.looks()})", flush=True)
+    flags = ["--runs", *map(str, runs), "--data", str(data_json), "--out", str(report), "--device", args.device,
+             "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else []) + (
-        ["--amp", amp, "--channels-last"] if amp != "off" else []) + (
+        ["--amp", plan.amp, "--channels-last"] if plan.amp != "off" else []) + (
         ["--rescore"] if preset.rescore is not None else [])
-    print(f"\n[experiment] evaluation: python -m ahnet.evaluate {' '.join(shlex.quote(f) for f in flags)}",
-          flush=True)
-    rep = evaluate_and_report([runs / v for v in variants], eval_json, report, device=args.device,
-                              n_bootstrap=args.bootstrap, window=preset.window, amp=amp,
-                              channels_last=amp != "off", rescore=preset.rescore is not None,
-                              title=f"AH-Net per-type evaluation ({args.preset} preset, {name})")
-    print(f"\n[experiment] done in {(time.time() - t0) / 60:.1f} min. Report: {report / paths.REPORT_HTML} "
-          f"(also {paths.REPORT_MD}, {paths.REPORT_JSON})")
+    print(f"\n[experiment] evaluation on {label}: python -m ahnet.evaluate "
+          f"{' '.join(shlex.quote(f) for f in flags)}", flush=True)
+    rep = evaluate_and_report(runs, data_json, report, device=args.device, n_bootstrap=args.bootstrap,
+                              window=preset.window, amp=plan.amp, channels_last=plan.amp != "off",
+                              rescore=preset.rescore is not None, groups=groups,
+                              title=f"AH-Net per-type evaluation ({args.preset} preset, {plan.name}, {label})")
+    print(f"[experiment] report on {label}: {report / paths.REPORT_HTML} (also {paths.REPORT_MD}, "
+          f"{paths.REPORT_JSON})", flush=True)
     for m in rep["model_order"]:
         if rep["models"][m]["found"]:
             print("[experiment] " + found_line(m, rep["models"][m]["found"]))
-    return 0
+    return rep
+
+
+def summarize_shifts(plan: Plan, args, looks: list) -> None:
+    """The shift study's report (ahnet.report.shifts) from the candidates each evaluation wrote."""
+    from ahnet.evaluate.shifts import read_evaluated_set, shift_summary
+    from ahnet.report.shifts import write_shift_report
+    names = list(plan.trainings)
+    sets = {shift: read_evaluated_set(data_json, report, names) for data_json, report, _, shift in looks}
+    groups = {v: [plan.ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants}
+    summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
+    md = write_shift_report(summary, plan.ep.shift_report(), f"Shifts of the final set ({args.preset} preset, "
+                                                                f"{plan.name})")
+    print(f"[experiment] the final models under shifts: {md}", flush=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

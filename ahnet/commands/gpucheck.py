@@ -84,13 +84,13 @@ def run_check(args, device: str) -> int:
 
     site = Path(tempfile.gettempdir()) / "ahnet-gpu-check-site"
     modules = env.prepare_modules(ROOT, site)
-    have_monai = modules["monai"]["version"] is not None
+    peer_missing = None if modules["monai"]["version"] is not None else modules["monai"]["source"]
     doc = {"command": "bash run.sh gpu-check " + " ".join(sys.argv[1:]), "tiny": bool(args.tiny), "device": device,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": env.machine(), "modules": modules, "parts": {}}
     report.write(out, {**doc, "ok": False, "wall_seconds": 0})      # a first report, in case the run is cut short
     steps = {"tests": lambda: parts.run_tests(ROOT, out, rehearse=device == "cpu", timeout=args.tests_timeout),
-             "bench": lambda: parts.run_bench(device, args.tiny, have_monai, args.bench_timeout, log),
+             "bench": lambda: parts.run_bench(device, args.tiny, peer_missing, args.bench_timeout, log),
              "train": lambda: training.run_training(out, device, args.tiny, args.train_minutes, log)}
     for name in PARTS:
         if name not in args.skip:
@@ -98,8 +98,7 @@ def run_check(args, device: str) -> int:
             doc.update(ok=all(p.get("ok") for p in doc["parts"].values()),
                        wall_seconds=round(time.monotonic() - t0, 1))
             report.write(out, doc)
-    log(f"[gpu-check] {'every part passed' if doc['ok'] else 'a part did NOT pass'}; "
-        f"{out / report.MD_NAME} ({doc['wall_seconds']} s)")
+    log(f"[gpu-check] {report.summary(doc)}; {out / report.MD_NAME} ({doc['wall_seconds']} s)")
     return 0 if doc["ok"] else 1
 
 

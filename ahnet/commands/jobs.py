@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
 
 from ahnet import failures
 from ahnet.train.config import TrainConfig
 from ahnet.evaluate.validation import make_validator
 from ahnet.train import TrainingDiverged, train
-from ahnet.commands.presets import Preset, command_line, parse_variant, rescore_command_line
+from ahnet.commands.presets import Preset, command_line, parse_variant
+from ahnet.commands.rescore import SecondStageConfig, train_rescorer
 
 PROG = "ahnet.experiment"
 
@@ -26,10 +29,26 @@ def training_jobs(asked: Optional[int], preset: Preset, device, world: int) -> i
     return preset.jobs if device.type == "cpu" and world == 1 else 1
 
 
-def training_plan(variants: List[str]) -> Dict[str, Optional[str]]:
-    """Each variant and the run it must wait for (transferred variants: the 2D stage), in the given order."""
-    return {v: "mcgcn-2d" if parse_variant(v)[1] == "transfer" and "mcgcn-2d" in variants else None
-            for v in variants}
+@dataclass(frozen=True)
+class SecondStageJob:
+    """One run's second stage: ahnet.commands.rescore.train_rescorer(run, data, device, cfg)."""
+    run: Path
+    data: Path
+    device: str
+    cfg: SecondStageConfig
+
+    def command_line(self) -> str:
+        return self.cfg.command_line(self.run, self.data, self.device)
+
+    def __call__(self) -> None:
+        train_rescorer(self.run, self.data, self.device, self.cfg)
+
+
+def training_plan(trainings: Dict[str, tuple]) -> Dict[str, Optional[str]]:
+    """{run name: (variant, k)} -> each run and the run it must wait for (a transferred variant's k-th training:
+    the k-th 2D stage, when it is planned), in the given order."""
+    twod = {k: name for name, (v, k) in trainings.items() if v == "mcgcn-2d"}
+    return {name: twod.get(k) if parse_variant(v)[1] == "transfer" else None for name, (v, k) in trainings.items()}
 
 
 def run_when_ready(plan: Dict[str, Optional[str]], start, jobs: int) -> None:
@@ -107,23 +126,21 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
     sys.exit(failures.run(f"{PROG} ({variant})", body, {TrainingDiverged: 3}))
 
 
-def _rescore_in_child(variant: str, argv: List[str], threads: int) -> None:
+def _rescore_in_child(name: str, job: SecondStageJob, threads: int) -> None:
     import torch
 
-    from ahnet.commands.rescore import main as rescore_main
     torch.set_num_threads(threads)
-    sys.stdout = _LinePrefix(sys.stdout, f"[{variant}] ")
-    sys.stderr = _LinePrefix(sys.stderr, f"[{variant}] ")
-    sys.exit(rescore_main(argv))
+    sys.stdout = _LinePrefix(sys.stdout, f"[{name}] ")
+    sys.stderr = _LinePrefix(sys.stderr, f"[{name}] ")
+    sys.exit(failures.run(f"{PROG} ({name} second stage)", job))
 
 
-def rescore_one_by_one(argvs: Dict[str, List[str]]) -> int:
-    """Train every variant's second stage in this process, one after another (side by side, ``--jobs`` > 1,
-    they run inside ``train_side_by_side``); 0, or the exit code of the first that failed."""
-    from ahnet.commands.rescore import main as rescore_main
-    for v, argv in argvs.items():
-        print(f"[experiment] {v}: {rescore_command_line(argv)}", flush=True)
-    return next((rc for rc in (rescore_main(argv) for argv in argvs.values()) if rc), 0)
+def rescore_one_by_one(jobs: Dict[str, SecondStageJob]) -> None:
+    """Train every run's second stage in this process, one after another (side by side, ``--jobs`` > 1, they run
+    inside ``train_side_by_side``); a failure raises (ValueError, one sentence)."""
+    for name, job in jobs.items():
+        print(f"[experiment] {name}: {job.command_line()}", flush=True)
+        job()
 
 
 class _LinePrefix:
@@ -144,30 +161,28 @@ class _LinePrefix:
         return getattr(self.stream, name)
 
 
-def train_side_by_side(configs: Dict[str, TrainConfig], jobs: int,
-                       rescore_argvs: Optional[Dict[str, List[str]]] = None) -> int:
-    """Train the variants ``jobs`` at a time in spawned processes, the CPU's threads shared evenly; each variant's
-    second stage (``rescore_argvs``: its ``python -m ahnet.rescore`` arguments) starts once its training has ended
-    and a place is free, trainings first. Returns 0, or the exit code of the first process that failed (it printed
-    the one error line; the others are stopped, resumable)."""
+def train_side_by_side(configs: Dict[str, TrainConfig], plan: Dict[str, Optional[str]], jobs: int,
+                       second: Optional[Dict[str, SecondStageJob]] = None) -> int:
+    """Train the runs ``jobs`` at a time in spawned processes, the CPU's threads shared evenly, each once the run
+    ``plan`` names for it has ended; each run's second stage (``second``) starts once its training has ended and a
+    place is free, trainings first. Returns 0, or the exit code of the first process that failed (it printed the
+    one error line; the others are stopped, resumable)."""
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
-    rescore_argvs = rescore_argvs or {}
-    for v, cfg in configs.items():
-        print(f"[experiment] {v}: {command_line(cfg)}", flush=True)
-    for v, argv in rescore_argvs.items():
-        print(f"[experiment] {v}, once trained: {rescore_command_line(argv)}", flush=True)
-    print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the variant",
-          flush=True)
-    second = {f"{v} (second stage)": v for v in rescore_argvs}
+    second = second or {}
+    for name, cfg in configs.items():
+        print(f"[experiment] {name}: {command_line(cfg)}", flush=True)
+    for name, job in second.items():
+        print(f"[experiment] {name}, once trained: {job.command_line()}", flush=True)
+    print(f"[experiment] training {jobs} at a time, {threads} thread(s) each; lines start with the run", flush=True)
+    after = {f"{name} (second stage)": name for name in second}
 
-    def start(name: str) -> _Job:
-        if name in second:
-            return _Job(second[name], rescore_argvs[second[name]], threads, _rescore_in_child,
-                        "second stage trained")
-        return _Job(name, configs[name], threads)
-    return run_jobs({**training_plan(list(configs)), **second}, start, jobs, "training process", "resume it")
+    def start(item: str) -> _Job:
+        if item in after:
+            return _Job(after[item], second[after[item]], threads, _rescore_in_child, "second stage trained")
+        return _Job(item, configs[item], threads)
+    return run_jobs({**plan, **after}, start, jobs, "training process", "resume it")
 
 
 def run_jobs(plan: Dict[str, Optional[str]], start, jobs: int, what: str, again: str) -> int:

@@ -1,7 +1,7 @@
 """CLI: python -m ahnet.data.phantom --out FOLDER [options]; bad options: one error line, exit 2.
 
     python -m ahnet.data.phantom --out data/phantom                        # a training phantom (16 cases)
-    python -m ahnet.data.phantom --out data/phantom-cpu-test --test-phantom cpu   # 40 scans x 6 nodules
+    python -m ahnet.data.phantom --out data/phantom-cpu-dev --test-phantom cpu    # 40 scans x 6 nodules
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--test-phantom", choices=sorted(TEST_PHANTOMS), default=None,
         help="a held-out test phantom: " + "; ".join(
             f"{k}: {v['n_cases']} scans x {v['nodules_per_case']} nodules" for k, v in TEST_PHANTOMS.items())
-        + "; all test split (LIDC test scans only), no negatives, exact schedule, cases seeded with --seed + "
-          "1000003 (apart from a training phantom of the same --seed); size options may be overridden")
+        + "; all test split, no negatives, exact schedule; development sets (cpu, demo): LIDC test scans, cases "
+          "seeded with --seed + 1000003; the sealed final set (cpu-final): the final pool's patients only, --seed + "
+          "7000001 (apart from a training phantom of the same --seed); size options may be overridden")
     add("--cases", type=int, help=f"number of cases (default {d['cases']})")
     add("--seed", type=number(int, 0, 2 ** 32 - 1),
         help=f"random seed; the output is a function of it (default {d['seed']})")
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
             p = generate_test_phantom(a.out, a.test_phantom, seed=kw["seed"], previews=kw["previews"],
                                       **overrides)
             n = overrides.get("n_cases", TEST_PHANTOMS[a.test_phantom]["n_cases"])
-            seed = held_out_seed(kw["seed"])
+            seed = held_out_seed(kw["seed"], a.test_phantom)
         else:
             n, seed = kw.pop("n_cases"), kw.pop("seed")
             p = generate_dataset(a.out, n, seed, **kw)

@@ -44,7 +44,8 @@ import sys
 from pathlib import Path
 
 from ahnet import failures, paths
-from ahnet.infer import DEFAULT_WINDOW, add_candidate_arguments, load_ensemble, rule_from_arguments
+from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, load_ensemble
+from ahnet.infer import rule_from_arguments
 from ahnet.infer.scans import PredictInputError, find_cases, predict_cases
 from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES
@@ -59,12 +60,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--runs", nargs="+", required=True,
                     help="run folders, checkpoint files, or cross-validations (X for X-fold<k>); ensemble mean")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--window", type=failures.number(int, 1, 4096), nargs=3, default=None, metavar=("D", "H", "W"),
-                    help="3D window (default: the runs' patch_size, else %s)" % (DEFAULT_WINDOW,))
-    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=0.5,
-                    help="window overlap fraction in [0, 1)")
-    ap.add_argument("--sw-batch", type=failures.number(int, 1, 4096), default=2,
-                    help="windows per forward pass (x4 slices for 2D models)")
+    add_window_arguments(ap)
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16 = bfloat16 (about 2x faster on a "
@@ -78,6 +74,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--rescore", action="store_true",
                     help=f"rescore the candidates by the run's second stage (RUN/{paths.RESCORER}, python -m ahnet.rescore); "
                          "one run folder")
+    ap.add_argument("--rescore-any-rule", action="store_true",
+                    help="with --rescore: apply the second stage to candidates of another rule than it learnt on")
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     ap.add_argument("--skip-bad", action="store_true",
                     help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     failures.check_output_dir(a.out, "--out")
-    rule = rule_from_arguments(a)
+    windows, rule = WindowSettings.from_arguments(a), rule_from_arguments(a)
     cases = find_cases(a.input, a.split)
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
     rescorer = None
@@ -99,10 +97,9 @@ def _main(a) -> int:
         if len(a.runs) != 1:
             raise PredictInputError(f"--rescore takes one run folder in --runs: its {paths.RESCORER} learnt that run's "
                                     "candidates")
-        rescorer = load_run_rescorer(a.runs[0], ens.device)
-    res = predict_cases(cases, ens, a.out, window=a.window, overlap=a.overlap, sw_batch=a.sw_batch, tta=a.tta,
-                        amp=a.amp, threshold=a.threshold, candidates=rule, channels_last=a.channels_last,
-                        skip_bad=a.skip_bad, rescorer=rescorer)
+        rescorer = load_run_rescorer(a.runs[0], ens.device, rule, a.rescore_any_rule)
+    res = predict_cases(cases, ens, a.out, windows, tta=a.tta, amp=a.amp, threshold=a.threshold, candidates=rule,
+                        channels_last=a.channels_last, skip_bad=a.skip_bad, rescorer=rescorer)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}")
     if res["failed"]:

@@ -2,6 +2,7 @@
 ``python -m ahnet.train`` command line that trains one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ahnet import paths
+from ahnet.commands.phantoms import slice_options
+from ahnet.commands.rescore import SecondStageConfig
 from ahnet.train.config import TrainConfig
 from ahnet.precision import cpu_native_bf16, resolve_device
 
@@ -93,17 +96,32 @@ def parse_variant(name: str):
     return parts[0], parts[1], pfn
 
 
-def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path, seed: int, device: str,
-                   spacing: List[float], sync_bn: bool = False) -> TrainConfig:
-    """The training configuration of one variant (resolved: every check done before any training starts)."""
+def at_slice_spacing(preset: Preset, spacing: float) -> Preset:
+    """The preset's phantoms at another slice spacing (thickness = spacing, the same 100 mm of z) and its 3D patch
+    over the same depth in mm (16 slices of 2.5 mm = 32 of 1.25 mm = 8 of 5 mm); 2.5 mm: the preset itself."""
+    if spacing == 2.5:
+        return preset
+    depth = preset.patch_3d[0] * 2.5 / spacing
+    if depth != int(depth) or depth < 1:
+        raise ValueError(f"--slice-spacing {spacing:g}: the {preset.patch_3d[0]}-slice 3D patch of 2.5 mm slices "
+                         f"is {depth:g} slices of {spacing:g} mm; choose a spacing that gives whole slices")
+    return dataclasses.replace(preset, phantom={**preset.phantom, **slice_options(spacing)},
+                               patch_3d=[int(depth)] + list(preset.patch_3d[1:]))
+
+
+def variant_config(variant: str, k: int, preset: Preset, dataset_json: Path, ep: paths.ExperimentPaths, seed: int,
+                   device: str, spacing: List[float], sync_bn: bool = False) -> TrainConfig:
+    """The training configuration of a variant's k-th training (training seed ``seed + k``, the same data; a
+    transferred variant starts from the k-th 2D stage), resolved: every check done before any training starts."""
     model, init, pfn = parse_variant(variant)
     d = dict(data=str(dataset_json), cache_dir=str(paths.cache_dir(dataset_json)), encoder=preset.encoder,
-             seed=seed, device=device, lr=preset.lr, out=str(runs / variant), resume=True, sync_bn=sync_bn,
+             seed=seed + k, device=device, lr=preset.lr, out=str(ep.run(variant, k)), resume=True, sync_bn=sync_bn,
              amp=fast_amp(device), **preset.recipe)
+    name = ep.run(variant, k).name
     if model == "mcgcn":
         d.update(stage="2d", model="mcgcn", patch_size=list(preset.patch_2d), batch_size=preset.batch_2d,
                  epochs=preset.epochs_2d, steps_per_epoch=preset.steps_2d)
-        return TrainConfig.from_dict(d, variant).resolved()
+        return TrainConfig.from_dict(d, name).resolved()
     kwargs: dict = {"z_pool": preset.z_pool}
     if preset.z_pool == "spacing":
         kwargs["spacing"] = spacing
@@ -115,8 +133,19 @@ def variant_config(variant: str, preset: Preset, dataset_json: Path, runs: Path,
     if model == "ahnet":
         d.update(pfn_depth=pfn, init=init)
         if init == "transfer":
-            d["init_from"] = str(runs / "mcgcn-2d")
-    return TrainConfig.from_dict(d, variant).resolved()
+            d["init_from"] = str(ep.run("mcgcn-2d", k))
+    return TrainConfig.from_dict(d, name).resolved()
+
+
+def second_stage_config(preset: Preset, amp: str, seed: int, k: int) -> Optional[SecondStageConfig]:
+    """The k-th training's second stage (the preset's options, the runs' precision, seed ``seed + k``), checked;
+    None when the preset has none."""
+    if preset.rescore is None:
+        return None
+    try:
+        return SecondStageConfig.from_dict({"seed": seed + k, **preset.rescore, "amp": amp})
+    except ValueError as e:
+        raise ValueError(f"the preset's {e}") from None
 
 
 def fast_amp(device: str) -> str:
@@ -149,15 +178,3 @@ def command_line(cfg: TrainConfig) -> str:
     if cfg.model != {"2d": "mcgcn", "3d": "ahnet"}[cfg.stage]:
         flags += ["--model", cfg.model]
     return "python -m ahnet.train " + " ".join(shlex.quote(f) for f in flags)
-
-
-def rescore_argv(run: Path, dataset_json: Path, device: str, amp: str, options: Dict) -> List[str]:
-    """The ``python -m ahnet.rescore`` arguments of one variant's second stage: the preset's ``options``
-    ({"max_cases": 24} -> --max-cases 24), its defaults otherwise."""
-    flags = [f for k, v in options.items() for f in ("--" + k.replace("_", "-"), str(v))]
-    return ["--run", str(run), "--data", str(dataset_json), "--device", device, "--amp", amp, *flags]
-
-
-def rescore_command_line(argv: List[str]) -> str:
-    """The shell command of one second stage (printed for a reader who wants to rerun it)."""
-    return "python -m ahnet.rescore " + " ".join(shlex.quote(a) for a in argv)

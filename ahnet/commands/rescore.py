@@ -21,9 +21,12 @@ The crops are held in memory: 66 kB a candidate at the default crop (about 0.15 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -33,8 +36,9 @@ from ahnet import failures, paths
 from ahnet.atomic import atomic_path, write_text_atomic
 from ahnet.data.io import load_dataset_json, read_annotations_csv
 from ahnet.evaluate import load_cases
-from ahnet.infer import DEFAULT_RULE, extract_candidates, load_ensemble, predict_volume
-from ahnet.infer.second_stage import CROP, RESCORER, RESCORER_FORMAT, candidate_crops, load_rescorer
+from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
+from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
+from ahnet.infer.windows import check_overlap
 from ahnet.nets.candidate_net import CandidateNet
 from ahnet.precision import AMP_MODES, resolve_device
 
@@ -120,39 +124,94 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
     return net.eval(), losses
 
 
-def settings_of(a) -> dict:
-    """What a rescorer.pt was trained with (a later call with the same settings leaves it as it is)."""
-    return {"split": a.split, "max_cases": a.max_cases, "jitter": a.jitter, "epochs": a.epochs, "width": a.width,
-            "crop": list(a.crop), "overlap": a.overlap, "seed": a.seed, "amp": a.amp, "rule": DEFAULT_RULE.describe()}
+@dataclass(frozen=True)
+class SecondStageConfig:
+    """How a run's second stage is trained: ``python -m ahnet.rescore``'s options but the run, data, device and
+    --force (the experiment builds one from a preset's ``rescore`` dict). Ranges as the command's flags."""
+    split: str = "train"
+    max_cases: int = 0
+    jitter: int = 2
+    crop: Tuple[int, int, int] = CROP
+    overlap: float = 0.5
+    epochs: int = 30
+    width: int = 16
+    seed: int = 0
+    amp: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SecondStageConfig":
+        """A checked config from plain values (ValueError naming an unknown key or a value out of range)."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"second-stage option {unknown[0]!r} is not one of {', '.join(known)}")
+        d = dict(d)
+        if "crop" in d:
+            d["crop"] = tuple(int(v) for v in d["crop"])
+        return cls(**d).checked()
+
+    def checked(self) -> "SecondStageConfig":
+        ranges = {"max_cases": (0, 10 ** 9), "jitter": (0, 100), "epochs": (1, 10000), "width": (1, 256),
+                  "seed": (0, 2 ** 32 - 1)}
+        for k, (lo, hi) in ranges.items():
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"second-stage {k} = {v!r} must be an integer in {lo} .. {hi}")
+        try:
+            check_overlap(self.overlap)
+        except ValueError as e:
+            raise ValueError(f"second-stage overlap: {e}") from None
+        if len(self.crop) != 3 or self.crop[0] < 4 or min(self.crop[1:]) < 8 or max(self.crop) > 512:
+            raise ValueError(f"second-stage crop {' '.join(map(str, self.crop))}: CandidateNet pools three times; "
+                             f"use 4 8 8 .. 512 512 512")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"second-stage amp {self.amp!r} must be one of {', '.join(AMP_MODES)}")
+        return self
+
+    def settings(self) -> dict:
+        """What a rescorer.pt was trained with (a later call with the same settings leaves it as it is), the
+        candidate rule it learnt on included."""
+        return {"split": self.split, "max_cases": self.max_cases, "jitter": self.jitter, "epochs": self.epochs,
+                "width": self.width, "crop": list(self.crop), "overlap": self.overlap, "seed": self.seed,
+                "amp": self.amp, "rule": DEFAULT_RULE.describe()}
+
+    def command_line(self, run, data, device: str) -> str:
+        """The ``python -m ahnet.rescore`` command that trains this second stage (the non-default options)."""
+        default = SecondStageConfig()
+        flags = ["--run", str(run), "--data", str(data), "--device", str(device)]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != getattr(default, f.name):
+                flags += ["--" + f.name.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+        return "python -m ahnet.rescore " + " ".join(shlex.quote(x) for x in flags)
 
 
-def train_rescorer(a) -> Path:
-    """Options ``a`` (build_parser) -> RUN/rescorer.pt; every option, the run and the data checked first."""
-    run, data = Path(a.run), Path(a.data)
+def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStageConfig(), force: bool = False
+                   ) -> Path:
+    """RUN/rescorer.pt trained by ``cfg``; the run, the data and the config checked first."""
+    run, data, cfg = Path(run), Path(data), cfg.checked()
     if not run.is_dir():
         raise ValueError(f"--run {run} is not a run folder")
     if not data.is_file():
         raise ValueError(f"--data {data} does not exist (expected a dataset.json)")
-    device = resolve_device(a.device)
-    if a.crop[0] < 4 or min(a.crop[1:]) < 8:
-        raise ValueError(f"--crop {' '.join(map(str, a.crop))}: CandidateNet pools three times; use at least 4 8 8")
-    out, settings = run / RESCORER, settings_of(a)
+    device = resolve_device(device)
+    out, settings = paths.run_paths(run).rescorer, cfg.settings()
     failures.check_output_file(out, "--run")
-    if out.is_file() and not a.force:
+    if out.is_file() and not force:
         have = load_rescorer(out).settings
         if {k: have.get(k) for k in settings} == settings:
             print(f"[rescore] {out} already holds this second stage; --force trains it again")
             return out
     t0 = time.time()
-    x, y, counts = collect(run, data, a.split, a.jitter, a.seed, device, a.amp, a.max_cases, tuple(a.crop),
-                           a.overlap)
-    net, losses = fit(x, y, a.epochs, a.seed, a.width)
+    x, y, counts = collect(run, data, cfg.split, cfg.jitter, cfg.seed, device, cfg.amp, cfg.max_cases,
+                           tuple(cfg.crop), cfg.overlap)
+    net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width)
     with atomic_path(out) as tmp:
         torch.save({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, tmp)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
     write_text_atomic(paths.run_paths(run).rescorer_json, json.dumps(info, indent=2) + "\n")
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "
-          f"nodule crops of {counts['crops']}, {a.epochs} epochs in {time.time() - t0:.0f} s")
+          f"nodule crops of {counts['crops']}, {cfg.epochs} epochs in {time.time() - t0:.0f} s")
     return out
 
 
@@ -166,9 +225,9 @@ def build_parser() -> failures.Parser:
                     help="extra crops per reference nodule, off its centre by up to half its radius")
     ap.add_argument("--crop", type=failures.number(int, 1, 512), nargs=3, default=list(CROP), metavar=("D", "H", "W"),
                     help="crop around each candidate in voxels (default %s; at least 4 8 8)" % " ".join(map(str, CROP)))
-    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=0.5,
-                    help="window overlap of the training scans' predictions, in [0, 1) (0.25: 2.8x faster, the same "
-                         "second stage within -0.008 [-0.020, +0.006] CPM; candidates.md)")
+    add_window_arguments(ap, window=False, batch_flag=None,
+                         overlap_help="window overlap of the training scans' predictions, in [0, 1) (0.25: 2.8x "
+                                      "faster, the same second stage within -0.008 [-0.020, +0.006] CPM; candidates.md)")
     ap.add_argument("--epochs", type=failures.number(int, 1, 10000), default=30, help="passes over the crops")
     ap.add_argument("--width", type=failures.number(int, 1, 256), default=16, help="CandidateNet's first channel count")
     ap.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
@@ -180,7 +239,12 @@ def build_parser() -> failures.Parser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    return failures.run(PROG, lambda: train_rescorer(a) and 0)
+
+    def body() -> int:
+        cfg = SecondStageConfig.from_dict({f.name: getattr(a, f.name) for f in fields(SecondStageConfig)})
+        train_rescorer(a.run, a.data, a.device, cfg, a.force)
+        return 0
+    return failures.run(PROG, body)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ _FLIP = np.diag([-1.0, -1.0, 1.0])
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
+#: every image file this module reads and writes (a DICOM series is a folder)
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
@@ -348,7 +350,7 @@ def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: st
         elif suf in ITK_SUFFIXES or suf in (".dcm", ""):
             vol = _read_itk(path)
         else:
-            raise DataError(f"{path}: unknown image format '{suf}'; expected .nii, .nii.gz, .mha, .mhd, .nrrd "
+            raise DataError(f"{path}: unknown image format '{suf}'; expected {', '.join(IMAGE_SUFFIXES)} "
                             f"or a DICOM folder.")
     vol = validate_volume(vol, path, nan_policy=nan_policy)
     if dtype is not None and vol.array.dtype != dtype:
@@ -424,7 +426,7 @@ def write_image(path, volume_or_array, like: Volume | None = None, spacing=None,
             with atomic_path(path) as tmp:
                 sitk.WriteImage(img, str(tmp), compress)
     else:
-        raise DataError(f"{path}: unknown output format '{suf}'; expected .nii, .nii.gz, .mha, .mhd or .nrrd.")
+        raise DataError(f"{path}: unknown output format '{suf}'; expected one of {', '.join(IMAGE_SUFFIXES)}.")
     return path
 
 

@@ -123,13 +123,18 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
 
 
 def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: int = 1000,
-                   seed: int = 0) -> dict | None:
-    """Paired comparisons of every pair of models (ahnet.evaluate.froc.paired_bootstrap on their candidates, on the scan
-    resamples of each model's own intervals); None with fewer than two models."""
-    if len(results) < 2:
+                   seed: int = 0, groups: dict | None = None) -> dict | None:
+    """Paired comparisons of every pair of models (ahnet.evaluate.froc.paired_bootstrap on their candidates, on the
+    scan resamples of each model's own intervals); None with fewer than two models. ``groups`` {model: [run
+    names of results]}: models trained several times (seeds), compared by the bootstrap over seeds and scans
+    together; None: every run a model of its own."""
+    if groups is None:
+        cands = {k: v["candidates"] for k, v in results.items()}
+    else:
+        cands = {m: {r: results[r]["candidates"] for r in rs} for m, rs in groups.items()}
+    if len(cands) < 2:
         return None
     scan_ids = [c["case_id"] for c in cases]
     known = set(scan_ids)
     ann = [a for a in annotations if str(a["seriesuid"]) in known]
-    return paired_bootstrap(ann, {k: v["candidates"] for k, v in results.items()}, scan_ids,
-                            n_bootstrap=n_bootstrap, seed=seed)
+    return paired_bootstrap(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed)

@@ -423,39 +423,66 @@ def _difference(a: str, b: str, point: dict, draws: dict, key, confidence: float
             "n_bootstrap_used": int((~np.isnan(d)).sum())}
 
 
+def _seed_level(run_draws: list, rng, n_bootstrap: int) -> dict:
+    """The seed level of the hierarchical bootstrap: {mask key: (B,) mean of the draws of a resample of the runs,
+    drawn with replacement} (resample b of every run scored on the same scan resample b). One run: its draws."""
+    if len(run_draws) == 1:
+        return run_draws[0]
+    pick = rng.integers(0, len(run_draws), size=(n_bootstrap, len(run_draws)))
+    return {k: np.take_along_axis(np.stack([d[k] for d in run_draws], axis=1), pick, axis=1).mean(1)
+            for k in run_draws[0]}
+
+
+def _by_runs(candidates: dict) -> dict:
+    """{model: {run: rows}} from {model: rows} (one run, named as the model) or {model: {run: rows}}."""
+    return {m: (dict(v) if isinstance(v, dict) else {m: v}) for m, v in candidates.items()}
+
+
 def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 1000, seed: int = 0,
                      confidence: float = 0.95, fp_rates=FP_RATES, irrelevant_key: str = "irrelevant",
                      group_keys=("type", "location"), chunk: int = 200) -> dict:
     """CPM differences between models evaluated on the same scans, with paired bootstrap intervals.
 
-    candidates: {model: candidate rows} (two or more models, every row on ``scan_ids``). Each resample of the
-    scans (``bootstrap_weights(len(scan_ids), n_bootstrap, seed)``: the draws evaluate_detection makes with the
-    same seed) is scored for EVERY model, so each pair gets one difference per resample; the interval is the
-    percentile interval of those differences (resamples without a nodule of a group are left out of that group).
-    A pair's ``winner`` is the model with the higher CPM when the interval excludes 0, else None (no decision);
-    a model is ``best`` on a group when it is the winner against every other model.
+    candidates: {model: candidate rows}, or {model: {run: candidate rows}} for a model trained several times
+    (seeds); two or more models, every row on ``scan_ids``. Each resample of the scans
+    (``bootstrap_weights(len(scan_ids), n_bootstrap, seed)``: the draws evaluate_detection makes with the same
+    seed) is scored for EVERY run, so each pair gets one difference per resample. A model with several runs is
+    scored, in each resample, by the mean over a resample of its runs (drawn with replacement, its own draw):
+    a hierarchical bootstrap over seeds and scans together, its point estimate the mean over the runs. The
+    interval is the percentile interval of the differences (resamples without a nodule of a group are left out
+    of that group). A pair's ``winner`` is the model with the higher CPM when the interval excludes 0, else None
+    (no decision); a model is ``best`` on a group when it is the winner against every other model.
 
     Returns {"models", "n_scans", "n_bootstrap", "seed", "confidence", "fp_rates",
-    "cpm": {model: {"overall": cpm, "groups": {key: {label: cpm}}}},
+    "cpm": {model: {"overall": cpm, "groups": {key: {label: cpm}}}}, "cpm_ci": the same with each model's own
+    interval, "runs": {model: {run: {"overall", "groups"}}} (each run's CPM),
     "pairs": [{"a", "b", "overall": D, "groups": {key: {label: D}}}] for every pair in model order, D =
     {"cpm_a", "cpm_b", "diff" (a - b), "ci", "winner", "n_bootstrap_used"},
     "best": {"overall": model or None, "groups": {key: {label: model or None}}},
     "best_counts": {model: {key: groups where it is best}}}.
     """
-    models = list(candidates)
+    runs = _by_runs(candidates)
+    models = list(runs)
     if len(models) < 2:
         raise FROCInputError(f"paired comparisons need two or more models; got {models}")
     if n_bootstrap < 0:
         raise FROCInputError(f"n_bootstrap is {n_bootstrap}; expected 0 (no intervals) or a positive count")
+    if any(not r for r in runs.values()):
+        raise FROCInputError(f"every model needs at least one run; got {({m: len(r) for m, r in runs.items()})}")
     fp_rates = tuple(float(f) for f in fp_rates)
-    match = {name: match_candidates(nodules, rows, scan_ids, irrelevant_key=irrelevant_key, group_keys=group_keys)
-             for name, rows in candidates.items()}
-    first = match[models[0]]
+    match = {m: {r: match_candidates(nodules, rows, scan_ids, irrelevant_key=irrelevant_key, group_keys=group_keys)
+                 for r, rows in by_run.items()} for m, by_run in runs.items()}
+    first = next(iter(match[models[0]].values()))
     masks = _masks(first)
     W = bootstrap_weights(first.n_scans, n_bootstrap, seed) if n_bootstrap else np.zeros((0, first.n_scans))
-    point = {n: {k: v.mean(1) for k, v in _operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks).items()}
-             for n, m in match.items()}
-    draws = {n: _cpm_draws(m, W, fp_rates, masks, chunk) for n, m in match.items()}
+    run_point = {m: {r: {k: v.mean(1) for k, v in _operating_points(x, np.ones((1, x.n_scans)), fp_rates,
+                                                                       masks).items()}
+                     for r, x in by_run.items()} for m, by_run in match.items()}
+    point = {m: {k: np.mean([p[k] for p in rp.values()], axis=0) for k in masks}   # NaN for every run or none
+             for m, rp in run_point.items()}
+    seed_rng = np.random.default_rng([int(seed), 1])
+    draws = {m: _seed_level([_cpm_draws(x, W, fp_rates, masks, chunk) for x in by_run.values()], seed_rng,
+                            n_bootstrap) for m, by_run in match.items()}
     labels = [k for k in masks if k[0] != "all"]
 
     def by_group(fn):
@@ -481,9 +508,38 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
     return {"models": models, "n_scans": first.n_scans, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
             "confidence": confidence, "fp_rates": list(fp_rates),
             "cpm": {n: by_group(lambda k, n=n: _num(point[n][k][0])) for n in models},
+            "cpm_ci": {n: by_group(lambda k, n=n: _ci(draws[n][k], confidence) if draws[n][k].size else None)
+                       for n in models},
+            "runs": {n: {r: by_group(lambda k, p=p: _num(p[k][0])) for r, p in run_point[n].items()}
+                     for n in models},
             "pairs": pairs, "best": best_of, "best_counts": counts}
 
 
 def _pick(pair: dict, key) -> dict:
     """The entry of a pair (paired_bootstrap) for mask key ("all", None) or (group key, label)."""
     return pair["overall"] if key[0] == "all" else pair["groups"][key[0]][key[1]]
+
+
+def paired_across_sets(nodules_a, runs_a: dict, nodules_b, runs_b: dict, scan_ids, n_bootstrap: int = 1000,
+                       seed: int = 0, confidence: float = 0.95, fp_rates=FP_RATES, chunk: int = 200) -> dict:
+    """One model on two renderings of the same scans (a shifted set b against the original a): its overall CPM on
+    each, the mean over its runs ({run: candidate rows}, the same runs on both), and the difference b - a with an
+    interval paired by scan and by run (each resample draws the scans, bootstrap_weights(len(scan_ids),
+    n_bootstrap, seed), and the runs, rng [seed, 1], once for both sets).
+    Returns {"cpm_a", "cpm_b", "diff", "ci", "n_bootstrap"}."""
+    if set(runs_a) != set(runs_b) or not runs_a:
+        raise FROCInputError(f"the two sets need the same runs; got {sorted(runs_a)} and {sorted(runs_b)}")
+    fp_rates = tuple(float(f) for f in fp_rates)
+    W = bootstrap_weights(len(scan_ids), n_bootstrap, seed) if n_bootstrap else np.zeros((0, len(scan_ids)))
+    pick = np.random.default_rng([int(seed), 1]).integers(0, len(runs_a), size=(n_bootstrap, len(runs_a)))
+    out = {}
+    for key, nodules, runs in (("a", nodules_a, runs_a), ("b", nodules_b, runs_b)):
+        match = [match_candidates(nodules, runs[r], scan_ids) for r in sorted(runs)]
+        masks = {("all", None): np.ones(match[0].nod_score.size, bool)}
+        point = np.mean([_operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks)[("all", None)].mean(1)
+                         for m in match])
+        draws = np.stack([_cpm_draws(m, W, fp_rates, masks, chunk)[("all", None)] for m in match], axis=1)
+        out[key] = (float(point), np.take_along_axis(draws, pick, axis=1).mean(1) if n_bootstrap else draws[:, 0])
+    d = out["b"][1] - out["a"][1]
+    return {"cpm_a": out["a"][0], "cpm_b": out["b"][0], "diff": out["b"][0] - out["a"][0],
+            "ci": _ci(d, confidence) if d.size else None, "n_bootstrap": int(n_bootstrap)}

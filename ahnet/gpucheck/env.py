@@ -93,7 +93,8 @@ def prepare_modules(root: Path, site: Path) -> dict:
                 how = _unpack(wheels, site)
                 importlib.invalidate_caches()
                 v = _version(m)
-                source = f"installed from {WHEEL_DIR}/{wheels[-1].name} ({how})" if v else "wheel did not import"
+                source = (f"installed from {WHEEL_DIR}/{wheels[-1].name} ({how})" if v else
+                          f"not importable from {WHEEL_DIR}/{wheels[-1].name} ({how})")
             else:
                 source = f"missing (no {WHEEL_DIR}/{WHEEL_NAMES[m]}*.whl: bash run.sh gpu-wheels)"
         out[m] = {"version": v, "source": source, "for": why}

@@ -53,9 +53,10 @@ def _tests(part: dict) -> list[str]:
 
 
 def _bench(part: dict) -> list[str]:
-    if "error" in part or part.get("skipped"):
-        return [f"Did not run: {part.get('error') or part.get('skipped')}"]
-    out = ["Goals of issue 14" + (" (a rehearsal: measured in one process at toy sizes, so peak memory is not "
+    if "error" in part:
+        return [f"Did not run: {part['error']}"]
+    out = [f"**{part['peer_skipped']}.**", ""] if part.get("peer_skipped") else []
+    out += ["Goals of issue 14" + (" (a rehearsal: measured in one process at toy sizes, so peak memory is not "
                                    "isolated and no figure here means anything)" if part.get("in_process") else "")
            + ":", "", "| figure | ours | MONAI | value | goal | met |", "|---|---|---|---|---|---|"]
     for g in part["goals"]:
@@ -82,12 +83,19 @@ def _train(part: dict) -> list[str]:
     return out
 
 
+def summary(doc: dict) -> str:
+    """One sentence on the parts run: "every part passed", or which did NOT pass (and which did)."""
+    failed = [k for k, v in doc["parts"].items() if not v.get("ok")]
+    if not failed:
+        return "every part passed" if doc["parts"] else "no part has run yet"
+    passed = [k for k in doc["parts"] if k not in failed]
+    return (f"{' and '.join(failed)} did NOT pass" + (f" ({' and '.join(passed)} passed)" if passed else ""))
+
+
 def markdown(doc: dict) -> str:
     parts = doc["parts"]
     lines = [f"# GPU check ({doc['created']}{', tiny CPU rehearsal' if doc['tiny'] else ''})", "",
-             f"`{doc['command']}`: {doc['wall_seconds']} s in all; every part "
-             + ("passed." if doc["ok"] else "did NOT pass: " + ", ".join(k for k, v in parts.items()
-                                                                          if not v.get("ok"))), "",
+             f"`{doc['command']}`: {doc['wall_seconds']} s in all; {summary(doc)}.", "",
              "## Machine", ""] + _machine(doc)
     for key, title, fn in (("tests", "(a) CUDA tests", _tests), ("bench", "(b) Against MONAI's AHNet", _bench),
                            ("train", "(c) Training for a fixed time", _train)):

@@ -30,7 +30,8 @@ from ahnet import paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.nets import build_model, model_spec
 from ahnet.precision import AMP_MODES, resolve_amp, resolve_device
-from ahnet.infer.windows import InferenceInputError, input_multiple, slicewise_predict, sliding_window_predict
+from ahnet.infer.windows import (InferenceInputError, WindowSettings, input_multiple, slicewise_predict,
+                                 sliding_window_predict)
 
 DEFAULT_WINDOW = (64, 192, 192)   # (D, H, W) voxels: for 3D checkpoints whose training config gives no patch_size
 
@@ -191,9 +192,9 @@ def window_for(shape: Sequence[int], multiple: Sequence[int], patch: Sequence[in
     return tuple(min(a, b) for a, b in zip(up, cap))
 
 
-def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | None = None, overlap: float = 0.5,
-                   sw_batch: int = 2, tta: bool = False, amp: str | bool = "auto",
-                   channels_last: bool = False) -> np.ndarray:
+def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | None = None,
+                   overlap: float = WindowSettings.overlap, sw_batch: int = WindowSettings.sw_batch, tta: bool = False,
+                   amp: str | bool = "auto", channels_last: bool = False) -> np.ndarray:
     """Foreground probability (z, y, x) float32, the mean over every model of ``ens``, for a (z, y, x) image
     scaled to [0, 1] as the training cache scales HU (ahnet.data.preprocess.clip_and_scale).
 

@@ -14,13 +14,9 @@ from ahnet import failures
 from ahnet.atomic import folder_lock, remove_temps
 from ahnet.data import io
 from ahnet.data.preprocess import clip_and_scale
-from ahnet.infer import (CandidateRule, Ensemble, candidate_rule,
-                    extract_candidates, predict_volume)
+from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule, extract_candidates, predict_volume
 from ahnet.infer.second_stage import Rescorer, rescore_candidates
 
-
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
 class PredictInputError(ValueError):
@@ -37,7 +33,7 @@ class Case:
 def _image_stem(path: Path):
     """File name without an image suffix, or None when the name has no image suffix."""
     low = path.name.lower()
-    for s in IMAGE_SUFFIXES:
+    for s in io.IMAGE_SUFFIXES:
         if low.endswith(s) and len(low) > len(s):
             return path.name[: -len(s)]
     return None
@@ -71,7 +67,7 @@ def find_cases(input_path, split=None) -> list:
             return [Case(e["case_id"], Path(e["image"])) for e in entries]
         stem = _image_stem(p)
         if stem is None:
-            raise PredictInputError(f"input {p} is not an image file; expected .nii, .nii.gz, .mha, .mhd, .nrrd, "
+            raise PredictInputError(f"input {p} is not an image file; expected {', '.join(io.IMAGE_SUFFIXES)}, "
                                     f"a folder or a dataset.json")
         return [Case(stem, p)]
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and _image_stem(f) is not None)
@@ -87,8 +83,8 @@ def find_cases(input_path, split=None) -> list:
         return cases
     if _has_dicom_series(p):
         return [Case(p.name, p)]
-    raise PredictInputError(f"folder {p} holds no images; expected .nii/.nii.gz/.mha/.mhd/.nrrd files or a DICOM "
-                            f"series")
+    raise PredictInputError(f"folder {p} holds no images; expected {'/'.join(io.IMAGE_SUFFIXES)} files or a "
+                            f"DICOM series")
 
 
 def scale_in_place(hu: np.ndarray, slab: int = 16) -> np.ndarray:
@@ -108,16 +104,13 @@ def _progress(items, **kw):
 
 
 def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "auto", threshold: float = 0.5,
-                  overlap: float = 0.5, sw_batch: int = 2, skip_bad: bool = False) -> Path:
-    """Every option and the output place, before any scan is read (PredictInputError in one sentence); without
-    ``skip_bad`` also that every scan exists. Returns --out as a Path."""
+                  skip_bad: bool = False) -> Path:
+    """Every option and the output place, before any scan is read (PredictInputError in one sentence; the window
+    settings checked themselves when built); without ``skip_bad`` also that every scan exists. Returns --out as a
+    Path."""
     out = failures.check_output_dir(out, "--out")
     if not 0.0 <= threshold <= 1.0:
         raise PredictInputError(f"--threshold {threshold} must be a probability in [0, 1]")
-    if not 0.0 <= overlap < 1.0:
-        raise PredictInputError(f"--overlap {overlap} must be a fraction in [0, 1)")
-    if int(sw_batch) < 1:
-        raise PredictInputError(f"--sw-batch {sw_batch} must be >= 1")
     ens.check(window, amp)                                  # --window and --amp before the first case
     missing = [c for c in cases if not Path(c.image).exists()]
     if missing and not skip_bad:
@@ -179,15 +172,13 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
     return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
 
 
-def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
-                  tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
-                  candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False,
-                  rescorer: Rescorer | None = None) -> dict:
-    """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
-    write its files (write_predictions), the options checked first (check_options)."""
-    out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
+def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSettings(), tta: bool = False,
+                  amp: bool | str = "auto", threshold: float = 0.5, candidates: CandidateRule | None = None,
+                  channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``; accumulators inside
+    ahnet.infer) and write its files (write_predictions), the options checked first (check_options)."""
+    out = check_options(cases, ens, out, windows.window, amp, threshold, skip_bad)
 
     def probability(image01):
-        return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
-                              channels_last=channels_last)
+        return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last)
     return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer)

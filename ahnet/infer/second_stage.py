@@ -110,12 +110,18 @@ def load_rescorer(path, device="cpu") -> Rescorer:
     return Rescorer(net.to(device).eval(), crop, s, path)
 
 
-def load_run_rescorer(run, device="cpu") -> Rescorer:
+def load_run_rescorer(run, device="cpu", rule=None, any_rule: bool = False) -> Rescorer:
     """The second stage of the run folder ``run`` (``--rescore`` of evaluate and predict): ValueError naming
-    ``run`` when it is not a folder, else as load_rescorer."""
+    ``run`` when it is not a folder, or when ``rule`` (the CandidateRule the candidates will come by) is not the
+    rule the second stage learnt its candidates by, unless ``any_rule``; else as load_rescorer."""
     if not Path(run).is_dir():
         raise ValueError(f"--rescore needs a run folder holding {RESCORER}; {run} is not a folder")
-    return load_rescorer(run, device)
+    rescorer = load_rescorer(run, device)
+    learnt = rescorer.settings.get("rule")
+    if rule is not None and learnt is not None and rule.describe() != learnt and not any_rule:
+        raise ValueError(f"the second stage {rescorer.path} learnt candidates of the rule '{learnt}', not of the "
+                         f"rule asked for ('{rule.describe()}'); use that rule, or --rescore-any-rule to apply it")
+    return rescorer
 
 
 def rescore_candidates(rescorer: Rescorer, rows, image01: np.ndarray, prob: np.ndarray, geometry) -> list:

@@ -24,17 +24,28 @@
 
 ``slicewise_predict(models, image)`` applies 2D models (input (N, S, H, W) slice stacks, e.g. MC-GCN) slice by
 slice with S-slice stacks centred on each slice (edge slices repeated at the volume's ends).
+
+``WindowSettings`` keeps the settings of one sliding-window inference together, as MONAI's SlidingWindowInferer
+keeps roi_size, overlap and sw_batch_size: the window (D, H, W) or None (the window rule's choice,
+ahnet.infer.window_for), the overlap in [0, 1) and the windows per forward pass (or per request to a server).
+Its fields are predict_volume's keywords. Every command that slides windows declares its options with
+``add_window_arguments`` (the same flags, types and ranges: argparse refuses a bad value in one line, exit 2,
+before anything runs) and reads them back with ``WindowSettings.from_arguments``; a library caller gets the same
+ranges when it builds one (InferenceInputError).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
+import numbers
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ahnet import failures
 from ahnet.precision import AmpSettings, resolve_amp, to_channels_last
 
 FLIPS = ((), (-2,), (-1,), (-2, -1))   # in-plane flips of (..., H, W)
@@ -42,6 +53,77 @@ FLIPS = ((), (-2,), (-1,), (-2, -1))   # in-plane flips of (..., H, W)
 
 class InferenceInputError(ValueError):
     """A volume, window or option that sliding-window inference cannot use."""
+
+
+#: the largest window side and the most windows per pass the options take (voxels; windows)
+MAX_WINDOW, MAX_WINDOW_BATCH = 4096, 4096
+
+
+def check_overlap(overlap) -> float:
+    """``overlap`` as a float in [0, 1) (the share of a window its neighbour covers); InferenceInputError else."""
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Real) or not 0 <= overlap < 1:
+        raise InferenceInputError(f"window overlap {overlap!r} must be a fraction in [0, 1) (--overlap)")
+    return float(overlap)
+
+
+def check_window_batch(batch) -> int:
+    """``batch`` (windows per forward pass) as an int in [1, MAX_WINDOW_BATCH]; InferenceInputError else."""
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or not 1 <= batch <= MAX_WINDOW_BATCH:
+        raise InferenceInputError(f"windows per pass {batch!r} must be an integer in [1, {MAX_WINDOW_BATCH}]")
+    return int(batch)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """One sliding-window inference's settings (the module docstring); checked when built."""
+    window: tuple | None = None    # (D, H, W) voxels, or None: the window rule's choice (ahnet.infer.window_for)
+    overlap: float = 0.5           # in [0, 1)
+    sw_batch: int = 2              # windows per forward pass (per request to a server; x4 slices for 2D models)
+
+    def __post_init__(self):
+        if self.window is not None:
+            w = tuple(self.window)
+            if len(w) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                      and 1 <= v <= MAX_WINDOW for v in w):
+                raise InferenceInputError(f"window {self.window!r} must be three sizes D H W in [1, {MAX_WINDOW}] "
+                                          f"(--window)")
+            object.__setattr__(self, "window", tuple(int(v) for v in w))
+        object.__setattr__(self, "overlap", check_overlap(self.overlap))
+        object.__setattr__(self, "sw_batch", check_window_batch(self.sw_batch))
+
+    @classmethod
+    def from_arguments(cls, a) -> "WindowSettings":
+        """The settings of options parsed from add_window_arguments (--overlap alone: the rest at defaults)."""
+        d = {k: getattr(a, k) for k in ("window", "overlap", "sw_batch") if hasattr(a, k)}
+        if d.get("window") is not None:
+            d["window"] = tuple(d["window"])
+        return cls(**d)
+
+    @classmethod
+    def take(cls, kw: dict) -> "WindowSettings":
+        """The settings among keyword arguments ``kw`` (removed from it), the others left for predict_volume."""
+        return cls(**{k: kw.pop(k) for k in ("window", "overlap", "sw_batch") if k in kw})
+
+    def kwargs(self) -> dict:
+        """{"window", "overlap", "sw_batch"}: predict_volume's keywords."""
+        return asdict(self)
+
+
+def add_window_arguments(ap, window: bool = True, batch_flag: str | None = "--sw-batch",
+                         batch_default: int = WindowSettings.sw_batch, window_help: str | None = None,
+                         overlap_help: str | None = None, batch_help: str | None = None) -> None:
+    """Add the sliding-window options to parser ``ap``: --window D H W (unless ``window`` is False), --overlap,
+    and ``batch_flag`` (dest sw_batch; None: no batch option), each range-checked by argparse. The help texts
+    may be given where a command says more (its default window, what a batch is)."""
+    if window:
+        ap.add_argument("--window", type=failures.number(int, 1, MAX_WINDOW), nargs=3, default=None,
+                        metavar=("D", "H", "W"), help=window_help or "3D window (default: the runs' training "
+                        "patch_size, else ahnet.infer.DEFAULT_WINDOW; ahnet.infer.window_for)")
+    ap.add_argument("--overlap", type=failures.number(float, 0, 1, hi_open=True), default=WindowSettings.overlap,
+                    help=overlap_help or "window overlap fraction in [0, 1)")
+    if batch_flag:
+        ap.add_argument(batch_flag, dest="sw_batch", type=failures.number(int, 1, MAX_WINDOW_BATCH),
+                        default=batch_default, help=batch_help or "windows per forward pass (x4 slices for 2D models)")
 
 
 def _as_models(models):
@@ -161,10 +243,7 @@ def sliding_window_predict(models, image, window=None, overlap: float = 0.5, bat
     """
     models = _as_models(models)
     x = _as_volume(image, 3)
-    if not 0 <= overlap < 1:
-        raise InferenceInputError(f"overlap {overlap} must be in [0, 1)")
-    if batch_size < 1:
-        raise InferenceInputError(f"batch_size {batch_size} must be >= 1")
+    overlap, batch_size = check_overlap(overlap), check_window_batch(batch_size)
     if blend not in ("gaussian", "constant"):
         raise InferenceInputError(f"blend {blend!r} is not known; expected 'gaussian' or 'constant'")
     shape = tuple(x.shape[2:])

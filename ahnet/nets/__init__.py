@@ -3,8 +3,9 @@
 All models output logits; every model has ``input_multiple`` (what each spatial size must divide by) and
 ``config`` (the keyword arguments that rebuild it with ``build_model``). ``MODELS`` is the one list of models:
 each entry says how the model sees data (``dims``: 3 = volumes (N, C, D, H, W), inferred by 3D sliding windows;
-2 = slice stacks (N, S, H, W), the S slices as channels, inferred slice by slice) and which training stage
-trains it.
+2 = slice stacks (N, S, H, W), the S slices as channels, inferred slice by slice), which training stage
+trains it, and which keyword arguments training gives it (ahnet.train.model.model_kwargs_for builds them from the
+entry: no per-model code there).
 """
 from __future__ import annotations
 
@@ -21,19 +22,30 @@ from ahnet.nets.unet3d import UNet3d
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registered model: its name in checkpoints and on the command line, its class, how it sees data."""
+    """One registered model: its name in checkpoints and on the command line, its class, how it sees data, and
+    what training builds it with (besides --model-kwargs, which may set none of those keys)."""
     name: str
     cls: type
     dims: int      # 3: (N, C, D, H, W) volumes; 2: (N, S, H, W) stacks of S slices (the model's in_slices)
     stage: str     # the training stage that trains it: "2d" or "3d"
     summary: str
+    settings: tuple = ()       # training settings it takes under the same name (--encoder, --pfn-depth)
+    fixed: tuple = ()          # (keyword, value) training always gives: one CT channel in, one foreground logit out
+    slices: str | None = None  # the keyword of a 2D model's slices per stack (the patch's first size)
+
+    def training_keys(self) -> tuple:
+        """Every keyword argument that training sets itself (settings, fixed, slices)."""
+        return self.settings + tuple(k for k, _ in self.fixed) + ((self.slices,) if self.slices else ())
 
 
 MODELS = {s.name: s for s in (
     ModelSpec("ahnet", AHNet3d, 3, "3d", "the 3D AH-Net: anisotropic ResNet encoder (transferable from the 2D "
-                                         "stage) and 3D decoder with pyramid pooling"),
-    ModelSpec("mcgcn", MCGCN, 2, "2d", "the 2D MC-GCN on slice stacks (slices as channels)"),
-    ModelSpec("unet3d", UNet3d, 3, "3d", "the 3D U-Net baseline, trained from scratch"),
+                                         "stage) and 3D decoder with pyramid pooling",
+              settings=("encoder", "pfn_depth"), fixed=(("in_channels", 1), ("out_channels", 1))),
+    ModelSpec("mcgcn", MCGCN, 2, "2d", "the 2D MC-GCN on slice stacks (slices as channels)",
+              settings=("encoder",), fixed=(("out_channels", 1),), slices="in_slices"),
+    ModelSpec("unet3d", UNet3d, 3, "3d", "the 3D U-Net baseline, trained from scratch",
+              fixed=(("in_channels", 1), ("out_channels", 1))),
 )}
 
 

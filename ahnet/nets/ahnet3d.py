@@ -26,6 +26,9 @@ from ahnet.nets.sizes import ZPool, check_input, input_multiple, z_pool_schedule
 
 
 CHECKPOINT_MODES = ("none", "encoder", "decoder", "all")
+#: pyramid pooling levels: the paper's 4 by default, from 0 (off) to 6 (grids 1 .. 32); the training flag
+#: --pfn-depth and weights_transfer read both from here
+PFN_DEPTH, PFN_DEPTH_RANGE = 4, (0, 6)
 
 
 def checkpoint_mode(mode: str | bool) -> str:
@@ -50,16 +53,17 @@ class AHNet3d(nn.Module):
         projection + skip add, each AC layer, the pyramid, the head), "all" (both); True = "all", False = "none".
     """
 
-    def __init__(self, encoder: str = "resnet50", in_channels: int = 1, out_channels: int = 1, pfn_depth: int = 4,
-                 upsample: str = "trilinear", z_pool: ZPool = "paper", spacing: Sequence[float] | None = None,
-                 growth: int = 20, layers_per_block: int = 3, bn_size: int = 4, dropout: float = 0.0,
-                 checkpoint: str | bool = "none"):
+    def __init__(self, encoder: str = "resnet50", in_channels: int = 1, out_channels: int = 1,
+                 pfn_depth: int = PFN_DEPTH, upsample: str = "trilinear", z_pool: ZPool = "paper",
+                 spacing: Sequence[float] | None = None, growth: int = 20, layers_per_block: int = 3,
+                 bn_size: int = 4, dropout: float = 0.0, checkpoint: str | bool = "none"):
         super().__init__()
         depth = parse_encoder(encoder)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1; got {in_channels}, {out_channels}")
-        if not 0 <= int(pfn_depth) <= 6:
-            raise ValueError(f"pfn_depth must be between 0 and 6; got {pfn_depth}")
+        lo, hi = PFN_DEPTH_RANGE
+        if not lo <= int(pfn_depth) <= hi:
+            raise ValueError(f"pfn_depth must be between {lo} and {hi}; got {pfn_depth}")
         check_upsample(upsample)
         checkpoint = checkpoint_mode(checkpoint)
         z_flags = z_pool_schedule(z_pool, spacing)

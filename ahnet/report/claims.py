@@ -10,6 +10,8 @@ evaluated, in at least ``CLAIM_TYPES`` of the 12 types.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ahnet.evaluate.crops import FOCUS          # "ahnet-transfer": the model the claim is about
 
 CLAIM_TYPES = 6
@@ -72,7 +74,47 @@ def summarize_comparisons(comparisons: dict | None, types, locations) -> dict | 
     return {"n_bootstrap": comparisons["n_bootstrap"], "confidence": comparisons["confidence"],
             "seed": comparisons["seed"], "claims": claims, "all_pairs": comparisons["pairs"],
             "best_decisive": {"overall": comparisons["best"]["overall"], "types": best_types},
-            "best_decisive_counts": counts, "claim_test": test}
+            "best_decisive_counts": counts, "claim_test": test, "seeds": seed_summary(comparisons, types)}
+
+
+def seed_summary(comparisons: dict, types) -> dict | None:
+    """Each model's runs (seeds) when some model has several: {model: {"runs": {run: CPM}, "mean", "ci" (seeds
+    and scans resampled together), "sd" (over runs, ddof 1; None for one run), "min", "max", "types": {type:
+    {"mean", "ci"}}}}; None when every model was trained once."""
+    runs = comparisons.get("runs") or {}
+    if not any(len(r) > 1 for r in runs.values()):
+        return None
+    out = {}
+    for m, by_run in runs.items():
+        vals = [r["overall"] for r in by_run.values() if r["overall"] is not None]
+        ci = comparisons["cpm_ci"][m]
+        out[m] = {"runs": {r: v["overall"] for r, v in by_run.items()}, "mean": comparisons["cpm"][m]["overall"],
+                  "ci": ci["overall"], "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                  "min": min(vals) if vals else None, "max": max(vals) if vals else None,
+                  "types": {t: {"mean": comparisons["cpm"][m]["groups"].get("type", {}).get(t),
+                                "ci": ci["groups"].get("type", {}).get(t)} for t in types}}
+    return out
+
+
+def seed_tables(seeds: dict | None, type_names: dict, pct: str) -> list:
+    """[(title, header, rows)]: each model's CPM per run, mean, interval and spread; the per-type means."""
+    if not seeds:
+        return []
+    ci = lambda c: "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
+    num = lambda v: "–" if v is None else f"{v:.3f}"
+    rows = [[display(m), str(len(s["runs"])), ", ".join(num(v) for v in s["runs"].values()),
+             num(s["mean"]) + ci(s["ci"]), num(s["sd"]), f"{num(s['min'])} – {num(s['max'])}"]
+            for m, s in seeds.items()]
+    out = [(f"Every model over its trainings (seeds): CPM of each, their mean with a {pct} interval that resamples "
+            f"seeds and scans together, the spread from one seed to the next",
+            ["model", "seeds", "CPM per seed", f"mean [{pct} CI]", "SD", "min – max"], rows)]
+    models = list(seeds)
+    types = list(next(iter(seeds.values()))["types"])
+    rows = [[f"{t} {type_names.get(t, t)}"] + [num(seeds[m]["types"][t]["mean"]) + ci(seeds[m]["types"][t]["ci"])
+                                              for m in models] for t in types]
+    out.append((f"CPM per type, mean over seeds [{pct} CI over seeds and scans]", ["type"] + [display(m) for m in
+                                                                                             models], rows))
+    return out
 
 
 def found_summary(det: dict, types) -> dict | None:
@@ -118,12 +160,13 @@ def comparison_tables(comp: dict | None, type_names: dict) -> list:
     if not comp:
         return []
     pct = f"{100 * comp['confidence']:g}%"
-    out = []
+    out = seed_tables(comp.get("seeds"), type_names, pct)
+    over = "seed and scan" if comp.get("seeds") else "scan"
     rows = [[c["claim"], f"{c['a']} - {c['b']}", _d(c["overall"]), _decision(c["overall"], c["a"], c["b"]),
              str(len(c["types_won_a"])), str(len(c["types_won_b"])), str(len(c["types_no_decision"]))]
             for c in comp["claims"]]
     out.append((f"Paired comparisons: the paper's claims (CPM difference, paired {pct} bootstrap interval over the "
-                f"same {comp['n_bootstrap']} scan resamples)",
+                f"same {comp['n_bootstrap']} {over} resamples)",
                 ["claim", "pair (a - b)", f"overall diff [{pct} CI]", "decision", "types won by a",
                  "types won by b", "no decision"], rows))
     for c in comp["claims"]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ahnet.infer.scans import write_predictions
-from ahnet.infer import CandidateRule, sliding_window_predict, window_for
+from ahnet.infer import CandidateRule, WindowSettings, sliding_window_predict, window_for
 from ahnet.serve import store
 
 PROG = "ahnet.client"
@@ -148,28 +148,28 @@ class RemoteWindows(nn.Module):
         return torch.from_numpy(np.array(p, np.float32))
 
 
-def remote_probability(remote: RemoteWindows, default_window, window=None, overlap: float = 0.5, batch: int = 4,
-                       tta: bool = False):
+def remote_probability(remote: RemoteWindows, default_window, windows: WindowSettings, tta: bool = False):
     """image01 (z, y, x) -> (z, y, x) float32 probabilities through the server: ahnet.infer's sliding windows with
-    ``remote`` as the model (it answers probabilities, so no activation on top), the window by window_for."""
+    ``remote`` as the model (it answers probabilities, so no activation on top), the window by window_for,
+    ``windows.sw_batch`` windows per request."""
     def probability(image01: np.ndarray) -> np.ndarray:
-        win = window_for(image01.shape, remote.input_multiple, default_window, window)
+        win = window_for(image01.shape, remote.input_multiple, default_window, windows.window)
         x = torch.from_numpy(np.ascontiguousarray(image01, np.float32))[None, None]
-        p = sliding_window_predict(remote, x, window=win, overlap=overlap, batch_size=batch, flip_tta=tta,
-                                   amp=False, activation=None)
+        p = sliding_window_predict(remote, x, window=win, overlap=windows.overlap, batch_size=windows.sw_batch,
+                                   flip_tta=tta, amp=False, activation=None)
         return p[0, 0].numpy()
     return probability
 
 
-def run_cases(conn: Connection, model: str, cases, out, window=None, overlap: float = 0.5, batch: int = 4,
-              tta: bool = False, threshold: float = 0.5, candidates: CandidateRule | None = None) -> dict:
+def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
+              threshold: float = 0.5, candidates: CandidateRule | None = None) -> dict:
     """Predict every case through the server and write ahnet.commands.predict's files (candidates by the rule
     ``candidates``, default ahnet.infer.DEFAULT_RULE, as ahnet.commands.predict); returns {"cases", "failed",
     "candidates", "csv"}."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
-    if window is not None:
-        window_for((1, 1, 1), multiple, meta["window"], window)          # checked before the first case
+    if windows.window is not None:
+        window_for((1, 1, 1), multiple, meta["window"], windows.window)   # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
-    probability = remote_probability(remote, meta["window"], window, overlap, batch, tta)
+    probability = remote_probability(remote, meta["window"], windows, tta)
     return write_predictions(cases, out, probability, threshold, candidates)

@@ -26,14 +26,17 @@ from ahnet.data.checks import read_json
 from ahnet.data.sampling import POS_WEIGHTINGS
 from ahnet.train.losses import LOSSES
 from ahnet.nets import ENCODERS, MODELS
+from ahnet.nets.ahnet3d import PFN_DEPTH, PFN_DEPTH_RANGE
 from ahnet.precision import AMP_MODES
 
 __all__ = ["TrainConfig", "build_parser", "load_config", "save_run_config", "environment_info",
            "read_run_config", "step_cap", "patience_spent"]
 
 
-def _f(default: Any, help: str, choices: Sequence[str] | None = None, **kw) -> Any:
-    meta = {"help": help, "choices": choices}
+def _f(default: Any, help: str, choices: Sequence[str] | None = None, shown: str | None = None, **kw) -> Any:
+    """A field with its help text and choices; ``shown``: the default as the flag's help states it (when the
+    field's own default, None, stands for another owner's)."""
+    meta = {"help": help, "choices": choices, "shown": shown}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -53,7 +56,7 @@ LIMITS = {
     "warmup_steps": (0, None, False, False), "max_steps": (1, None, False, False),
     "ckpt_every": (0, None, False, False), "val_patches": (0, None, False, False),
     "num_workers": (0, 256, False, False), "max_bad_steps": (1, None, False, False),
-    "seed": (0, 2 ** 63 - 1, False, False), "pfn_depth": (0, None, False, False),
+    "seed": (0, 2 ** 63 - 1, False, False), "pfn_depth": (*PFN_DEPTH_RANGE, False, False),
     "batch_size": (1, None, False, False), "epochs": (1, None, False, False),
     "steps_per_epoch": (1, None, False, False), "hard_fraction": (0, 1, False, False),
     "val_cases": (0, None, False, False), "patience": (0, None, False, False), "min_delta": (0, None, False, False),
@@ -73,7 +76,9 @@ class TrainConfig:
     model: str | None = _f(None, "network; default mcgcn for --stage 2d, ahnet for --stage 3d "
                                  "(unet3d = the from-scratch 3D baseline)", tuple(MODELS))
     encoder: str = _f("resnet50", "ResNet encoder of MC-GCN / AH-Net (resnet50 is the paper's)", ENCODERS)
-    pfn_depth: int = _f(4, "AH-Net pyramid pooling (PVP) levels in the decoder: 0 = off, 4 = the paper")
+    pfn_depth: int | None = _f(None, f"AH-Net's pyramid pooling (PVP) levels in the decoder, {PFN_DEPTH_RANGE[0]} .. "
+                                     f"{PFN_DEPTH_RANGE[1]}, 0 = off; --model ahnet only",
+                               shown=f"{PFN_DEPTH}, the paper's, for --model ahnet; none for the others")
     init: str = _f("scratch", "3D stage start: transfer = encoder from a 2D run (--init-from) via "
                               "weights_transfer, scratch = random init", ["transfer", "scratch"])
     init_from: str | None = _f(None, "the 2D run folder (or its .pt checkpoint) to transfer from with "
@@ -230,6 +235,7 @@ class TrainConfig:
         if c.imagenet_weights and c.stage != "2d":
             raise ValueError("--imagenet-weights loads the 2D stage's encoder; 3D gets its encoder by "
                              "--init transfer.")
+        check_network_settings(c)
         check_limits(c)
         check_dice_unit(c)
         if c.batch_size * math.prod(c.patch_size) > MAX_PATCH_VOXELS:
@@ -269,6 +275,38 @@ def _check_kind(name: str, declared, v) -> None:
     if want and not ok:
         raise ValueError(f"setting {name} = {v!r}: expected {' or '.join(k for k in kinds if k != 'None')}"
                          f"{' or null' if 'None' in kinds else ''}.")
+
+
+def check_network_settings(c: TrainConfig) -> None:
+    """The network's part of a (model-resolved) config, in place: --pfn-depth belongs to the models that take it
+    (AH-Net; unset, it takes the network's default, ahnet.nets.ahnet3d.PFN_DEPTH) and is refused for the others;
+    --model-kwargs may not set a key that training sets itself (a flag's, the patch's slices, or a fixed one)."""
+    spec = MODELS[c.model]
+    if "pfn_depth" in spec.settings:
+        c.pfn_depth = PFN_DEPTH if c.pfn_depth is None else c.pfn_depth
+    elif c.pfn_depth is not None:
+        raise ValueError(f"--pfn-depth sets AH-Net's pyramid pooling and --model {c.model} has none; drop it.")
+    for key in spec.training_keys():
+        if key in c.model_kwargs:
+            raise ValueError(f"--model-kwargs sets {key}, which {_setter(spec, key)}.")
+
+
+def _setter(spec, key: str) -> str:
+    """What sets a keyword argument that training gives model ``spec`` itself (for check_network_settings)."""
+    if key in spec.settings:
+        return f"--{key.replace('_', '-')} sets; give it there"
+    if key == spec.slices:
+        return "the first --patch-size size sets (the slices of a 2D stack)"
+    return f"training fixes at {dict(spec.fixed)[key]} (one CT channel in, one foreground logit out)"
+
+
+def saved_settings(d: dict) -> dict:
+    """A saved run's settings as this version reads them: earlier versions recorded pfn_depth (4) for every model,
+    so for a model without a pyramid it becomes None, as this version records it."""
+    spec = MODELS.get(d.get("model"))
+    if spec is not None and "pfn_depth" not in spec.settings and d.get("pfn_depth") is not None:
+        return dict(d, pfn_depth=None)
+    return d
 
 
 def check_dice_unit(c: TrainConfig) -> None:
@@ -344,7 +382,7 @@ def add_setting_flag(parser, name: str, flag: str | None = None, **overrides) ->
     f = next(x for x in fields(TrainConfig) if x.name == name)
     flag = flag or "--" + f.name.replace("_", "-")
     default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    kw: dict = {"help": f"{f.metadata['help']} (default: {json.dumps(default)})"}
+    kw: dict = {"help": f"{f.metadata['help']} (default: {f.metadata.get('shown') or json.dumps(default)})"}
     choices = f.metadata.get("choices")
     t = f.type if isinstance(f.type, str) else str(f.type)
     if t == "bool":
@@ -384,7 +422,7 @@ def read_json_config(path: str | os.PathLike) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a JSON object of settings.")
     if "config" in d and isinstance(d["config"], dict) and "versions" in d:
-        d = d["config"]
+        d = saved_settings(d["config"])
     return d
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
-from ahnet.train.config import TrainConfig
+from ahnet.train.config import TrainConfig, saved_settings
 from ahnet.nets import build_model, model_spec
 
 from ahnet.train.errors import TrainError, TrainingDiverged
@@ -117,7 +117,7 @@ def run_lock(out) -> Iterator[None]:
 def check_resume(saved: dict, cfg: TrainConfig, where) -> None:
     """TrainError when a setting outside RESUME_MAY_CHANGE differs from the checkpoint's ``saved`` config."""
     now = cfg.to_dict()
-    for key, was in saved.items():
+    for key, was in saved_settings(saved).items():
         if key in RESUME_MAY_CHANGE or key not in now or now[key] == was:
             continue
         if key == "validation" and now[key] == "auto":    # saved resolved; auto resolves the same way again

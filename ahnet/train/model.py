@@ -12,7 +12,7 @@ import torch.nn as nn
 from ahnet import paths
 from ahnet.checkpoint import CheckpointError
 from ahnet.train.config import TrainConfig
-from ahnet.nets import build_model, load_torchvision_weights
+from ahnet.nets import build_model, load_torchvision_weights, model_spec
 from ahnet.nets.transfer import format_table, load_source, transfer_and_verify
 from ahnet.precision import to_channels_last
 
@@ -23,13 +23,15 @@ Builder = Callable[..., nn.Module]
 
 
 def model_kwargs_for(cfg: TrainConfig) -> dict:
-    """Keyword arguments of build_model(cfg.model, ...) for this configuration (plain values)."""
-    if cfg.model == "mcgcn":
-        kw = {"encoder": cfg.encoder, "in_slices": cfg.patch_size[0], "out_channels": 1}
-    elif cfg.model == "ahnet":
-        kw = {"encoder": cfg.encoder, "in_channels": 1, "out_channels": 1, "pfn_depth": cfg.pfn_depth}
-    else:
-        kw = {"in_channels": 1, "out_channels": 1}
+    """Keyword arguments of build_model(cfg.model, ...) for this configuration (plain values), as the model's
+    registry entry says: its fixed ones, its training settings by name (an unset one, None, left to the network's
+    default), a 2D model's slices per stack from the patch, then --model-kwargs (which set none of those:
+    TrainConfig.resolved refuses them)."""
+    spec = model_spec(cfg.model)
+    kw = dict(spec.fixed)
+    kw.update({name: getattr(cfg, name) for name in spec.settings if getattr(cfg, name) is not None})
+    if spec.slices:
+        kw[spec.slices] = cfg.patch_size[0]
     kw.update(cfg.model_kwargs)
     return kw
 

@@ -159,11 +159,14 @@ def test_balanced_types_and_reserved_scans(dataset):
 
 
 def test_shape_pool_never_reserved():
+    """The split pools never draw a reserved scan (id % 5 == 0); only the sealed final pool does."""
     pool = ph._get_pool(1.2)
     if pool == "procedural":
         pytest.skip("no LIDC database")
-    ids = [a for s in pool.by.values() for lst in s.values() for a in lst]
+    ids = [a for s in ph.SPLITS for lst in pool.by[s].values() for a in lst]
     assert ids and all(pool.db.annotations[a].scan_id % 5 != 0 for a in ids)
+    final = [a for lst in pool.by["final"].values() for a in lst]
+    assert final and all(pool.db.annotations[a].scan_id % 5 == 0 for a in final)
     scans = {s: {pool.db.annotations[a].scan_id for lst in pool.by[s].values() for a in lst} for s in ph.SPLITS}
     assert not (scans["train"] & scans["validation"]) and not (scans["train"] & scans["test"])
     assert all(len(pool.by["train"][c]) > 0 for c in TYPE_CODES)

@@ -205,3 +205,40 @@ def test_cli_help_lists_the_new_flags():
     assert r.returncode == 0
     for flag in ("--test-phantom", "--split", "--exact", "--nodules-per-case"):
         assert flag in r.stdout
+
+
+# ----------------------------------------------------------------------------- the sealed final test set
+def test_the_final_pool_shares_no_patient_with_any_other_pool():
+    """Every shape a final set can draw comes from a reserved scan of a patient all of whose scans are reserved,
+    so no patient of it ever gave a shape to training, validation or dev; every type is there to draw."""
+    pool = lidc_pool()
+    patient = {i: s.patient_id for i, s in pool.db.scans.items()}
+    patients = {name: {patient[pool.db.annotations[a].scan_id] for ids in by.values() for a in ids}
+                for name, by in pool.by.items()}
+    assert patients["final"] and all(not (patients["final"] & patients[s]) for s in ph.SPLITS)
+    reserved = {i for i in patient if i % 5 == 0}
+    for p in patients["final"]:
+        assert {i for i, q in patient.items() if q == p} <= reserved
+    assert all(pool.by["final"][t] for t in TYPE_CODES)
+    # LIDC-IDRI-0332 spans the train and dev pools (the scan-level split's known leak); the final pool has none
+    assert "LIDC-IDRI-0332" in patients["train"] and "LIDC-IDRI-0332" in patients["test"]
+
+
+def test_generated_phantoms_provenance_the_final_set_is_sealed(tmp_path, small_test_phantom):
+    """A training phantom, the dev set (small_test_phantom) and a final set generated as the experiment does, their
+    provenance read back from each annotations.csv: the final set's LIDC patients are none of the others'; the
+    same check refuses a set against itself."""
+    from ahnet.commands.phantoms import check_sealed
+    lidc_pool()
+    dev = small_test_phantom[0] / "dataset.json"
+    train = ph.generate_dataset(tmp_path / "train", 2, seed=0, previews=0, nodules_per_case=(4, 4), negatives=0.0,
+                                **SMALL)
+    final = ph.generate_test_phantom(tmp_path / "final", "cpu-final", seed=0, n_cases=2, size=160)  # 112 mm FOV
+    rows = list(csv.DictReader(open(tmp_path / "final" / "annotations.csv", newline="", encoding="utf-8")))
+    assert sorted(r["type"] for r in rows) == list(TYPE_CODES)
+    pool = lidc_pool()
+    assert all(int(r["lidc_annotation_id"]) in pool.by["final"][r["type"]] for r in rows)
+    assert json.loads(final.read_text())["seed"] == ph.held_out_seed(0, "cpu-final") != ph.held_out_seed(0)
+    assert check_sealed(final, [train, dev]) >= 1
+    with pytest.raises(ValueError, match="shares LIDC patients with .*; it is not sealed"):
+        check_sealed(dev, [dev])

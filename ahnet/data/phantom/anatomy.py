@@ -188,6 +188,9 @@ class Anatomy:
                 d = np.array([dzdir, rng.uniform(-0.8, 0.8), side * rng.uniform(0.3, 1.0)])
                 roots.append((hil.copy(), d / np.linalg.norm(d), rng.uniform(2.8, 4.0)))
         self.vessels = grow_tree(rng, roots, self._inside_lung, self.budget, r_min=0.35, length_factor=5.0)
+        if self.opts.vessel_radius != 1.0:           # after growing: the same tree, thinner or thicker
+            s = self.opts.vessel_radius
+            self.vessels = [(a_, b_, r0 * s, r1 * s) for a_, b_, r0, r1 in self.vessels]
         paint_segments(self.lab, self.vessels, self.grid, VESSEL, allowed=lut(LUNG, FISSURE))
 
     def _airways(self, rng) -> None:

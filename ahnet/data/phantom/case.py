@@ -142,14 +142,15 @@ def acquire(rng, opts: PhantomOptions, anat: Anatomy):
     """Thick-slice image (slices, size, size) float32 HU from the fine HU; returns (image, noise std)."""
     hu = anat.hu
     img = hu.reshape(opts.slices, anat.k, *hu.shape[1:]).mean(1)
-    img = ndi.gaussian_filter(img, sigma=(0, 0.5, 0.5), mode="nearest")
+    if opts.psf_sigma > 0:
+        img = ndi.gaussian_filter(img, sigma=(0, opts.psf_sigma, opts.psf_sigma), mode="nearest")
     lo, hi = opts.noise
     noise_std = float(rng.uniform(lo, hi)) if hi > 0 else 0.0
     if noise_std > 0:
         wn = rng.normal(0, 1, size=img.shape).astype(np.float32)
         wn = ndi.gaussian_filter(wn, sigma=(0, 0.8, 0.8), mode="wrap")
         img += wn * (noise_std / max(float(wn.std()), 1e-6))
-    return np.clip(np.round(img), -1024, 3071).astype(np.float32), noise_std
+    return np.clip(np.round(img + opts.hu_offset), -1024, 3071).astype(np.float32), noise_std
 
 
 def output_label(inst: np.ndarray, nodules: Sequence[dict], slices: int, k: int) -> np.ndarray:

@@ -147,13 +147,14 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
         raise ValueError(f"output folder {out} is a file")
     rng = np.random.default_rng([int(seed), 999_983])
     splits = case_splits(n_cases, opts.split)
+    pools = splits if opts.shape_pool == "split" else [opts.shape_pool] * n_cases   # the shape pool of each case
     counts, types, locations = nodule_schedule(rng, opts, n_cases)
     pool = get_pool(opts.spacing) if opts.shapes == "lidc" else "procedural"
     sources = [None] * len(types)
     if opts.exact:                                   # its own stream: the draws above stay as they were
         xrng = np.random.default_rng([int(seed), 999_983, 1])
         locations = balanced_locations(xrng, types)
-        nodule_splits = [s for s, c in zip(splits, counts) for _ in range(c)]
+        nodule_splits = [pools[i] for i, c in enumerate(counts) for _ in range(c)]
         sources = shape_sources(xrng, pool if isinstance(pool, ShapePool) else None, types, nodule_splits,
                                 largest_nodule_bound_mm(opts))
     out.mkdir(parents=True, exist_ok=True)             # options and schedule checked: now replace the old files
@@ -166,7 +167,7 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
             cid = f"phantom_{i:04d}"
             case = generate_case(cid, [int(seed), i], opts, n_nodules=counts[i],
                                  types=types[pos:pos + counts[i]], locations=locations[pos:pos + counts[i]],
-                                 split=splits[i], pool=pool, sources=sources[pos:pos + counts[i]])
+                                 split=pools[i], pool=pool, sources=sources[pos:pos + counts[i]])
             pos += counts[i]
             write_case(case, out)
             rows += case.nodules

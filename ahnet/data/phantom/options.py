@@ -34,6 +34,10 @@ class PhantomOptions:
     balance: bool = True                # balanced type schedule (else uniform at random)
     split: Tuple[float, float, float] = (0.7, 0.15, 0.15)
     exact: bool = False                 # see the class docstring
+    shape_pool: str = "split"           # LIDC shapes from each case's split ("split") or the sealed "final" pool
+    psf_sigma: float = 0.5              # in-plane PSF (reconstruction kernel) sigma, pixels: smaller = sharper
+    hu_offset: float = 0.0              # HU added to every voxel after acquisition (a calibration shift)
+    vessel_radius: float = 1.0          # scales every vessel's radius (< 1: finer vessels)
 
     def __post_init__(self):
         npc = self.nodules_per_case
@@ -69,6 +73,13 @@ class PhantomOptions:
             raise ValueError(f"noise must be (min, max) HU with 0 <= min <= max <= 1000, got {self.noise}")
         if not 0.0 <= self.vessel_density <= 10.0:
             raise ValueError(f"vessel_density must be in [0, 10], got {self.vessel_density}")
+        if self.shape_pool not in ("split", "final"):
+            raise ValueError(f"shape_pool must be 'split' or 'final', got {self.shape_pool!r}")
+        if not 0.0 <= self.psf_sigma <= 3.0 or not -200.0 <= self.hu_offset <= 200.0:
+            raise ValueError(f"psf_sigma must be in [0, 3] px and hu_offset in [-200, 200] HU, got {self.psf_sigma}, "
+                             f"{self.hu_offset}")
+        if not 0.2 <= self.vessel_radius <= 3.0:
+            raise ValueError(f"vessel_radius must be in [0.2, 3], got {self.vessel_radius}")
         sp = self.split
         if len(sp) != 3 or any(not f >= 0.0 for f in sp) or sum(sp) <= 0:
             raise ValueError(f"split must be three fractions (train, validation, test) >= 0 with a positive "

@@ -12,31 +12,35 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ahnet.data.nodule_types import TYPE_CODES
-from ahnet.data.phantom.constants import CALC_PATTERN, CALC_TYPES, GGO_TYPES, PART_TYPES, PROC_D, SPLITS, lidc_split_of_scan
+from ahnet.data.phantom.constants import (CALC_PATTERN, CALC_TYPES, GGO_TYPES, PART_TYPES, PROC_D, SHAPE_POOLS,
+                                          final_pool_scans, lidc_split_of_scan)
 from ahnet.data.phantom.geometry import paint_segments, rand_unit
 
 log = logging.getLogger(__name__)
 
 
 class ShapePool:
-    """LIDC annotations per split and type (annotation-level type, sizes away from bin edges).
+    """LIDC annotations per pool and type (annotation-level type, sizes away from bin edges).
 
-    by[split][code]: sorted annotation ids; reserved scans (id % 5 == 0) are never listed.
+    by[pool][code]: sorted annotation ids of the pools train, validation, test (by scan id) and final (the sealed
+    pool: reserved scans of patients with no other scan, constants.final_pool_scans); other reserved scans are
+    never listed.
     """
 
     def __init__(self, grid_sp: float):
         from ahnet.data import lidc
         self.db = lidc.load_lidc()
-        self.by = {s: {c: [] for c in TYPE_CODES} for s in SPLITS}
+        self.by = {s: {c: [] for c in TYPE_CODES} for s in SHAPE_POOLS}
+        final = final_pool_scans({i: s.patient_id for i, s in self.db.scans.items()})
         for a in self.db.annotations.values():
-            split = lidc_split_of_scan(a.scan_id)
+            split = lidc_split_of_scan(a.scan_id) or ("final" if a.scan_id in final else None)
             if split is None:
                 continue
             d = a.diameter_mm
             if d < 3.2 or d > 30 or any(abs(d - e) < 0.04 * e for e in (6.0, 8.0, 15.0)):
                 continue
             self.by[split][a.type_code(self.db.scans[a.scan_id])].append(a.id)
-        for s in SPLITS:
+        for s in SHAPE_POOLS:
             for c in TYPE_CODES:
                 self.by[s][c].sort()
 
