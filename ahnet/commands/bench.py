@@ -1,7 +1,8 @@
 """``python -m ahnet.bench``: parse and check the options, run each planned measurement in its own process,
 print the table and write ``bench_results/bench-<time>.json``. ``--serving`` runs the serving section instead
 (ahnet.bench.serving: in-process inference against Triton + PyTorch and Triton + ONNX Runtime; the serve extra),
-with that section's options; errors either way are one line ``ahnet.bench: error: ...`` and exit code 2."""
+with that section's options, and ``--serving --load`` the server under load (ahnet.bench.load); errors either
+way are one line ``ahnet.bench: error: ...`` and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--serving", action="store_true",
                    help="the serving section instead: in-process inference against Triton + PyTorch and Triton + "
                         "ONNX Runtime for an exported model (needs the serve extra; its options: "
-                        "python -m ahnet.bench --serving --help)")
+                        "python -m ahnet.bench --serving --help); with --load, the server under concurrent "
+                        "clients with bad requests mixed in (python -m ahnet.bench --serving --load --help)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--patch", type=int, nargs=3, default=[32, 128, 128], metavar=("D", "H", "W"),
                    help="training patch in our (D, H, W); MONAI gets W x H x D")
@@ -160,9 +162,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def load_main(argv) -> int:
+    """``python -m ahnet.bench --serving --load ...``: the server under concurrent clients with bad requests mixed
+    in (ahnet.bench.load); exit 1 when a request failed, a bad one got another reply or memory grew too much."""
+    from ahnet.bench import load
+    ap = failures.Parser(PROG, description=load.__doc__.split("\n\n")[0])
+    load.add_options(ap)
+    a = ap.parse_args(argv)
+
+    def body() -> int:
+        res = load.run_load_bench(a)
+        print(load.markdown(res), end="")
+        print("wrote " + ", ".join(res["files"]))
+        problems = load.verdict(res)
+        return failures.fail(PROG, problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                             1) if problems else 0
+    return failures.run(PROG, body)
+
+
 def serving_main(argv) -> int:
-    """``python -m ahnet.bench --serving ...``: parse, check and run the serving section (ahnet.bench.serving);
-    errors are one line ``ahnet.bench: error: ...`` and exit 2."""
+    """``python -m ahnet.bench --serving ...``: parse, check and run the serving section (ahnet.bench.serving),
+    or with ``--load`` the load run (ahnet.bench.load); errors are one line ``ahnet.bench: error: ...`` and
+    exit 2."""
+    if "--load" in argv:
+        return load_main(argv)
     from ahnet.bench.serving import add_options, run_serving_bench
     ap = failures.Parser(PROG, description=serving_doc())
     add_options(ap)

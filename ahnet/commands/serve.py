@@ -1,14 +1,13 @@
-"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (PyTriton) for a
-folder that ``python -m ahnet.export`` wrote (the server itself: ahnet.serve.server).
+"""``python -m ahnet.serve`` (console script ``ahnet-serve``, ``bash run.sh serve``): a Triton server (the
+tritonserver PyTriton ships) for a folder that ``python -m ahnet.export`` wrote (the server: ahnet.serve.server).
 """
 from __future__ import annotations
 
+import importlib.util
+import math
 import socket
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ahnet import failures
 from ahnet.serve import store
@@ -72,11 +71,14 @@ def _main(a) -> int:
     meta = store.read_model_json(a.models)
     if Path(a.models).resolve().name != meta["name"]:
         meta = dict(meta, name=Path(a.models).resolve().name)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    runners = store.load_runners(a.models, a.backend, a.threads)
-    max_voxels = a.max_window_voxels or 8 * int(np.prod(meta["window"]))
-    return run_server(a, meta, runners, max_voxels)
+    store.fold_files(a.models, a.backend)              # every fold's file is there (the stubs load them)
+    need = ["pytriton"] + (["onnxruntime"] if a.backend == "onnx" else ["torch"])
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServeInputError(f"serving needs the serve extra ({', '.join(missing)} missing): pip install -e "
+                              f"'.[serve]', or bash run.sh serve")
+    max_voxels = a.max_window_voxels or 8 * math.prod(int(w) for w in meta["window"])
+    return run_server(a, meta, max_voxels)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def check_input(x: torch.Tensor, multiple: Sequence[int], channels: int, name: s
     if x.shape[1] != channels:
         raise ValueError(f"{name} takes {channels} input channel(s); got shape {tuple(x.shape)} "
                          f"with {x.shape[1]} channel(s)")
-    spatial = tuple(int(s) for s in x.shape[2:])
-    if any(s % m for s, m in zip(spatial, multiple)):
+    # sizes stay symbolic under torch.export (int() of one would freeze that axis in an exported graph)
+    if any(s % m for s, m in zip(x.shape[2:], multiple)):
+        spatial = tuple(int(s) for s in x.shape[2:])
         raise ValueError(f"{name} needs spatial sizes divisible by {tuple(multiple)}; got input of shape "
                          f"{tuple(x.shape)}: pad to {padded_shape(multiple, spatial)} "
                          f"(ahnet.nets.sizes.padded_shape / pad_to)")

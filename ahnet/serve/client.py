@@ -115,13 +115,10 @@ class Connection:
 
 
 def server_message(exc: BaseException) -> str:
-    """The sentence of a Triton error reply: the model's RequestError sentence (PyTriton sends it inside a
-    traceback), else Triton's own message without its status and request-id prefixes and its NOTE."""
+    """The sentence of a Triton error reply (the model's own, or Triton's) without Triton's status and request-id
+    prefixes and its NOTE; the first line of anything longer."""
     msg = getattr(exc, "message", None)
     text = str((msg() if callable(msg) else msg) or exc).replace("\\n", "\n")
-    found = re.search(r"RequestError: ([^\n]+)", text)
-    if found:
-        return found.group(1).strip()[:400]
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     first = re.sub(r"^(\[\d+\]\s*)?(\[request id: [^\]]*\]\s*)?", "", first)
     return first.split(" NOTE:")[0][:400]

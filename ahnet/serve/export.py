@@ -23,9 +23,20 @@ apart, while a frozen window size or wrong weights are off by far more. ONNX fil
 and run in ONNX Runtime (CPU). The output folder is written under a temporary name and renamed when complete;
 ``--force`` replaces an existing one. Bad input: one line ``ahnet.serve.export: error: ...``, exit 2; a failed
 verification: the same line, exit 1.
+
+Every model the registry builds for volumes (AH-Net, 3D U-Net) exports in both formats with every option a
+training accepts that shapes the graph (pyramid depth 0-4, every z-pooling schedule, every upsampling mode; the
+tests run each): sizes stay symbolic in the models' own checks (ahnet.nets.sizes.check_input), so no axis is
+frozen at the example's size. What cannot be served is refused before anything is written, in one line naming the
+option: a 2D model (MC-GCN), a pyramid grid that some windows do not divide, a 1-channel rule broken (ahnet.infer's
+own checks). Should torch.onnx.export fail on some other model, the line names the model and its graph options
+(exit 2), and an exported file that fails to run at a verification size is a failed verification (exit 1): never a
+traceback. TorchScript needs no serving dependency; ``--formats onnx`` needs onnx, onnxscript and onnxruntime (the
+serve extra), checked first.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -36,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ahnet import failures
 from ahnet.data.preprocess import HU_MAX, HU_MIN
 from ahnet.infer import Ensemble, Member, load_ensemble
 from ahnet.nets.blocks import PyramidPooling
@@ -45,6 +57,7 @@ PROG = "ahnet.export"
 UNCAPPED = (1 << 30,) * 3       # a volume shape no window is capped at: the ensemble's default window
 DEFAULT_OPSET = 18
 DEFAULT_TOL = 1e-4
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")     # torch.onnx.export (dynamo) needs onnxscript
 
 
 class ExportError(ValueError):
@@ -68,6 +81,12 @@ def check_exportable(member: Member, multiple) -> None:
             raise ExportError(f"{member.path}: pyramid depth {p.depth} pools into a {p.grids[-1]} x "
                               f"{p.grids[-1]} grid that windows of multiple {tuple(multiple)} do not always "
                               f"divide; an exported graph would be right for some window sizes only")
+
+
+def describe(kwargs: dict) -> str:
+    """The options that shape a model's graph, for messages: 'pfn_depth 2, upsample nearest, z_pool [...]'."""
+    keys = ("pfn_depth", "upsample", "z_pool", "base_channels")
+    return ", ".join(f"{k} {kwargs[k]}" for k in keys if k in kwargs) or "its options"
 
 
 def export_torchscript(model, example: torch.Tensor, path: Path) -> None:
@@ -109,7 +128,11 @@ def verify(model, runner, shapes, seed: int) -> dict:
         x = torch.rand(s, generator=g)
         with torch.no_grad():
             ref = model(x).double()
-        out = torch.from_numpy(runner(x.numpy())).double()
+        try:
+            out = torch.from_numpy(runner(x.numpy())).double()
+        except Exception as e:                          # ONNX Runtime's and TorchScript's errors have no common type
+            raise VerificationError(f"the exported file fails on an input of shape {tuple(s)} that PyTorch runs "
+                                    f"({type(e).__name__}: {failures.one_line(e)})") from None
         if out.shape != ref.shape:
             raise VerificationError(f"exported output shape {tuple(out.shape)} != PyTorch's {tuple(ref.shape)} for "
                                     f"input {s}")
@@ -166,6 +189,10 @@ def check_options(out: Path, formats, opset: int, tol: float, force: bool) -> tu
         raise ExportError(f"--tol {tol} must lie in (0, 1)")
     if not 9 <= opset <= 23:
         raise ExportError(f"--opset {opset} must lie in 9 .. 23")
+    missing = [m for m in ONNX_MODULES if "onnx" in formats and importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"--formats onnx needs the serve extra ({', '.join(missing)} missing): pip install -e "
+                          f"'.[serve]', or export --formats torchscript")
     if out.exists() and not force:
         raise ExportError(f"--out {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -189,9 +216,17 @@ def export_fold(member: Member, k: int, root: Path, formats, multiple, shapes, o
             export_torchscript(member.model, example, root / rel)
             runner = store.torchscript_runner(root / rel, "cpu")
         else:
-            export_onnx(member.model, example, multiple, root / rel, opset)
+            try:
+                export_onnx(member.model, example, multiple, root / rel, opset)
+            except Exception as e:                      # torch.export's and torch.onnx's errors share no type
+                raise ExportError(f"{fname} onnx: torch.onnx.export cannot carry {member.name} with "
+                                  f"{describe(member.kwargs)} ({type(e).__name__}: {failures.one_line(e)}); "
+                                  f"export --formats torchscript") from None
             runner = store.onnx_runner(root / rel)
-        diff = verify(member.model, runner, shapes, seed + k)
+        try:
+            diff = verify(member.model, runner, shapes, seed + k)
+        except VerificationError as e:
+            raise VerificationError(f"{fname} {fmt}: {e}") from None
         log(f"[export] {fname} {fmt}: max |diff| {diff['probability']:.3e} in probability, {diff['logits']:.3e} in "
             f"logits (max |logit| {diff['logit_scale']:.3g}) vs PyTorch (fp32) over inputs "
             f"{', '.join(str(s) for s in shapes)}" + (f", opset {opset}" if fmt == "onnx" else ""))

@@ -98,9 +98,9 @@ def onnx_runner(path: Path, threads: int = 0):
     return run
 
 
-def load_runners(root, backend: str = "pytorch", threads: int = 0) -> list:
-    """[(fold name, runner)] for every fold of an exported folder with ``backend`` (pytorch | onnx); threads:
-    ONNX Runtime's intra-op threads (0 = its default; torch's are set by torch.set_num_threads)."""
+def fold_files(root, backend: str = "pytorch") -> list:
+    """[(fold name, file)] that ``backend`` (pytorch | onnx) runs for every fold of an exported folder, each file
+    checked to exist (StoreError naming the first that does not)."""
     if backend not in BACKENDS:
         raise StoreError(f"backend {backend!r} is not known; expected one of {', '.join(BACKENDS)}")
     meta = read_model_json(root)
@@ -111,5 +111,17 @@ def load_runners(root, backend: str = "pytorch", threads: int = 0) -> list:
         if f is None or not f.is_file():
             raise StoreError(f"{root}: fold {fold['name']} has no {fmt} file; export with --formats {fmt} or "
                              f"serve with the other backend")
-        out.append((fold["name"], torchscript_runner(f) if fmt == "torchscript" else onnx_runner(f, threads)))
+        out.append((fold["name"], f))
     return out
+
+
+def load_runners(root, backend: str = "pytorch", threads: int = 0, folds=None) -> list:
+    """[(fold name, runner)] for every fold of an exported folder (or those named in ``folds``, in that order)
+    with ``backend`` (pytorch | onnx); threads: ONNX Runtime's intra-op threads (0 = its default; torch's are set
+    by torch.set_num_threads)."""
+    files = dict(fold_files(root, backend))
+    missing = [f for f in folds or () if f not in files]
+    if missing:
+        raise StoreError(f"{root} has no fold(s) {', '.join(missing)}; it has {', '.join(files)}")
+    return [(name, torchscript_runner(files[name]) if BACKENDS[backend] == "torchscript" else
+             onnx_runner(files[name], threads)) for name in (folds or files)]

@@ -1,5 +1,8 @@
 """Fixtures of the serving tests: a 5-fold AH-Net ensemble, its export, scans, and real Triton servers.
 
+Without the serve extra the TorchScript export and its tests run; what needs pytriton, tritonclient, onnx or
+onnxruntime skips with the reason (``needs_serving``).
+
 The ensemble: five fold run folders ``cv-fold0 .. cv-fold4`` laid out as ``ahnet.train --all-folds`` writes them,
 each a tiny AH-Net (resnet18 encoder, growth 4, one layer per dense block, pyramid depth 2, z pooled by spacing)
 built with its own seed and saved by ahnet.checkpoint.save_checkpoint with the trainer's keys and a real
@@ -18,14 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("pytriton", reason="the serve extra (bash run.sh test installs it)")
-pytest.importorskip("tritonclient.http", reason="the serve extra (bash run.sh test installs it)")
-
-from ahnet.checkpoint import save_checkpoint  # noqa: E402
-from ahnet.train.config import TrainConfig  # noqa: E402
-from ahnet.data.io import Volume, write_image  # noqa: E402
-from ahnet.nets import build_model  # noqa: E402
-from ahnet.serve.process import ServerProcess  # noqa: E402
+from ahnet.checkpoint import save_checkpoint
+from ahnet.train.config import TrainConfig
+from ahnet.data.io import Volume, write_image
+from ahnet.nets import build_model
+from ahnet.serve.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACING = (2.5, 0.8, 0.8)
@@ -122,9 +122,16 @@ def alive(pid: int) -> bool:
 SERVER_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
+def needs_serving(*modules: str) -> None:
+    """Skip the calling test or fixture, with the reason, unless the serve extra's ``modules`` import."""
+    for m in modules or ("pytriton", "tritonclient.http", "tritonclient.grpc"):
+        pytest.importorskip(m, reason=f"needs {m}, from the serve extra (bash run.sh test installs it)")
+
+
 def start_server(models: Path, log: Path, *args: str) -> ServerProcess:
     """python -m ahnet.serve for ``models`` on free ports, one thread, 2 s for in-flight requests at shutdown,
-    this checkout's code."""
+    this checkout's code (skips without the serve extra)."""
+    needs_serving()
     return ServerProcess(models, log, ["--threads", "1", "--exit-timeout", "2", *args], env=SERVER_ENV, cwd=ROOT,
                          start_timeout_s=START_TIMEOUT_S)
 

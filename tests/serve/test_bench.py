@@ -3,6 +3,9 @@ import pytest
 
 from ahnet.commands import bench
 
+from .conftest import needs_serving
+
+needs_serving("pytriton", "tritonclient", "onnxruntime")    # the section's first check is for these
 pytestmark = pytest.mark.serve
 
 

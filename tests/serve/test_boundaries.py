@@ -10,7 +10,7 @@ from .conftest import ROOT
 pytestmark = pytest.mark.serve
 
 SERVING_DEPS = ("pytriton", "tritonclient", "onnx", "onnxruntime", "onnxscript")
-SERVING_MODULES = {"ahnet/export.py", "ahnet/client.py"}
+SERVING_MODULES = {"ahnet/export.py", "ahnet/client.py", "ahnet/bench/load.py"}   # load: the server under load
 
 
 def test_no_core_module_names_a_serving_dependency():
@@ -28,7 +28,8 @@ def test_no_core_module_names_a_serving_dependency():
 
 def test_core_imports_leave_the_serving_dependencies_unloaded():
     code = ("import sys, ahnet.commands.predict, ahnet.train, ahnet.evaluate, ahnet.infer, ahnet.commands.pipeline, ahnet.bench, "
-            "ahnet.serve.export, ahnet.serve.client, ahnet.serve.store, ahnet.serve.process, ahnet.bench.serving\n"
+            "ahnet.serve.export, ahnet.serve.client, ahnet.serve.store, ahnet.serve.process, ahnet.bench.serving, "
+            "ahnet.bench.load, ahnet.serve.backend, ahnet.serve.server\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVING_DEPS!r}))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -1,4 +1,9 @@
-"""python -m ahnet.export: what it writes, that it checks what it writes, and that bad input is one line."""
+"""python -m ahnet.export: what it writes, that it checks what it writes, and that bad input is one line.
+
+TorchScript tests run without the serve extra; those that need onnx, onnxscript or onnxruntime skip with the
+reason (and a test runs this file with those modules hidden to hold that).
+"""
+import os
 import subprocess
 import sys
 
@@ -12,7 +17,7 @@ from ahnet.data.preprocess import HU_MAX, HU_MIN
 from ahnet.infer import load_ensemble, load_member
 from ahnet.serve import store
 
-from .conftest import FOLDS, PATCH, ROOT
+from .conftest import FOLDS, PATCH, ROOT, needs_serving
 
 pytestmark = pytest.mark.serve
 
@@ -115,3 +120,129 @@ def test_save_fold_is_what_predict_loads(cv):
     assert [f.path.parents[1].name for f in folds] == [f"cv-fold{k}" for k in range(FOLDS)]
     assert all(f.config["fold"] == k and f.config["patch_size"] == PATCH for k, f in enumerate(folds))
 
+
+
+def _save_run(run, name, kw, patch, seed=0):
+    """A run folder holding checkpoints/best.pt of an untrained ``name`` model with ``kw`` and patch_size ``patch``
+    (the window it is exported and served at)."""
+    from ahnet.checkpoint import save_checkpoint
+    from ahnet.nets import build_model
+    torch.manual_seed(seed)
+    m = build_model(name, **kw)
+    save_checkpoint({"model": m.state_dict(), "model_name": name, "model_kwargs": m.config,
+                     "config": {"patch_size": list(patch)}}, run / "checkpoints" / "best.pt")
+    return run
+
+
+TINY_AHNET = dict(encoder="resnet18", growth=4, layers_per_block=1)
+# Every volume model of the registry and every option a training accepts that shapes the exported graph: each
+# pyramid depth 0-4 once, each z-pooling schedule (none: the issue's frozen depth; paper; spacing; 5 flags) and
+# each upsampling mode at least once for AH-Net, the 3D U-Net without z pooling. Windows: the smallest the
+# multiple allows (depth 2 slices without z pooling), so that each case is the ONNX export's own time.
+EVERY_OPTION = [
+    pytest.param("ahnet", dict(TINY_AHNET, pfn_depth=0, z_pool="none", upsample="transpose"), (2, 64, 64),
+                 id="ahnet-pfn0-znone-transpose"),
+    pytest.param("ahnet", dict(TINY_AHNET, pfn_depth=1, z_pool="paper", upsample="nearest"), (32, 32, 32),
+                 id="ahnet-pfn1-zpaper-nearest"),
+    pytest.param("ahnet", dict(TINY_AHNET, pfn_depth=2, z_pool=[True, False, True, False, False],
+                               upsample="trilinear"), (4, 64, 64), id="ahnet-pfn2-zflags-trilinear"),
+    pytest.param("ahnet", dict(TINY_AHNET, pfn_depth=3, z_pool="spacing", spacing=[2.5, 0.8, 0.8],
+                               upsample="nearest"), (16, 64, 64), id="ahnet-pfn3-zspacing-nearest"),
+    pytest.param("ahnet", dict(TINY_AHNET, pfn_depth=4, z_pool="none", upsample="trilinear"), (2, 64, 64),
+                 id="ahnet-pfn4-znone-trilinear"),
+    pytest.param("unet3d", dict(base_channels=4, max_channels=16, z_pool="none"), (2, 64, 64), id="unet3d-znone"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kw, patch", EVERY_OPTION)
+def test_every_model_and_option_exports_with_every_axis_free(name, kw, patch, tmp_path, capsys):
+    """python -m ahnet.export in both formats ends well (exit 0, nothing on stderr); the ONNX graph keeps batch, D,
+    H and W symbolic; and the file answers at a third window size, which the verification did not use, as
+    PyTorch does."""
+    needs_serving("onnx", "onnxscript", "onnxruntime")
+    import onnx
+    run = _save_run(tmp_path / "run", name, kw, patch)
+    out = tmp_path / "m"
+    assert export_cmd.main(["--runs", str(run), "--out", str(out)]) == 0
+    err = capsys.readouterr()
+    assert err.err == "" and "fold0 onnx: max |diff|" in err.out and "fold0 torchscript: max |diff|" in err.out
+    meta = store.read_model_json(out)
+    model = load_member(run / "checkpoints" / "best.pt").model
+    assert meta["window"] == list(patch) and meta["input_multiple"] == list(model.input_multiple)
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out / "fold0" / "model.onnx")).graph.input[0]
+            .type.tensor_type.shape.dim]
+    assert dims[1] == 1 and all(isinstance(d, str) for d in (dims[0], *dims[2:])), dims    # no axis frozen
+    x = torch.rand((1, 1) + tuple(p + 2 * m for p, m in zip(patch, model.input_multiple)))
+    with torch.no_grad():
+        ref = torch.sigmoid(model(x)).numpy()
+    for fmt, runner in (("onnx", store.onnx_runner), ("torchscript", store.torchscript_runner)):
+        got = 1 / (1 + np.exp(-runner(out / meta["folds"][0]["files"][fmt])(x.numpy()).astype(np.float64)))
+        assert np.abs(got - ref).max() <= 1e-4, fmt
+
+
+def test_a_file_that_fails_to_run_is_a_failed_verification(cv, tmp_path, monkeypatch, capsys):
+    """The issue's ending (ONNX Runtime refusing a verification size) is one line and exit 1, whatever raises."""
+    real = store.torchscript_runner
+
+    def frozen(path, device=None):
+        run = real(path, device)
+
+        def refuse(x):
+            if x.shape[0] == 1:                           # the second verification size
+                raise RuntimeError("Got invalid dimensions for input: image for the following indices\n index: 2")
+            return run(x)
+        return refuse
+    monkeypatch.setattr(store, "torchscript_runner", frozen)
+    out = tmp_path / "m"
+    rc = export_cmd.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(out), "--formats", "torchscript"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith("ahnet.export: error: fold0 torchscript: the exported file fails on an input of shape "
+                          "(1, 1, 32, 96, 96) that PyTorch runs (RuntimeError: Got invalid dimensions"), err
+    assert not out.exists() and not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_an_onnx_export_failure_is_one_line_naming_the_options(tmp_path, monkeypatch, capsys):
+    def fails(*a, **k):
+        raise RuntimeError("Constraints violated (d)!\n  - You marked d as dynamic")
+    monkeypatch.setattr(export, "export_onnx", fails)
+    monkeypatch.setattr(export, "ONNX_MODULES", ())      # runs without the serve extra too
+    run = _save_run(tmp_path / "run", "ahnet", dict(TINY_AHNET, pfn_depth=1, z_pool="none"), (2, 64, 64))
+    out = tmp_path / "m"
+    assert export_cmd.main(["--runs", str(run), "--out", str(out), "--formats", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ahnet.export: error: fold0 onnx: torch.onnx.export cannot carry ahnet with pfn_depth 1, upsample "
+                   "trilinear, z_pool [False, False, False, False, False] (RuntimeError: Constraints violated (d)!); "
+                   "export --formats torchscript\n"), err
+    assert not out.exists() and not list(tmp_path.glob(".m.tmp-*"))
+
+
+@pytest.mark.parametrize("hidden", ["onnx", "onnxscript", "onnxruntime"])
+def test_onnx_without_the_serve_extra_is_one_line(cv, tmp_path, monkeypatch, capsys, hidden):
+    monkeypatch.setitem(sys.modules, hidden, None)        # what importlib finds when the module is not installed
+    out = tmp_path / "m"
+    assert export_cmd.main(["--runs", str(cv.parent / "cv-fold0"), "--out", str(out), "--formats", "onnx"]) == 2
+    assert capsys.readouterr().err == (f"ahnet.export: error: --formats onnx needs the serve extra ({hidden} "
+                                       f"missing): pip install -e '.[serve]', or export --formats torchscript\n")
+    assert not out.exists()
+
+
+HIDE_SERVING = ("import sys, pytest\n"
+                "for m in ('pytriton', 'tritonclient', 'onnx', 'onnxscript', 'onnxruntime'):\n"
+                "    sys.modules[m] = None\n"
+                "sys.exit(pytest.main(sys.argv[1:]))\n")
+
+
+def test_this_file_without_the_serve_extra_skips_what_needs_it(tmp_path):
+    """pytest on this file with the serving modules hidden: the ONNX cases skip with their reason, TorchScript
+    and option tests pass, no error (a selection that needs no 5-fold export, to stay short)."""
+    p = subprocess.run([sys.executable, "-c", HIDE_SERVING, "-q", "-p", "no:cacheprovider", "-rs",
+                        "tests/serve/test_export.py", "-k", "every_model or fails_to_run or bad_options or "
+                        "onnx_export_failure"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    tail = p.stdout.strip().splitlines()[-1]
+    assert f"{len(EVERY_OPTION)} skipped" in tail and "5 passed" in tail and "error" not in tail, tail
+    assert "needs onnx, from the serve extra" in p.stdout

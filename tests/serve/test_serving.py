@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 from ahnet.commands import predict
 from ahnet.serve.client import ClientError, Connection, server_message
+from ahnet.serve import backend
 from ahnet.serve import server as srv
 from ahnet.commands import serve as serve_cmd
 from ahnet.serve import store
 
 from ahnet.serve.process import free_ports, process_tree
 
-from .conftest import ROOT, alive, start_server
+from .conftest import ROOT, alive, needs_serving, start_server
 
+needs_serving()
 pytestmark = pytest.mark.serve
 
 CLIENT_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -104,31 +106,75 @@ def _error(client, model, arr, dtype="FP32"):
     return e.value
 
 
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
+def one_sentence(msg: str) -> bool:
+    """A reply a client can show as it is: one line, no traceback, no file path."""
+    return "\n" not in msg and "Traceback" not in msg and ".py" not in msg and "/" not in msg
+
+
+# (what is wrong, the request, the words of the reply; None: Triton's own sentence, checked by words alone)
+def bad_requests(good: np.ndarray) -> list:
+    """The bad requests the serving tests send (and the load benchmark mixes in), with their replies' words."""
+    nan = good.copy()
+    nan[-1, 0, 3, 4, 5] = np.nan
+    return [
+        ("dtype", "cv", good.astype(np.float64), "FP64", "data-type is 'FP64', but model 'cv' expects 'FP32'"),
+        ("rank", "cv", good[:, 0], "FP32", "Expected [-1,-1,-1,-1,-1], got [2,16,64,64]"),
+        ("channels", "cv", np.concatenate([good, good], 1), "FP32",
+         "input image has shape (2, 2, 16, 64, 64); expected (N, 1, D, H, W)"),
+        ("multiple", "cv", np.zeros((1, 1, 4, 30, 32), np.float32), "FP32",
+         "window size (4, 30, 32) is not a multiple of the model's input multiple (16, 32, 32); pad windows to "
+         "multiples (ahnet.serve.client does)"),
+        ("nan", "cv", nan, "FP32", "input image holds 1 NaN or infinite value(s); expected a [0, 1]-scaled CT window"),
+        ("batch", "cv", np.zeros((9, 1, 16, 32, 32), np.float32), "FP32", "batch-size must be <= 8"),
+        ("voxels", "cv", np.zeros((1, 1, 64, 128, 128), np.float32), "FP32",
+         "window size (64, 128, 128) has 1048576 voxels, over this server's limit of 524288 per window; send "
+         "smaller windows"),
+        ("model", "no-such-model", good, "FP32", "Request for unknown model: 'no-such-model' is not found"),
+    ]
+
+
+def test_bad_requests_get_one_sentence_and_the_server_keeps_serving(server):
+    """Every bad request's raw reply (what any Triton client gets, not only ahnet.serve.client) is one sentence
+    without traceback or path; the model's own checks answer with their sentence alone, HTTP 400; the server's log
+    has the sentence and the traceback; the server answers the same good request the same way throughout."""
     import tritonclient.http as tc
     client = tc.InferenceServerClient(server.url, network_timeout=120)
-    rng = np.random.default_rng(0)
-    good = rng.random((2, 1, 16, 64, 64), dtype=np.float32)
+    good = np.random.default_rng(0).random((2, 1, 16, 64, 64), dtype=np.float32)
     want = _infer(client, "cv", good)          # its value: test_the_served_ensemble_is_the_mean_of_fold_sigmoids
-    nan = good.copy()
-    nan[1, 0, 3, 4, 5] = np.nan
-    bad = [
-        ("cv", good.astype(np.float64), "FP64", "data-type is 'FP64', but model 'cv' expects 'FP32'"),
-        ("cv", good[:, 0], "FP32", "Expected [-1,1,-1,-1,-1], got [2,16,64,64]"),
-        ("cv", np.concatenate([good, good], 1), "FP32", "Expected [-1,1,-1,-1,-1], got [2,2,16,64,64]"),
-        ("cv", good[..., :48], "FP32",
-         "window size (16, 64, 48) is not a multiple of the model's input multiple (16, 32, 32)"),
-        ("cv", nan, "FP32", "holds 1 NaN or infinite value(s)"),
-        ("cv", rng.random((9, 1, 16, 32, 32), dtype=np.float32), "FP32", "batch-size must be <= 8"),
-        ("cv", np.zeros((1, 1, 64, 128, 128), np.float32), "FP32",
-         "has 1048576 voxels, over this server's limit of 524288"),
-        ("no-such-model", good, "FP32", "Request for unknown model: 'no-such-model' is not found"),
-    ]
-    for model, arr, dtype, words in bad:
-        msg = server_message(_error(client, model, arr, dtype))          # the line ahnet.serve.client prints
-        assert words in msg and "\n" not in msg and "Traceback" not in msg and ".py" not in msg, (words, msg)
-        assert np.array_equal(_infer(client, "cv", good), want)          # still serving, and the same answer
-    assert "bad request: window size (16, 64, 48) is not a multiple" in server.log_text()   # one line in its log
+    for what, model, arr, dtype, words in bad_requests(good):
+        e = _error(client, model, arr, dtype)
+        raw = e.message()
+        assert words in raw and one_sentence(raw), (what, raw)
+        if what in ("channels", "multiple", "nan", "voxels"):      # the model's own checks: the sentence alone
+            assert raw == words and e.status() == "400", (what, raw, e.status())
+        assert server_message(e) in raw                                   # the line ahnet.serve.client prints
+        assert np.array_equal(_infer(client, "cv", good), want), what    # still serving, and the same answer
+    log = server.log_text()
+    assert "bad request (model cv): window size (4, 30, 32) is not a multiple" in log
+    assert "Traceback (most recent call last)" in log and "in check_windows" in log   # the traceback: in the log
+
+
+def test_a_bad_request_in_a_dynamic_batch_fails_alone(server):
+    """Concurrent requests of one shape, one holding a NaN: Triton may merge them into one execution; the NaN
+    request gets its sentence and every other request its probabilities."""
+    import concurrent.futures
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+    rng = np.random.default_rng(5)
+    xs = [rng.random((1, 1, 16, 32, 32), dtype=np.float32) for _ in range(6)]
+    xs[2][0, 0, 1, 1, 1] = np.nan
+
+    def send(x):
+        c = tc.InferenceServerClient(server.url, network_timeout=120)
+        try:
+            return _infer(c, "cv-fold3", x)
+        except InferenceServerException as e:
+            return e.message()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(send, xs))
+    assert replies[2] == "input image holds 1 NaN or infinite value(s); expected a [0, 1]-scaled CT window"
+    assert all(isinstance(r, np.ndarray) and r.shape == x.shape for i, (r, x) in enumerate(zip(replies, xs))
+               if i != 2), replies
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -153,7 +199,7 @@ def test_the_served_ensemble_is_the_mean_of_fold_sigmoids(server, exported):
     runners = [r for _, r in store.load_runners(exported)]
     x = np.random.default_rng(3).random((2, 1, 16, 32, 64), dtype=np.float32)
     want = np.mean([1 / (1 + np.exp(-r(x).astype(np.float64))) for r in runners], axis=0)
-    assert np.abs(srv.mean_probability(runners, x) - want).max() <= 1e-6
+    assert np.abs(backend.mean_probability(runners, x) - want).max() <= 1e-6
     got = _infer(tc.InferenceServerClient(server.url, network_timeout=120), "cv", x)
     # float32 convolutions in another process with another thread count: logits agree to ~1e-6, not bitwise
     assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-5
