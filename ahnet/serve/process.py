@@ -73,6 +73,16 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
+def die_with_parent() -> None:
+    """In a child before it runs (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
+    killed test or benchmark leaves no server behind (the server stops Triton on SIGTERM). Elsewhere: nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """A running ``python -m ahnet.serve --models MODELS`` on free local ports (see the module docstring).
 
@@ -88,7 +98,7 @@ class ServerProcess:
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *args]
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self._peak, self._done = 0.0, threading.Event()
         try:
             self._wait_ready(start_timeout_s)
