@@ -373,6 +373,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "entry 0 of 'test': \"image\" is null"),
     ("predict", "run with NaN weights", lambda c: pr(c, runs=c.diverged_run()), "holds non-finite weights"),
     ("predict", "run given twice", lambda c: pr(c, runs=c.w.run)[:3] + [c.w.run] + pr(c)[3:], "is given twice"),
+    ("predict", "sr threshold 2", lambda c: pr(c, "--sr-threshold", "2"), "argument --sr-threshold"),
+    ("predict", "dicom out of a NIfTI", lambda c: pr(c, "--dicom-out"), "--dicom-out needs DICOM series inputs"),
     # -------------------------------------------------------------------------------------------- evaluate
     ("evaluate", "threshold 2", lambda c: ev(c, "--threshold", "2"), "argument --threshold"),
     ("evaluate", "bootstrap negative", lambda c: ev(c, "--bootstrap", "-1"), "argument --bootstrap"),
