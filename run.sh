@@ -63,7 +63,7 @@ gpu_python() {
 }
 
 # Programs some tests need, from Debian's packages: dciodvfy (dicom3tools) validates the DICOM SEG and SR that
-# predict writes, chromium renders report.html. Installed where apt-get runs as root (CI); elsewhere the tests that
+# predict writes, chromium renders the HTML report. Installed where apt-get runs as root (CI); elsewhere the tests that
 # use them are skipped with the reason.
 APT_TOOLS=("dciodvfy:dicom3tools" "chromium:chromium")
 

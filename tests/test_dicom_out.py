@@ -14,7 +14,7 @@ from ahnet.data import io
 from ahnet.infer.outputs import CaseOutputs
 from ahnet.data.dicom_out import Algorithm
 from ahnet.infer.scans import find_cases, write_predictions
-from tests._dicom import write_ct_series
+from ahnet.data.dicom_source import write_ct_series
 
 hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed: pip install -e '.[dicom]'")
 

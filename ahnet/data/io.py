@@ -16,8 +16,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
-import contextlib
-import locale
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 from ahnet.atomic import atomic_path
 from ahnet.data.checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
                      dataset_entries, decode_utf8, read_json)
-from ahnet.data.dicom_source import DicomSeries, series_from_reader
+from ahnet.data.dicom_source import DicomSeries, kept_locale, series_from_reader
 
 log = logging.getLogger(__name__)
 
@@ -271,18 +269,6 @@ def _read_itk(path: Path) -> Volume:
     except Exception as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).strip().splitlines()[-1]}).") from e
     return _sitk_to_volume(img, path)
-
-
-@contextlib.contextmanager
-def kept_locale():
-    """Put the process locale back on exit. GDCM (SimpleITK's DICOM reader and writer) sets it to "C", which
-    turns Python's default text encoding into ASCII for the rest of the process (text files, and libraries
-    such as torch.compile that read their own UTF-8 files)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _read_dicom_dir(path: Path, series_uid: str | None = None) -> Volume:

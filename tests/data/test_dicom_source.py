@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ahnet.data.io import Volume, read_image, read_scan, write_image
-from tests._dicom import write_ct_series
+from ahnet.data.dicom_source import write_ct_series
 
 sitk = pytest.importorskip("SimpleITK")
 

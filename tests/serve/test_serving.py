@@ -73,7 +73,7 @@ def test_client_writes_the_dicom_seg_and_sr_of_a_dicom_series_as_predict_does(se
     hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
     from ahnet import paths
     from ahnet.data.io import read_image
-    from tests._dicom import write_ct_series
+    from ahnet.data.dicom_source import write_ct_series
     from .conftest import SPACING
     uids = write_ct_series(tmp_path / "series7", read_image(scans / "scan1.nii.gz").array, SPACING,
                            (-100.0, 20.0, 300.0), np.eye(3), tag=7)
