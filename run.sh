@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one entry point for people. Usage: bash run.sh <command> [args...]
 #   setup      create .venv (unless an environment is active) and install the package with its test extras
-#   test       run the test suite (sets up first, with the MONAI peer and the serve extra: all tests run)
+#   test       run the test suite (sets up first, with the MONAI peer, serve and dicom extras, and Debian's dicom3tools
+#              and chromium where apt-get runs as root: all tests run)
 #   data       generate the phantom dataset + its cache (python -m ahnet.data.phantom --help)
 #   train      2D stage -> transfer -> 3D stage         (python -m ahnet.pipeline --help)
 #   transfer   2D -> 3D weight transfer with checks    (python -m weights_transfer --help)
@@ -61,6 +62,26 @@ gpu_python() {
   PY=$(command -v python3 || command -v python)
 }
 
+# Programs some tests need, from Debian's packages: dciodvfy (dicom3tools) validates the DICOM SEG and SR that
+# predict writes, chromium renders the HTML report. Installed where apt-get runs as root (CI); elsewhere the tests that
+# use them are skipped with the reason.
+APT_TOOLS=("dciodvfy:dicom3tools" "chromium:chromium")
+
+system_tools() {
+  local missing=() t
+  for t in "${APT_TOOLS[@]}"; do command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}"); done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  if ! command -v apt-get >/dev/null 2>&1 || [[ "$(id -u)" != 0 ]]; then
+    echo "[setup] not installing ${missing[*]} (needs apt-get as root): the tests that use them are skipped"
+    return 0
+  fi
+  echo "[setup] apt-get install ${missing[*]}"
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null; then
+    echo "[setup] apt-get could not install ${missing[*]}: the tests that use them are skipped"
+  fi
+}
+
 # the wheels gpu-check needs on a machine without a network: MONAI (pure Python), for the bench's peer rows
 GPU_WHEELS=("monai==1.6.1")
 
@@ -68,7 +89,8 @@ cmd="${1:-help}"
 shift || true
 case "$cmd" in
   setup)    setup test ;;
-  test)     setup "test,peer,serve"; exec "$PY" -m pytest -q "$@" ;;   # peer and serve: MONAI and Triton tests run
+  test)     setup "test,peer,serve,dicom"; system_tools   # peer, serve, dicom: MONAI, Triton and DICOM tests run
+            exec "$PY" -m pytest -q "$@" ;;
   data)     # generate the phantom (default data/phantom), then its HDF5 cache where training looks (ahnet.paths)
             setup test
             out=""; prev=""
@@ -88,6 +110,6 @@ case "$cmd" in
             "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
               --no-deps -d .whl "${GPU_WHEELS[@]}"
             ls -l .whl ;;
-  help|-h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run.sh: unknown command '$cmd' (try: bash run.sh help)" >&2; exit 2 ;;
 esac

@@ -13,6 +13,15 @@ Run folder (one training stage, ``python -m ahnet.train --out RUN``)::
 Cross-validation (``--all-folds``): fold k of RUN is the sibling folder ``RUN-fold<k>``; a folder holding
 ``fold<k>/`` run folders is read the same way. The trained model of a run is ``best.pt``, else ``last.pt``.
 
+Prediction folder (``python -m ahnet.predict --out PRED``, and ``python -m ahnet.client``), per case <id>::
+
+    PRED/<id>_prob.nii.gz      the probability map (float32), on the input's grid
+    PRED/<id>_mask.nii.gz      the mask (uint8, probability >= --threshold)
+    PRED/<id>_overview.png     the picture of what the model found (--no-preview: not written)
+    PRED/<id>_seg.dcm          for a DICOM series: the mask as a DICOM Segmentation referencing the series
+    PRED/<id>_sr.dcm           for a DICOM series: the findings as a DICOM SR measurement report (TID 1500)
+    PRED/candidates.csv        every case's candidates (LUNA16 columns, world LPS mm)
+
 Datasets: a Decathlon-style ``dataset.json`` with its LUNA16-style ``annotations.csv`` beside it; the HDF5 cache
 of a dataset lives in ``data/cache/<name of the dataset.json's folder>`` (relative to the working directory).
 
@@ -33,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "RESCORER", "RESCORER_JSON",
-           "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS",
-           "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "DEV_SUFFIX", "FINAL_SUFFIX", "FINAL_LOOKS", "REPORT_CANDIDATES", "ExperimentPaths",
-           "report_candidates",
+           "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS", "CANDIDATES_CSV", "CasePaths",
+           "case_paths", "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "DEV_SUFFIX", "FINAL_SUFFIX", "FINAL_LOOKS",
+           "REPORT_CANDIDATES", "ExperimentPaths", "report_candidates",
            "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
            "trained_checkpoint", "resolve_checkpoints", "resolve_checkpoint", "cache_dir", "annotations_csv",
            "dataset_annotations"]
@@ -54,6 +63,7 @@ REPORT_CANDIDATES = "candidates"        # <report>/candidates/<run>.csv: each ev
 DEV_SUFFIX, FINAL_SUFFIX = "-dev", "-final"
 FINAL_LOOKS = "looks.csv"
 DATASET = "dataset.json"
+CANDIDATES_CSV = "candidates.csv"
 ANNOTATIONS = "annotations.csv"
 
 DATA_ROOT = Path("data")
@@ -107,6 +117,40 @@ class RunPaths:
     @property
     def rescorer_json(self) -> Path:
         return self.root / RESCORER_JSON
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    """The files one predicted case writes into a prediction folder (see the module docstring)."""
+    folder: Path
+    case_id: str
+
+    def _file(self, tail: str) -> Path:
+        return self.folder / f"{self.case_id}{tail}"
+
+    @property
+    def prob(self) -> Path:
+        return self._file("_prob.nii.gz")
+
+    @property
+    def mask(self) -> Path:
+        return self._file("_mask.nii.gz")
+
+    @property
+    def overview(self) -> Path:
+        return self._file("_overview.png")
+
+    @property
+    def seg(self) -> Path:
+        return self._file("_seg.dcm")
+
+    @property
+    def sr(self) -> Path:
+        return self._file("_sr.dcm")
+
+
+def case_paths(folder: str | os.PathLike, case_id: str) -> CasePaths:
+    return CasePaths(Path(folder), str(case_id))
 
 
 def run_paths(run: str | os.PathLike) -> RunPaths:

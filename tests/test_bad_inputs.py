@@ -467,6 +467,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "case b: "),
     ("predict", "run with a flipped bit", lambda c: pr(c, runs=c.flipped_run()), "best.pt is corrupt"),
     ("predict", "run given twice", lambda c: pr(c, runs=c.w.run)[:3] + [c.w.run] + pr(c)[3:], "is given twice"),
+    ("predict", "sr threshold 2", lambda c: pr(c, "--sr-threshold", "2"), "argument --sr-threshold"),
+    ("predict", "dicom out of a NIfTI", lambda c: pr(c, "--dicom-out"), "--dicom-out needs DICOM series inputs"),
     # -------------------------------------------------------------------------------------------- evaluate
     ("evaluate", "threshold 2", lambda c: ev(c, "--threshold", "2"), "argument --threshold"),
     ("evaluate", "bootstrap negative", lambda c: ev(c, "--bootstrap", "-1"), "argument --bootstrap"),

@@ -195,8 +195,9 @@ def test_folder_and_dataset_json_inputs(world, capsys, monkeypatch):
     assert pr.main(["--input", str(d), "--runs", str(world["runs"]["a"]), "--out", str(out),
                     "--threshold", "0.0", "--candidates", "components", "--candidate-threshold", "0"]) == 0
     assert "predict" in capsys.readouterr().err                       # the tqdm bar over cases
-    assert sorted(p.name for p in out.iterdir()) == ["c1_mask.nii.gz", "c1_prob.nii.gz", "c2_mask.nii.gz",
-                                                     "c2_prob.nii.gz", "candidates.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["c1_mask.nii.gz", "c1_overview.png", "c1_prob.nii.gz",
+                                                     "c2_mask.nii.gz", "c2_overview.png", "c2_prob.nii.gz",
+                                                     "candidates.csv"]          # NIfTI in: no DICOM out
     img2 = sitk.ReadImage(str(out / "c2_prob.nii.gz"))
     src2 = sitk.ReadImage(str(d / "c2.mha"))
     for zyx in [(0, 0, 0), (15, 31, 0), (7, 20, 45)]:
@@ -212,7 +213,7 @@ def test_folder_and_dataset_json_inputs(world, capsys, monkeypatch):
     out2 = world["d"] / "out_json"
     monkeypatch.setenv("CI", "true")
     assert pr.main(["--input", str(d / "dataset.json"), "--split", "test", "--runs", str(world["runs"]["a"]),
-                    "--out", str(out2)]) == 0
+                    "--out", str(out2), "--no-preview"]) == 0
     assert "predict" not in capsys.readouterr().err                   # quiet under CI
     assert sorted(p.name for p in out2.iterdir()) == ["candidates.csv", "second_mask.nii.gz",
                                                       "second_prob.nii.gz"]

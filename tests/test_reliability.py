@@ -269,7 +269,8 @@ def test_a_second_writer_into_an_output_folder_is_refused_and_a_dead_ones_lock_t
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / LOCK_NAME).write_text(dead.stdout)                 # a lock file of a process that is gone
     assert _predict(scans, out, inp=scans / "in" / "a.nii.gz") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_prob.nii.gz", "candidates.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_overview.png", "a_prob.nii.gz",
+                                                     "candidates.csv"]
 
 
 def test_one_bad_scan_stops_the_batch_with_the_candidates_of_the_scans_before_it(scans, tmp_path, capsys,
@@ -279,7 +280,8 @@ def test_one_bad_scan_stops_the_batch_with_the_candidates_of_the_scans_before_it
     assert _predict(scans, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ahnet.predict: error: case b: ") and "--skip-bad" in err[0]
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_prob.nii.gz", "candidates.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_overview.png", "a_prob.nii.gz",
+                                                     "candidates.csv"]            # nothing of the bad scan
     assert _seriesuids(out) == ["a"]
 
 
@@ -304,8 +306,9 @@ def test_skip_bad_goes_on_lists_the_failure_and_exits_1(scans, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("ahnet.predict: warning: skipped case b: ")
     assert err[1] == f"ahnet.predict: error: 1 of 3 case(s) failed (b); the other 2 are in {out}"
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_prob.nii.gz", "c_mask.nii.gz",
-                                                     "c_prob.nii.gz", "candidates.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "a_overview.png", "a_prob.nii.gz",
+                                                     "c_mask.nii.gz", "c_overview.png", "c_prob.nii.gz",
+                                                     "candidates.csv"]
     assert _seriesuids(out) == ["a", "c"]
 
 

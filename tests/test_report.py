@@ -227,3 +227,22 @@ def _crop(kind):
             "diameter_mm": 3.5, "score": None if kind == "miss" else .95, "found_by": ["m"],
             "marks": [{"row": 7.0, "col": 7.0, "score": .95, "status": "fp" if kind == "fp" else "hit",
                        "above_threshold": True}]}
+
+
+def test_each_gallery_row_is_named_by_its_type_and_an_untyped_row_says_so():
+    """A nodule whose annotations give no type is in the row 'untyped', never 'None'."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ahnet.data.nodule_types import TYPE_NAMES
+    from ahnet.report.gallery import gallery_figures, gallery_json, row_names
+
+    gallery = {"focus": "m", "thresholds": {"m": .9}, "half_mm": 5.0,
+               "types": {None: [dict(_crop("miss"), type=None)], "T04": [_crop("hit")]}, "false_positives": {}}
+    fig = gallery_figures(plt, gallery, TYPE_NAMES)["gallery_types.png"]
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    plt.close(fig)
+    assert labels == [f"T04\n{TYPE_NAMES['T04']}", "untyped\n(no type in the annotations)"]
+    assert row_names(gallery, TYPE_NAMES) == [f"T04 {TYPE_NAMES['T04']}", "untyped (no type in the annotations)"]
+    assert list(gallery_json(gallery)["types"]) == ["untyped", "T04"]
+    assert row_names(gallery_json(gallery), TYPE_NAMES) == row_names(gallery, TYPE_NAMES)   # what report.json keeps

@@ -47,7 +47,8 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
 # Functions allowed over MAX_FUNCTION_LINES, each with the reason its docstring gives: none today.
 LONG_FUNCTIONS: dict = {}
 LAYOUT_WORDS = ("best.pt", "last.pt", "annotations.csv", "data/cache", "rescorer.pt", "rescorer.json",
-                "report.html", "report.json", "report.md")
+                "report.html", "report.json", "report.md", "candidates.csv", "_prob.nii.gz", "_mask.nii.gz",
+                "_overview.png", "_seg.dcm", "_sr.dcm")
 
 
 def _modules():

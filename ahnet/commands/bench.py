@@ -1,8 +1,10 @@
 """``python -m ahnet.bench``: parse and check the options, run each planned measurement in its own process,
 print the table and write ``bench_results/bench-<time>.json``. ``--serving`` runs the serving section instead
 (ahnet.bench.serving: in-process inference against Triton + PyTorch and Triton + ONNX Runtime; the serve extra),
-with that section's options, and ``--serving --load`` the server under load (ahnet.bench.load); errors either
-way are one line ``ahnet.bench: error: ...`` and exit code 2."""
+with that section's options, ``--serving --load`` the server under load (ahnet.bench.load), and ``--outputs``
+the outputs section (ahnet.bench.outputs: what predict writes beside the network's work, the overview picture and
+the DICOM SEG and SR included; the dicom extra); errors any way are one line ``ahnet.bench: error: ...`` and exit
+code 2."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,9 @@ DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = failures.Parser(PROG, description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--outputs", action="store_true",
+                   help="the outputs section instead: what predict writes per case beside the network's work "
+                        "(python -m ahnet.bench --outputs --help)")
     p.add_argument("--serving", action="store_true",
                    help="the serving section instead: in-process inference against Triton + PyTorch and Triton + "
                         "ONNX Runtime for an exported model (needs the serve extra; its options: "
@@ -134,6 +139,9 @@ def main(argv=None) -> int:
     if "--serving" in argv:
         argv.remove("--serving")
         return serving_main(argv)
+    if "--outputs" in argv:
+        argv.remove("--outputs")
+        return outputs_main(argv)
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
@@ -200,3 +208,18 @@ def serving_main(argv) -> int:
 def serving_doc() -> str:
     from ahnet.bench import serving
     return serving.__doc__.split("\n\n")[0]
+
+
+def outputs_main(argv) -> int:
+    """``python -m ahnet.bench --outputs ...``: the outputs section (ahnet.bench.outputs); errors are one line
+    ``ahnet.bench: error: ...`` and exit 2."""
+    from ahnet.bench import outputs
+    ap = failures.Parser(PROG, description=outputs.__doc__.split("\n\n")[0])
+    outputs.add_options(ap)
+    a = ap.parse_args(argv)
+
+    def body() -> None:
+        res = outputs.run_outputs_bench(a)
+        print(outputs.format_rows(res))
+        print(f"wrote {a.out}")
+    return failures.run(PROG, body)

@@ -3,6 +3,10 @@ windows answered by an ahnet Triton server (the client library: ahnet.serve.clie
 
     python -m ahnet.client --url localhost:8000 --input scans/ --out pred/ [--model NAME] [--protocol grpc]
 
+Writes what ``python -m ahnet.predict`` writes, the overview pictures and, for DICOM series, the DICOM SEG and SR
+included (the SEG and SR name the algorithm "ahnet <served model>"), with the same ``--dicom-out``,
+``--no-dicom-out``, ``--sr-threshold`` and ``--no-preview``.
+
 A refused connection is retried ``--retries`` times, ``--retry-wait`` seconds apart, with a message on stderr each
 time; then the client exits with code 2. Bad input and a server's error reply print one line
 ``ahnet.client: error: ...`` and exit 2.
@@ -10,11 +14,13 @@ time; then the client exits with code 2. Bad input and a server's error reply pr
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ahnet import failures
 from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, rule_from_arguments
+from ahnet.infer.outputs import add_output_arguments, check_outputs, outputs_from_arguments
 from ahnet.infer.scans import check_scan_sizes, find_cases
 from ahnet.serve.client import ClientError, Connection, model_info, run_cases
 
@@ -34,6 +40,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
     ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability, in [0, 1]")
     add_candidate_arguments(ap)
+    add_output_arguments(ap)
     ap.add_argument("--retries", type=int, default=3, help="retries of a refused connection")
     ap.add_argument("--retry-wait", type=float, default=1.0, help="seconds between retries")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
@@ -61,14 +68,17 @@ def _main(a) -> int:
     cases = find_cases(a.input, a.split)
     limit = scan_limit("client", a.max_scan_voxels)
     check_scan_sizes(cases, limit)                  # every header before the server is asked anything
+    outputs = check_outputs(cases, outputs_from_arguments(a, "ahnet"))              # before any connection
     conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
     conn.ready()
     model = a.model or model_info(conn)["name"]
     conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
+    outputs = replace(outputs, algorithm=replace(outputs.algorithm, name=f"ahnet {model}"))   # named in SEG/SR
     res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
-                    candidates=rule_from_arguments(a), limit=limit)
+                    candidates=rule_from_arguments(a), limit=limit, outputs=outputs)
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
-          f"{res['candidates']} candidates in {res['csv']}")
+          f"{res['candidates']} candidates in {res['csv']}; {res['overviews']} overview picture(s)"
+          + (f"; DICOM SEG and SR for {len(res['dicom'])} case(s)" if res["dicom"] else ""))
     return 0
 
 

@@ -24,6 +24,15 @@ merging, sub-voxel centres; ``--candidates components --candidate-threshold 0.5`
 With ``--rescore`` (one run folder) its second stage (``RUN/rescorer.pt``, ``python -m ahnet.rescore``) rescores
 every candidate to sqrt(p1 x p2), the first stage's score kept in a column ``probability_stage1``.
 
+Where people look (ahnet.infer.outputs): ``<out>/<case_id>_overview.png`` for every case (``--no-preview``: none),
+the axial slices through the most probable candidates, each circled with its rank and probability, beside a
+coronal projection locating them. A DICOM series in also gets ``<case_id>_seg.dcm`` (the mask as a DICOM
+Segmentation referencing the series and each of its slices, the algorithm named "ahnet <runs>" with ahnet's
+version) and ``<case_id>_sr.dcm`` (a DICOM SR measurement report, TID 1500: one finding per candidate with
+probability >= ``--sr-threshold``, default 0.5: centre in patient coordinates, estimated diameter in mm,
+probability), written with highdicom (the ``dicom`` extra); ``--no-dicom-out`` leaves them out, ``--dicom-out``
+requires them (every input a DICOM series).
+
 Window (3D): the one rule of ahnet.infer.window_for: ``--window``, else the largest ``patch_size`` in the runs'
 training configs, else DEFAULT_WINDOW; rounded up to the models' input multiple and never larger than the volume
 rounded up to that multiple. Bad input (missing file, folder without images, a file that is not a checkpoint,
@@ -47,6 +56,7 @@ from ahnet import failures, paths
 from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, load_ensemble
 from ahnet.infer import rule_from_arguments
+from ahnet.infer.outputs import add_output_arguments, check_outputs, outputs_from_arguments
 from ahnet.infer.scans import PredictInputError, find_cases, predict_cases
 from ahnet.infer.second_stage import load_run_rescorer
 from ahnet.precision import AMP_MODES
@@ -77,6 +87,7 @@ def build_parser() -> failures.Parser:
                          "one run folder")
     ap.add_argument("--rescore-any-rule", action="store_true",
                     help="with --rescore: apply the second stage to candidates of another rule than it learnt on")
+    add_output_arguments(ap)
     ap.add_argument("--allow-mixed", action="store_true", help="allow 2D and 3D models in one ensemble")
     ap.add_argument("--skip-bad", action="store_true",
                     help="go on past scans that fail (each named in a warning); exit code 1 at the end if any did")
@@ -93,6 +104,7 @@ def _main(a) -> int:
     failures.check_output_dir(a.out, "--out")
     windows, rule = WindowSettings.from_arguments(a), rule_from_arguments(a)
     cases = find_cases(a.input, a.split)
+    outputs = check_outputs(cases, outputs_from_arguments(a, "ahnet " + " ".join(Path(r).name for r in a.runs)))
     ens = load_ensemble(a.runs, a.device, allow_mixed=a.allow_mixed)
     rescorer = None
     if a.rescore:
@@ -102,9 +114,10 @@ def _main(a) -> int:
         rescorer = load_run_rescorer(a.runs[0], ens.device, rule, a.rescore_any_rule)
     res = predict_cases(cases, ens, a.out, windows, tta=a.tta, amp=a.amp, threshold=a.threshold, candidates=rule,
                         channels_last=a.channels_last, skip_bad=a.skip_bad, rescorer=rescorer,
-                        limit=scan_limit("predict", a.max_scan_voxels))
+                        limit=scan_limit("predict", a.max_scan_voxels), outputs=outputs)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
-          f"{res['candidates']} candidates in {res['csv']}")
+          f"{res['candidates']} candidates in {res['csv']}; {res['overviews']} overview picture(s)"
+          + (f"; DICOM SEG and SR for {len(res['dicom'])} case(s)" if res["dicom"] else ""))
     if res["failed"]:
         ids = [cid for cid, _ in res["failed"]]
         return failures.fail(PROG, f"{len(ids)} of {len(cases)} case(s) failed ({', '.join(ids[:5])}"

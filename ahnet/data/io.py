@@ -27,6 +27,7 @@ from ahnet.atomic import atomic_path
 from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.data.checks import (SECTION_SPLIT, DataError, check_annotation_rows, check_scan, check_slice_positions,
                      dataset_entries, decode_utf8, read_json)
+from ahnet.data.dicom_source import DicomSeries, series_from_reader
 from ahnet.data.header import (IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, ScanHeader, check_meta_header,  # noqa: F401
                                image_suffix, kept_locale, read_header)
 
@@ -73,13 +74,16 @@ class Volume:
     """A 3D scan or mask with its geometry.
 
     array: (z, y, x) array (float32 for images); spacing: (sz, sy, sx) mm; origin: (x, y, z) LPS mm of voxel
-    (0, 0, 0)'s centre; direction: 3x3, column k = LPS unit vector of index axis k (x, y, z order, as SimpleITK).
+    (0, 0, 0)'s centre; direction: 3x3, column k = LPS unit vector of index axis k (x, y, z order, as SimpleITK);
+    dicom: for a DICOM series read, its UIDs and slice files (ahnet.data.dicom_source.DicomSeries, what a DICOM
+    SEG or SR about the scan references), else None.
     """
 
     array: np.ndarray
     spacing: tuple = (1.0, 1.0, 1.0)
     origin: tuple = (0.0, 0.0, 0.0)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    dicom: DicomSeries | None = None
 
     def __post_init__(self):
         self.spacing = tuple(float(s) for s in np.asarray(self.spacing, dtype=float).reshape(3))
@@ -269,7 +273,9 @@ def _read_dicom_series(path: Path, files, series_uid: str) -> Volume:
             positions = []
             break
     check_slice_positions(positions, path, series_uid)
-    return _sitk_to_volume(img, path)
+    vol = _sitk_to_volume(img, path)
+    vol.dicom = series_from_reader(reader, files)
+    return vol
 
 
 def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: str | None = None,

@@ -1,7 +1,8 @@
 """Predicting whole scans: the scans an input names (``find_cases``), their HU scaled as in training, and what
-the prediction of each writes (``write_predictions``: probability map, mask, one candidates CSV), atomically and one
-case in memory at a time. ``python -m ahnet.predict`` (ahnet.commands.predict) and the Triton client both write
-through here. This module imports the inference stage only, never the evaluation modules."""
+the prediction of each writes (``write_predictions``: probability map, mask, the overview picture, a DICOM SEG and
+SR for a DICOM series, one candidates CSV; names in ahnet.paths), atomically and one case in memory at a time.
+``python -m ahnet.predict`` (ahnet.commands.predict) and the Triton client both write through here. This module
+imports the inference stage only, never the evaluation modules."""
 from __future__ import annotations
 
 import sys
@@ -10,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ahnet import failures
+from ahnet import failures, paths
 from ahnet.atomic import DiskFull, atomic_paths, folder_lock, remove_temps
 from ahnet.data import io
 from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.data.header import read_header
 from ahnet.data.preprocess import clip_and_scale
 from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule, extract_candidates, predict_volume
+from ahnet.infer.outputs import (CaseOutputs, check_outputs, dicom_sources, ranked_findings, write_dicom_files,
+                                 write_overview_file)
 from ahnet.infer.second_stage import Rescorer, rescore_candidates
 
 
@@ -137,44 +140,55 @@ def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> None:
 
 
 def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
-                  rescorer: Rescorer | None = None, limit: ScanLimit | None = None) -> list:
-    """One scan -> its _prob and _mask files (written atomically together) and its candidate rows (rescored by
-    the second stage when ``rescorer`` is given)."""
+                  rescorer: Rescorer | None, outputs: CaseOutputs, limit: ScanLimit | None = None) -> tuple:
+    """One scan -> its files (ahnet.paths.case_paths: _prob and _mask written atomically together, the overview,
+    for a DICOM series the SEG and SR; each written atomically) and its candidate rows (rescored by the second
+    stage when ``rescorer`` is given). Returns (rows, {"overview": bool, "dicom": bool})."""
     vol = io.read_scan(case.image, limit=limit)
+    dicom = dicom_sources(case, vol, outputs)              # the source headers before the work: fails early
     scale_in_place(vol.array)
     prob = probability(vol.array)
     rows = extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
     if rescorer is not None:
         rows = rescore_candidates(rescorer, rows, vol.array, prob, vol)
+    files = paths.case_paths(out, case.case_id)
+    findings = ranked_findings(rows, prob, vol, outputs)
+    wrote = {"overview": write_overview_file(files.overview, case.case_id, vol.array, prob, vol, findings, outputs)}
     vol.array = None
-    names = [out / f"{case.case_id}_prob.nii.gz", out / f"{case.case_id}_mask.nii.gz"]
-    with atomic_paths(names) as (prob_tmp, mask_tmp):      # both or neither: a full disk leaves the old pair
+    mask = prob >= threshold
+    with atomic_paths([files.prob, files.mask]) as (prob_tmp, mask_tmp):   # both or neither: a full disk keeps the old
         io.write_image(prob_tmp, prob.astype(np.float32, copy=False), like=vol)
-        io.write_image(mask_tmp, (prob >= threshold).astype(np.uint8), like=vol)
-    return rows
+        io.write_image(mask_tmp, mask.astype(np.uint8), like=vol)
+    wrote["dicom"] = write_dicom_files(files, mask, findings, dicom, threshold, outputs)
+    return rows, wrote
 
 
 def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
-                      skip_bad: bool = False, rescorer: Rescorer | None = None, limit: ScanLimit | None = None) -> dict:
+                      skip_bad: bool = False, rescorer: Rescorer | None = None, limit: ScanLimit | None = None,
+                      outputs: CaseOutputs | None = None) -> dict:
     """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
-    writing <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold) and <out>/candidates.csv (by the rule
-    ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by ``rescorer``, the run's second stage, when
-    given, the first stage's score kept as probability_stage1), with --out locked.
+    writing per case <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold), _overview.png and for a
+    DICOM series _seg.dcm and _sr.dcm (``outputs``, ahnet.infer.outputs.CaseOutputs: default all of them), and
+    <out>/candidates.csv (by the rule ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by
+    ``rescorer``, the run's second stage, when given, the first stage's score kept as probability_stage1), with
+    --out locked. The output options are checked before anything is written.
 
     One case in memory at a time; every scan's header checked against ``limit`` (default: ahnet.data.budget's
     "predict" limit) before the first is read. A scan that fails: the candidates of the scans done are written,
     then PredictInputError, or with ``skip_bad`` a warning and the next scan.
-    Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path}.
+    Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path,
+    "overviews": n, "dicom": [case_id with a SEG and SR]}.
     """
+    outputs = check_outputs(cases, outputs)
     out, rule = Path(out), candidate_rule(candidates)
     limit = limit or scan_limit("predict")
     check_scan_sizes(cases, limit, skip_bad)
-    rows, done, failed = [], [], []
+    rows, done, failed, dicom, overviews = [], [], [], [], 0
     with folder_lock(out, "--out"):
         remove_temps(out, only_dead=False)
         for case in _progress(cases, desc="predict", unit="case"):
             try:
-                rows += _predict_case(case, out, probability, threshold, rule, rescorer, limit)
+                case_rows, wrote = _predict_case(case, out, probability, threshold, rule, rescorer, outputs, limit)
             except DiskFull:
                 raise                                        # not the scan's fault: no --skip-bad past it
             except (ValueError, OSError) as e:
@@ -183,22 +197,27 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
                 if not skip_bad:
                     done_note = ""
                     if done:                                 # the scans that succeeded keep their candidates
-                        csv_path = io.write_candidates_csv(out / "candidates.csv", rows)
+                        csv_path = io.write_candidates_csv(out / paths.CANDIDATES_CSV, rows)
                         done_note = f"; the candidates of the {len(done)} case(s) before it are in {csv_path}"
                     raise PredictInputError(f"case {case.case_id}: {why}{done_note} (--skip-bad goes on past bad "
                                             f"scans)") from None
                 failures.warn(failures.program(), f"skipped case {case.case_id}: {why}")
                 continue
+            rows += case_rows
             done.append(case.case_id)
-        csv_path = io.write_candidates_csv(out / "candidates.csv", rows,
+            overviews += wrote["overview"]
+            if wrote["dicom"]:
+                dicom.append(case.case_id)
+        csv_path = io.write_candidates_csv(out / paths.CANDIDATES_CSV, rows,
                                            ["probability_stage1"] if rescorer is not None else ())
-    return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path}
+    return {"cases": done, "failed": failed, "candidates": len(rows), "csv": csv_path, "overviews": overviews,
+            "dicom": dicom}
 
 
 def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSettings(), tta: bool = False,
                   amp: bool | str = "auto", threshold: float = 0.5, candidates: CandidateRule | None = None,
                   channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None,
-                  limit: ScanLimit | None = None) -> dict:
+                  limit: ScanLimit | None = None, outputs: CaseOutputs | None = None) -> dict:
     """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``; accumulators inside
     ahnet.infer) and write its files (write_predictions, scans up to ``limit``), the options checked first
     (check_options)."""
@@ -206,4 +225,4 @@ def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSet
 
     def probability(image01):
         return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last)
-    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit, outputs)

@@ -23,7 +23,7 @@ from ahnet.atomic import atomic_paths
 from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.report.claims import claim_sentence, comparison_tables, found_line
 from ahnet.report.curves import budget_table, curves_figure, read_curves
-from ahnet.report.gallery import gallery_figures
+from ahnet.report.gallery import gallery_figures, row_names
 from ahnet.report.summary import TIE_TOL, summarize
 
 
@@ -216,6 +216,9 @@ def _blocks(rep, figs) -> list:
     blocks += [("table", *t) for t in tables[:2]]                       # overall, CPM per type
     blocks.append(("figures", "Gallery: what the model finds, misses and flags wrongly",
                    fig("gallery_types.png", "gallery_false_positives.png")))
+    if "gallery_types.png" in figs:
+        blocks.append(("text", ["Gallery rows, top to bottom: "
+                                + "; ".join(row_names(rep["gallery"], rep["type_names"])) + "."]))
     blocks += [("table", *t) for t in comparison_tables(rep["comparisons"], rep["type_names"])]
     blocks.append(("figures", "Learning curves", fig("learning_curves.png")))
     budget = budget_table(rep["learning_curves"])

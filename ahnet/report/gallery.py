@@ -12,6 +12,30 @@ import numpy as np
 
 LUNG_WINDOW = (-1350.0, 150.0)      # HU: level -600, width 1500
 COLOURS = {"hit": "#2ca02c", "fp": "#d62728", "dropped": "#999999"}
+UNTYPED = "untyped"                 # the row of nodules whose annotations give no type
+
+
+def row_type(t) -> str:
+    """A gallery row's type as the report names it: the type code, or "untyped" for nodules without one."""
+    return UNTYPED if t is None or str(t).strip() in ("", "None") else str(t)
+
+
+def row_names(gallery: dict | None, type_names: dict) -> list:
+    """The type rows of the gallery figure, top to bottom, each named: "T04 solid 6-10 mm", "untyped (no type in
+    the annotations)"."""
+    if not gallery:
+        return []
+    out = []
+    for t in _type_rows(gallery):
+        name = row_type(t)
+        out.append(f"{name} {type_names[t]}" if t in type_names else
+                   (f"{name} (no type in the annotations)" if name == UNTYPED else name))
+    return out
+
+
+def _type_rows(gallery: dict) -> list:
+    """The type keys with crops, in the figure's order."""
+    return [t for t in sorted(gallery["types"], key=lambda t: (t is None, str(t))) if gallery["types"][t]]
 
 
 def gallery_json(gallery: dict | None) -> dict | None:
@@ -20,7 +44,7 @@ def gallery_json(gallery: dict | None) -> dict | None:
         return None
     strip = lambda c: {k: v for k, v in c.items() if k not in ("image", "contour")}
     return {"focus": gallery["focus"], "thresholds": gallery["thresholds"], "half_mm": gallery["half_mm"],
-            "types": {t: [strip(c) for c in row] for t, row in gallery["types"].items()},
+            "types": {row_type(t): [strip(c) for c in row] for t, row in gallery["types"].items()},
             "false_positives": {m: [strip(c) for c in row] for m, row in gallery["false_positives"].items()}}
 
 
@@ -78,11 +102,11 @@ def gallery_figures(plt, gallery: dict | None, type_names: dict) -> dict:
     figs = {}
     n = len(gallery["false_positives"])
     thr = gallery["thresholds"].get(gallery["focus"])
-    types = [t for t in sorted(gallery["types"], key=str) if gallery["types"][t]]
+    types = _type_rows(gallery)
     if types:
         figs["gallery_types.png"] = _grid(
             plt, [sorted(gallery["types"][t], key=lambda c: c["kind"] != "hit") for t in types],
-            [f"{t}\n{type_names.get(t, '')}" for t in types],
+            [name.replace(" ", "\n", 1) for name in row_names(gallery, type_names)],
             f"{gallery['focus']}: hits and misses at 1 FP/scan (p >= {'–' if thr is None else f'{thr:.4f}'});"
             f" yellow: reference, circles: candidates (green on a nodule, red FP; solid above that threshold)", n)
     fps = {m: row for m, row in gallery["false_positives"].items() if row}

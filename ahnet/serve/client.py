@@ -7,8 +7,8 @@ Inputs as ahnet.commands.predict (an image file, a DICOM series folder, a folder
 clipped and scaled to [0, 1], then ahnet.infer's sliding windows (``sliding_window_predict``: the same windows,
 padding and Gaussian blending; ``window_for`` with the served model's input multiple and default window) run on
 this machine, ``--batch`` windows per request to the server, which answers their probabilities (the ensemble's
-mean by default). Writes ``<out>/<case_id>_prob.nii.gz``, ``<out>/<case_id>_mask.nii.gz`` and
-``<out>/candidates.csv`` exactly as ahnet.commands.predict does.
+mean by default). Writes ``<out>/<case_id>_prob.nii.gz``, ``<out>/<case_id>_mask.nii.gz``, the overview picture,
+for a DICOM series the DICOM SEG and SR, and ``<out>/candidates.csv`` exactly as ahnet.commands.predict does.
 
 A refused connection is retried ``--retries`` times, ``--retry-wait`` seconds apart, with a message on stderr each
 time; then the client exits with code 2. Bad input and a server's error reply print one line
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ahnet.data.budget import ScanLimit, scan_limit
+from ahnet.infer.outputs import CaseOutputs
 from ahnet.infer.scans import write_predictions
 from ahnet.infer import CandidateRule, WindowSettings, sliding_window_predict, window_for
 from ahnet.serve import store
@@ -163,14 +164,17 @@ def remote_probability(remote: RemoteWindows, default_window, windows: WindowSet
 
 
 def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
-              threshold: float = 0.5, candidates: CandidateRule | None = None, limit: ScanLimit | None = None) -> dict:
+              threshold: float = 0.5, candidates: CandidateRule | None = None, limit: ScanLimit | None = None,
+              outputs: CaseOutputs | None = None) -> dict:
     """Predict every case through the server and write ahnet.commands.predict's files (candidates by the rule
-    ``candidates``, default ahnet.infer.DEFAULT_RULE, as ahnet.commands.predict; scans up to ``limit``, default
-    ahnet.data.budget's "client" limit); returns {"cases", "failed", "candidates", "csv"}."""
+    ``candidates``, default ahnet.infer.DEFAULT_RULE, and the overview and DICOM files by ``outputs``, as
+    ahnet.commands.predict; scans up to ``limit``, default ahnet.data.budget's "client" limit); returns
+    write_predictions' dict."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
     if windows.window is not None:
         window_for((1, 1, 1), multiple, meta["window"], windows.window)   # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
     probability = remote_probability(remote, meta["window"], windows, tta)
-    return write_predictions(cases, out, probability, threshold, candidates, limit=limit or scan_limit("client"))
+    return write_predictions(cases, out, probability, threshold, candidates, limit=limit or scan_limit("client"),
+                             outputs=outputs)

@@ -71,6 +71,34 @@ def test_client_writes_what_predict_writes(server, cv, scans, tmp_path):
     _same_outputs(ref, out, ["scan0", "scan1"])
 
 
+def test_client_writes_the_dicom_seg_and_sr_of_a_dicom_series_as_predict_does(server, cv, scans, tmp_path):
+    hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
+    from ahnet import paths
+    from ahnet.data.io import read_image
+    from ahnet.data.dicom_source import write_ct_series
+    from .conftest import SPACING
+    uids = write_ct_series(tmp_path / "series7", read_image(scans / "scan1.nii.gz").array, SPACING,
+                           (-100.0, 20.0, 300.0), np.eye(3), tag=7)
+    ref, out = tmp_path / "predict", tmp_path / "client"
+    assert predict.main(["--runs", str(cv), "--input", str(tmp_path / "series7"), "--out", str(ref), "--amp", "off",
+                         "--sr-threshold", "0"]) == 0
+    p = _client("--url", server.url, "--input", str(tmp_path / "series7"), "--out", str(out), "--sr-threshold", "0")
+    assert p.returncode == 0, p.stderr
+    assert "DICOM SEG and SR for 1 case(s)" in p.stdout
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in ref.iterdir())
+    _same_outputs(ref, out, ["series7"])
+    frames = {}
+    for name, folder in (("predict", ref), ("client", out)):
+        files = paths.case_paths(folder, "series7")
+        seg = hd.seg.segread(files.seg)
+        assert seg.SegmentSequence[0].SegmentAlgorithmName == "ahnet cv"         # the runs' name, the served name
+        frames[name] = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids["sop"],
+                                                         segment_numbers=[1])[..., 0]
+        np.testing.assert_array_equal(frames[name], np.asarray(nib.load(files.mask).dataobj).transpose(2, 1, 0))
+        groups = hd.sr.srread(files.sr).content.get_planar_roi_measurement_groups()
+        assert len(groups) == len([r for r in _rows(folder / "candidates.csv")]) >= 1   # threshold 0: every one
+
+
 def test_one_fold_over_grpc_equals_that_fold(server, cv, scans, tmp_path):
     ref = tmp_path / "predict"
     assert predict.main(["--runs", str(cv.parent / "cv-fold2"), "--input", str(scans / "scan1.nii.gz"),
