@@ -131,12 +131,21 @@ class PyramidPooling(nn.Module):
             p = project(pooled)
             if p.shape[-2:] == (1, 1):
                 # from one in-plane value, trilinear and nearest resizing both give that value everywhere:
-                # broadcast it (exactly equal; and torch.compile's CPU backend fails on this interpolation)
-                maps.append(p.expand(-1, -1, *size))
+                # broadcast it (exactly equal; and torch.compile's CPU backend fails on this interpolation),
+                # stored in x's memory format: a broadcast view would make the concatenation, and with it the
+                # head's BN, ReLU and their backward, leave channels-last (measured: performance.md)
+                maps.append(p.expand(-1, -1, *size).contiguous(memory_format=memory_format_of(x)))
                 continue
             maps.append(F.interpolate(p, size=size, mode=self.mode,
                                       **({"align_corners": self.align_corners} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5D tensor stored channels-last (and not also plainly contiguous), else contiguous."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class OutputHead(nn.Sequential):
