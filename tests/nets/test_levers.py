@@ -72,7 +72,7 @@ def test_checkpoint_saves_memory_in_the_autograd_graph():
     x = torch.randn(1, 1, 16, 64, 64)
     plain = saved_bytes(m, x)
     m.set_checkpoint("all")
-    assert saved_bytes(m, x) < 0.3 * plain
+    assert saved_bytes(m, x) < 0.4 * plain     # 0.36 (0.25 before the plain step's fused BN-ReLU-conv units)
 
 
 def test_channels_last_3d_same_results():
