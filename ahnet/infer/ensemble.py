@@ -193,7 +193,7 @@ def window_for(shape: Sequence[int], multiple: Sequence[int], patch: Sequence[in
 
 def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | None = None, overlap: float = 0.5,
                    sw_batch: int = 2, tta: bool = False, amp: str | bool = "auto",
-                   channels_last: bool = False) -> np.ndarray:
+                   channels_last: bool = False, workers: int = 1) -> np.ndarray:
     """Foreground probability (z, y, x) float32, the mean over every model of ``ens``, for a (z, y, x) image
     scaled to [0, 1] as the training cache scales HU (ahnet.data.preprocess.clip_and_scale).
 
@@ -201,6 +201,7 @@ def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | N
     windows per forward pass, Gaussian blending. 2D models: slice by slice, 4 x ``sw_batch`` slices per forward
     pass. tta: mean over the 4 in-plane flips. amp: one of ahnet.precision.AMP_MODES (auto = float16 on CUDA,
     float32 on a CPU). channels_last: 3D models in channels-last 3D memory (same values, faster with bf16 / AMP).
+    workers: threads predicting 3D windows side by side, one intra-op thread each (sliding_window_predict).
     """
     x = torch.from_numpy(np.ascontiguousarray(image01, np.float32))[None, None]
     groups = ens.groups()
@@ -208,7 +209,8 @@ def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | N
     for key, models in groups.items():
         if key == "3d":
             p = sliding_window_predict(models, x, window=ens.window(image01.shape, window), overlap=overlap,
-                                       batch_size=sw_batch, flip_tta=tta, amp=amp, channels_last=channels_last)
+                                       batch_size=sw_batch, flip_tta=tta, amp=amp, channels_last=channels_last,
+                                       workers=workers)
         else:
             p = slicewise_predict(models, x, in_slices=key[1], batch_size=max(sw_batch, 1) * 4, flip_tta=tta,
                                   amp=amp)

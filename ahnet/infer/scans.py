@@ -182,12 +182,12 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
 def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, sw_batch: int = 2,
                   tta: bool = False, amp: bool | str = "auto", threshold: float = 0.5,
                   candidates: CandidateRule | None = None, channels_last: bool = False, skip_bad: bool = False,
-                  rescorer: Rescorer | None = None) -> dict:
+                  rescorer: Rescorer | None = None, workers: int = 1) -> dict:
     """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
     write its files (write_predictions), the options checked first (check_options)."""
     out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
 
     def probability(image01):
         return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
-                              channels_last=channels_last)
+                              channels_last=channels_last, workers=workers)
     return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer)
