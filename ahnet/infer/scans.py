@@ -4,6 +4,7 @@ case in memory at a time. ``python -m ahnet.predict`` (ahnet.commands.predict) a
 through here. This module imports the inference stage only, never the evaluation modules."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,8 @@ def predict_cases(cases, ens: Ensemble, out, window=None, overlap: float = 0.5, 
     """Predict every Case with the ensemble (ahnet.infer.predict_volume; accumulators inside ahnet.infer) and
     write its files (write_predictions), the options checked first (check_options)."""
     out = check_options(cases, ens, out, window, amp, threshold, overlap, sw_batch, skip_bad)
+    if rescorer is not None:                  # the second stage computes as the first: precision, layout, threads
+        rescorer = dataclasses.replace(rescorer, amp=amp, channels_last=channels_last, workers=workers)
 
     def probability(image01):
         return predict_volume(ens, image01, window=window, overlap=overlap, sw_batch=sw_batch, tta=tta, amp=amp,
