@@ -65,6 +65,8 @@ def test_depth_max_pool_is_max_pool_2_1_1_with_its_gradients(dtype, channels_las
     ours, ref = DepthMaxPool()(xa), F.max_pool3d(xb, (2, 1, 1))
     assert ours.dtype == dtype and ours.shape == ref.shape and torch.equal(ours.isnan(), ref.isnan())
     assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    with torch.no_grad():                                      # inference: max_pool3d itself
+        assert torch.equal(DepthMaxPool()(x).nan_to_num(), ref.nan_to_num())
     (ours * g).nansum().backward()
     (ref * g).nansum().backward()
     assert torch.equal(xa.grad, xb.grad)
