@@ -29,6 +29,7 @@ from torch import nn
 from ahnet import paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.nets import build_model, model_spec
+from ahnet.nets.fold import fold_batchnorm
 from ahnet.precision import AMP_MODES, resolve_amp, resolve_device
 from ahnet.infer.windows import InferenceInputError, input_multiple, slicewise_predict, sliding_window_predict
 
@@ -64,7 +65,8 @@ class Member:
 
 
 def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> Member:
-    """The model of one checkpoint file, rebuilt and loaded, in eval mode on ``device``. Raises CheckpointError
+    """The model of one checkpoint file, rebuilt and loaded, in eval mode on ``device``, its BatchNorms folded into
+    the convolutions before them where it has such pairs (ahnet.nets.fold; for inference). Raises CheckpointError
     (not a checkpoint) or InferenceInputError (a model that cannot be rebuilt, or is not a 1-channel-in,
     1-channel-out foreground model), each in one sentence naming the file."""
     path = Path(checkpoint)
@@ -88,7 +90,9 @@ def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> M
                                   f"one foreground probability and needs 1")
     if spec.dims == 3 and kw.get("in_channels", 1) != 1:
         raise InferenceInputError(f"checkpoint {path} has in_channels {kw.get('in_channels')}; a CT volume gives 1")
-    return Member(model.to(device).eval(), name, spec.dims, kw, dict(ck.get("config") or {}), path)
+    model = model.to(device).eval()
+    fold_batchnorm(model)                         # inference only: BN folded into the conv before it (nets.fold)
+    return Member(model, name, spec.dims, kw, dict(ck.get("config") or {}), path)
 
 
 @dataclass
