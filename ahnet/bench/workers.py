@@ -18,6 +18,8 @@ from ahnet.precision import to_channels_last
 from ahnet.bench.data_worker import work_data
 from ahnet.bench.layout import from_monai_layout, to_monai_layout
 from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+from ahnet.bench.preset import work_guard_calls, work_step, work_validation
+from ahnet.bench.scans import work_scan
 
 
 def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):
@@ -30,6 +32,24 @@ def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):
     from ahnet.nets import AHNet3d
 
     return AHNet3d("resnet50", pfn_depth=pfn, upsample=mode, checkpoint=checkpoint), (lambda x: x), (lambda y: y)
+
+
+def our_levers(net, levers: dict, dtype: str, device) -> None:
+    """Ours as training runs it, less the switched levers (plan.OURS_OFF): the depth guard on a CPU in bf16 (by
+    levers["guard"], default pad), the fused BN-ReLU-conv units (off by fused=off, for this process), the
+    z-pooling as DepthMaxPool (zpool=maxpool: max_pool3d instead)."""
+    from ahnet.nets.fused import use_fused
+    from ahnet.nets.pooling import DepthMaxPool, MaxPool3d
+    from ahnet.precision import guard_cpu_bf16_convs
+
+    if device.type == "cpu" and dtype == "bf16":
+        guard_cpu_bf16_convs(net, levers.get("guard", "pad"))
+    use_fused(levers.get("fused") != "off")
+    if levers.get("zpool") == "maxpool":
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, DepthMaxPool):
+                    setattr(parent, name, MaxPool3d((2, 1, 1), (2, 1, 1)))
 
 
 def prepare_model(model, x, levers: dict, device):
@@ -76,6 +96,8 @@ def work_model(spec: dict) -> dict:
     params = sum(p.numel() for p in net.parameters())
     x = to_layout(torch.rand(spec["batch"], 1, *spec["patch"])).to(device)
     target = (torch.rand_like(x) > 0.99).float()
+    if spec["impl"] == "ours":
+        our_levers(net, levers, spec["dtype"], device)
     model, x = prepare_model(net, x, levers, device)
     out = {"params": params}
     forward, step = forward_and_step(model, x, target, device, spec["dtype"])
@@ -157,7 +179,8 @@ def work_mcgcn(spec: dict) -> dict:
             "forward": f, "train": t}
 
 
-WORKERS = {"model": work_model, "infer": work_infer, "mcgcn": work_mcgcn, "data": work_data}
+WORKERS = {"model": work_model, "infer": work_infer, "mcgcn": work_mcgcn, "data": work_data, "step": work_step,
+           "validation": work_validation, "guard_calls": work_guard_calls, "scan": work_scan}
 
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
