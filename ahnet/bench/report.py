@@ -190,3 +190,59 @@ def format_table(rows) -> str:
     for label, a, b, ratio, unit in rows:
         lines.append(f"{label.ljust(w)}  {f(a):>12}  {f(b):>12}  {f(ratio):>10}  {unit}")
     return "\n".join(lines)
+
+
+#: the figures of a section that its block in the notes keeps (the JSON keeps every figure)
+NOTE_FIGURES = {"models": ("CPU-time median", "peak mem"), "preset": ("CPU time", "peak mem", "first step",
+                                                                      "validation", "guard call"),
+                "scans": ("",)}
+
+
+def run_context() -> dict:
+    """The commit (with "+changes" when the work tree differs from it), the date and the load average now: what a
+    measurement recorded in the notes carries besides the machine."""
+    import datetime
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"commit": commit, "date": datetime.date.today().isoformat(),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def markdown_block(rows, section: str, command: str, machine: dict, start: dict, end: dict) -> str:
+    """The notes' block of one run: how it was made (command, commit, machine, date, load before and after) and
+    the table of the section's figures (NOTE_FIGURES), ours / MONAI where MONAI ran."""
+    def f(v):
+        return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.3g}"
+    keep = NOTE_FIGURES[section]
+    lines = [f"`{command}` at commit `{start['commit']}`, {start['date']}, on {machine.get('device_name', '?')} "
+             f"({machine.get('cpu_count')} cores), torch {machine.get('torch')}, MONAI {machine.get('monai')}; "
+             f"load average {start['load_average']} before, {end['load_average']} after "
+             f"(other jobs shared the cores when it is above the threads used).", "",
+             "| figure | ours | MONAI | ours / MONAI | unit |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {f(a)} | {f(b)} | {f(r)} | {unit} |" for label, a, b, r, unit in rows
+              if any(k in label for k in keep)]
+    return "\n".join(lines)
+
+
+def update_notes(path, section: str, block: str) -> bool:
+    """Replace the text between ``<!-- bench:SECTION -->`` and ``<!-- /bench:SECTION -->`` in the notes file at
+    ``path`` with ``block`` (written atomically); False when the file has no such markers."""
+    from ahnet.atomic import write_text_atomic
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    if start not in text or end not in text.split(start, 1)[1]:
+        return False
+    head, rest = text.split(start, 1)
+    write_text_atomic(path, f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}")
+    return True

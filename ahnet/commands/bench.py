@@ -14,7 +14,7 @@ import torch
 
 from ahnet import failures
 from ahnet.bench.plan import build_plan, lever_name
-from ahnet.bench.report import format_table, machine_info, summarise
+from ahnet.bench.report import format_table, machine_info, markdown_block, run_context, summarise, update_notes
 from ahnet.bench.workers import WORKERS, run_worker
 
 PROG = "ahnet.bench"
@@ -94,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--scan-window", type=int, nargs=3, default=[32, 128, 128], metavar=("D", "H", "W"))
     p.add_argument("--scan-threads", type=int, default=2, help="--scans: the cores (intra-op threads, or workers)")
     p.add_argument("--scan-dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--notes", type=Path, default=None,
+                   help="also write this run's table (with the command, commit, machine, date and load) between the "
+                        "markers <!-- bench:SECTION --> and <!-- /bench:SECTION --> of this file, SECTION being "
+                        "models, preset or scans (paper_notes/performance.md holds one block of each)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.full_volume:
@@ -155,6 +159,11 @@ def check_args(args) -> None:
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive; got {args.timeout}")
     failures.check_output_dir(args.out, "--out")
+    if args.notes is not None:
+        section = "preset" if args.preset else "scans" if args.scans else "models"
+        if not Path(args.notes).is_file() or f"<!-- bench:{section} -->" not in Path(args.notes).read_text():
+            raise ValueError(f"--notes {args.notes} must be a file holding the markers <!-- bench:{section} --> and "
+                             f"<!-- /bench:{section} --> where this run's table goes")
     if args.preset is not None:
         if args.data is None or not Path(args.data).is_file():
             raise ValueError(f"--preset {args.preset} needs --data DATASET.json (the phantom the preset trains on, with "
@@ -220,12 +229,12 @@ def run_plan(plan: list, threads: int | None, timeout: float) -> list:
     return results
 
 
-def write_results(args, device: torch.device, results: list, rows: list, wall_s: float) -> Path:
+def write_results(args, device: torch.device, results: list, rows: list, wall_s: float, context: dict) -> Path:
     """bench_results/bench-<time>.json (written to a temporary name, then renamed)."""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    doc = {"machine": machine_info(device),
+    doc = {"machine": machine_info(device), "context": context,
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"},
            "wall_s": wall_s, "results": results,
            "table": [dict(zip(("figure", "ours", "monai", "ratio", "unit"), r)) for r in rows]}
@@ -259,12 +268,18 @@ def main(argv=None) -> int:
     except ImportError:
         return failures.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
                               "bash run.sh bench)")
-    t0 = time.time()
+    t0, start = time.time(), run_context()
     results = run_plan(plan, args.threads, args.timeout)
     rows = summarise(results)
     print(format_table(rows))
-    path = write_results(args, device, results, rows, time.time() - t0)
+    path = write_results(args, device, results, rows, time.time() - t0, start)
     print(f"wrote {path}")
+    if args.notes is not None:
+        section = "preset" if args.preset else "scans" if args.scans else "models"
+        command = "python -m ahnet.bench " + " ".join(argv)
+        update_notes(args.notes, section, markdown_block(rows, section, command, machine_info(device), start,
+                                                         run_context()))
+        print(f"updated the {section} table in {args.notes}")
     return 0
 
 
