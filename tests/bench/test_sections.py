@@ -9,13 +9,6 @@ from ahnet.bench.plan import parse_levers
 from ahnet.commands import bench as cli
 
 
-@pytest.fixture
-def no_measurement(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a measurement ran although the options were bad")
-    monkeypatch.setattr(cli, "run_worker", refuse)
-
-
 @pytest.mark.parametrize("argv, words", [
     (["--preset", "cpu"], "--preset cpu needs --data DATASET.json"),
     (["--preset", "cpu", "--data", "nowhere.json"], "needs --data DATASET.json"),
