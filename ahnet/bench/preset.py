@@ -11,8 +11,9 @@ sets its starting weights).
 - ``step``: per step, the phases of ``train_step`` timed apart: data (the batch's patches sampled, read and
   augmented, then collated, as the preset's in-process DataLoader does: ``num_workers`` 0), forward (autocast),
   loss, backward, optimiser (gradient-norm check, Adam, scheduler). Spec levers, each alone: ``guard`` (pad,
-  float32, off: precision.GUARD_MODES), ``batch`` (patches per step), ``compile`` (torch.compile of the network,
-  inductor; its first step, which compiles, is reported apart).
+  float32, off: precision.GUARD_MODES), ``fused`` ("off": the BN-ReLU-conv units as three modules),
+  ``zpool`` ("maxpool": max_pool3d for the z-pooling), ``batch`` (patches per step), ``compile`` (torch.compile
+  of the network, inductor; its first step, which compiles, is reported apart).
 - ``validation``: one validation of the run (its validation cases predicted whole and scored), with the
   prediction's share (``predict_volume`` alone on the same cases), eager or ``compile``d for inference (the
   first call compiles; it is reported apart from a second, warm one).
@@ -25,6 +26,7 @@ import time
 import torch
 from torch.utils.data import default_collate
 
+from ahnet.bench.levers import our_levers
 from ahnet.bench.measure import mem_peak, rss_mb
 from ahnet.precision import guard_cpu_bf16_convs, resolve_amp, to_channels_last
 
@@ -44,8 +46,7 @@ def build_run(spec: dict, with_data: bool = True):
     amp = resolve_amp(cfg.amp, device)
     model, _, _ = build_network(cfg)
     place_model(model, cfg, device)
-    if amp.dtype == torch.bfloat16:
-        guard_cpu_bf16_convs(model, spec.get("guard", "pad"))
+    our_levers(model, {k: spec[k] for k in ("guard", "fused", "zpool") if k in spec}, amp.name, device)
     train_ds = make_datasets(cfg)[0] if with_data else None
     return cfg, model, amp, train_ds
 
@@ -104,6 +105,7 @@ def work_step(spec: dict) -> dict:
     cfg, model, amp, train_ds = build_run(spec)
     net = model
     out = {"variant": spec["variant"], "batch": cfg.batch_size, "guard": spec.get("guard", "pad"),
+           "fused": spec.get("fused", "on"), "zpool": spec.get("zpool", "depth"),
            "compile": bool(spec.get("compile")), "amp": amp.name, "channels_last": cfg.channels_last}
     if spec.get("compile"):
         net = torch.compile(model)

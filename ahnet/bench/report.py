@@ -115,7 +115,9 @@ def _preset_rows(results: list) -> list:
     rows = []
     for r in _ok(results, "step"):
         res = r["result"]
-        tag = f"{res['variant']} batch {res['batch']} guard {res['guard']}" + (" compiled" if res["compile"] else "")
+        tag = f"{res['variant']} batch {res['batch']} guard {res['guard']}" + (" compiled" if res["compile"] else "") \
+            + ("" if res.get("fused", "on") != "off" else " fused off") \
+            + (" z-pool max_pool3d" if res.get("zpool") == "maxpool" else "")
         rows.append((f"step {tag}: median", res["step_median_s"], None, None, "s"))
         rows.append((f"step {tag}: min", res["step_min_s"], None, None, "s"))
         rows.append((f"step {tag}: CPU time per step", res["cpu_per_step_s"], None, None, "s"))

@@ -18,6 +18,7 @@ from ahnet.precision import to_channels_last
 from ahnet.bench.data_worker import work_data
 from ahnet.bench.layout import from_monai_layout, to_monai_layout
 from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+from ahnet.bench.levers import our_levers
 from ahnet.bench.preset import work_guard_calls, work_step, work_validation
 from ahnet.bench.scans import work_scan
 
@@ -32,24 +33,6 @@ def build_net(impl: str, mode: str, pfn: int, checkpoint: str = "none"):
     from ahnet.nets import AHNet3d
 
     return AHNet3d("resnet50", pfn_depth=pfn, upsample=mode, checkpoint=checkpoint), (lambda x: x), (lambda y: y)
-
-
-def our_levers(net, levers: dict, dtype: str, device) -> None:
-    """Ours as training runs it, less the switched levers (plan.OURS_OFF): the depth guard on a CPU in bf16 (by
-    levers["guard"], default pad), the fused BN-ReLU-conv units (off by fused=off, for this process), the
-    z-pooling as DepthMaxPool (zpool=maxpool: max_pool3d instead)."""
-    from ahnet.nets.fused import use_fused
-    from ahnet.nets.pooling import DepthMaxPool, MaxPool3d
-    from ahnet.precision import guard_cpu_bf16_convs
-
-    if device.type == "cpu" and dtype == "bf16":
-        guard_cpu_bf16_convs(net, levers.get("guard", "pad"))
-    use_fused(levers.get("fused") != "off")
-    if levers.get("zpool") == "maxpool":
-        for parent in list(net.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, DepthMaxPool):
-                    setattr(parent, name, MaxPool3d((2, 1, 1), (2, 1, 1)))
 
 
 def prepare_model(model, x, levers: dict, device):

@@ -20,7 +20,7 @@ from ahnet.bench.workers import WORKERS, run_worker
 PROG = "ahnet.bench"
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
 PRESET_NAMES = ("demo", "cpu", "paper")
-PRESET_PARTS = ("profile", "guard", "batch", "compile", "validation", "calls")
+PRESET_PARTS = ("profile", "guard", "levers", "batch", "compile", "validation", "calls")
 DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side by side on one machine."
 
 
@@ -80,8 +80,9 @@ def parse_args(argv=None):
                    help="--preset: the variants measured (ahnet.commands.presets; an AH-Net after transfer is timed as "
                         "its network from scratch)")
     p.add_argument("--preset-parts", nargs="+", choices=PRESET_PARTS, default=list(PRESET_PARTS),
-                   help="--preset: profile (the step as trained), guard (float32 guard, no guard), batch "
-                        "(--preset-batch), compile (training and validation), validation, calls (the guard per conv)")
+                   help="--preset: profile (the step as trained), guard (float32 guard, no guard), levers (fused "
+                        "BN-ReLU-conv off, z-pool as max_pool3d), batch (--preset-batch), compile (training and "
+                        "validation), validation, calls (the guard per conv)")
     p.add_argument("--preset-batch", type=int, default=4, help="--preset: the batch of the batch lever")
     p.add_argument("--preset-steps", type=int, default=20, help="--preset: timed steps per measurement")
     p.add_argument("--scans", action="store_true",
@@ -198,6 +199,7 @@ def preset_plan(args) -> list:
         base = dict(variant=variant, config=cfg.to_dict(), warmup=args.warmup + 2, repeats=args.preset_steps)
         steps = [dict(guard="pad")] if "profile" in parts else []
         steps += [dict(guard="float32"), dict(guard="off")] if "guard" in parts else []
+        steps += [dict(guard="pad", fused="off"), dict(guard="pad", zpool="maxpool")] if "levers" in parts else []
         steps += [dict(guard="pad", batch=args.preset_batch)] if "batch" in parts else []
         steps += [dict(guard="pad", compile=True)] if "compile" in parts else []
         plan += [("step", dict(base, kind="step", **lv)) for lv in steps]
@@ -218,8 +220,8 @@ def run_plan(plan: list, threads: int | None, timeout: float) -> list:
             label = f"scan {spec['impl']} {'x'.join(map(str, spec['shape']))} workers={spec['workers']}" + \
                     ("" if spec.get("fold", True) else " fold=off")
         if "variant" in spec:
-            label = f"{kind} {spec['variant']} " + " ".join(f"{k}={spec[k]}" for k in ("guard", "batch", "compile")
-                                                             if k in spec)
+            label = f"{kind} {spec['variant']} " + " ".join(f"{k}={spec[k]}" for k in ("guard", "fused", "zpool",
+                                                                                 "batch", "compile") if k in spec)
         print(f"[bench {i + 1}/{len(plan)}] {label}", flush=True)
         spec["threads"] = spec.get("threads") or threads
         res = run_worker(spec, timeout)
