@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: the values of --amp, in every CLI and in TrainConfig
@@ -118,32 +119,67 @@ def configure_kernels(device: torch.device, deterministic: bool = False) -> None
         torch.backends.cudnn.deterministic = bool(deterministic)
 
 
+#: how a DepthGuardedConv3d computes an affected call: "pad" (the default: the depth padding applied to the input
+#: first, the convolution then unpadded in depth, all in bfloat16), "float32" (the first guard: the call in
+#: float32), "off" (the plain kernel and its wrong weight gradient; for measuring what a guard costs only)
+GUARD_MODES = ("pad", "float32", "off")
+
+
+def bf16_depth_bug(x: torch.Tensor, kernel_depth: int) -> bool:
+    """True where PyTorch's CPU bfloat16 Conv3d gets the weight gradient wrong: CPU bf16 autocast and an input
+    depth D (the first spatial axis) with 1 < D < kernel depth (DepthGuardedConv3d)."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and 1 < x.shape[2] < kernel_depth)
+
+
 class DepthGuardedConv3d(nn.Conv3d):
-    """A Conv3d that computes in float32 where PyTorch's CPU bfloat16 kernel gets the weight gradient wrong.
+    """A Conv3d that avoids PyTorch's CPU bfloat16 kernel where it gets the weight gradient wrong.
 
     Found here (torch 2.13 CPU, oneDNN): under CPU bf16 autocast, a Conv3d whose input depth D satisfies
     1 < D < kernel depth (a 3x1x1 or 3x3x3 conv on a 2-slice feature map, the deepest levels of a thin patch)
-    returns a weight gradient of 1e16..inf (fp32 is exact, the input gradient is fine). One such step writes
-    inf into Adam's moments and the run diverges (the issue's "20 non-finite losses in a row"). The forward
-    values are those of nn.Conv3d; the guard only moves the affected calls to float32.
+    returns a weight gradient of 1e16..inf or NaN (fp32 is exact, the forward is fine). One such step writes
+    inf into Adam's moments and the run diverges (the issue's "20 non-finite losses in a row"). Only the depth
+    axis: the same kernel along H or W (MONAI's slice-last layout puts depth last) is right.
+
+    ``guard_mode`` (GUARD_MODES) says what an affected call does. "pad" (default): zero-pad the input in depth by
+    the conv's own depth padding and convolve with depth padding 0. That is the same convolution (the same
+    products and sums, in bfloat16), and the kernel then sees a depth D + 2p >= kernel depth, where it is right
+    (tested against float32 gradients); it costs one small copy of a deep, thin map. A conv with depth stride or
+    dilation other than 1, or a padding mode other than zeros, takes "float32" instead: the call in float32,
+    as the first guard did for every affected call (what each costs: paper_notes/performance.md).
     """
 
+    guard_mode = "pad"
+
     def forward(self, x):
-        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and 1 < x.shape[2] < self.kernel_size[0]):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
+        if self.guard_mode == "off" or not bf16_depth_bug(x, self.kernel_size[0]):
+            return super().forward(x)
+        if self.guard_mode == "pad" and self._pads_in_depth():
+            p = self.padding[0]
+            return F.conv3d(F.pad(x, (0, 0, 0, 0, p, p)), self.weight, self.bias, self.stride,
+                            (0, self.padding[1], self.padding[2]), self.dilation, self.groups)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+    def _pads_in_depth(self) -> bool:
+        return (self.padding_mode == "zeros" and isinstance(self.padding, tuple) and self.stride[0] == 1
+                and self.dilation[0] == 1)
 
 
-def guard_cpu_bf16_convs(model: nn.Module) -> int:
+def guard_cpu_bf16_convs(model: nn.Module, mode: str = "pad") -> int:
     """Turn every plain nn.Conv3d of ``model`` into a DepthGuardedConv3d (in place: same parameters and
-    state-dict keys); returns how many. Training on CPU under bf16 calls it; inference does not need it."""
+    state-dict keys) computing affected calls by ``mode`` (GUARD_MODES); returns how many were turned. Training
+    on CPU under bf16 calls it; inference does not need it (the forward is right). A second call sets ``mode``
+    on the guarded convs again."""
+    if mode not in GUARD_MODES:
+        raise ValueError(f"guard mode must be one of {', '.join(GUARD_MODES)}; got {mode!r}")
     n = 0
     for m in model.modules():
         if type(m) is nn.Conv3d:
             m.__class__ = DepthGuardedConv3d
             n += 1
+        if isinstance(m, DepthGuardedConv3d):
+            m.guard_mode = mode
     return n
 
 

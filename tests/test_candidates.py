@@ -223,3 +223,40 @@ def test_default_rule_is_nms_at_a_low_threshold_with_a_cap():
     rows = extract_candidates(p, spacing=SP, max_candidates=3)
     assert [r["probability"] for r in rows] == pytest.approx([0.5, 0.4, 0.3])
     assert "NMS 5 mm" in DEFAULT_RULE.describe()
+
+
+@pytest.mark.parametrize("seed, levels, threshold, dense", [(0, 0, 0.02, 1.0), (1, 6, 0.02, 1.0), (2, 3, 0.3, 1.0),
+                                                            (3, 2, 0.0, 0.01)])
+def test_slab_wise_peaks_are_the_full_size_labelling(seed, levels, threshold, dense, monkeypatch):
+    """The "nms" rule's local maxima found slab by slab (3-slice slabs here, so most voxels lie near a slab edge)
+    and grouped from the points alone give what the full-size maximum filter and labelling give: the same groups
+    (plateaus of tied maxima included: ``levels`` quantises the map so ties are many), centroids, scores and
+    sizes; each group's peak voxel is one of its voxels, the one nearest its centroid (where the full-size
+    ``maximum_position`` picks a tied voxel by sort order). A flat map (threshold 0 on a two-level map) takes
+    the full-size path."""
+    from scipy import ndimage
+
+    from ahnet.infer import candidates
+    from ahnet.infer.candidates import _groups, _local_maxima, _peak_groups
+
+    monkeypatch.setattr(candidates, "DENSE_PEAKS", dense)       # 1.0: the point grouping for every map here
+    rng = np.random.default_rng(seed)
+    prob = ndimage.gaussian_filter(rng.random((11, 23, 19)), 1.5).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    if levels:
+        prob = (np.round(prob * levels) / levels).astype(np.float32)
+    mx = ndimage.maximum_filter(prob, size=3, mode="nearest")
+    want = _groups(prob, ((prob >= mx) & (prob >= threshold)).astype(np.float64))
+    got = _peak_groups(prob, _local_maxima(prob, threshold, slab=3))
+    assert want is not None and got is not None and len(got[1]) == len(want[1]) > 1
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-9)
+    for a, b in zip(got[1:3], want[1:3]):
+        np.testing.assert_array_equal(a, b)
+    if dense < 1.0:                                             # the full-size path: ndimage's own choice
+        np.testing.assert_array_equal(got[3], want[3])
+        return
+    lab, _ = ndimage.label((prob >= mx) & (prob >= threshold), structure=np.ones((3, 3, 3)))
+    for centre, seed, score in zip(got[0], got[3], got[1]):
+        group = np.argwhere(lab == lab[tuple(seed)])
+        assert prob[tuple(seed)] == score and lab[tuple(seed)] > 0
+        assert ((seed - centre) ** 2).sum() == ((group - centre) ** 2).sum(1).min()

@@ -64,6 +64,49 @@ def test_pointwise_model_same_with_windows_at_odd_sizes(overlap, blend):
     torch.testing.assert_close(got2, want, rtol=0, atol=1e-6)
 
 
+def _reference_blend(model, x, window, overlap, blend):
+    """Sliding windows the plain way: one full-size sum of weighted probabilities and one of weights."""
+    imp = gaussian_importance(window) if blend == "gaussian" else torch.ones(window)
+    acc, wsum = torch.zeros((1,) + x.shape[2:]), torch.zeros((1,) + x.shape[2:])
+    for z in window_starts(x.shape[2], window[0], overlap):
+        for y in window_starts(x.shape[3], window[1], overlap):
+            for w in window_starts(x.shape[4], window[2], overlap):
+                sl = (slice(z, z + window[0]), slice(y, y + window[1]), slice(w, w + window[2]))
+                with torch.no_grad():
+                    acc[(slice(None),) + sl] += torch.sigmoid(model(x[(slice(None), slice(None)) + sl]))[0] * imp
+                wsum[(slice(None),) + sl] += imp
+    return (acc / wsum).unsqueeze(0)
+
+
+@pytest.mark.parametrize("overlap,blend,workers", [(0.5, "gaussian", 1), (0.3, "constant", 2), (0.5, "gaussian", 3)])
+def test_slab_blending_and_workers_equal_full_size_blending(overlap, blend, workers):
+    """The output divided slab by slab (weights kept for one window depth only) and the windows predicted by
+    worker threads give what one full-size accumulator and weight map give, for a model whose output depends
+    on the window (zero padding at its borders)."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(1, 1, 22, 20, 24)
+    want = _reference_blend(net, x, (4, 8, 8), overlap, blend)
+    got = sliding_window_predict(net, x, window=(4, 8, 8), overlap=overlap, batch_size=3, blend=blend,
+                                 workers=workers)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    one = sliding_window_predict(net, x, window=(4, 8, 8), overlap=overlap, batch_size=3, blend=blend)
+    assert torch.equal(got, one)
+
+
+def test_blend_keeps_weights_for_one_window_depth_only():
+    """Working memory beyond the output is bounded by the window: the weight slab of a 40-slice volume is as deep
+    as the window (4), and every slice is finished (divided) by the time the last window is added."""
+    from ahnet.infer.windows import _Blend
+
+    acc = _Blend(1, (40, 8, 8), (4, 8, 8), "cpu")
+    depths = set()
+    for z in window_starts(40, 4, 0.5):
+        acc.add((slice(z, z + 4), slice(0, 8), slice(0, 8)), torch.full((1, 4, 8, 8), 0.25), torch.full((4, 8, 8), 2.))
+        depths.add(acc.wsum.shape[1])
+    assert depths == {4} and torch.allclose(acc.result(), torch.full((1, 40, 8, 8), 0.125))
+
+
 def test_windows_are_streamed_in_batches():
     m = Counting(nn.Conv3d(1, 1, 1))
     x = torch.randn(1, 1, 9, 20, 20)

@@ -67,6 +67,20 @@ def test_the_second_stage_is_the_mean_over_the_eight_in_plane_views():
     assert len({tuple(v.flatten()[:20].tolist()) for v in views(torch.from_numpy(x))}) == 8
 
 
+def test_the_second_stage_in_threads_and_bf16_channels_last():
+    """Workers share the 8 views and give the same probabilities; bf16 autocast in channels-last (what predict
+    --amp bf16 --channels-last gives the second stage) stays within bf16 rounding of float32."""
+    import dataclasses
+
+    r = _rescorer()
+    x = np.random.default_rng(1).random((5, 2, 4, 8, 8)).astype(np.float32)
+    ref = r.probabilities(x, batch=3)
+    assert np.array_equal(dataclasses.replace(r, workers=3).probabilities(x, batch=3), ref)
+    fast = dataclasses.replace(r, amp="bf16", channels_last=True, workers=2).probabilities(x, batch=3)
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-2)
+    assert not np.array_equal(fast, ref)                       # it did run in bfloat16
+
+
 def test_rescored_score_is_the_geometric_mean_and_the_first_stage_is_kept():
     r = _rescorer(1)
     geo = Volume(np.zeros((8, 16, 16), np.float32), SP)

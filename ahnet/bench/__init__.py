@@ -19,10 +19,16 @@ inference of a whole volume (ours: ``ahnet.infer.sliding_window_predict``; MONAI
 ``monai.inferers.sliding_window_inference``; same window, overlap, window batch, blending, dtype and layout);
 the 2D-stage (MC-GCN ResNet50) slices per second; the data pipeline's patches per second from an HDF5 cache
 of synthetic cases against what a training step consumes. Output: a table with ratios (ours / MONAI) and
-``bench_results/bench-<time>.json``.
+``bench_results/bench-<time>.json``. Our levers that are on by default (the depth guard's mode, the fused
+BN-ReLU-conv units, the z-pooling) can be switched back one at a time (``--levers channels_last+fused=off``...):
+each measured alone.
 
-Modules: ``cli`` (options, the run), ``plan`` (what is measured), ``workers`` and ``data_worker`` (the
-measurements, one process each), ``measure`` (timing and peak memory), ``report`` (the table), ``layout`` and
+Two sections instead of that comparison: ``--preset cpu --data DATASET.json`` (``preset``: where a preset's
+training step goes, its validation, each lever alone, the depth guard per conv call) and ``--scans`` (``scans``:
+whole scans through both stages against MONAI's ``sliding_window_inference``, and a long scan's peak memory).
+
+Modules: ``ahnet.commands.bench`` (options, the run), ``plan`` (what is measured), ``workers``, ``data_worker``,
+``preset`` and ``scans`` (the measurements, one process each), ``measure`` (timing and peak memory), ``report`` (the table), ``layout`` and
 ``monai_port`` (MONAI's slice-last layout, and loading a MONAI AHNet state dict into AHNet3d), ``gpucheck`` (the
 GPU proof, ``bash run.sh gpu-check``: the CUDA tests, these workers at the paper's size, a timed training run).
 MONAI itself is imported only inside the workers and the tests; the rest of the package never imports this one.

@@ -9,6 +9,11 @@ import torch
 from ahnet.precision import cpu_native_bf16
 
 
+#: the levers of ours that are on by default, each switched back for a row that measures it alone: the depth guard
+#: in float32 (the first guard) or off, the fused BN-ReLU-conv units off, the z-pooling as max_pool3d
+OURS_OFF = ("guard=float32", "guard=off", "fused=off", "zpool=maxpool")
+
+
 def parse_levers(items) -> list:
     """['channels_last', 'checkpoint=decoder', 'channels_last+checkpoint=all', 'compile'] -> list of dicts."""
     out = []
@@ -21,9 +26,12 @@ def parse_levers(items) -> list:
                 lv["compile"] = True
             elif part.startswith("checkpoint="):
                 lv["checkpoint"] = part.split("=", 1)[1]
+            elif part in OURS_OFF:
+                key, value = part.split("=", 1)
+                lv[key] = value
             else:
-                raise ValueError(f"unknown lever {part!r}; expected channels_last, compile or checkpoint=MODE "
-                                 "(joined with +)")
+                raise ValueError(f"unknown lever {part!r}; expected channels_last, compile, checkpoint=MODE or one of "
+                                 f"ours switched: {', '.join(OURS_OFF)} (joined with +)")
         out.append(lv)
     return out
 

@@ -110,9 +110,68 @@ def _other_rows(results: list) -> list:
     return rows
 
 
+def _preset_rows(results: list) -> list:
+    """The --preset section's rows (ahnet.bench.preset): steps by phase, validations, the guard per conv call."""
+    rows = []
+    for r in _ok(results, "step"):
+        res = r["result"]
+        tag = f"{res['variant']} batch {res['batch']} guard {res['guard']}" + (" compiled" if res["compile"] else "") \
+            + ("" if res.get("fused", "on") != "off" else " fused off") \
+            + (" z-pool max_pool3d" if res.get("zpool") == "maxpool" else "")
+        rows.append((f"step {tag}: median", res["step_median_s"], None, None, "s"))
+        rows.append((f"step {tag}: min", res["step_min_s"], None, None, "s"))
+        rows.append((f"step {tag}: CPU time per step", res["cpu_per_step_s"], None, None, "s"))
+        rows.append((f"step {tag}: per patch", res["per_patch_median_s"], None, None, "s"))
+        rows.append((f"step {tag}: CPU time per patch", res["cpu_per_patch_s"], None, None, "s"))
+        rows += [(f"step {tag}: {p} (CPU time)", v, None, None, "s")
+                 for p, v in res["phases_cpu_median_s"].items() if p != "step"]
+        rows.append((f"step {tag}: peak mem", res["peak_mb"], None, None, "MiB"))
+        if "first_step_s" in res:
+            rows.append((f"step {tag}: first step (compiles)", res["first_step_s"], None, None, "s"))
+    for r in _ok(results, "validation"):
+        res = r["result"]
+        tag = f"{res['variant']} ({res['cases']} cases{', compiled' if res['compile'] else ''})"
+        for k in ("validation_s", "validation_cpu_s", "predict_s", "predict_cpu_s", "candidates_and_froc_s",
+                  "candidates_and_froc_cpu_s", "first_validation_s"):
+            if k in res:
+                rows.append((f"validation {tag}: {k[:-2]}", res[k], None, None, "s"))
+    for r in _ok(results, "guard_calls"):
+        res = r["result"]
+        for c in res["calls"]:
+            tag = f"{res['variant']} {c['conv']} {c['kernel']} on {c['input']}"
+            rows += [(f"guard call {tag}: {m}", c[f"{m}_s"], None, None, "s")
+                     for m in ("off", "float32", "pad", "wgrad_fp32")]
+        rows += [(f"guard calls {res['variant']}, all per step: {k[:-2]}", v, None, None, "s")
+                 for k, v in res["totals"].items()]
+    return rows
+
+
+def _scan_rows(results: list) -> list:
+    """The --scans section's rows: each of our runs against MONAI's on the same scan size."""
+    scans = _ok(results, "scan")
+    monai = {tuple(r["spec"]["shape"]): r["result"] for r in scans if r["spec"]["impl"] == "monai"}
+    scans.sort(key=lambda r: (r["spec"]["shape"][0], r["spec"]["impl"], -r["spec"].get("workers", 1)))
+    rows = []
+    for r in (r for r in scans if r["spec"]["impl"] == "ours"):
+        res, m = r["result"], monai.get(tuple(r["spec"]["shape"]))
+        tag = f"scan {'x'.join(map(str, res['shape']))} ({res['windows']} windows), {res['workers']} worker(s)" + \
+              ("" if res.get("fold", True) else ", BN not folded")
+        mt = m and m["total_s"]
+        rows += [(f"{tag}: first stage (windows + candidates) vs MONAI's inferer", res["first_stage_s"], mt,
+                  _ratio(res["first_stage_s"], mt), "s"),
+                 (f"{tag}: windows alone", res["windows_s"], mt, _ratio(res["windows_s"], mt), "s"),
+                 (f"{tag}: candidates ({res['candidates']})", res["candidates_s"], None, None, "s"),
+                 (f"{tag}: second stage", res["second_stage_s"], None, None, "s"),
+                 (f"{tag}: both stages vs MONAI's inferer", res["total_s"], mt, _ratio(res["total_s"], mt), "s"),
+                 (f"{tag}: peak memory", res["peak_mb"], m and m["peak_mb"], _ratio(res["peak_mb"],
+                                                                                   m and m["peak_mb"]), "MiB")]
+    return rows
+
+
 def summarise(results: list) -> list:
     """Rows (label, ours, monai, ratio, unit) for the printed table."""
-    rows = _model_rows(results) + _infer_rows(results) + _other_rows(results)
+    rows = (_model_rows(results) + _infer_rows(results) + _other_rows(results) + _preset_rows(results)
+            + _scan_rows(results))
     base = next((r for r in _ok(results, "model") if r["spec"]["impl"] == "ours" and not r["spec"]["levers"]
                  and r["spec"]["dtype"] == "fp32"), None)
     if base is not None:
@@ -133,3 +192,59 @@ def format_table(rows) -> str:
     for label, a, b, ratio, unit in rows:
         lines.append(f"{label.ljust(w)}  {f(a):>12}  {f(b):>12}  {f(ratio):>10}  {unit}")
     return "\n".join(lines)
+
+
+#: the figures of a section that its block in the notes keeps (the JSON keeps every figure)
+NOTE_FIGURES = {"models": ("CPU-time median", "peak mem"), "preset": ("CPU time", "peak mem", "first step",
+                                                                      "validation", "guard call"),
+                "scans": ("",)}
+
+
+def run_context() -> dict:
+    """The commit (with "+changes" when the work tree differs from it), the date and the load average now: what a
+    measurement recorded in the notes carries besides the machine."""
+    import datetime
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
+                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"commit": commit, "date": datetime.date.today().isoformat(),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def markdown_block(rows, section: str, command: str, machine: dict, start: dict, end: dict) -> str:
+    """The notes' block of one run: how it was made (command, commit, machine, date, load before and after) and
+    the table of the section's figures (NOTE_FIGURES), ours / MONAI where MONAI ran."""
+    def f(v):
+        return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.3g}"
+    keep = NOTE_FIGURES[section]
+    lines = [f"`{command}` at commit `{start['commit']}`, {start['date']}, on {machine.get('device_name', '?')} "
+             f"({machine.get('cpu_count')} cores), torch {machine.get('torch')}, MONAI {machine.get('monai')}; "
+             f"load average {start['load_average']} before, {end['load_average']} after "
+             f"(other jobs shared the cores when it is above the threads used).", "",
+             "| figure | ours | MONAI | ours / MONAI | unit |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {f(a)} | {f(b)} | {f(r)} | {unit} |" for label, a, b, r, unit in rows
+              if any(k in label for k in keep)]
+    return "\n".join(lines)
+
+
+def update_notes(path, section: str, block: str) -> bool:
+    """Replace the text between ``<!-- bench:SECTION -->`` and ``<!-- /bench:SECTION -->`` in the notes file at
+    ``path`` with ``block`` (written atomically); False when the file has no such markers."""
+    from ahnet.atomic import write_text_atomic
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    if start not in text or end not in text.split(start, 1)[1]:
+        return False
+    head, rest = text.split(start, 1)
+    write_text_atomic(path, f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}")
+    return True

@@ -19,6 +19,9 @@ from ahnet.precision import to_channels_last
 from ahnet.bench.data_worker import work_data
 from ahnet.bench.layout import from_monai_layout, to_monai_layout
 from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+from ahnet.bench.levers import our_levers
+from ahnet.bench.preset import work_guard_calls, work_step, work_validation
+from ahnet.bench.scans import work_scan
 
 
 def import_peer() -> None:
@@ -86,6 +89,8 @@ def work_model(spec: dict) -> dict:
     params = sum(p.numel() for p in net.parameters())
     x = to_layout(torch.rand(spec["batch"], 1, *spec["patch"])).to(device)
     target = (torch.rand_like(x) > 0.99).float()
+    if spec["impl"] == "ours":
+        our_levers(net, levers, spec["dtype"], device)
     model, x = prepare_model(net, x, levers, device)
     out = {"params": params}
     forward, step = forward_and_step(model, x, target, device, spec["dtype"])
@@ -167,7 +172,8 @@ def work_mcgcn(spec: dict) -> dict:
             "forward": f, "train": t}
 
 
-WORKERS = {"model": work_model, "infer": work_infer, "mcgcn": work_mcgcn, "data": work_data}
+WORKERS = {"model": work_model, "infer": work_infer, "mcgcn": work_mcgcn, "data": work_data, "step": work_step,
+           "validation": work_validation, "guard_calls": work_guard_calls, "scan": work_scan}
 
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:

@@ -18,12 +18,14 @@ import torch
 from ahnet import failures
 from ahnet.atomic import write_text_atomic
 from ahnet.bench.plan import build_plan, lever_name
-from ahnet.bench.report import format_table, machine_info, summarise
+from ahnet.bench.report import format_table, machine_info, markdown_block, run_context, summarise, update_notes
 from ahnet.bench.workers import WORKERS, run_worker
 from ahnet.infer import add_window_arguments
 
 PROG = "ahnet.bench"
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
+PRESET_NAMES = ("demo", "cpu", "paper")
+PRESET_PARTS = ("profile", "guard", "levers", "batch", "compile", "validation", "calls")
 DESCRIPTION = "Benchmarks of this project's AHNet3d against MONAI's AHNet, side by side on one machine."
 
 
@@ -75,12 +77,75 @@ def parse_args(argv=None):
                    help="torch threads in every worker (1 on a shared CPU: process CPU time then measures the work)")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    _add_section_arguments(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.full_volume:
         args.volume = [128, 512, 512]
     return args
 
+
+def _add_section_arguments(p) -> None:
+    """The --preset, --scans and --notes options (sections measured instead of the comparison with MONAI)."""
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None,
+                   help="instead of the comparison with MONAI: the preset's 3D training step measured on its own data "
+                        "(ahnet.bench.preset: the step by phase, the validation of an epoch, the levers alone); needs "
+                        "--data")
+    p.add_argument("--data", type=Path, default=None,
+                   help="--preset: the dataset.json (with its HDF5 cache) the runs train and validate on")
+    p.add_argument("--preset-variants", nargs="+", default=["ahnet-scratch", "unet3d-scratch"],
+                   help="--preset: the variants measured (ahnet.commands.presets; an AH-Net after transfer is timed as "
+                        "its network from scratch)")
+    p.add_argument("--preset-parts", nargs="+", choices=PRESET_PARTS, default=list(PRESET_PARTS),
+                   help="--preset: profile (the step as trained), guard (float32 guard, no guard), levers (fused "
+                        "BN-ReLU-conv off, z-pool as max_pool3d), batch (--preset-batch), compile (training and "
+                        "validation), validation, calls (the guard per conv)")
+    p.add_argument("--preset-batch", type=int, default=4, help="--preset: the batch of the batch lever")
+    p.add_argument("--preset-steps", type=int, default=20, help="--preset: timed steps per measurement")
+    p.add_argument("--scans", action="store_true",
+                   help="instead of the comparison above: whole scans through ours (first stage, second stage) and "
+                        "MONAI's sliding_window_inference (ahnet.bench.scans)")
+    p.add_argument("--scan-shapes", nargs="+", type=_shape, default=[(40, 192, 192), (120, 512, 512)],
+                   help="--scans: scan sizes, slices x rows x columns (ZxYxX)")
+    p.add_argument("--scan-memory-shape", type=_shape, default=(300, 512, 512),
+                   help="--scans: the scan whose peak memory is measured (ours with the most workers, and MONAI)")
+    p.add_argument("--scan-window", type=int, nargs=3, default=[32, 128, 128], metavar=("D", "H", "W"))
+    p.add_argument("--scan-threads", type=int, default=2, help="--scans: the cores (intra-op threads, or workers)")
+    p.add_argument("--scan-dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--notes", type=Path, default=None,
+                   help="also write this run's table (with the command, commit, machine, date and load) between the "
+                        "markers <!-- bench:SECTION --> and <!-- /bench:SECTION --> of this file, SECTION being "
+                        "models, preset or scans (paper_notes/performance.md holds one block of each)")
+
+
+def _shape(text: str) -> tuple:
+    """'120x512x512' -> (120, 512, 512)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a scan size is three positive sizes ZxYxX (e.g. 120x512x512); got {text!r}")
+    return shape
+
+
+def scans_plan(args) -> list:
+    """The --scans section (ahnet.bench.scans): per scan size ours with --scan-threads window workers, MONAI, ours
+    on one worker of --scan-threads intra-op threads (the workers lever alone); then the memory scan, ours and
+    MONAI."""
+    base = dict(kind="scan", window=list(args.scan_window), overlap=args.overlap, sw_batch=args.sw_batch,
+                dtype=args.scan_dtype, channels_last=True, threads=args.scan_threads)
+    plan = []
+    for shape in args.scan_shapes:
+        for impl, workers in (("ours", args.scan_threads), ("monai", 1), ("ours", 1)):
+            plan.append(("scan", dict(base, impl=impl, workers=workers, shape=list(shape))))
+    if args.scan_shapes:                      # BatchNorm folding alone, on the first scan size
+        plan.append(("scan", dict(base, impl="ours", workers=args.scan_threads, shape=list(args.scan_shapes[0]),
+                                  fold=False)))
+    if args.scan_memory_shape:
+        for impl, workers in (("ours", args.scan_threads), ("monai", 1)):
+            plan.append(("scan", dict(base, impl=impl, workers=workers, shape=list(args.scan_memory_shape))))
+    return plan
 
 
 def check_args(args) -> None:
@@ -102,6 +167,17 @@ def check_args(args) -> None:
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive; got {args.timeout}")
     failures.check_output_dir(args.out, "--out")
+    if args.notes is not None:
+        section = "preset" if args.preset else "scans" if args.scans else "models"
+        if not Path(args.notes).is_file() or f"<!-- bench:{section} -->" not in Path(args.notes).read_text():
+            raise ValueError(f"--notes {args.notes} must be a file holding the markers <!-- bench:{section} --> and "
+                             f"<!-- /bench:{section} --> where this run's table goes")
+    if args.preset is not None:
+        if args.data is None or not Path(args.data).is_file():
+            raise ValueError(f"--preset {args.preset} needs --data DATASET.json (the phantom the preset trains on, with "
+                             f"its cache); got {args.data}")
+        if args.preset_batch < 1 or args.preset_steps < 1:
+            raise ValueError("--preset-batch and --preset-steps must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -110,14 +186,51 @@ def check_args(args) -> None:
         raise ValueError(f"--device {args.device} asks for CUDA, which this torch build or machine does not have")
 
 
+def preset_plan(args) -> list:
+    """The --preset section's measurements (ahnet.bench.preset): for each variant its training step as the preset
+    trains it (the profile), then each lever alone: the float32 guard and no guard, --preset-batch, torch.compile;
+    its validation (eager and compiled); the guard's cost per affected conv call."""
+    from ahnet.commands.experiment import data_spacing
+    from ahnet.commands.presets import PRESETS, variant_config
+
+    preset, parts, plan = PRESETS[args.preset], set(args.preset_parts), []
+    spacing = data_spacing(args.data)
+    for variant in args.preset_variants:
+        try:
+            cfg = variant_config(variant.replace("-transfer", "-scratch"), preset, args.data, Path(args.out) / "runs",
+                                 0, "cpu", spacing)
+        except ValueError as e:
+            raise ValueError(f"--preset-variants {variant}: {e}") from None
+        if cfg.stage != "3d":
+            raise ValueError(f"--preset-variants {variant} is not a 3D training; choose 3D variants")
+        base = dict(variant=variant, config=cfg.to_dict(), warmup=args.warmup + 2, repeats=args.preset_steps)
+        steps = [dict(guard="pad")] if "profile" in parts else []
+        steps += [dict(guard="float32"), dict(guard="off")] if "guard" in parts else []
+        steps += [dict(guard="pad", fused="off"), dict(guard="pad", zpool="maxpool")] if "levers" in parts else []
+        steps += [dict(guard="pad", batch=args.preset_batch)] if "batch" in parts else []
+        steps += [dict(guard="pad", compile=True)] if "compile" in parts else []
+        plan += [("step", dict(base, kind="step", **lv)) for lv in steps]
+        vals = ([False] if "validation" in parts else []) + ([True] if "compile" in parts else [])
+        plan += [("validation", dict(base, kind="validation", compile=c)) for c in vals]
+        if "calls" in parts:
+            plan.append(("guard_calls", dict(base, kind="guard_calls", repeats=max(args.preset_steps, 10))))
+    return plan
+
+
 def run_plan(plan: list, threads: int | None, timeout: float) -> list:
     """[{"spec", "result"}] for each planned measurement, each in its own process, with a progress line."""
     results = []
     for i, (kind, spec) in enumerate(plan):
         label = f"{kind} {spec.get('impl', '')} {spec.get('mode', '')} {spec.get('dtype', '')} " \
                 f"{lever_name(spec.get('levers', {}))}"
+        if kind == "scan":
+            label = f"scan {spec['impl']} {'x'.join(map(str, spec['shape']))} workers={spec['workers']}" + \
+                    ("" if spec.get("fold", True) else " fold=off")
+        if "variant" in spec:
+            label = f"{kind} {spec['variant']} " + " ".join(f"{k}={spec[k]}" for k in ("guard", "fused", "zpool",
+                                                                                 "batch", "compile") if k in spec)
         print(f"[bench {i + 1}/{len(plan)}] {label}", flush=True)
-        spec["threads"] = threads
+        spec["threads"] = spec.get("threads") or threads
         res = run_worker(spec, timeout)
         if "error" in res:
             print(f"    error: {res['error']}", flush=True)
@@ -125,10 +238,12 @@ def run_plan(plan: list, threads: int | None, timeout: float) -> list:
     return results
 
 
-def write_results(args, device: torch.device, results: list, rows: list, wall_s: float) -> Path:
+def write_results(args, device: torch.device, results: list, rows: list, wall_s: float, context: dict) -> Path:
     """bench_results/bench-<time>.json (ahnet.atomic: a temporary name, then renamed; a full disk is one line)."""
     path = Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    doc = {"machine": machine_info(device), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine_info(device), "context": context,
+           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"},
            "wall_s": wall_s, "results": results,
            "table": [dict(zip(("figure", "ours", "monai", "ratio", "unit"), r)) for r in rows]}
     return write_text_atomic(path, json.dumps(doc, indent=1))
@@ -153,7 +268,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         device = torch.device(args.device)
-        plan = build_plan(args, device)
+        plan = preset_plan(args) if args.preset else scans_plan(args) if args.scans else build_plan(args, device)
     except ValueError as exc:
         return failures.fail(PROG, exc)
     try:
@@ -161,12 +276,18 @@ def main(argv=None) -> int:
     except ImportError:
         return failures.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
                               "bash run.sh bench)")
-    t0 = time.time()
+    t0, start = time.time(), run_context()
     results = run_plan(plan, args.threads, args.timeout)
     rows = summarise(results)
     print(format_table(rows))
-    path = write_results(args, device, results, rows, time.time() - t0)
+    path = write_results(args, device, results, rows, time.time() - t0, start)
     print(f"wrote {path}")
+    if args.notes is not None:
+        section = "preset" if args.preset else "scans" if args.scans else "models"
+        command = "python -m ahnet.bench " + " ".join(argv)
+        update_notes(args.notes, section, markdown_block(rows, section, command, machine_info(device), start,
+                                                         run_context()))
+        print(f"updated the {section} table in {args.notes}")
     return 0
 
 

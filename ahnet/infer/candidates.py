@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from ahnet.data import io
@@ -169,6 +171,53 @@ def _groups(prob, mask):
     return zyx, scores, np.bincount(lab.ravel(), minlength=n + 1)[1:], seeds
 
 
+#: slices per step of the scan-wide filters of the "nms" rule: their temporaries stay this many slices deep
+SLAB = 16
+#: above this fraction of the voxels, local maxima are grouped by a full-size labelling (a flat map, threshold 0)
+DENSE_PEAKS = 0.01
+
+
+def _local_maxima(prob, threshold: float, slab: int = SLAB) -> np.ndarray:
+    """(n, 3) int64 voxel zyx, in raster order, of every voxel >= its 26 neighbours (edges repeated) and >=
+    ``threshold``: the 3 x 3 x 3 maximum filter of the whole map, computed ``slab`` slices at a time with one
+    slice of halo on each side (the same values; temporaries slab-sized)."""
+    out, depth = [np.zeros((0, 3), np.int64)], prob.shape[0]
+    for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, depth)
+        part = prob[lo:hi]
+        mx = ndimage.maximum_filter(part, size=3, mode="nearest")[z0 - lo:z1 - lo]
+        core = part[z0 - lo:z1 - lo]
+        idx = np.argwhere((core >= mx) & (core >= threshold)).astype(np.int64)
+        idx[:, 0] += z0
+        out.append(idx)
+    return np.concatenate(out)
+
+
+def _peak_groups(prob, coords):
+    """``_groups`` of the local maxima ``coords`` (raster order), from the points alone: 26-connected groups (a
+    plateau of equal maxima is one), their centroids, scores (the common value) and sizes, and as each group's
+    voxel of its maximum the one nearest its centroid (the first in raster order among equally near ones; the
+    full-size ``ndimage.maximum_position`` picks a tied voxel by the order of a sort of the whole map, and keeps
+    two int64 copies of it); None when there is none. A map with local maxima almost everywhere (flat) is
+    grouped by full-size labelling instead."""
+    n = len(coords)
+    if n == 0:
+        return None
+    if n > DENSE_PEAKS * prob.size:
+        mask = np.zeros(prob.shape, np.float64)
+        mask[tuple(coords.T)] = 1.0
+        return _groups(prob, mask)
+    pairs = cKDTree(coords).query_pairs(1, p=np.inf, output_type="ndarray")      # 26-neighbours
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    k, lab = connected_components(graph, directed=False)         # numbered by first voxel, as ndimage.label
+    sizes = np.bincount(lab, minlength=k)
+    zyx = np.stack([np.bincount(lab, coords[:, d], minlength=k) for d in range(3)], 1) / sizes[:, None]
+    near = np.lexsort((np.arange(n), ((coords - zyx[lab]) ** 2).sum(1), lab))     # by group, distance, order
+    seeds = coords[near[np.searchsorted(lab[near], np.arange(k))]]
+    return zyx, prob[tuple(seeds.T)].astype(np.float64), sizes, seeds
+
+
 def _support(prob, seeds, level, half):
     """The region of a peak and of the peaks merged into it: (box slices, bool mask over the box) of the
     26-connected voxels with prob >= level that hold one of ``seeds`` (k, 3), inside the box of ``half`` voxels
@@ -195,8 +244,7 @@ def _refine(prob, coords, sp, own_tree, all_tree):
 
 def _nms(prob, sp, rule: CandidateRule):
     """The "nms" rule (module docstring): refined centres (n, 3), scores, support sizes, unsorted."""
-    mx = ndimage.maximum_filter(prob, size=3, mode="nearest")
-    found = _groups(prob, ((prob >= mx) & (prob >= rule.threshold)).astype(np.float64))
+    found = _peak_groups(prob, _local_maxima(prob, rule.threshold))
     if found is None:
         return _empty()
     zyx, scores, _, seeds = found
@@ -249,7 +297,7 @@ def find_peaks(prob, spacing=(1, 1, 1), threshold: float = DEFAULT_RULE.threshol
     prob = np.asarray(prob, np.float32)
     if prob.ndim != 3:
         raise CandidateInputError(f"probability map has shape {prob.shape}; expected (z, y, x)")
-    if not np.isfinite(prob).all():
+    if not all(np.isfinite(prob[z:z + SLAB]).all() for z in range(0, prob.shape[0], SLAB)):
         raise CandidateInputError("probability map holds NaN or inf; expected finite probabilities")
     sp = np.asarray(spacing, np.float64)
     if rule.method == "nms":

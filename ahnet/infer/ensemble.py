@@ -29,6 +29,7 @@ from torch import nn
 from ahnet import paths
 from ahnet.checkpoint import load_checkpoint
 from ahnet.nets import build_model, model_spec
+from ahnet.nets.fold import fold_batchnorm
 from ahnet.precision import AMP_MODES, resolve_amp, resolve_device
 from ahnet.infer.windows import (InferenceInputError, WindowSettings, input_multiple, slicewise_predict,
                                  sliding_window_predict)
@@ -65,7 +66,8 @@ class Member:
 
 
 def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> Member:
-    """The model of one checkpoint file, rebuilt and loaded, in eval mode on ``device``. Raises CheckpointError
+    """The model of one checkpoint file, rebuilt and loaded, in eval mode on ``device``, its BatchNorms folded into
+    the convolutions before them where it has such pairs (ahnet.nets.fold; for inference). Raises CheckpointError
     (not a checkpoint) or InferenceInputError (a model that cannot be rebuilt, or is not a 1-channel-in,
     1-channel-out foreground model), each in one sentence naming the file."""
     path = Path(checkpoint)
@@ -89,7 +91,9 @@ def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> M
                                   f"one foreground probability and needs 1")
     if spec.dims == 3 and kw.get("in_channels", 1) != 1:
         raise InferenceInputError(f"checkpoint {path} has in_channels {kw.get('in_channels')}; a CT volume gives 1")
-    return Member(model.to(device).eval(), name, spec.dims, kw, dict(ck.get("config") or {}), path)
+    model = model.to(device).eval()
+    fold_batchnorm(model)                         # inference only: BN folded into the conv before it (nets.fold)
+    return Member(model, name, spec.dims, kw, dict(ck.get("config") or {}), path)
 
 
 @dataclass
@@ -194,7 +198,7 @@ def window_for(shape: Sequence[int], multiple: Sequence[int], patch: Sequence[in
 
 def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | None = None,
                    overlap: float = WindowSettings.overlap, sw_batch: int = WindowSettings.sw_batch, tta: bool = False,
-                   amp: str | bool = "auto", channels_last: bool = False) -> np.ndarray:
+                   amp: str | bool = "auto", channels_last: bool = False, workers: int = 1) -> np.ndarray:
     """Foreground probability (z, y, x) float32, the mean over every model of ``ens``, for a (z, y, x) image
     scaled to [0, 1] as the training cache scales HU (ahnet.data.preprocess.clip_and_scale).
 
@@ -202,6 +206,7 @@ def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | N
     windows per forward pass, Gaussian blending. 2D models: slice by slice, 4 x ``sw_batch`` slices per forward
     pass. tta: mean over the 4 in-plane flips. amp: one of ahnet.precision.AMP_MODES (auto = float16 on CUDA,
     float32 on a CPU). channels_last: 3D models in channels-last 3D memory (same values, faster with bf16 / AMP).
+    workers: threads predicting 3D windows side by side, one intra-op thread each (sliding_window_predict).
     """
     x = torch.from_numpy(np.ascontiguousarray(image01, np.float32))[None, None]
     groups = ens.groups()
@@ -209,7 +214,8 @@ def predict_volume(ens: Ensemble, image01: np.ndarray, window: Sequence[int] | N
     for key, models in groups.items():
         if key == "3d":
             p = sliding_window_predict(models, x, window=ens.window(image01.shape, window), overlap=overlap,
-                                       batch_size=sw_batch, flip_tta=tta, amp=amp, channels_last=channels_last)
+                                       batch_size=sw_batch, flip_tta=tta, amp=amp, channels_last=channels_last,
+                                       workers=workers)
         else:
             p = slicewise_predict(models, x, in_slices=key[1], batch_size=max(sw_batch, 1) * 4, flip_tta=tta,
                                   amp=amp)

@@ -5,6 +5,7 @@ SR for a DICOM series, one candidates CSV; names in ahnet.paths), atomically and
 imports the inference stage only, never the evaluation modules."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,12 +218,15 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
 def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSettings(), tta: bool = False,
                   amp: bool | str = "auto", threshold: float = 0.5, candidates: CandidateRule | None = None,
                   channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None,
-                  limit: ScanLimit | None = None, outputs: CaseOutputs | None = None) -> dict:
-    """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``; accumulators inside
-    ahnet.infer) and write its files (write_predictions, scans up to ``limit``), the options checked first
-    (check_options)."""
+                  limit: ScanLimit | None = None, outputs: CaseOutputs | None = None, workers: int = 1) -> dict:
+    """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``, ``workers`` threads;
+    accumulators inside ahnet.infer) and write its files (write_predictions, scans up to ``limit``), the options
+    checked first (check_options)."""
     out = check_options(cases, ens, out, windows.window, amp, threshold, skip_bad)
+    if rescorer is not None:                  # the second stage computes as the first: precision, layout, threads
+        rescorer = dataclasses.replace(rescorer, amp=amp, channels_last=channels_last, workers=workers)
 
     def probability(image01):
-        return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last)
+        return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last,
+                              workers=workers)
     return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit, outputs)

@@ -11,8 +11,12 @@
   window ends flush with the volume). They are streamed in batches of ``batch_size`` windows.
 - Blending: each window's probabilities are weighted by a Gaussian importance map (sigma = window / 8 per
   axis, centred, max 1, clamped below at 1e-6 so no voxel has zero weight; nnU-Net's choice) or uniformly
-  (``blend="constant"``), summed into one float32 accumulator plus one weight map of the padded size on
-  ``out_device``, and divided once at the end. Memory: the accumulator, the weight map and one batch.
+  (``blend="constant"``), summed into the float32 output on ``out_device``, and divided by the sum of the
+  weights slab by slab (``_Blend``). Memory beyond the output: one slab of the window's depth x H x W for the
+  weights, and the batches of windows in flight, so a longer scan needs no more (paper_notes/performance.md).
+- Workers (``workers=N``): N threads predict batches of windows side by side, one intra-op thread each (on a
+  CPU with small window batches this uses the cores better than one forward pass on N intra-op threads); the
+  calling thread blends them in order, so the result is the same.
 - TTA (``flip_tta=True``): the mean of the probabilities over the 4 in-plane flips (none, H, W, H and W), each
   flipped back. Ensemble: the mean of the probabilities over all models (and flips), each model in eval mode
   (its previous mode is restored afterwards).
@@ -35,10 +39,12 @@ ranges when it builds one (InferenceInputError).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -233,17 +239,77 @@ def _as_volume(image, ndim_spatial):
     return x.float()
 
 
+def _window_batches(models, x, sls_batches, window_weight, flips, dev, amp, activation, channels_last, workers):
+    """(window slices, weighted probabilities (B, C, *window)) of every batch, in order: computed in this thread, or
+    by ``workers`` threads with one intra-op thread each (at most 2 x workers batches ahead), each under its own
+    no-grad and autocast (both are per thread)."""
+    def predict(sls):
+        xb = torch.cat([x[(slice(None), slice(None)) + sl] for sl in sls], 0).to(dev)
+        if channels_last:
+            xb = to_channels_last(xb)
+        with torch.no_grad():
+            return sls, _predict_batch(models, xb, flips, dev, amp, activation) * window_weight
+
+    if workers <= 1:
+        yield from map(predict, sls_batches)
+        return
+    pending = collections.deque()
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for sls in sls_batches:
+            pending.append(pool.submit(predict, sls))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _Blend:
+    """The weighted sum of the windows' probabilities, written into the output itself, and the sum of their
+    weights over a rolling slab of one window's depth: the windows come in order of their depth start, so once
+    one starts at z every slice before z is complete and is divided by its weights there. Beyond the output
+    (the result, the volume's size), memory is one slab (window depth x H x W) and a batch of windows."""
+
+    def __init__(self, channels: int, padded, window, device):
+        self.out = torch.zeros((channels,) + tuple(padded), dtype=torch.float32, device=device)
+        self.depth = window[0]
+        self.wsum = torch.zeros((1, self.depth) + tuple(padded[1:]), dtype=torch.float32, device=device)
+        self.z0 = 0                                        # the volume slice that wsum[:, 0] holds
+
+    def _finish_to(self, z: int) -> None:
+        """Divide slices [z0, z) by their weights and move the slab to start at z."""
+        n = min(z, self.out.shape[1]) - self.z0
+        if n <= 0:
+            return
+        self.out[:, self.z0:self.z0 + n] /= self.wsum[:, :n]
+        self.wsum = torch.cat([self.wsum[:, n:], torch.zeros_like(self.wsum[:, :n])], 1)
+        self.z0 += n
+
+    def add(self, sl, prob, weight) -> None:
+        self._finish_to(sl[0].start)
+        self.out[(slice(None),) + sl] += prob
+        local = (slice(None), slice(sl[0].start - self.z0, sl[0].stop - self.z0)) + sl[1:]
+        self.wsum[local] += weight
+
+    def result(self) -> torch.Tensor:
+        self._finish_to(self.out.shape[1])
+        return self.out
+
+
 def sliding_window_predict(models, image, window=None, overlap: float = 0.5, batch_size: int = 4,
                            flip_tta: bool = False, amp: bool | str = True, device=None, out_device="cpu",
                            activation="sigmoid", blend: str = "gaussian", pad_value: float = 0.0,
-                           channels_last: bool = False) -> torch.Tensor:
+                           channels_last: bool = False, workers: int = 1) -> torch.Tensor:
     """Probabilities (1, C_out, D, H, W) float32 on ``out_device`` for a (1, C, D, H, W) volume.
 
     models: one nn.Module or a list (ensemble, mean probability); window: (D, H, W) or None (whole volume).
+    workers: threads that predict batches of windows side by side, one intra-op thread each (1: the calling
+    thread, with its own thread count); the same windows and blending, so the same result.
     """
     models = _as_models(models)
     x = _as_volume(image, 3)
     overlap, batch_size = check_overlap(overlap), check_window_batch(batch_size)
+    if int(workers) < 1:
+        raise InferenceInputError(f"workers {workers} must be >= 1")
     if blend not in ("gaussian", "constant"):
         raise InferenceInputError(f"blend {blend!r} is not known; expected 'gaussian' or 'constant'")
     shape = tuple(x.shape[2:])
@@ -269,29 +335,22 @@ def sliding_window_predict(models, image, window=None, overlap: float = 0.5, bat
             to_channels_last(m)
     out_device = torch.device(out_device)
     imp = gaussian_importance(window) if blend == "gaussian" else torch.ones(window)
-    imp_dev = imp.to(dev)
     starts = list(itertools.product(*(window_starts(L, w, overlap) for L, w in zip(padded, window))))
-    flips = FLIPS if flip_tta else ((),)
-    acc = wsum = None
+    sls = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in starts]
+    batches = [sls[b:b + batch_size] for b in range(0, len(sls), batch_size)]
+    acc, w_out = None, imp.to(out_device)
     with torch.no_grad(), _eval_mode(models):
-        for b in range(0, len(starts), batch_size):
-            chunk = starts[b:b + batch_size]
-            sls = [tuple(slice(s, s + w) for s, w in zip(st, window)) for st in chunk]
-            xb = torch.cat([x[(slice(None), slice(None)) + sl] for sl in sls], 0).to(dev)
-            if channels_last:
-                xb = to_channels_last(xb)
-            pb = _predict_batch(models, xb, flips, dev, amp, activation) * imp_dev
+        for chunk, pb in _window_batches(models, x, batches, imp.to(dev), FLIPS if flip_tta else ((),), dev, amp,
+                                         activation, channels_last, int(workers)):
             if acc is None:
-                acc = torch.zeros((pb.shape[1],) + padded, dtype=torch.float32, device=out_device)
-                wsum = torch.zeros((1,) + padded, dtype=torch.float32, device=out_device)
+                acc = _Blend(pb.shape[1], padded, window, out_device)
             pb = pb.to(out_device)
-            w_out = imp.to(out_device)
-            for i, sl in enumerate(sls):
-                acc[(slice(None),) + sl] += pb[i]
-                wsum[(slice(None),) + sl] += w_out
-    acc /= wsum                                            # in place: no second full-size buffer
-    crop = (slice(None),) + tuple(slice(0, s) for s in shape)
-    return acc[crop].unsqueeze(0).contiguous()
+            for i, sl in enumerate(chunk):
+                acc.add(sl, pb[i], w_out)
+    out = acc.result()
+    if padded != shape:
+        out = out[(slice(None),) + tuple(slice(0, s) for s in shape)].contiguous()
+    return out.unsqueeze(0)
 
 
 def slicewise_predict(models, image, in_slices: int = 3, batch_size: int = 8, flip_tta: bool = False,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ahnet.nets.fused import bn_relu_conv, fusable
 from ahnet.nets.pooling import adaptive_max_pool3d, grid_max_pool, max_pool3d
 
 UPSAMPLE_MODES = ("trilinear", "transpose", "nearest")
@@ -37,11 +38,17 @@ def make_upsample(mode: str, channels: int, scale: Tuple[int, int, int]) -> nn.M
 
 
 class BNReLUConv(nn.Sequential):
-    """BN -> ReLU -> conv (no bias): the pre-activation unit of the decoder."""
+    """BN -> ReLU -> conv (no bias): the pre-activation unit of the decoder. In a training step it runs as
+    ahnet.nets.fused.bn_relu_conv (the same values and gradients, the ReLU's output not kept for backward)."""
 
     def __init__(self, cin: int, cout: int, kernel: Tuple[int, int, int] = (1, 1, 1)):
         pad = tuple(k // 2 for k in kernel)
         super().__init__(nn.BatchNorm3d(cin), nn.ReLU(inplace=True), nn.Conv3d(cin, cout, kernel, 1, pad, bias=False))
+
+    def forward(self, x):
+        if fusable(self[0], self[2], x):
+            return bn_relu_conv(self[0], self[2], x)
+        return super().forward(x)
 
 
 class ACLayer(nn.Module):
@@ -131,12 +138,21 @@ class PyramidPooling(nn.Module):
             p = project(pooled)
             if p.shape[-2:] == (1, 1):
                 # from one in-plane value, trilinear and nearest resizing both give that value everywhere:
-                # broadcast it (exactly equal; and torch.compile's CPU backend fails on this interpolation)
-                maps.append(p.expand(-1, -1, *size))
+                # broadcast it (exactly equal; and torch.compile's CPU backend fails on this interpolation),
+                # stored in x's memory format: a broadcast view would make the concatenation, and with it the
+                # head's BN, ReLU and their backward, leave channels-last (measured: performance.md)
+                maps.append(p.expand(-1, -1, *size).contiguous(memory_format=memory_format_of(x)))
                 continue
             maps.append(F.interpolate(p, size=size, mode=self.mode,
                                       **({"align_corners": self.align_corners} if self.mode == "trilinear" else {})))
         return torch.cat(maps + [x], 1)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5D tensor stored channels-last (and not also plainly contiguous), else contiguous."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class OutputHead(nn.Sequential):

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from ahnet.nets.blocks import checkpointed
-from ahnet.nets.pooling import MaxPool3d
+from ahnet.nets.pooling import DepthMaxPool, MaxPool3d
 from ahnet.nets.resnet import EXPANSION, RESNET_SPECS, STAGE_WIDTHS, parse_encoder, stage_channels
 from ahnet.nets.sizes import NUM_LEVELS
 
 
 def _zpool(enabled: bool) -> nn.Module:
-    return MaxPool3d((2, 1, 1), (2, 1, 1)) if enabled else nn.Identity()
+    return DepthMaxPool() if enabled else nn.Identity()
 
 
 class _Shortcut(nn.Sequential):

@@ -72,7 +72,7 @@ def test_checkpoint_saves_memory_in_the_autograd_graph():
     x = torch.randn(1, 1, 16, 64, 64)
     plain = saved_bytes(m, x)
     m.set_checkpoint("all")
-    assert saved_bytes(m, x) < 0.3 * plain
+    assert saved_bytes(m, x) < 0.4 * plain     # 0.36 (0.25 before the plain step's fused BN-ReLU-conv units)
 
 
 def test_channels_last_3d_same_results():
@@ -100,3 +100,21 @@ def test_channels_last_3d_same_gradients_and_bn_stats():
         assert torch.allclose(g0[n], g1[n], rtol=1e-8, atol=1e-12), n
     for n in b0:
         assert torch.allclose(b0[n].double(), b1[n].double(), rtol=1e-10, atol=1e-12), n
+
+
+def test_channels_last_3d_stays_channels_last_through_the_decoder():
+    """Every decoder module's output of a channels-last network on a channels-last input is channels-last too:
+    one plainly contiguous map (the pyramid's broadcast 1 x 1 level once made the concatenation, the head's BN
+    and ReLU and their backward contiguous) costs a layout conversion at each convolution after it."""
+    torch.manual_seed(0)
+    m = AHNet3d(encoder="resnet18", pfn_depth=4, growth=4, layers_per_block=1, z_pool="spacing",
+                spacing=(2.5, .7, .7)).to(memory_format=torch.channels_last_3d)
+    outs = {}
+    for name, mod in m.named_children():
+        if name != "encoder":
+            mod.register_forward_hook(lambda mod, i, o, name=name: outs.__setitem__(name, o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(1, 1, 16, 64, 64).contiguous(memory_format=torch.channels_last_3d))
+    assert "pyramid" in outs and outs["pyramid"].shape[1] == 4 + m.dense4.out_channels
+    plain = [n for n, o in outs.items() if not o.is_contiguous(memory_format=torch.channels_last_3d)]
+    assert plain == []

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ahnet.nets import AHNet3d
-from ahnet.nets.pooling import MaxPool2d, MaxPool3d, adaptive_max_pool3d, max_pool3d
+from ahnet.nets.pooling import DepthMaxPool, MaxPool2d, MaxPool3d, adaptive_max_pool3d, max_pool3d
 
 
 def test_pools_keep_bfloat16_under_cpu_autocast_with_float32_values_and_gradients():
@@ -48,3 +48,34 @@ def test_ahnet_decoder_stays_in_the_autocast_dtype(z_pool):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(x)
     assert seen == {n: torch.bfloat16 for n in names}
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("depth", [4, 5])
+def test_depth_max_pool_is_max_pool_2_1_1_with_its_gradients(dtype, channels_last, depth):
+    """Values and gradients of nn.MaxPool3d((2, 1, 1)), ties (one value in three repeated, so many) and NaN
+    included, an odd last slice dropped; the dtype kept; far less kept for backward than max-pooling keeps."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 3, depth, 5, 6)).to(dtype)
+    x[0, 0, 0, 0, 0] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, 3, depth // 2, 5, 6).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = DepthMaxPool()(xa), F.max_pool3d(xb, (2, 1, 1))
+    assert ours.dtype == dtype and ours.shape == ref.shape and torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    with torch.no_grad():                                      # inference: max_pool3d itself
+        assert torch.equal(DepthMaxPool()(x).nan_to_num(), ref.nan_to_num())
+    (ours * g).nansum().backward()
+    (ref * g).nansum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+
+    def kept_bytes(fn):
+        seen = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            fn(torch.randn(1, 8, 8, 16, 16).to(dtype).requires_grad_() * 1)
+        return sum(seen.values())
+    assert kept_bytes(DepthMaxPool()) * 4 < kept_bytes(lambda t: F.max_pool3d(t, (2, 1, 1)))

@@ -3,6 +3,7 @@
 TorchScript tests run without the serve extra; those that need onnx, onnxscript or onnxruntime skip with the
 reason (and a test runs this file with those modules hidden to hold that).
 """
+import copy
 import os
 import subprocess
 import sys
@@ -45,8 +46,10 @@ def test_a_wrong_export_fails_verification_and_leaves_nothing(cv, tmp_path, monk
     real = export.export_torchscript
 
     def perturbed(model, example, path):                  # an export that does not reproduce the model
-        bad = type(model)(**model.config).eval()
-        bad.load_state_dict({k: v + 1e-3 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        bad = copy.deepcopy(model).eval()               # as loaded for inference (BatchNorm folded), weights moved
+        with torch.no_grad():
+            for v in bad.parameters():
+                v.add_(1e-3)
         real(bad, example, path)
     monkeypatch.setattr(export, "export_torchscript", perturbed)
     out = tmp_path / "m"

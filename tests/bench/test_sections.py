@@ -1,0 +1,108 @@
+"""The bench's sections beside the MONAI comparison: --preset (a preset's training step, its validation, the levers
+alone, the depth guard per conv call) and --scans (whole scans, ours against MONAI's inferer): their options,
+their plans, their rows, and the workers on tiny inputs (what they measure, not how fast)."""
+import pytest
+import torch
+
+from ahnet.bench import report
+from ahnet.bench.plan import parse_levers
+from ahnet.commands import bench as cli
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "cpu"], "--preset cpu needs --data DATASET.json"),
+    (["--preset", "cpu", "--data", "nowhere.json"], "needs --data DATASET.json"),
+    (["--scans", "--scan-shapes", "40x0x192"], "a scan size is three positive sizes"),
+    (["--scans", "--scan-shapes", "40x192"], "a scan size is three positive sizes"),
+    (["--levers", "fused=maybe"], "unknown lever 'fused=maybe'"),
+])
+def test_bad_section_options_are_one_error_line(argv, words, capsys, no_measurement):
+    try:
+        code = cli.main(["--device", "cpu", *argv])
+    except SystemExit as e:                  # the parser's own refusals (a bad --scan-shapes) exit there
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ahnet.bench: error: ") and words in err[0], err
+
+
+def test_our_switched_levers_are_parsed_and_kept_from_monai():
+    lv = parse_levers(["channels_last+fused=off", "guard=float32", "zpool=maxpool+channels_last"])
+    assert lv == [{"channels_last": True, "fused": "off"}, {"guard": "float32"},
+                  {"zpool": "maxpool", "channels_last": True}]
+    from ahnet.bench.plan import peer_levers
+    assert [peer_levers(v) for v in lv] == [{"channels_last": True}, {}, {"channels_last": True}]
+
+
+def test_scans_plan_pairs_each_size_with_monai_and_the_levers_alone():
+    args = cli.parse_args(["--scans", "--scan-shapes", "40x192x192", "120x512x512"])
+    plan = [spec for _, spec in cli.scans_plan(args)]
+    got = [(s["impl"], tuple(s["shape"]), s["workers"], s.get("fold", True)) for s in plan]
+    assert got == [("ours", (40, 192, 192), 2, True), ("monai", (40, 192, 192), 1, True),
+                   ("ours", (40, 192, 192), 1, True), ("ours", (120, 512, 512), 2, True),
+                   ("monai", (120, 512, 512), 1, True), ("ours", (120, 512, 512), 1, True),
+                   ("ours", (40, 192, 192), 2, False), ("ours", (300, 512, 512), 2, True),
+                   ("monai", (300, 512, 512), 1, True)]
+    assert {s["threads"] for s in plan} == {2} and {tuple(s["window"]) for s in plan} == {(32, 128, 128)}
+
+
+def test_scan_rows_put_our_stages_against_monais_inferer():
+    ours = {"shape": [40, 192, 192], "windows": 8, "workers": 2, "first_stage_s": 2.0, "windows_s": 1.5,
+            "candidates_s": 0.5, "candidates": 50, "second_stage_s": 0.5, "total_s": 2.5, "peak_mb": 300.0}
+    monai = {"total_s": 5.0, "peak_mb": 600.0}
+    rows = report.summarise([{"spec": {"kind": "scan", "impl": "ours", "shape": [40, 192, 192], "workers": 2},
+                              "result": ours},
+                             {"spec": {"kind": "scan", "impl": "monai", "shape": [40, 192, 192], "workers": 1},
+                              "result": monai}])
+    by = {r[0].split(": ", 1)[1]: r for r in rows}
+    assert by["first stage (windows + candidates) vs MONAI's inferer"][3] == pytest.approx(0.4)
+    assert by["both stages vs MONAI's inferer"][3] == pytest.approx(0.5)
+    assert by["peak memory"][3] == pytest.approx(0.5) and by["second stage"][1] == 0.5
+
+
+def test_scan_worker_runs_both_stages_on_a_small_scan():
+    """One window's scan through ours: the 60 painted blobs give candidates up to the rule's cap of 50, each stage
+    is timed."""
+    from ahnet.bench.scans import work_scan
+
+    threads = torch.get_num_threads()
+    try:
+        res = work_scan({"impl": "ours", "shape": [32, 128, 128], "window": [32, 128, 128], "overlap": 0.5,
+                         "sw_batch": 2, "dtype": "bf16", "channels_last": True, "threads": 1, "workers": 2})
+    finally:
+        torch.set_num_threads(threads)
+    assert res["windows"] == 1 and 30 <= res["candidates"] <= 50      # blobs closer than 5 mm are one candidate
+    assert res["total_s"] == pytest.approx(res["windows_s"] + res["candidates_s"] + res["second_stage_s"])
+    assert res["peak_mb"] >= 0 and res["fold"] is True          # a high-water mark: 0 in a process that was larger
+
+
+def test_guard_calls_worker_finds_the_depth_two_convolutions():
+    """The cpu preset's U-Net kind at 16 x 64 x 64 (spacing z-pooling): the guard bites at the 3 x 3 x 3 convs of
+    the depth-2 level only (two in the encoder unit, two in the decoder unit), each timed under every guard."""
+    from ahnet.bench.preset import work_guard_calls
+    from ahnet.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(stage="3d", model="unet3d", patch_size=[16, 64, 64], batch_size=2,
+                                     amp="bf16", channels_last=True, data="unused.json",
+                                     model_kwargs={"base_channels": 4, "z_pool": "spacing",
+                                                   "spacing": [2.5, 0.7, 0.7]})).resolved()
+    res = work_guard_calls({"variant": "unet3d", "config": cfg.to_dict(), "repeats": 1})
+    assert [c["conv"] for c in res["calls"]] == ["down.4.0", "down.4.3", "up_units.4.0", "up_units.4.3"]
+    assert all(c["input"][2] == 2 and c["kernel"] == [3, 3, 3] for c in res["calls"])
+    assert all(res["totals"][f"{m}_s"] > 0 for m in ("off", "float32", "pad", "wgrad_fp32"))
+
+
+def test_notes_block_is_replaced_between_its_markers_only(tmp_path):
+    notes = tmp_path / "performance.md"
+    notes.write_text("# title\n<!-- bench:scans -->\nold table\n<!-- /bench:scans -->\ntext after\n"
+                     "<!-- bench:models -->\nkept\n<!-- /bench:models -->\n")
+    rows = [("scan 40x192x192 (8 windows), 2 worker(s): total", 2.5, 5.0, 0.5, "s")]
+    ctx = {"commit": "abc1234", "date": "2026-12-06", "load_average": [1.0, 1.0, 1.0]}
+    block = report.markdown_block(rows, "scans", "python -m ahnet.bench --scans", {"device_name": "AMD EPYC",
+                                  "cpu_count": 2, "torch": "2.13.0", "monai": "1.6.1"}, ctx, ctx)
+    assert report.update_notes(notes, "scans", block)
+    text = notes.read_text()
+    assert "old table" not in text and "| scan 40x192x192 (8 windows), 2 worker(s): total | 2.5 | 5 | 0.5 | s |" in text
+    assert "`python -m ahnet.bench --scans` at commit `abc1234`, 2026-12-06, on AMD EPYC (2 cores)" in text
+    assert text.startswith("# title\n") and "text after\n<!-- bench:models -->\nkept\n" in text
+    assert not report.update_notes(notes, "preset", block)
