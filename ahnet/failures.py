@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NoReturn
 
 __all__ = ["Parser", "run", "fail", "one_line", "quiet", "program", "warn", "number", "check_output_dir",
-           "check_output_file"]
+           "check_output_file", "die_with_parent"]
 
 _program: str | None = None     # the command run() is running (the watchdog of a distributed run fails in its name)
 
@@ -168,3 +168,15 @@ def check_output_file(path, flag: str = "--out", access: Callable[[str, int], bo
         raise ValueError(f"{flag} {path} is a folder; expected a file name")
     check_output_dir(path.parent if str(path.parent) else Path("."), flag, access)
     return path
+
+
+def die_with_parent() -> None:
+    """In a child before it runs (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
+    killed command leaves nothing running behind it (a Triton server, an experiment's trainings holding their run
+    folders' locks). Elsewhere: nothing."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -115,6 +115,7 @@ class _Job:
 
 
 def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
+    failures.die_with_parent()                       # a killed experiment leaves no training behind
     import torch
 
     torch.set_num_threads(threads)
@@ -127,6 +128,7 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
 
 
 def _rescore_in_child(name: str, job: SecondStageJob, threads: int) -> None:
+    failures.die_with_parent()
     import torch
 
     torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from ahnet.failures import die_with_parent
+
 READY_LINE = "[serve] ready"       # what python -m ahnet.serve prints once Triton answers
 STOPPED_LINE = "[serve] stopped in"
 
@@ -71,16 +73,6 @@ def tree_rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total
-
-
-def die_with_parent() -> None:
-    """In a child before it runs (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
-    killed test or benchmark leaves no server behind (the server stops Triton on SIGTERM). Elsewhere: nothing."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class ServerProcess:
