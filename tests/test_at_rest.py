@@ -1,4 +1,4 @@
-"""Files on a disk that fills up and files damaged at rest (README.md "Reliability"):
+"""Files on a disk that fills up and files damaged at rest (paper_notes/reliability.md):
 
 - disk full: a training checkpoint, the cache, predict's outputs and evaluate's report written on a small tmpfs that
   fills mid-write leave the previous files byte for byte, no temporary, one line naming the place and exit 2

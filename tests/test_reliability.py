@@ -1,4 +1,4 @@
-"""What survives a kill, what is refused, what a scan must be: the promises of README.md "Reliability".
+"""What survives a kill, what is refused, what a scan must be: the promises of paper_notes/reliability.md.
 
 - kills: a training run killed at each write of an epoch's end, then --resume, has best.pt and log.csv equal to
   an uninterrupted run's; a write killed by SIGKILL leaves only a hidden temporary (never a half file under the

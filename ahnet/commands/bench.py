@@ -118,6 +118,18 @@ def _add_section_arguments(p) -> None:
                         "models, preset or scans (paper_notes/performance.md holds one block of each)")
 
 
+def notes_command(argv) -> str:
+    """The command a notes block states: what was measured, without where this machine put the JSON (--out)."""
+    argv, shown = list(argv), []
+    while argv:
+        a = argv.pop(0)
+        if a == "--out":
+            argv = argv[1:]
+        elif not a.startswith("--out="):
+            shown.append(a)
+    return "python -m ahnet.bench " + " ".join(shown)
+
+
 def _shape(text: str) -> tuple:
     """'120x512x512' -> (120, 512, 512)."""
     try:
@@ -284,7 +296,7 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     if args.notes is not None:
         section = "preset" if args.preset else "scans" if args.scans else "models"
-        command = "python -m ahnet.bench " + " ".join(argv)
+        command = notes_command(argv)
         update_notes(args.notes, section, markdown_block(rows, section, command, machine_info(device), start,
                                                          run_context()))
         print(f"updated the {section} table in {args.notes}")

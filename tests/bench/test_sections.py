@@ -106,3 +106,9 @@ def test_notes_block_is_replaced_between_its_markers_only(tmp_path):
     assert "`python -m ahnet.bench --scans` at commit `abc1234`, 2026-12-06, on AMD EPYC (2 cores)" in text
     assert text.startswith("# title\n") and "text after\n<!-- bench:models -->\nkept\n" in text
     assert not report.update_notes(notes, "preset", block)
+
+
+def test_the_notes_state_the_command_without_the_local_output_folder():
+    from ahnet.commands.bench import notes_command
+    assert notes_command(["--scans", "--out", "/tmp/x", "--notes", "n.md", "--out=/y"]) == \
+        "python -m ahnet.bench --scans --notes n.md"
