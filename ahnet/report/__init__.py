@@ -1,14 +1,7 @@
 """The per-type comparison report: report.json (stable keys), report.md and a self-contained report.html.
 
-Input: ``results = {model_name: {"detection": <ahnet.evaluate.froc.evaluate_detection dict>,
-"segmentation": <ahnet.evaluate.segmetrics.aggregate_seg dict or None>}}`` (all models on the same test scans).
-
-Winners: on each type the best model is the one with the highest per-type CPM (point estimate). Models whose
-CPM is within ``tie_tol`` (1e-9) of the best are tied: all of them are listed as winners of that type and each
-one's ``wins`` count includes it (``wins_outright`` counts only types won alone). A type with no nodules (or no
-model with a defined CPM on it) has no winner and counts for nobody. ``margin`` = best CPM minus the best CPM of
-the models not among the winners (None when there is no such model). The same rule gives the overall winner.
-Note that winners are point estimates; the intervals in the tables say whether a difference is resolved.
+Input: ``results = {model_name: {"detection": ..., "segmentation": ...}}`` and who wins a type: ``summary``'s
+docstring (ahnet.report.summary), the one place that states it.
 
 Optional inputs of ``build_report`` add sections: ``comparisons`` (ahnet.evaluate.froc.paired_bootstrap over the same
 models: the paper's claims with paired intervals, a type won only where the interval excludes 0; module
