@@ -229,8 +229,9 @@ def preset_plan(args) -> list:
     return plan
 
 
-def run_plan(plan: list, threads: int | None, timeout: float) -> list:
-    """[{"spec", "result"}] for each planned measurement, each in its own process, with a progress line."""
+def run_plan(plan: list, threads: int | None, timeout: float, on_result=None) -> list:
+    """[{"spec", "result"}] for each planned measurement, each in its own process, with a progress line;
+    ``on_result(results so far)`` after each one (main keeps them on disk: a killed bench loses one measurement)."""
     results = []
     for i, (kind, spec) in enumerate(plan):
         label = f"{kind} {spec.get('impl', '')} {spec.get('mode', '')} {spec.get('dtype', '')} " \
@@ -247,14 +248,18 @@ def run_plan(plan: list, threads: int | None, timeout: float) -> list:
         if "error" in res:
             print(f"    error: {res['error']}", flush=True)
         results.append({"spec": spec, "result": res})
+        if on_result is not None:
+            on_result(results)
     return results
 
 
-def write_results(args, device: torch.device, results: list, rows: list, wall_s: float, context: dict) -> Path:
-    """bench_results/bench-<time>.json (ahnet.atomic: a temporary name, then renamed; a full disk is one line)."""
-    path = Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def write_results(args, device: torch.device, results: list, rows: list, wall_s: float, context: dict,
+                  path: Path | None = None, complete: bool = True) -> Path:
+    """``path`` (default bench_results/bench-<time>.json) written atomically (ahnet.atomic: a temporary name, then
+    renamed; a full disk is one line); ``complete`` False while measurements are still to come."""
+    path = Path(path or Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": machine_info(device), "context": context,
+    doc = {"machine": machine_info(device), "context": context, "complete": complete,
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"},
            "wall_s": wall_s, "results": results,
            "table": [dict(zip(("figure", "ours", "monai", "ratio", "unit"), r)) for r in rows]}
@@ -289,10 +294,14 @@ def main(argv=None) -> int:
         return failures.fail(PROG, "the benchmarks need MONAI, the optional extra 'peer' (pip install -e '.[peer]', or "
                               "bash run.sh bench)")
     t0, start = time.time(), run_context()
-    results = run_plan(plan, args.threads, args.timeout)
+    path = Path(args.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def keep(done):                                   # after each measurement: what is measured is never lost
+        write_results(args, device, done, [], time.time() - t0, start, path, complete=False)
+    results = run_plan(plan, args.threads, args.timeout, keep)
     rows = summarise(results)
     print(format_table(rows))
-    path = write_results(args, device, results, rows, time.time() - t0, start)
+    path = write_results(args, device, results, rows, time.time() - t0, start, path)
     print(f"wrote {path}")
     if args.notes is not None:
         section = "preset" if args.preset else "scans" if args.scans else "models"

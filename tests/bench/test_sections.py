@@ -112,3 +112,28 @@ def test_the_notes_state_the_command_without_the_local_output_folder():
     from ahnet.commands.bench import notes_command
     assert notes_command(["--scans", "--out", "/tmp/x", "--notes", "n.md", "--out=/y"]) == \
         "python -m ahnet.bench --scans --notes n.md"
+
+
+def test_each_measurement_is_on_disk_as_soon_as_it_is_made(tmp_path, monkeypatch):
+    """A bench killed during its last (longest) measurement keeps the others: the JSON is rewritten after each."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from ahnet.commands import bench
+    seen = []
+
+    def worker(spec, timeout):
+        if seen:                                          # the second measurement: the first is already on disk
+            doc = json.loads(path.read_text())
+            assert doc["complete"] is False and [r["result"] for r in doc["results"]] == [{"s": 1}]
+        seen.append(spec["n"])
+        return {"s": spec["n"]}
+    monkeypatch.setattr(bench, "run_worker", worker)
+    args = SimpleNamespace(out=str(tmp_path), worker=None)
+    path = tmp_path / "b.json"
+    plan = [("model", {"n": 1}), ("model", {"n": 2})]
+    results = bench.run_plan(plan, 1, 10.0, lambda done: bench.write_results(args, torch.device("cpu"), done, [], 0.0,
+                                                                            {}, path, complete=False))
+    assert seen == [1, 2] and len(json.loads(path.read_text())["results"]) == 2 and len(results) == 2
