@@ -33,6 +33,7 @@ An experiment named N (``python -m ahnet.experiment``)::
     data/N-final-<shift>/      the final set rendered with one shift (noise, kernel, spacing, vessels, HU)
     runs/N/<variant>/          a variant's run (seed index 0); runs/N/<variant>-seed<k>/ its k-th retraining
     runs/N/report/             the report on dev; runs/N/report-final/ and report-final-<shift>/ on the final set
+    runs/N/report-final-thickness/  the slice-thickness study over N and its N-z<S> siblings (other spacings)
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from pathlib import Path
 __all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "RESCORER", "RESCORER_JSON",
            "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS", "CANDIDATES_CSV", "CasePaths",
            "case_paths", "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "DEV_SUFFIX", "FINAL_SUFFIX", "FINAL_LOOKS",
-           "REPORT_CANDIDATES", "ExperimentPaths", "report_candidates",
+           "REPORT_CANDIDATES", "ExperimentPaths", "experiment_name", "report_candidates",
            "LayoutError", "RunPaths", "run_paths", "fold_run", "fold_runs",
            "trained_checkpoint", "resolve_checkpoints", "resolve_checkpoint", "cache_dir", "annotations_csv",
            "dataset_annotations"]
@@ -269,6 +270,15 @@ class ExperimentPaths:
     def shift_report(self) -> Path:
         """Where the summary of every shift of the final set goes."""
         return self.runs / f"{REPORT}{FINAL_SUFFIX}-shifts"
+
+    def thickness_report(self) -> Path:
+        """Where the slice-thickness study across this experiment's spacings goes (python -m ahnet.thickness)."""
+        return self.runs / f"{REPORT}{FINAL_SUFFIX}-thickness"
+
+
+def experiment_name(preset: str, slice_spacing: float = 2.5) -> str:
+    """An experiment's default name: phantom-<preset>, with -z<S> at a slice spacing other than 2.5 mm."""
+    return f"phantom-{preset}" + (f"-z{slice_spacing:g}" if slice_spacing != 2.5 else "")
 
 
 def report_candidates(report_dir, run_name: str) -> Path:

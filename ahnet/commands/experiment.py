@@ -116,7 +116,7 @@ def plan_experiment(args) -> Plan:
     """Every option of the call checked before any data work (ValueError, one sentence)."""
     phantoms.slice_options(args.slice_spacing)
     preset = at_slice_spacing(with_rescore(PRESETS[args.preset], args.rescore), args.slice_spacing)
-    name = args.name or f"phantom-{args.preset}" + (f"-z{args.slice_spacing:g}" if args.slice_spacing != 2.5 else "")
+    name = args.name or paths.experiment_name(args.preset, args.slice_spacing)
     ep = paths.ExperimentPaths(name)
     variants = list(args.variants or preset.variants)
     for v in variants:

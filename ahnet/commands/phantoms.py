@@ -150,7 +150,8 @@ def check_sealed(final_json: Path, others: List[Path]) -> int:
     return len(final)
 
 
-def _commit() -> str:
+def short_commit() -> str:
+    """The short hash of the code's commit; "unknown" outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -168,7 +169,7 @@ def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optio
         with open(looks, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "commit": _commit(), "preset": preset, "experiment": name, "shift": shift or "",
+                 "commit": short_commit(), "preset": preset, "experiment": name, "shift": shift or "",
                  "runs": " ".join(r.name for r in runs)})
     cols = list(rows[-1])
     text = ",".join(cols) + "\n" + "".join(",".join(str(r.get(c, "")).replace(",", ";") for c in cols) + "\n"

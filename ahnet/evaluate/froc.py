@@ -401,7 +401,13 @@ def cpm_from_curve(fps, sens, fp_rates=FP_RATES) -> float:
 
 
 # ------------------------------------------------------------------------------------------ paired comparisons
-def _cpm_draws(m: Matching, weights: np.ndarray, fp_rates, masks: dict, chunk: int) -> dict:
+def point_cpm(m: Matching, fp_rates, masks: dict) -> dict:
+    """{mask key: CPM of the whole set (every scan once), NaN where the mask holds no nodule}."""
+    return {k: float(v.mean(1)[0]) for k, v in _operating_points(m, np.ones((1, m.n_scans)), fp_rates,
+                                                                  masks).items()}
+
+
+def cpm_draws(m: Matching, weights: np.ndarray, fp_rates, masks: dict, chunk: int = 200) -> dict:
     """{mask key: (B,) CPM per resample of ``weights`` (B, S), NaN where the resample has no nodule of it}."""
     parts = {k: [] for k in masks}
     for s in range(0, weights.shape[0], chunk):
@@ -481,7 +487,7 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
     point = {m: {k: np.mean([p[k] for p in rp.values()], axis=0) for k in masks}   # NaN for every run or none
              for m, rp in run_point.items()}
     seed_rng = np.random.default_rng([int(seed), 1])
-    draws = {m: _seed_level([_cpm_draws(x, W, fp_rates, masks, chunk) for x in by_run.values()], seed_rng,
+    draws = {m: _seed_level([cpm_draws(x, W, fp_rates, masks, chunk) for x in by_run.values()], seed_rng,
                             n_bootstrap) for m, by_run in match.items()}
     labels = [k for k in masks if k[0] != "all"]
 
@@ -538,7 +544,7 @@ def paired_across_sets(nodules_a, runs_a: dict, nodules_b, runs_b: dict, scan_id
         masks = {("all", None): np.ones(match[0].nod_score.size, bool)}
         point = np.mean([_operating_points(m, np.ones((1, m.n_scans)), fp_rates, masks)[("all", None)].mean(1)
                          for m in match])
-        draws = np.stack([_cpm_draws(m, W, fp_rates, masks, chunk)[("all", None)] for m in match], axis=1)
+        draws = np.stack([cpm_draws(m, W, fp_rates, masks, chunk)[("all", None)] for m in match], axis=1)
         out[key] = (float(point), np.take_along_axis(draws, pick, axis=1).mean(1) if n_bootstrap else draws[:, 0])
     d = out["b"][1] - out["a"][1]
     return {"cpm_a": out["a"][0], "cpm_b": out["b"][0], "diff": out["b"][0] - out["a"][0],
