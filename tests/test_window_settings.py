@@ -14,7 +14,7 @@ def test_settings_keep_good_values_and_normalise_them():
     assert s.window == (8, 16, 16) and all(type(v) is int for v in s.window)
     assert s.overlap == 0.25 and type(s.overlap) is float and s.sw_batch == 3 and type(s.sw_batch) is int
     assert s.kwargs() == {"window": (8, 16, 16), "overlap": 0.25, "sw_batch": 3}
-    assert WindowSettings().kwargs() == {"window": None, "overlap": 0.5, "sw_batch": 2}
+    assert WindowSettings().kwargs() == {"window": None, "overlap": 0.5, "sw_batch": 8}
     assert WindowSettings(overlap=0).overlap == 0.0
 
 

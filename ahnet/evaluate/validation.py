@@ -4,10 +4,11 @@ Training chooses ``best.pt`` and judges ``--patience`` by a score of the model a
 cheap but says little about a detector (and nothing where the patches hold no nodule), so the default score is
 what the evaluation reports: each validation case predicted whole through the inference stage
 (``ahnet.infer.predict_volume``: the training patch as the sliding window, overlap 0.5, the run's precision and
-memory layout), candidates as the evaluation extracts them (``ahnet.infer.extract_candidates`` with its
-defaults), and the CPM of the LUNA16 FROC (``ahnet.evaluate.froc.evaluate_detection``, no bootstrap) against the
-dataset's annotations (``ahnet.paths.dataset_annotations``; without that file, the nodules the cache derived from
-the masks). Images are read from the run's HDF5 cache (already scaled to [0, 1]), one case at a time.
+memory layout, WindowSettings.sw_batch windows a pass or the batch size if larger), candidates as the evaluation
+extracts them (``ahnet.infer.extract_candidates`` with its defaults), and the CPM of the LUNA16 FROC
+(``ahnet.evaluate.froc.evaluate_detection``, no bootstrap) against the dataset's annotations
+(``ahnet.paths.dataset_annotations``; without that file, the nodules the cache derived from the masks).
+Images are read from the run's HDF5 cache (already scaled to [0, 1]), one case at a time.
 
 The training stage cannot import this (inference and evaluation come after it), so the command line builds the
 validator (``make_validator(cfg)``) and hands it to ``ahnet.train.train``.
@@ -26,7 +27,7 @@ from ahnet.train.config import TrainConfig
 from ahnet.data.cache import cache_dataset, read_cache_attrs
 from ahnet.data.io import Volume, load_dataset_json, read_annotations_csv
 from ahnet.evaluate.froc import evaluate_detection
-from ahnet.infer import Ensemble, Member, extract_candidates, predict_volume
+from ahnet.infer import Ensemble, Member, WindowSettings, extract_candidates, predict_volume
 from ahnet.nets import model_spec
 from ahnet.train import TrainError, split_cases
 
@@ -81,7 +82,7 @@ class CPMValidator:
         for c in self.cases:
             with h5py.File(c.cache_file, "r") as f:
                 image = f["image"][...]
-            prob = predict_volume(ens, image, sw_batch=max(2, cfg.batch_size), amp=amp,
+            prob = predict_volume(ens, image, sw_batch=max(WindowSettings.sw_batch, cfg.batch_size), amp=amp,
                                   channels_last=cfg.channels_last and self.dims == 3)
             rows += extract_candidates(prob, c.geometry, seriesuid=c.case_id)
         res = evaluate_detection(self.nodules, rows, [c.case_id for c in self.cases], n_bootstrap=0)

@@ -4,11 +4,11 @@ The API (shapes: arrays (z, y, x); tensors (N, C, D, H, W); world coordinates LP
 
 - ``load_ensemble(runs, device="cpu", allow_mixed=False) -> Ensemble``: run folders, checkpoint files or
   cross-validations (ahnet.paths.resolve_checkpoints), each model rebuilt through the registry, eval mode.
-- ``predict_volume(ens, image01, window=None, overlap=0.5, sw_batch=2, tta=False, amp="auto",
+- ``predict_volume(ens, image01, window=None, overlap=0.5, sw_batch=8, tta=False, amp="auto",
   channels_last=False) -> (z, y, x) float32`` probabilities for a (z, y, x) image scaled to [0, 1]; 3D models by
   sliding windows, 2D models slice by slice; the mean over the ensemble.
 - ``window_for(shape, multiple, patch=None, window=None) -> (D, H, W)``: the one window rule (``Ensemble.window``).
-- ``WindowSettings(window=None, overlap=0.5, sw_batch=2)``: those settings together, range-checked, with the
+- ``WindowSettings(window=None, overlap=0.5, sw_batch=8)``: those settings together, range-checked, with the
   command-line options that make them (``add_window_arguments``, ``WindowSettings.from_arguments``).
 - ``extract_candidates(prob, geometry, rule=None, ...) -> LUNA16 rows`` (world mm) from a probability map by a
   ``CandidateRule`` (default ``DEFAULT_RULE``: local maxima, NMS in mm, merging, sub-voxel centres).
