@@ -21,7 +21,7 @@ from ahnet import failures
 from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, rule_from_arguments
 from ahnet.infer.outputs import add_output_arguments, check_outputs, outputs_from_arguments
-from ahnet.infer.scans import check_scan_sizes, find_cases
+from ahnet.infer.scans import CheckedInput, check_scan_sizes, find_cases
 from ahnet.serve.client import ClientError, Connection, model_info, run_cases
 
 PROG = "ahnet.client"
@@ -67,7 +67,7 @@ def _main(a) -> int:
     _check(a)
     cases = find_cases(a.input, a.split)
     limit = scan_limit("client", a.max_scan_voxels)
-    check_scan_sizes(cases, limit)                  # every header before the server is asked anything
+    headers = check_scan_sizes(cases, limit)        # every header before the server is asked anything, read once
     outputs = check_outputs(cases, outputs_from_arguments(a, "ahnet"))              # before any connection
     conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
     conn.ready()
@@ -75,7 +75,7 @@ def _main(a) -> int:
     conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
     outputs = replace(outputs, algorithm=replace(outputs.algorithm, name=f"ahnet {model}"))   # named in SEG/SR
     res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
-                    candidates=rule_from_arguments(a), limit=limit, outputs=outputs)
+                    candidates=rule_from_arguments(a), checked=CheckedInput(limit, headers, outputs))  # not again
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}; {res['overviews']} overview picture(s)"
           + (f"; DICOM SEG and SR for {len(res['dicom'])} case(s)" if res["dicom"] else ""))

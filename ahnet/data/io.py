@@ -279,17 +279,20 @@ def _read_dicom_series(path: Path, files, series_uid: str) -> Volume:
 
 
 def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: str | None = None,
-               limit: ScanLimit | None = None) -> Volume:
+               limit: ScanLimit | None = None, header: ScanHeader | None = None) -> Volume:
     """Read a 3D scan or mask: NIfTI (.nii/.nii.gz), MetaImage (.mha/.mhd), NRRD, or a DICOM series folder.
 
-    Its header first (ahnet.data.header.read_header): a scan with more voxels than ``limit`` (default: what the
-    memory available holds at ahnet.data.budget's "read" bytes per voxel) is refused before its voxels are read.
+    Its header first (ahnet.data.header.read_header, or ``header``: this path's, read up front by the caller and
+    not read again): a scan with more voxels than ``limit`` (default: what the memory available holds at
+    ahnet.data.budget's "read" bytes per voxel) is refused before its voxels are read.
     Returns a validated :class:`Volume` with array (z, y, x) cast to ``dtype`` (None keeps the file's dtype).
     Raises DataError naming the file on a missing/corrupt file, a non-3D volume, bad spacing, or NaN voxels
     (unless nan_policy="repair").
     """
     path = Path(path)
-    head = read_header(path, series_uid)
+    if header is not None and Path(header.path) != path:
+        raise ValueError(f"read_image({path}) was given the header of {header.path}")
+    head = header if header is not None else read_header(path, series_uid)
     (limit or scan_limit("read")).check(head)
     if path.is_dir():
         vol = _read_dicom_dir(path, head)
@@ -304,10 +307,10 @@ def read_image(path, dtype=np.float32, nan_policy: str = "raise", series_uid: st
 
 
 def read_scan(path, nan_policy: str = "raise", series_uid: str | None = None,
-              limit: ScanLimit | None = None) -> Volume:
-    """A CT scan: read_image (float32, ``limit`` as there), then checked for sense as CT in HU
+              limit: ScanLimit | None = None, header: ScanHeader | None = None) -> Volume:
+    """A CT scan: read_image (float32, ``limit`` and ``header`` as there), then checked for sense as CT in HU
     (ahnet.data.checks.check_scan)."""
-    vol = read_image(path, nan_policy=nan_policy, series_uid=series_uid, limit=limit)
+    vol = read_image(path, nan_policy=nan_policy, series_uid=series_uid, limit=limit, header=header)
     check_scan(vol, path)
     return vol
 

@@ -16,7 +16,7 @@ from ahnet import failures, paths
 from ahnet.atomic import DiskFull, atomic_paths, folder_lock, remove_temps
 from ahnet.data import io
 from ahnet.data.budget import ScanLimit, scan_limit
-from ahnet.data.header import read_header
+from ahnet.data.header import ScanHeader, read_header
 from ahnet.data.preprocess import clip_and_scale
 from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule, extract_candidates, predict_volume
 from ahnet.infer.outputs import (CaseOutputs, check_outputs, dicom_sources, ranked_findings, write_dicom_files,
@@ -126,26 +126,43 @@ def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "aut
     return out
 
 
-def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> None:
-    """Every scan's header read and checked against ``limit`` before any scan is read or anything written
-    (PredictInputError naming the case); with ``skip_bad`` a bad one is left for its turn (skipped then)."""
+@dataclass(frozen=True)
+class CheckedInput:
+    """What the up-front checks learnt, for write_predictions to use instead of checking again: the ScanLimit
+    the scans passed, each scan's header by image path (check_scan_sizes; none for a bad scan that skip_bad left
+    to its turn) and the output options as ahnet.infer.outputs.check_outputs returned them."""
+    limit: ScanLimit
+    headers: dict
+    outputs: CaseOutputs
+
+
+def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> dict:
+    """Every scan's header read once and checked against ``limit`` before any scan is read or anything written
+    (PredictInputError naming the case); with ``skip_bad`` a bad one is left for its turn (skipped then).
+    Returns {image Path: ScanHeader} of the scans that passed, for their reading (io.read_scan's ``header``)."""
+    headers: dict[Path, ScanHeader] = {}
     for case in cases:
         if skip_bad and not Path(case.image).exists():
             continue
         try:
-            limit.check(read_header(case.image))
+            head = read_header(case.image)
+            limit.check(head)
+            headers[Path(case.image)] = head
         except ValueError as e:
             if not skip_bad:
                 raise PredictInputError(f"case {case.case_id}: {failures.one_line(e).rstrip('.')} (nothing was "
                                         f"written)") from None
+    return headers
 
 
 def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
-                  rescorer: Rescorer | None, outputs: CaseOutputs, limit: ScanLimit | None = None) -> tuple:
-    """One scan -> its files (ahnet.paths.case_paths: _prob and _mask written atomically together, the overview,
-    for a DICOM series the SEG and SR; each written atomically) and its candidate rows (rescored by the second
-    stage when ``rescorer`` is given). Returns (rows, {"overview": bool, "dicom": bool})."""
-    vol = io.read_scan(case.image, limit=limit)
+                  rescorer: Rescorer | None, outputs: CaseOutputs, limit: ScanLimit | None = None,
+                  header: ScanHeader | None = None) -> tuple:
+    """One scan (its ``header`` as read up front, else read here) -> its files (ahnet.paths.case_paths: _prob and
+    _mask written atomically together, the overview, for a DICOM series the SEG and SR; each written atomically)
+    and its candidate rows (rescored by the second stage when ``rescorer`` is given). Returns (rows,
+    {"overview": bool, "dicom": bool})."""
+    vol = io.read_scan(case.image, limit=limit, header=header)
     dicom = dicom_sources(case, vol, outputs)              # the source headers before the work: fails early
     scale_in_place(vol.array)
     prob = probability(vol.array)
@@ -166,7 +183,7 @@ def _predict_case(case: Case, out: Path, probability, threshold: float, rule: Ca
 
 def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
                       skip_bad: bool = False, rescorer: Rescorer | None = None, limit: ScanLimit | None = None,
-                      outputs: CaseOutputs | None = None) -> dict:
+                      outputs: CaseOutputs | None = None, checked: CheckedInput | None = None) -> dict:
     """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
     writing per case <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold), _overview.png and for a
     DICOM series _seg.dcm and _sr.dcm (``outputs``, ahnet.infer.outputs.CaseOutputs: default all of them), and
@@ -175,21 +192,27 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
     --out locked. The output options are checked before anything is written.
 
     One case in memory at a time; every scan's header checked against ``limit`` (default: ahnet.data.budget's
-    "predict" limit) before the first is read. A scan that fails: the candidates of the scans done are written,
-    then PredictInputError, or with ``skip_bad`` a warning and the next scan.
+    "predict" limit) before the first is read, and each read once. ``checked``: what the caller's up-front checks
+    learnt (CheckedInput; then no ``limit`` or ``outputs`` beside it), used as it is. A scan that fails: the
+    candidates of the scans done are written, then PredictInputError, or with ``skip_bad`` a warning and the next
+    scan.
     Returns {"cases": [case_id], "failed": [(case_id, message)], "candidates": n rows, "csv": path,
     "overviews": n, "dicom": [case_id with a SEG and SR]}.
     """
-    outputs = check_outputs(cases, outputs)
-    out, rule = Path(out), candidate_rule(candidates)
-    limit = limit or scan_limit("predict")
-    check_scan_sizes(cases, limit, skip_bad)
+    if checked is None:
+        outputs = check_outputs(cases, outputs)
+        limit = limit or scan_limit("predict")
+        checked = CheckedInput(limit, check_scan_sizes(cases, limit, skip_bad), outputs)
+    elif limit is not None or outputs is not None:
+        raise TypeError("write_predictions takes limit and outputs inside checked, not beside it")
+    out, rule, outputs, limit = Path(out), candidate_rule(candidates), checked.outputs, checked.limit
     rows, done, failed, dicom, overviews = [], [], [], [], 0
     with folder_lock(out, "--out"):
         remove_temps(out, only_dead=False)
         for case in _progress(cases, desc="predict", unit="case"):
             try:
-                case_rows, wrote = _predict_case(case, out, probability, threshold, rule, rescorer, outputs, limit)
+                case_rows, wrote = _predict_case(case, out, probability, threshold, rule, rescorer, outputs, limit,
+                                                 checked.headers.get(Path(case.image)))
             except DiskFull:
                 raise                                        # not the scan's fault: no --skip-bad past it
             except (ValueError, OSError) as e:

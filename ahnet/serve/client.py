@@ -27,7 +27,7 @@ from torch import nn
 
 from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.infer.outputs import CaseOutputs
-from ahnet.infer.scans import write_predictions
+from ahnet.infer.scans import CheckedInput, write_predictions
 from ahnet.infer import CandidateRule, WindowSettings, sliding_window_predict, window_for
 from ahnet.serve import store
 
@@ -165,10 +165,11 @@ def remote_probability(remote: RemoteWindows, default_window, windows: WindowSet
 
 def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
               threshold: float = 0.5, candidates: CandidateRule | None = None, limit: ScanLimit | None = None,
-              outputs: CaseOutputs | None = None) -> dict:
+              outputs: CaseOutputs | None = None, checked: CheckedInput | None = None) -> dict:
     """Predict every case through the server and write ahnet.commands.predict's files (candidates by the rule
     ``candidates``, default ahnet.infer.DEFAULT_RULE, and the overview and DICOM files by ``outputs``, as
-    ahnet.commands.predict; scans up to ``limit``, default ahnet.data.budget's "client" limit); returns
+    ahnet.commands.predict; scans up to ``limit``, default ahnet.data.budget's "client" limit; or ``checked``,
+    the up-front checks' CheckedInput, instead of ``limit`` and ``outputs``: not checked again); returns
     write_predictions' dict."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
@@ -176,5 +177,7 @@ def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings,
         window_for((1, 1, 1), multiple, meta["window"], windows.window)   # checked before the first case
     remote = RemoteWindows(conn, model, multiple)
     probability = remote_probability(remote, meta["window"], windows, tta)
-    return write_predictions(cases, out, probability, threshold, candidates, limit=limit or scan_limit("client"),
-                             outputs=outputs)
+    if checked is None:
+        limit = limit or scan_limit("client")
+    return write_predictions(cases, out, probability, threshold, candidates, limit=limit, outputs=outputs,
+                             checked=checked)
