@@ -71,6 +71,12 @@ def test_the_summary_matches_direct_computations():
     pair = one["pairs"][0]
     same = pair["interaction"]["2.5"]["overall"]                   # 2.5 mm against 1.25 mm: the same candidates
     assert same["value"] == 0 and same["ci"] == [0.0, 0.0] and not same["decided"]
+    unchanged = one["change"]["2.5"]["unet3d-scratch"]["overall"]
+    assert unchanged["value"] == 0 and unchanged["ci"] == [0.0, 0.0]
+    worse = one["change"]["5"]["unet3d-scratch"]["overall"]
+    assert worse["value"] == pytest.approx(one["cpm"]["5"]["unet3d-scratch"]["overall"]["value"]
+                                           - one["cpm"]["1.25"]["unet3d-scratch"]["overall"]["value"], abs=1e-12)
+    assert worse["decided"] and worse["ci"][1] < 0
     moved = pair["interaction"]["5"]["overall"]                    # the U-Net much worse at 5 mm
     want = (pair["by_spacing"]["5"]["overall"]["value"] - pair["by_spacing"]["1.25"]["overall"]["value"])
     assert moved["value"] == pytest.approx(want, abs=1e-12) and moved["value"] > 0.1
@@ -116,6 +122,7 @@ def test_the_command_writes_the_study_from_two_spacings(tmp_path, monkeypatch, c
     summary = json.loads((out / paths.REPORT_JSON).read_text())
     assert summary["cpm"]["2.5"]["ahnet-transfer"]["overall"]["value"] > 0.5     # the detectors' hits count
     assert "| AH-Net after transfer - 3D U-Net from scratch | 5 vs 2.5 |" in md
+    assert "| 3D U-Net from scratch | 5 vs 2.5 |" in md
     assert "python -m ahnet.thickness --preset cpu --spacings 2.5 5 --bootstrap 50" in md
     for fig in ("thickness_cpm.png", "thickness_pairs.png"):
         assert (out / fig).stat().st_size > 2000

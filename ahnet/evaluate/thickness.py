@@ -89,9 +89,10 @@ def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pa
     models: {model: [its run names]} (the same names at every spacing); pairs: [(a, b)] the differences a - b.
 
     Returns {"spacings", "models", "groups", "n_scans", "n_bootstrap", "seed", "confidence",
-    "cpm": {spacing: {model: {group: E}}}, "pairs": [{"a", "b", "by_spacing": {spacing: {group: D}},
-    "interaction": {spacing: {group: D}}}]}, spacing keys as strings ('2.5'); E = {"value", "ci"}, D = E +
-    {"decided"}; interaction[s] = (a - b at s) - (a - b at the first spacing), for every later spacing s.
+    "cpm": {spacing: {model: {group: E}}}, "change": {spacing: {model: {group: D}}}, "pairs": [{"a", "b",
+    "by_spacing": {spacing: {group: D}}, "interaction": {spacing: {group: D}}}]}, spacing keys as strings ('2.5');
+    E = {"value", "ci"}, D = E + {"decided"}; for every spacing s after the first, s0: change[s][m] = m at s - m at
+    s0 and interaction[s] = (a - b at s) - (a - b at s0).
     """
     spacings = sorted(float(s) for s in sets)
     if len(spacings) < 2:
@@ -124,8 +125,11 @@ def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pa
                 (p1, d1), (p0, d0) = diff(s, a, b, g), diff(spacings[0], a, b, g)
                 inter[f"{s:g}"][g] = _estimate(p1 - p0, d1 - d0, confidence, True)
         out_pairs.append({"a": a, "b": b, "by_spacing": by_spacing, "interaction": inter})
+    change = {f"{s:g}": {m: {g: _estimate(est[s][m][g][0] - est[spacings[0]][m][g][0],
+                                          est[s][m][g][1] - est[spacings[0]][m][g][1], confidence, True)
+                             for g in groups} for m in models} for s in spacings[1:]}
     return {"spacings": spacings, "models": list(models), "groups": groups, "n_scans": len(scans),
             "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
             "cpm": {f"{s:g}": {m: {g: _estimate(*est[s][m][g], confidence, False) for g in groups}
                                for m in models} for s in spacings},
-            "pairs": out_pairs}
+            "change": change, "pairs": out_pairs}

@@ -99,13 +99,18 @@ def summary_tables(summary: dict) -> list:
     for m in summary["models"]:
         lines += [f"| {display(m)} | {s} | " + " | ".join(_cell(summary["cpm"][s][m][g], False) for g in groups) + " |"
                   for s in spacings]
+    first = spacings[0]
+    lines += ["", f"## How each model moves with slice spacing: (model at s) - (model at {first} mm), paired by scan",
+              "", head.format("model"), rule]
+    for m in summary["models"]:
+        lines += [f"| {display(m)} | {s} vs {first} | " + " | ".join(_cell(summary["change"][s][m][g], True)
+                                                                 for g in groups) + " |" for s in spacings[1:]]
     lines += ["", "## Paired differences a - b at each spacing (bold: the interval excludes 0)", "",
               head.format("a - b"), rule]
     for p in summary["pairs"]:
         name = f"{display(p['a'])} - {display(p['b'])}"
         lines += [f"| {name} | {s} | " + " | ".join(_cell(p["by_spacing"][s][g], True) for g in groups) + " |"
                   for s in spacings]
-    first = spacings[0]
     lines += ["", f"## How each difference moves with slice spacing: (a - b at s) - (a - b at {first} mm)", "",
               head.format("a - b"), rule]
     for p in summary["pairs"]:
