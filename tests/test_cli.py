@@ -63,7 +63,7 @@ def test_every_user_facing_command_has_a_console_script():
     scripts = dict(ln.split(" = ") for ln in lines)
     assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
                             "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench", "ahnet-export",
-                            "ahnet-serve", "ahnet-client", "ahnet-rescore"}
+                            "ahnet-serve", "ahnet-client", "ahnet-rescore", "ahnet-thickness"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
