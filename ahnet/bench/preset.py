@@ -123,8 +123,8 @@ def work_step(spec: dict) -> dict:
 def work_validation(spec: dict) -> dict:
     """One validation of the variant (its CPM validator on its validation cases), eager or compiled, and the
     seconds of predict_volume alone on the same cases."""
-    from ahnet.evaluate.validation import make_validator
-    from ahnet.infer import Ensemble, Member, WindowSettings, predict_volume
+    from ahnet.evaluate.validation import make_validator, validation_window_batch
+    from ahnet.infer import Ensemble, Member, predict_volume
 
     torch.manual_seed(0)
     cfg, model, amp, _ = build_run(spec, with_data=False)
@@ -149,7 +149,8 @@ def work_validation(spec: dict) -> dict:
     for c in validator.cases:
         with h5py.File(c.cache_file, "r") as f:
             image = f["image"][...]
-        predict_volume(ens, image, sw_batch=max(WindowSettings.sw_batch, cfg.batch_size), amp=cfg.amp, channels_last=cfg.channels_last)
+        predict_volume(ens, image, sw_batch=validation_window_batch(cfg), amp=cfg.amp,
+                       channels_last=cfg.channels_last)
     out["predict_s"], out["predict_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
     out["candidates_and_froc_s"] = out["validation_s"] - out["predict_s"]
     out["candidates_and_froc_cpu_s"] = out["validation_cpu_s"] - out["predict_cpu_s"]

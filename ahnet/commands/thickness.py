@@ -1,4 +1,4 @@
-"""``python -m ahnet.thickness``: the slice-thickness study from the final evaluations an experiment made at each spacing.
+"""``python -m ahnet.thickness``: the slice-thickness study from an experiment's final evaluations at each spacing.
 
     python -m ahnet.experiment --preset cpu --final                      # 2.5 mm: runs/phantom-cpu/report-final
     python -m ahnet.experiment --preset cpu --final --slice-spacing 5    # 5 mm: runs/phantom-cpu-z5/report-final
@@ -68,8 +68,9 @@ def plan_study(args) -> tuple:
             raise ValueError(f"--spacings {s:g}: no final evaluation at {s:g} mm ({ep.report(final=True)}); run "
                              f"python -m ahnet.experiment --preset {args.preset} --final"
                              + (f" --slice-spacing {s:g}" if s != 2.5 else ""))
-        if abs(data_spacing(final_json)[0] - s) > 1e-6:
-            raise ValueError(f"--spacings {s:g}: {final_json} holds {data_spacing(final_json)[0]:g} mm slices")
+        held = data_spacing(final_json)[0]
+        if abs(held - s) > 1e-6:
+            raise ValueError(f"--spacings {s:g}: {final_json} holds {held:g} mm slices")
     if args.variants:
         variants = list(dict.fromkeys(args.variants))
         for v in variants:
@@ -99,9 +100,8 @@ def run_study(args, argv) -> int:
     runs: Dict[str, List[str]] = {v: _run_names(ep0, v, args.seeds) for v in variants}
     names = [r for rs in runs.values() for r in rs]
     sets = {s: read_evaluated_set(ep.final / paths.DATASET, ep.report(final=True), names) for s, ep in exps.items()}
-    pairs = [(REFERENCE, v) for v in ("unet3d-scratch", "ahnet-scratch", "mcgcn-2d") if v in variants and v != REFERENCE]
+    pairs = [(REFERENCE, v) for v in ("unet3d-scratch", "ahnet-scratch", "mcgcn-2d") if v in variants]
     summary = thickness_summary(sets, runs, pairs, n_bootstrap=args.bootstrap, seed=0)
-    summary["runs_per_model"] = {v: len(r) for v, r in runs.items()}
     command = "python -m ahnet.thickness " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     provenance = (f"Command: `{command}`; from " + ", ".join(f"`{ep.report(final=True)}`" for ep in exps.values())
                   + f"; code {short_commit()}; {datetime.date.today().isoformat()}.")

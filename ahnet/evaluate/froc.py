@@ -289,7 +289,7 @@ def bootstrap_weights(n_scans: int, n_bootstrap: int, seed: int = 0) -> np.ndarr
     return w
 
 
-def _ci(values: np.ndarray, confidence: float):
+def percentile_interval(values: np.ndarray, confidence: float):
     """Percentile interval over axis 0, ignoring NaN rows; None where no resample is defined."""
     lo_q, hi_q = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
     ok = ~np.isnan(values)
@@ -297,7 +297,7 @@ def _ci(values: np.ndarray, confidence: float):
         if not ok.any():
             return None
         return [float(np.percentile(values[ok], lo_q)), float(np.percentile(values[ok], hi_q))]
-    return [_ci(values[:, j], confidence) for j in range(values.shape[1])]
+    return [percentile_interval(values[:, j], confidence) for j in range(values.shape[1])]
 
 
 def _num(x):
@@ -345,8 +345,8 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
                "sensitivity_ci": None, "cpm_ci": None, "n_bootstrap_used": 0}
         if n_bootstrap:
             bs = boot[key]
-            res["sensitivity_ci"] = _ci(bs[:, :F], confidence)
-            res["cpm_ci"] = _ci(bs[:, :F].mean(1), confidence)
+            res["sensitivity_ci"] = percentile_interval(bs[:, :F], confidence)
+            res["cpm_ci"] = percentile_interval(bs[:, :F].mean(1), confidence)
             res["n_bootstrap_used"] = int((~np.isnan(bs[:, 0])).sum())
         return res, p, (boot[key] if n_bootstrap else None)
 
@@ -362,7 +362,7 @@ def evaluate_detection(nodules, candidates, scan_ids, fp_rates=FP_RATES, n_boots
            "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
            "groups": {k: {} for k in group_keys}}
     if n_bootstrap:
-        ci = _ci(b_all[:, F:], confidence)
+        ci = percentile_interval(b_all[:, F:], confidence)
         out["froc_band"]["lower"] = [c[0] if c else None for c in ci]
         out["froc_band"]["upper"] = [c[1] if c else None for c in ci]
     for key in masks:
@@ -421,7 +421,7 @@ def _difference(a: str, b: str, point: dict, draws: dict, key, confidence: float
     pa, pb = point[a][key][0], point[b][key][0]
     diff = pa - pb if not (np.isnan(pa) or np.isnan(pb)) else np.nan
     d = draws[a][key] - draws[b][key]
-    ci = _ci(d, confidence) if d.size else None
+    ci = percentile_interval(d, confidence) if d.size else None
     winner = None
     if ci is not None and not np.isnan(diff):
         winner = a if ci[0] > 0 else b if ci[1] < 0 else None
@@ -429,7 +429,7 @@ def _difference(a: str, b: str, point: dict, draws: dict, key, confidence: float
             "n_bootstrap_used": int((~np.isnan(d)).sum())}
 
 
-def _seed_level(run_draws: list, rng, n_bootstrap: int) -> dict:
+def seed_level(run_draws: list, rng, n_bootstrap: int) -> dict:
     """The seed level of the hierarchical bootstrap: {mask key: (B,) mean of the draws of a resample of the runs,
     drawn with replacement} (resample b of every run scored on the same scan resample b). One run: its draws."""
     if len(run_draws) == 1:
@@ -487,7 +487,7 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
     point = {m: {k: np.mean([p[k] for p in rp.values()], axis=0) for k in masks}   # NaN for every run or none
              for m, rp in run_point.items()}
     seed_rng = np.random.default_rng([int(seed), 1])
-    draws = {m: _seed_level([cpm_draws(x, W, fp_rates, masks, chunk) for x in by_run.values()], seed_rng,
+    draws = {m: seed_level([cpm_draws(x, W, fp_rates, masks, chunk) for x in by_run.values()], seed_rng,
                             n_bootstrap) for m, by_run in match.items()}
     labels = [k for k in masks if k[0] != "all"]
 
@@ -514,7 +514,7 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
     return {"models": models, "n_scans": first.n_scans, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
             "confidence": confidence, "fp_rates": list(fp_rates),
             "cpm": {n: by_group(lambda k, n=n: _num(point[n][k][0])) for n in models},
-            "cpm_ci": {n: by_group(lambda k, n=n: _ci(draws[n][k], confidence) if draws[n][k].size else None)
+            "cpm_ci": {n: by_group(lambda k, n=n: percentile_interval(draws[n][k], confidence) if draws[n][k].size else None)
                        for n in models},
             "runs": {n: {r: by_group(lambda k, p=p: _num(p[k][0])) for r, p in run_point[n].items()}
                      for n in models},
@@ -548,4 +548,4 @@ def paired_across_sets(nodules_a, runs_a: dict, nodules_b, runs_b: dict, scan_id
         out[key] = (float(point), np.take_along_axis(draws, pick, axis=1).mean(1) if n_bootstrap else draws[:, 0])
     d = out["b"][1] - out["a"][1]
     return {"cpm_a": out["a"][0], "cpm_b": out["b"][0], "diff": out["b"][0] - out["a"][0],
-            "ci": _ci(d, confidence) if d.size else None, "n_bootstrap": int(n_bootstrap)}
+            "ci": percentile_interval(d, confidence) if d.size else None, "n_bootstrap": int(n_bootstrap)}

@@ -18,7 +18,7 @@ import numpy as np
 
 from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.evaluate.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_draws, match_candidates,
-                                 point_cpm)
+                                 percentile_interval, point_cpm, seed_level)
 
 #: the four composition groups the study reports beside the overall CPM (types: ahnet.data.nodule_types)
 TYPE_GROUPS: Dict[str, Tuple[str, ...]] = {
@@ -46,18 +46,10 @@ def with_composition(nodules: Sequence[dict]) -> List[dict]:
     return [dict(n, **{GROUP_KEY: composition(n.get("type"))}) for n in nodules]
 
 
-def _ci(x: np.ndarray, confidence: float):
-    x = x[~np.isnan(x)]
-    if not x.size:
-        return None
-    q = 100 * (1 - confidence) / 2
-    return [float(np.percentile(x, q)), float(np.percentile(x, 100 - q))]
-
-
 def _estimate(point: float, draws: np.ndarray, confidence: float, difference: bool) -> dict:
     """{"value", "ci"} (+ "decided": the interval excludes 0, for a difference)."""
     value = None if np.isnan(point) else float(point)
-    out = {"value": value, "ci": _ci(draws, confidence) if draws.size else None}
+    out = {"value": value, "ci": percentile_interval(draws, confidence) if draws.size else None}
     if difference:
         out["decided"] = bool(out["ci"] is not None and value is not None and (out["ci"][0] > 0 or out["ci"][1] < 0))
     return out
@@ -65,21 +57,15 @@ def _estimate(point: float, draws: np.ndarray, confidence: float, difference: bo
 
 def _model_on_set(nodules, runs: dict, scan_ids, W: np.ndarray, rng, fp_rates, chunk: int) -> Dict[str, tuple]:
     """{group: (point CPM, (B,) draws)} of one model's runs {run: candidate rows} on one set: the point the mean
-    over its runs, each resample the mean over a resample of its runs (one run: that run's draws)."""
+    over its runs, each resample the mean over a resample of its runs (froc.seed_level; one run: its draws)."""
     names = sorted(runs)
     rows = with_composition(nodules)
     match = [match_candidates(rows, runs[r], scan_ids, group_keys=(GROUP_KEY,)) for r in names]
     labels = match[0].nod_groups[GROUP_KEY]
     masks = {OVERALL: np.ones(labels.size, bool), **{g: labels == g for g in TYPE_GROUPS}}
     points = [point_cpm(m, fp_rates, masks) for m in match]
-    draws = [cpm_draws(m, W, fp_rates, masks, chunk) for m in match]
-    pick = rng.integers(0, len(names), size=(W.shape[0], len(names)))
-    out = {}
-    for g in masks:
-        stacked = np.stack([d[g] for d in draws], axis=1)                      # (B, runs)
-        resampled = np.take_along_axis(stacked, pick, axis=1).mean(1) if len(names) > 1 else stacked[:, 0]
-        out[g] = (float(np.mean([p[g] for p in points])), resampled)
-    return out
+    draws = seed_level([cpm_draws(m, W, fp_rates, masks, chunk) for m in match], rng, W.shape[0])
+    return {g: (float(np.mean([p[g] for p in points])), draws[g]) for g in masks}
 
 
 def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pairs: Sequence[Tuple[str, str]],
@@ -89,10 +75,10 @@ def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pa
     models: {model: [its run names]} (the same names at every spacing); pairs: [(a, b)] the differences a - b.
 
     Returns {"spacings", "models", "groups", "n_scans", "n_bootstrap", "seed", "confidence",
-    "cpm": {spacing: {model: {group: E}}}, "change": {spacing: {model: {group: D}}}, "pairs": [{"a", "b",
-    "by_spacing": {spacing: {group: D}}, "interaction": {spacing: {group: D}}}]}, spacing keys as strings ('2.5');
-    E = {"value", "ci"}, D = E + {"decided"}; for every spacing s after the first, s0: change[s][m] = m at s - m at
-    s0 and interaction[s] = (a - b at s) - (a - b at s0).
+    "runs_per_model": {model: n}, "cpm": {spacing: {model: {group: E}}}, "change": {spacing: {model: {group: D}}},
+    "pairs": [{"a", "b", "by_spacing": {spacing: {group: D}}, "interaction": {spacing: {group: D}}}]}, spacing
+    keys as strings ('2.5'); E = {"value", "ci"}, D = E + {"decided"}; for every spacing s after the first, s0:
+    change[s][m] = m at s - m at s0 and interaction[s] = (a - b at s) - (a - b at s0).
     """
     spacings = sorted(float(s) for s in sets)
     if len(spacings) < 2:
@@ -132,4 +118,4 @@ def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pa
             "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
             "cpm": {f"{s:g}": {m: {g: _estimate(*est[s][m][g], confidence, False) for g in groups}
                                for m in models} for s in spacings},
-            "change": change, "pairs": out_pairs}
+            "runs_per_model": {m: len(runs) for m, runs in models.items()}, "change": change, "pairs": out_pairs}

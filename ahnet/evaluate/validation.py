@@ -61,6 +61,11 @@ def _nodule_rows(cases: list, dataset_json) -> list[dict]:
     return rows
 
 
+def validation_window_batch(cfg: TrainConfig) -> int:
+    """Windows a forward pass when validating: the inference default, or the training batch if larger."""
+    return max(WindowSettings.sw_batch, cfg.batch_size)
+
+
 class CPMValidator:
     """``validator(model) -> CPM`` on the validation cases of ``cfg`` (see the module docstring)."""
 
@@ -82,7 +87,7 @@ class CPMValidator:
         for c in self.cases:
             with h5py.File(c.cache_file, "r") as f:
                 image = f["image"][...]
-            prob = predict_volume(ens, image, sw_batch=max(WindowSettings.sw_batch, cfg.batch_size), amp=amp,
+            prob = predict_volume(ens, image, sw_batch=validation_window_batch(cfg), amp=amp,
                                   channels_last=cfg.channels_last and self.dims == 3)
             rows += extract_candidates(prob, c.geometry, seriesuid=c.case_id)
         res = evaluate_detection(self.nodules, rows, [c.case_id for c in self.cases], n_bootstrap=0)

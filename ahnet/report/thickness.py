@@ -127,11 +127,11 @@ def write_thickness_report(summary: dict, out_dir, title: str, provenance: str =
     for name, png in ((CPM_FIGURE, cpm_figure(summary)), (PAIRS_FIGURE, pairs_figure(summary))):
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(png)
-    runs = {m: n for m, n in summary.get("runs_per_model", {}).items()}
+    runs = ", ".join(f"{display(m)} {n} run(s)" for m, n in summary["runs_per_model"].items())
     lines = [f"# {title}", "",
              f"The same final test set ({summary['n_scans']} scans) rendered at "
              f"{', '.join(f'{s:g}' for s in summary['spacings'])} mm slices; every model trained and evaluated at "
-             f"each spacing{' (' + ', '.join(f'{display(m)} {n} run(s)' for m, n in runs.items()) + ')' if runs else ''}."
+             f"each spacing ({runs})."
              f" Intervals: {summary['n_bootstrap']} resamples of the scans (the same draws at every spacing) and of "
              f"each model's seeds. Groups: solid T01-T06, part-solid T07-T08, ground-glass T09-T10, calcified "
              f"T11-T12.", ""]
