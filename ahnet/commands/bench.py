@@ -202,15 +202,17 @@ def preset_plan(args) -> list:
     """The --preset section's measurements (ahnet.bench.preset): for each variant its training step as the preset
     trains it (the profile), then each lever alone: the float32 guard and no guard, --preset-batch, torch.compile;
     its validation (eager and compiled); the guard's cost per affected conv call."""
-    from ahnet.commands.experiment import data_spacing
-    from ahnet.commands.presets import PRESETS, variant_config
+    from ahnet.commands.phantoms import data_spacing
+    from ahnet.commands.presets import PRESETS, at_slice_spacing, variant_config
+    from ahnet.paths import ExperimentPaths
 
-    preset, parts, plan = PRESETS[args.preset], set(args.preset_parts), []
     spacing = data_spacing(args.data)
+    preset, parts, plan = at_slice_spacing(PRESETS[args.preset], spacing[0]), set(args.preset_parts), []
+    runs = ExperimentPaths(f"bench-{args.preset}")          # run folders named in the configs, never written
     for variant in args.preset_variants:
         try:
-            cfg = variant_config(variant.replace("-transfer", "-scratch"), preset, args.data, Path(args.out) / "runs",
-                                 0, "cpu", spacing)
+            cfg = variant_config(variant.replace("-transfer", "-scratch"), 0, preset, Path(args.data), runs, 0, "cpu",
+                                 spacing)
         except ValueError as e:
             raise ValueError(f"--preset-variants {variant}: {e}") from None
         if cfg.stage != "3d":

@@ -76,6 +76,32 @@ def test_scan_worker_runs_both_stages_on_a_small_scan():
     assert res["peak_mb"] >= 0 and res["fold"] is True          # a high-water mark: 0 in a process that was larger
 
 
+@pytest.mark.parametrize("z, depth", [(2.5, 16), (5.0, 8)])
+def test_preset_plan_trains_the_experiments_configs_at_the_datas_slice_spacing(tmp_path, z, depth):
+    """--preset plans each variant's step exactly as the experiment configures it (transfer timed as scratch), with
+    the 3D patch over the same depth in mm as the experiment gives that slice spacing."""
+    import json
+    import numpy as np
+    from ahnet.commands.presets import PRESETS, at_slice_spacing, variant_config
+    from ahnet.data.io import write_image
+    from ahnet.paths import ExperimentPaths
+
+    scan = np.random.default_rng(0).integers(-1000, 400, size=(4, 16, 16)).astype(np.int16)
+    write_image(tmp_path / "c.nii.gz", scan, spacing=(z, 0.7, 0.7))
+    js = tmp_path / "dataset.json"
+    js.write_text(json.dumps({"training": [{"image": "c.nii.gz", "case_id": "c"}]}))
+    args = cli.parse_args(["--preset", "cpu", "--data", str(js), "--out", str(tmp_path / "o"),
+                           "--preset-variants", "ahnet-transfer", "unet3d-scratch", "--preset-parts", "profile"])
+    plan = cli.preset_plan(args)
+    assert [(k, s["variant"], s["guard"]) for k, s in plan] == [("step", "ahnet-transfer", "pad"),
+                                                                ("step", "unet3d-scratch", "pad")]
+    preset = at_slice_spacing(PRESETS["cpu"], z)
+    want = variant_config("ahnet-scratch", 0, preset, js, ExperimentPaths("bench-cpu"), 0, "cpu", [z, 0.7, 0.7])
+    assert plan[0][1]["config"] == want.to_dict() and want.patch_size == [depth, 64, 64]
+    with pytest.raises(ValueError, match="--preset-variants mcgcn-2d is not a 3D training"):
+        cli.preset_plan(cli.parse_args(["--preset", "cpu", "--data", str(js), "--preset-variants", "mcgcn-2d"]))
+
+
 def test_guard_calls_worker_finds_the_depth_two_convolutions():
     """The cpu preset's U-Net kind at 16 x 64 x 64 (spacing z-pooling): the guard bites at the 3 x 3 x 3 convs of
     the depth-2 level only (two in the encoder unit, two in the decoder unit), each timed under every guard."""
