@@ -305,6 +305,11 @@ def main(argv=None) -> int:
     print(format_table(rows))
     path = write_results(args, device, results, rows, time.time() - t0, start, path)
     print(f"wrote {path}")
+    failed = [r for r in results if "error" in r["result"]]
+    if failed:                     # the JSON keeps what was measured; the notes never get a table of errors
+        return failures.fail(PROG, f"{len(failed)} of {len(results)} measurements failed (the first: "
+                                   f"{failed[0]['result']['error']}); {path} keeps the rest"
+                                   + (f", {args.notes} left unchanged" if args.notes is not None else ""), code=1)
     if args.notes is not None:
         section = "preset" if args.preset else "scans" if args.scans else "models"
         command = notes_command(argv)

@@ -163,3 +163,22 @@ def test_each_measurement_is_on_disk_as_soon_as_it_is_made(tmp_path, monkeypatch
     results = bench.run_plan(plan, 1, 10.0, lambda done: bench.write_results(args, torch.device("cpu"), done, [], 0.0,
                                                                             {}, path, complete=False))
     assert seen == [1, 2] and len(json.loads(path.read_text())["results"]) == 2 and len(results) == 2
+
+
+def test_a_failed_measurement_exits_1_and_leaves_the_notes_alone(tmp_path, monkeypatch, capsys):
+    """Workers that fail (here: error replies) must not put a table of errors into the notes: one line on
+    stderr, exit 1, the notes unchanged, the results JSON on disk with every measurement."""
+    import json
+
+    from ahnet.commands import bench
+    notes = tmp_path / "performance.md"
+    notes.write_text("<!-- bench:scans -->\nold table\n<!-- /bench:scans -->\n")
+    monkeypatch.setattr(bench, "run_worker", lambda spec, timeout: {"error": ["KeyError: 'scan'"]})
+    n = len(bench.scans_plan(bench.parse_args(["--scans", "--scan-shapes", "8x16x16"])))
+    code = bench.main(["--device", "cpu", "--scans", "--scan-shapes", "8x16x16", "--out", str(tmp_path / "o"),
+                       "--notes", str(notes)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and f"{n} of {n} measurements failed" in err[0] and "KeyError" in err[0], err
+    assert notes.read_text() == "<!-- bench:scans -->\nold table\n<!-- /bench:scans -->\n"
+    doc = json.loads(next((tmp_path / "o").glob("bench-*.json")).read_text())
+    assert doc["complete"] is True and len(doc["results"]) == n
