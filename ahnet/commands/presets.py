@@ -63,7 +63,7 @@ CPU_VARIANTS = ["mcgcn-2d", "ahnet-transfer", "ahnet-scratch", "unet3d-scratch",
 
 PRESETS: Dict[str, Preset] = {
     "demo": Preset(cases=32, size=192, encoder="resnet18", patch_2d=[3, 128, 128], batch_2d=8, epochs_2d=4,
-                   steps_2d=100, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=8, steps_3d=250, lr=1e-3,
+                   steps_2d=100, patch_3d=[16, 64, 64], batch_3d=2, epochs_3d=6, steps_3d=250, lr=1e-3,
                    variants=["mcgcn-2d", "ahnet-transfer"], test_phantom="demo",
                    phantom=dict(nodules_per_case=[4, 10], negatives=0.1),
                    recipe=dict(hard_fraction=0.3, val_cases=4, dice_per_patch=True,
