@@ -150,3 +150,27 @@ def test_runs_of_earlier_versions_resume_without_the_pfn_depth_they_recorded(tmp
     check_resume(doc["config"], cfg, "last.pt")                         # no "pfn_depth was 4 ... now None"
     with pytest.raises(ValueError, match="--pfn-depth sets AH-Net's pyramid pooling"):   # a file a person wrote
         TrainConfig.from_dict({"model": "unet3d", "pfn_depth": 4}).resolved()
+
+
+def test_every_record_names_the_commit_git_names(monkeypatch):
+    """One reader of git (ahnet.code_commit) for run configs, bench notes, the final set's looks and the thickness
+    report: the hash git gives for this checkout, short and full; outside a checkout None and "unknown"."""
+    import subprocess
+    from pathlib import Path
+
+    import ahnet
+    root = Path(ahnet.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    c = ahnet.code_commit()
+    assert c["commit"] == head.stdout.strip() and c["commit"].startswith(c["short"]) and len(c["short"]) >= 7
+    assert ahnet.commit_label() in (c["short"], c["short"] + "+changes")
+    assert ahnet.commit_label(with_changes=False) == c["short"]
+    from ahnet.train.config import environment_info
+    assert environment_info()["git"] == {"commit": c["commit"], "dirty": c["dirty"]}
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert ahnet.code_commit() is None and ahnet.commit_label() == "unknown"

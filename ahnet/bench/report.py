@@ -204,17 +204,9 @@ def run_context() -> dict:
     """The commit (with "+changes" when the work tree differs from it), the date and the load average now: what a
     measurement recorded in the notes carries besides the machine."""
     import datetime
-    import subprocess
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=30,
-                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+changes"
+    from ahnet import commit_label
+    commit = commit_label()
     return {"commit": commit, "date": datetime.date.today().isoformat(),
             "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 

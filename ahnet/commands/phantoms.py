@@ -10,11 +10,10 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ahnet import failures, paths
+from ahnet import commit_label, failures, paths
 from ahnet.atomic import write_text_atomic
 from ahnet.data.cache import cache_dataset
 from ahnet.data.io import load_dataset_json, read_scan
@@ -150,17 +149,6 @@ def check_sealed(final_json: Path, others: List[Path]) -> int:
     return len(final)
 
 
-def short_commit() -> str:
-    """The short hash of the code's commit; "unknown" outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optional[str] = None) -> int:
     """Append one row to the final set's looks.csv (date, commit, preset, experiment, shift, runs); returns how
     many looks it has had, this one included. The file is rewritten atomically."""
@@ -169,7 +157,7 @@ def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optio
         with open(looks, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "commit": short_commit(), "preset": preset, "experiment": name, "shift": shift or "",
+                 "commit": commit_label(with_changes=False), "preset": preset, "experiment": name, "shift": shift or "",
                  "runs": " ".join(r.name for r in runs)})
     cols = list(rows[-1])
     text = ",".join(cols) + "\n" + "".join(",".join(str(r.get(c, "")).replace(",", ";") for c in cols) + "\n"

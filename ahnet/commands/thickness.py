@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from ahnet import failures, paths
-from ahnet.commands.phantoms import data_spacing, short_commit
+from ahnet import commit_label
+from ahnet.commands.phantoms import data_spacing
 from ahnet.commands.presets import ALL_VARIANTS, PRESETS, parse_variant
 from ahnet.evaluate.shifts import read_evaluated_set
 from ahnet.evaluate.thickness import thickness_summary
@@ -104,7 +105,7 @@ def run_study(args, argv) -> int:
     summary = thickness_summary(sets, runs, pairs, n_bootstrap=args.bootstrap, seed=0)
     command = "python -m ahnet.thickness " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     provenance = (f"Command: `{command}`; from " + ", ".join(f"`{ep.report(final=True)}`" for ep in exps.values())
-                  + f"; code {short_commit()}; {datetime.date.today().isoformat()}.")
+                  + f"; code {commit_label()}; {datetime.date.today().isoformat()}.")
     md = write_thickness_report(summary, out, f"Slice thickness ({args.preset} preset, final set)", provenance)
     print(f"[thickness] report: {md} (also {paths.REPORT_JSON} and the figures)", flush=True)
     return 0

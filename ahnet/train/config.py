@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -458,20 +457,6 @@ def load_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPars
 
 
 # ----------------------------------------------------------------------------------------- environment
-def _git_commit() -> dict | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment_info() -> dict:
     """Versions of python, torch, CUDA, cuDNN, numpy and the package; the device; the git commit if any."""
     import numpy
@@ -488,7 +473,8 @@ def environment_info() -> dict:
         "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    info["git"] = _git_commit()
+    c = ahnet.code_commit()
+    info["git"] = None if c is None else {"commit": c["commit"], "dirty": c["dirty"]}
     return info
 
 
