@@ -130,9 +130,9 @@ def _preset_rows(results: list) -> list:
             rows.append((f"step {tag}: first step (compiles)", res["first_step_s"], None, None, "s"))
     for r in _ok(results, "validation"):
         res = r["result"]
-        tag = f"{res['variant']} ({res['cases']} cases{', compiled' if res['compile'] else ''})"
-        for k in ("validation_s", "validation_cpu_s", "predict_s", "predict_cpu_s", "candidates_and_froc_s",
-                  "candidates_and_froc_cpu_s", "first_validation_s"):
+        tag = f"{res['variant']} ({res['cases']} cases, untrained weights{', compiled' if res['compile'] else ''})"
+        for k in ("validation_s", "validation_cpu_s", "predict_s", "predict_cpu_s", "candidates_s",
+                  "candidates_cpu_s", "rest_s", "rest_cpu_s", "first_pass_s"):
             if k in res:
                 rows.append((f"validation {tag}: {k[:-2]}", res[k], None, None, "s"))
     for r in _ok(results, "guard_calls"):

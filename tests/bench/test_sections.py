@@ -182,3 +182,24 @@ def test_a_failed_measurement_exits_1_and_leaves_the_notes_alone(tmp_path, monke
     assert notes.read_text() == "<!-- bench:scans -->\nold table\n<!-- /bench:scans -->\n"
     doc = json.loads(next((tmp_path / "o").glob("bench-*.json")).read_text())
     assert doc["complete"] is True and len(doc["results"]) == n
+
+
+def test_validation_worker_measures_prediction_and_candidates_apart(tmp_path):
+    """The validation of an epoch split into its parts on the same cases: the CPM the validator gives, predict and
+    candidates each timed, the rest by difference (so the three add up to the validation)."""
+    from ahnet.bench.preset import work_validation
+    from ahnet.train.config import TrainConfig
+
+    from ..data._pipeline_synth import TINY_UNET, make_dataset
+    js, _ = make_dataset(tmp_path / "ds", n_cases=2, shape=(12, 48, 48), empty_cases=())
+    cfg = TrainConfig.from_dict(dict(stage="3d", model="unet3d", patch_size=[4, 32, 32], batch_size=1,
+                                     data=str(js), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "r"),
+                                     validation="cpm", model_kwargs=TINY_UNET)).resolved()
+    res = work_validation({"variant": "unet3d-scratch", "config": cfg.to_dict()})
+    assert res["cases"] == 1 and 0.0 <= res["cpm"] <= 1.0 and "first_pass_s" not in res
+    assert res["predict_s"] > 0 and res["candidates_s"] > 0
+    assert res["rest_s"] == pytest.approx(res["validation_s"] - res["predict_s"] - res["candidates_s"])
+    rows = report._preset_rows([{"spec": {"kind": "validation"}, "result": res}])
+    assert [r[0] for r in rows][:3] == ["validation unet3d-scratch (1 cases, untrained weights): validation",
+                                        "validation unet3d-scratch (1 cases, untrained weights): validation_cpu",
+                                        "validation unet3d-scratch (1 cases, untrained weights): predict"]
