@@ -263,13 +263,14 @@ def _nms(prob, sp, rule: CandidateRule):
         out_of_play[tree.query_ball_point(mm[i], rule.min_distance_mm)] = True
         if rule.merge_fraction is not None:                     # peaks inside this peak's merging region
             box, reg = _support(prob, seeds[[i]], max(rule.threshold, rule.merge_fraction * scores[i]), half)
-            for j in tree.query_ball_point(mm[i], reach):
-                local = seeds[j] - [b.start for b in box]
-                if (local >= 0).all() and (local < reg.shape).all() and reg[tuple(local)]:
-                    out_of_play[j] = True
-                    if not claimed[j] and scores[j] >= rule.refine_fraction * scores[i]:
-                        claimed[j] = True               # a merged peak of the same object: its support counts
-                        members[i].append(j)
+            near = np.asarray(tree.query_ball_point(mm[i], reach), np.int64)
+            local = seeds[near] - [b.start for b in box]
+            inside = ((local >= 0) & (local < reg.shape)).all(1)
+            merged = near[inside][reg[tuple(local[inside].T)]]
+            out_of_play[merged] = True
+            joins = merged[~claimed[merged] & (scores[merged] >= rule.refine_fraction * scores[i])]
+            claimed[joins] = True                   # merged peaks of the same object: their support counts
+            members[i] += joins.tolist()
         if rule.max_candidates is not None and len(kept) >= rule.max_candidates:
             break
     kept = np.array(kept, np.int64)
