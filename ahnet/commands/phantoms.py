@@ -157,8 +157,8 @@ def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optio
         with open(looks, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "commit": commit_label(with_changes=False), "preset": preset, "experiment": name, "shift": shift or "",
-                 "runs": " ".join(r.name for r in runs)})
+                 "commit": commit_label(with_changes=False), "preset": preset, "experiment": name,
+                 "shift": shift or "", "runs": " ".join(r.name for r in runs)})
     cols = list(rows[-1])
     text = ",".join(cols) + "\n" + "".join(",".join(str(r.get(c, "")).replace(",", ";") for c in cols) + "\n"
                                            for r in rows)

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ahnet import failures, paths
-from ahnet import commit_label
+from ahnet import commit_label, failures, paths
 from ahnet.commands.phantoms import data_spacing
 from ahnet.commands.presets import ALL_VARIANTS, PRESETS, parse_variant
 from ahnet.evaluate.shifts import read_evaluated_set
