@@ -8,7 +8,9 @@ Run folder (one training stage, ``python -m ahnet.train --out RUN``)::
     RUN/checkpoints/last.pt    written at every epoch end (and every --ckpt-every steps): --resume reads it
     RUN/checkpoints/best.pt    the epoch with the best validation score: what inference loads
     RUN/rescorer.pt            the run's second stage (python -m ahnet.rescore), with RUN/rescorer.json beside it
-    RUN/report/                an evaluation report (ahnet.evaluate): report.json, report.md, report.html
+    RUN/report/                an evaluation report (ahnet.evaluate): report.json, report.md, report.html, with
+                               candidates/<run>.csv and evaluated/<run>.json (each run's evaluation and the
+                               fingerprint it holds for: a rerun predicts only what changed)
 
 Cross-validation (``--all-folds``): fold k of RUN is the sibling folder ``RUN-fold<k>``; a folder holding
 ``fold<k>/`` run folders is read the same way. The trained model of a run is ``best.pt``, else ``last.pt``.
@@ -61,6 +63,7 @@ RESCORER = "rescorer.pt"
 RESCORER_JSON = "rescorer.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 REPORT_CANDIDATES = "candidates"        # <report>/candidates/<run>.csv: each evaluated run's candidates
+REPORT_EVALUATED = "evaluated"          # <report>/evaluated/<run>.json: each run's evaluation, kept for reuse
 DEV_SUFFIX, FINAL_SUFFIX = "-dev", "-final"
 FINAL_LOOKS = "looks.csv"
 DATASET = "dataset.json"
@@ -284,6 +287,11 @@ def experiment_name(preset: str, slice_spacing: float = 2.5) -> str:
 def report_candidates(report_dir, run_name: str) -> Path:
     """The candidates CSV an evaluation wrote for one run into its report folder."""
     return Path(report_dir) / REPORT_CANDIDATES / f"{run_name}.csv"
+
+
+def report_evaluated(report_dir, run_name: str) -> Path:
+    """One run's stored evaluation (candidates, segmentation rows, fingerprint) in a report folder."""
+    return Path(report_dir) / REPORT_EVALUATED / f"{run_name}.json"
 
 
 def annotations_csv(dataset_json: str | os.PathLike) -> Path:

@@ -3,7 +3,9 @@
     python -m ahnet.evaluate --runs runs/A runs/B --data data/phantom/dataset.json --out report/
 
 Writes ``<out>/candidates/<run>.csv`` (LUNA16 rows, world mm; the candidate rule of ``--candidates``, default
-ahnet.infer.DEFAULT_RULE) and the report files (ahnet.report: tables, paired comparisons between the runs,
+ahnet.infer.DEFAULT_RULE), ``<out>/evaluated/<run>.json`` (each run's evaluation with its fingerprint, stored as
+soon as the run is done: run again, with a run added or after a kill, only the runs without a matching one are
+predicted; ahnet.evaluate.store) and the report files (ahnet.report: tables, paired comparisons between the runs,
 learning curves from the runs' logs, a gallery of crops), each atomically, with --out locked against a second
 writer. Bad input (an option out of range, an --out that is a file or not writable, a dataset.json or annotations
 CSV that does not check, a scan that makes no sense as CT): one line ``ahnet.evaluate: error: ...`` on stderr and
@@ -24,8 +26,8 @@ from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
 from ahnet.data.budget import add_limit_argument
-from ahnet.evaluate import (compare_models, evaluate_predictions, evaluation_limit, gallery_crops, load_cases,
-                            predict_runs, run_names)
+from ahnet.evaluate import compare_models, evaluation_limit, gallery_crops, load_cases, run_names
+from ahnet.evaluate.store import evaluate_runs
 
 PROG = "ahnet.evaluate"
 SECOND_STAGE = (f"; then each run's second stage (RUN/{paths.RESCORER}, a candidate classifier on crops of the scan and "
@@ -106,12 +108,12 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
                  for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
-    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(len(runs), max_scan_voxels))
+    # one run's maps in memory at a time (ahnet.evaluate.store.evaluate_runs), however many runs
+    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(1, max_scan_voxels))
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
-        probs = predict_runs(runs, images, device, **windows.kwargs(), **predict_kw)
-        results = evaluate_predictions(probs, cases, ann, threshold=threshold, candidates=rule,
-                                       n_bootstrap=n_bootstrap, seed=seed, rescorers=rescorers, images=images)
+        results = evaluate_runs(runs, cases, images, ann, out, device, threshold, rule, n_bootstrap, seed, rescorers,
+                                {**windows.kwargs(), **predict_kw})
         stage1 = ["probability_stage1"] if rescorers else []
         csvs = {paths.report_candidates(out, name).relative_to(out): candidates_csv_text(r["candidates"], stage1)
                 for name, r in results.items()}                 # written with the report, all or none

@@ -31,8 +31,8 @@ from ahnet.data.header import ScanHeader
 #: (39.8); client = predict's pipeline with the windows answered remotely (taken as predict's); cache = reading,
 #: the mask, resampling, the file made in memory (18.1). Evaluate holds every scan of the split at once:
 #: evaluate_held per voxel of each (its geometry and scaled image in float32, its label in int32), evaluate_per_run
-#: per run (a probability map each), and evaluate_in_hand on top for the scan being predicted (53.6 measured
-#: for one scan and one run = 16 + 4 + the rest).
+#: per run held (a probability map each; the evaluate command holds one run's at a time), and evaluate_in_hand on
+#: top for the scan being predicted (53.6 measured for one scan and one run = 16 + 4 + the rest).
 BYTES_PER_VOXEL = {"read": 8, "predict": 40, "client": 40, "cache": 20, "evaluate_held": 16, "evaluate_per_run": 4,
                    "evaluate_in_hand": 36}
 FLAG = "--max-scan-voxels"

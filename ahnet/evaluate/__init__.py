@@ -29,7 +29,7 @@ from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
 __all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_runs",
-           "evaluate_predictions", "compare_models", "gallery_crops"]
+           "evaluate_predictions", "run_rows", "summarise_run", "compare_models", "gallery_crops"]
 
 
 class EvaluateInputError(ValueError):
@@ -129,26 +129,42 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
         missing = [s for s in scan_ids if s not in by_case]
         if missing:
             raise EvaluateInputError(f"model {name!r} has no prediction for cases {missing[:3]}")
-        cands, seg_rows = [], []
-        for c in cases:
-            p = by_case[c["case_id"]]
-            found = extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
-            if rescorers and name in rescorers:
-                found = rescore_candidates(rescorers[name], found, images[c["case_id"]], p, c["geometry"])
-            cands += found
-            if c.get("label") is None:
-                continue
-            rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]
-            if not rows:
-                continue
-            res = nodule_seg_metrics(p >= threshold, c["label"], c["geometry"].spacing, margin_mm=margin_mm,
-                                     labels=[int(a["label"]) for a in rows])
-            for a, r in zip(rows, res):
-                seg_rows.append(dict(r, seriesuid=c["case_id"], type=a.get("type"), location=a.get("location")))
-        out[name] = {"detection": evaluate_detection(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed),
-                     "segmentation": aggregate_seg(seg_rows, n_bootstrap=n_bootstrap, seed=seed) if seg_rows else None,
-                     "candidates": cands, "seg_rows": seg_rows}
+        cands, seg_rows = run_rows(by_case, cases, ann, threshold, rule, margin_mm, (rescorers or {}).get(name),
+                                   images)
+        out[name] = summarise_run(cands, seg_rows, ann, scan_ids, n_bootstrap, seed)
     return out
+
+
+def run_rows(by_case: dict, cases: list, ann: list, threshold: float, rule: CandidateRule, margin_mm: float = 5.0,
+             rescorer=None, images: dict | None = None) -> tuple[list, list]:
+    """One model's (candidate rows, per-nodule segmentation rows) from its maps {case_id: (z, y, x)
+    probabilities} (evaluate_predictions' arguments; ``rescorer``: its second stage, or None)."""
+    cands, seg_rows = [], []
+    for c in cases:
+        p = by_case[c["case_id"]]
+        found = extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
+        if rescorer is not None:
+            found = rescore_candidates(rescorer, found, images[c["case_id"]], p, c["geometry"])
+        cands += found
+        if c.get("label") is None:
+            continue
+        rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]
+        if not rows:
+            continue
+        res = nodule_seg_metrics(p >= threshold, c["label"], c["geometry"].spacing, margin_mm=margin_mm,
+                                 labels=[int(a["label"]) for a in rows])
+        for a, r in zip(rows, res):
+            seg_rows.append(dict(r, seriesuid=c["case_id"], type=a.get("type"), location=a.get("location")))
+    return cands, seg_rows
+
+
+def summarise_run(cands: list, seg_rows: list, ann: list, scan_ids: list, n_bootstrap: int = 1000,
+                  seed: int = 0) -> dict:
+    """{"detection", "segmentation", "candidates", "seg_rows"} of one model from its rows (the split's
+    annotations ``ann``, its scans ``scan_ids``)."""
+    return {"detection": evaluate_detection(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed),
+            "segmentation": aggregate_seg(seg_rows, n_bootstrap=n_bootstrap, seed=seed) if seg_rows else None,
+            "candidates": cands, "seg_rows": seg_rows}
 
 
 def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: int = 1000,
