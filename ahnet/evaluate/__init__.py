@@ -32,6 +32,10 @@ __all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_c
            "evaluate_predictions", "run_rows", "summarise_run", "compare_models", "gallery_crops"]
 
 
+#: mm of margin around each nodule's box in which its segmentation metrics are computed (segmetrics)
+SEG_MARGIN_MM = 5.0
+
+
 class EvaluateInputError(ValueError):
     """A run folder, dataset or option that the evaluation cannot use."""
 
@@ -109,7 +113,8 @@ def predict_runs(runs, images: dict, device="cpu", **predict_kw) -> dict:
 
 def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold: float = 0.5,
                          candidates: CandidateRule | str | None = None, n_bootstrap: int = 1000, seed: int = 0,
-                         margin_mm: float = 5.0, rescorers: dict | None = None, images: dict | None = None) -> dict:
+                         margin_mm: float = SEG_MARGIN_MM, rescorers: dict | None = None,
+                         images: dict | None = None) -> dict:
     """Detection and segmentation results per model, ready for ahnet.report.build_report.
 
     probs: {model: {case_id: (z, y, x) probabilities}}; cases: [{"case_id", "geometry" (spacing, origin,
@@ -135,8 +140,8 @@ def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold:
     return out
 
 
-def run_rows(by_case: dict, cases: list, ann: list, threshold: float, rule: CandidateRule, margin_mm: float = 5.0,
-             rescorer=None, images: dict | None = None) -> tuple[list, list]:
+def run_rows(by_case: dict, cases: list, ann: list, threshold: float, rule: CandidateRule,
+             margin_mm: float = SEG_MARGIN_MM, rescorer=None, images: dict | None = None) -> tuple[list, list]:
     """One model's (candidate rows, per-nodule segmentation rows) from its maps {case_id: (z, y, x)
     probabilities} (evaluate_predictions' arguments; ``rescorer``: its second stage, or None)."""
     cands, seg_rows = [], []

@@ -514,8 +514,8 @@ def paired_bootstrap(nodules, candidates: dict, scan_ids, n_bootstrap: int = 100
     return {"models": models, "n_scans": first.n_scans, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
             "confidence": confidence, "fp_rates": list(fp_rates),
             "cpm": {n: by_group(lambda k, n=n: _num(point[n][k][0])) for n in models},
-            "cpm_ci": {n: by_group(lambda k, n=n: percentile_interval(draws[n][k], confidence) if draws[n][k].size else None)
-                       for n in models},
+            "cpm_ci": {n: by_group(lambda k, n=n: percentile_interval(draws[n][k], confidence)
+                                   if draws[n][k].size else None) for n in models},
             "runs": {n: {r: by_group(lambda k, p=p: _num(p[k][0])) for r, p in run_point[n].items()}
                      for n in models},
             "pairs": pairs, "best": best_of, "best_counts": counts}

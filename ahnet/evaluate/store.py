@@ -56,11 +56,11 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(run, data: str, settings: dict, device: torch.device, rescorer=None) -> str:
-    """sha256 naming one run's evaluation (module docstring)."""
+def run_fingerprint(run, common: dict, rescorer=None) -> str:
+    """sha256 naming one run's evaluation (module docstring): ``common``, what every run of the evaluation shares
+    (version, data digest, settings, device, torch, code digest), then the run's own files."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": VERSION, "data": data, "settings": settings, "device": device.type,
-                         "torch": torch.__version__, "code": code_digest()}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(dict(common, rescore=rescorer is not None), sort_keys=True, default=str).encode())
     for f in paths.resolve_checkpoints(run):
         _feed_file(h, f)
     if rescorer is not None:
@@ -99,16 +99,19 @@ def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, devic
     and stored as soon as each is done (a killed evaluation keeps the runs it finished)."""
     import sys
 
-    from ahnet.evaluate import predict_runs, run_names, run_rows, summarise_run
+    from ahnet.evaluate import SEG_MARGIN_MM, predict_runs, run_names, run_rows, summarise_run
 
     scan_ids = [c["case_id"] for c in cases]
-    ann = [a for a in annotations if str(a["seriesuid"]) in set(scan_ids)]
-    digest = data_digest(cases, images, ann)
-    settings = {"predict": predict_kw, "threshold": threshold, "rule": rule.to_dict(), "margin_mm": 5.0}
+    known = set(scan_ids)
+    ann = [a for a in annotations if str(a["seriesuid"]) in known]
+    common = {"version": VERSION, "data": data_digest(cases, images, ann), "device": device.type,
+              "torch": torch.__version__, "code": code_digest(),
+              "settings": {"predict": predict_kw, "threshold": threshold, "rule": rule.to_dict(),
+                           "margin_mm": SEG_MARGIN_MM}}
     results = {}
     for name, run in zip(run_names(runs), runs):
         rescorer = (rescorers or {}).get(name)
-        key = run_fingerprint(run, digest, dict(settings, rescore=rescorer is not None), device, rescorer)
+        key = run_fingerprint(run, common, rescorer)
         rows = load_evaluated(out, name, key)
         if rows is not None:
             print(f"[evaluate] {name}: the evaluation stored in {paths.report_evaluated(out, name)} holds for it; "
@@ -116,7 +119,7 @@ def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, devic
             cands, seg_rows = rows["candidates"], rows["seg_rows"]
         else:
             maps = predict_runs([run], images, device, **predict_kw)[name]
-            cands, seg_rows = run_rows(maps, cases, ann, threshold, rule, 5.0, rescorer, images)
+            cands, seg_rows = run_rows(maps, cases, ann, threshold, rule, SEG_MARGIN_MM, rescorer, images)
             del maps
             store_evaluated(out, name, key, cands, seg_rows)
         results[name] = summarise_run(cands, seg_rows, ann, scan_ids, n_bootstrap, seed)
