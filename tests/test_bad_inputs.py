@@ -529,6 +529,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "crop 2 32 32: CandidateNet pools three times; use 4 8 8 .. 512 512 512"),
     ("rescore", "overlap 1", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--overlap", "1"], "argument --overlap"),
     ("rescore", "epochs 0", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--epochs", "0"], "argument --epochs"),
+    ("rescore", "fit-amp unknown", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--fit-amp", "fp8"],
+     "argument --fit-amp"),
     ("rescore", "split without cases", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--split", "nosuch"],
      "has no case with split 'nosuch'"),
     ("rescore", "run without a model", lambda c: (c.t / "empty").mkdir() or ["--run", c.t / "empty", "--data", c.w.ds],

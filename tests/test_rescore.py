@@ -173,3 +173,33 @@ def test_predict_rescore_equals_the_second_stage_applied_to_the_plain_prediction
     np.testing.assert_allclose([r["probability"] for r in two], [r["probability"] for r in direct], rtol=1e-12)
     assert pr.main(base[:5] + [str(world["run"]), str(world["run"]), "--device", "cpu", "--out",
                                str(tmp_path / "x"), "--rescore"]) == 2
+
+
+def test_bf16_training_is_guarded_seeded_and_near_float32():
+    """--fit-amp bf16 (the cpu preset's second stage): every Conv3d behind the depth guard (a 4-slice crop reaches
+    the deepest block at 2 slices, where CPU bf16 weight gradients are wrong), the same weights for the same
+    seed, and a classifier within bf16 rounding of the float32 one trained from the same start."""
+    from ahnet.precision import DepthGuardedConv3d
+    rng = np.random.default_rng(0)
+    x = rng.random((96, 2, 4, 8, 8)).astype(np.float32)
+    x[:48, 1] += 1.0                                           # nodules: a higher probability map
+    y = np.r_[np.ones(48), np.zeros(48)].astype(np.float32)
+    nets = [rs.fit(x, y, 3, 0, width=4, amp=amp)[0] for amp in ("bf16", "bf16", "off")]
+    assert all(type(m) is DepthGuardedConv3d for m in nets[0].modules() if isinstance(m, torch.nn.Conv3d))
+    assert not any(isinstance(m, DepthGuardedConv3d) for m in nets[2].modules())
+    a, b, f32 = (n.state_dict() for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], f32[k]) for k in a)       # it did train in bfloat16
+    with torch.no_grad():
+        p_bf16, p_f32 = (torch.sigmoid(n(torch.from_numpy(x))) for n in (nets[0], nets[2]))
+    assert float((p_bf16 - p_f32).abs().max()) < 0.05
+    assert float(p_bf16[:48].mean()) > float(p_bf16[48:].mean())
+
+
+def test_a_changed_training_precision_trains_the_second_stage_again(world, capsys):
+    assert rs.main(world["argv"] + ["--fit-amp", "bf16"]) == 0
+    assert "already holds" not in capsys.readouterr().out
+    r = load_rescorer(world["run"])
+    assert r.settings["fit_amp"] == "bf16" and r.settings["fit_layout"] == "channels_last"
+    saved = torch.load(world["run"] / RESCORER, weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() for t in saved.values())      # saved in the plain layout, whatever it trained in

@@ -11,6 +11,8 @@
 3. ahnet.nets.CandidateNet learns them from crops of the scan and of the probability map (ahnet.infer.second_stage):
    binary cross-entropy with the classes weighted to balance, AdamW with a one-cycle learning rate, each batch
    turned by a random quarter turn and mirrored at random in W, H and D; seeded, so one thread count repeats it.
+   It trains on ``--device`` in channels-last 3D, in the precision ``--fit-amp`` names (bf16 on this CPU: ~0.4x
+   the CPU time of float32, behind the depth guard of ahnet.precision).
 4. ``RUN/rescorer.pt`` (weights and settings) and ``RUN/rescorer.json`` (settings, counts, the loss per epoch,
    the time), each written atomically: a killed training leaves nothing, and runs again from the start.
 
@@ -41,7 +43,7 @@ from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, 
 from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
 from ahnet.infer.windows import check_overlap
 from ahnet.nets.candidate_net import CandidateNet
-from ahnet.precision import AMP_MODES, resolve_device
+from ahnet.precision import AMP_MODES, guard_cpu_bf16_convs, resolve_amp, resolve_device, to_channels_last
 
 PROG = "ahnet.rescore"
 BATCH = 32
@@ -89,20 +91,27 @@ def collect(run, data, split: str, jitter: int, seed: int, device, amp: str, max
     return x, y, {"cases": len(cases), "candidates": n_cand, "crops": len(y), "positives": int(y.sum())}
 
 
-def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, lr: float = 2e-3) -> tuple:
-    """Train a CandidateNet on crops ``x`` (n, 2, D, H, W) with labels ``y`` (n,); returns (net in eval mode,
-    mean loss per epoch). Needs both classes; deterministic for a seed and thread count."""
+def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, lr: float = 2e-3,
+        device: torch.device = torch.device("cpu"), amp: str = "off") -> tuple:
+    """Train a CandidateNet on crops ``x`` (n, 2, D, H, W) with labels ``y`` (n,) on ``device`` in channels-last 3D,
+    under ``amp`` (precision.AMP_MODES: bf16 autocast on this CPU takes ~0.4x the CPU time of float32, with the
+    depth guard; fp16 with a GradScaler on CUDA); returns (net in eval mode on ``device``, mean loss per epoch).
+    Needs both classes; deterministic for a seed, precision, device and thread count."""
     if len(np.unique(y)) < 2:
         raise ValueError(f"the second stage needs nodules and false positives to learn from; got {len(y)} crops "
                          f"all {'nodules' if len(y) and y[0] else 'false positives'}")
+    precision = resolve_amp(amp, device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    net = CandidateNet(width=width)
+    net = to_channels_last(CandidateNet(width=width).to(device))
+    if precision.dtype == torch.bfloat16 and device.type == "cpu":
+        guard_cpu_bf16_convs(net)
     steps_per_epoch = max(1, len(y) // BATCH)
     opt = torch.optim.AdamW(net.parameters(), lr=lr / 2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    pos_weight = torch.tensor(float((1 - y.mean()) / y.mean()))
+    pos_weight = torch.tensor(float((1 - y.mean()) / y.mean()), device=device)
     losses, t0 = [], time.time()
     for epoch in range(epochs):
         net.train()
@@ -113,10 +122,13 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
             for axis in (-1, -2, -3):
                 if rng.random() < 0.5:
                     xb = xb.flip(axis)
-            loss = F.binary_cross_entropy_with_logits(net(xb), yt[b], pos_weight=pos_weight)
+            with precision.autocast(device):
+                logits = net(to_channels_last(xb.to(device)))
+            loss = F.binary_cross_entropy_with_logits(logits.float(), yt[b].to(device), pos_weight=pos_weight)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total += loss.item()
         losses.append(total / steps_per_epoch)
@@ -138,6 +150,7 @@ class SecondStageConfig:
     width: int = 16
     seed: int = 0
     amp: str = "auto"
+    fit_amp: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict) -> "SecondStageConfig":
@@ -165,8 +178,9 @@ class SecondStageConfig:
         if len(self.crop) != 3 or self.crop[0] < 4 or min(self.crop[1:]) < 8 or max(self.crop) > 512:
             raise ValueError(f"second-stage crop {' '.join(map(str, self.crop))}: CandidateNet pools three times; "
                              f"use 4 8 8 .. 512 512 512")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"second-stage amp {self.amp!r} must be one of {', '.join(AMP_MODES)}")
+        for k in ("amp", "fit_amp"):
+            if getattr(self, k) not in AMP_MODES:
+                raise ValueError(f"second-stage {k} {getattr(self, k)!r} must be one of {', '.join(AMP_MODES)}")
         return self
 
     def settings(self) -> dict:
@@ -174,7 +188,8 @@ class SecondStageConfig:
         candidate rule it learnt on included."""
         return {"split": self.split, "max_cases": self.max_cases, "jitter": self.jitter, "epochs": self.epochs,
                 "width": self.width, "crop": list(self.crop), "overlap": self.overlap, "seed": self.seed,
-                "amp": self.amp, "rule": DEFAULT_RULE.describe()}
+                "amp": self.amp, "fit_amp": self.fit_amp, "fit_layout": "channels_last",
+                "rule": DEFAULT_RULE.describe()}
 
     def command_line(self, run, data, device: str) -> str:
         """The ``python -m ahnet.rescore`` command that trains this second stage (the non-default options)."""
@@ -206,8 +221,9 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
     t0 = time.time()
     x, y, counts = collect(run, data, cfg.split, cfg.jitter, cfg.seed, device, cfg.amp, cfg.max_cases,
                            tuple(cfg.crop), cfg.overlap)
-    net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width)
-    save_checkpoint({"format": RESCORER_FORMAT, "state_dict": net.state_dict(), "settings": settings}, out)
+    net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width, device=device, amp=cfg.fit_amp)
+    state = {k: v.cpu().contiguous() for k, v in net.state_dict().items()}
+    save_checkpoint({"format": RESCORER_FORMAT, "state_dict": state, "settings": settings}, out)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
     write_text_atomic(paths.run_paths(run).rescorer_json, json.dumps(info, indent=2) + "\n")
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "
@@ -232,6 +248,8 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--width", type=failures.number(int, 1, 256), default=16, help="CandidateNet's first channel count")
     ap.add_argument("--seed", type=failures.number(int, 0, 2 ** 32 - 1), default=0)
     ap.add_argument("--amp", choices=AMP_MODES, default="auto", help="precision of the first stage's maps")
+    ap.add_argument("--fit-amp", choices=AMP_MODES, default="auto",
+                    help="precision of the classifier's training (bf16: ~0.4x the CPU time of float32 here)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (the first stage's)")
     ap.add_argument("--force", action="store_true", help=f"train again when {paths.RESCORER} exists")
     return ap
