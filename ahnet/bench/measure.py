@@ -48,6 +48,30 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
             "cpu_median_s": statistics.median(cpu), "cpu_all_s": cpu}
 
 
+#: how --op-profile groups the profiler's operators (the first group whose key a name contains; the rest is "other")
+OP_GROUPS = (("convolution backward", ("convolution_backward",)), ("convolution forward", ("convolution",)),
+             ("batch norm", ("batch_norm",)), ("max pooling", ("max_pool",)), ("where", ("aten::where",)),
+             ("copies and casts", ("copy_", "_to_copy", "clone", "contiguous")))
+
+
+def op_profile(fn, repeats: int) -> dict:
+    """Self CPU time per call of ``fn`` (s), summed by OP_GROUPS over ``repeats`` calls under torch.profiler,
+    with "other" and "all" (the sum of every operator's self time): where a step's CPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    out = {name: 0.0 for name, _ in OP_GROUPS}
+    out["other"] = out["all"] = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6 / repeats
+        group = next((name for name, keys in OP_GROUPS if any(k in e.key for k in keys)), "other")
+        out[group] += t
+        out["all"] += t
+    return out
+
+
 AMP_MODE = {"fp32": "off", "amp": "fp16", "bf16": "bf16"}     # bench dtype -> ahnet.precision amp mode
 
 

@@ -63,6 +63,7 @@ def build_plan(args, device: torch.device) -> list:
     dtypes = amp_dtypes(args, device)
     base = dict(device=str(device), pfn=args.pfn, patch=list(args.patch), batch=args.batch, warmup=args.warmup,
                 repeats=args.repeats)
+    mbase = dict(base, op_profile=True) if args.op_profile else base
     plan, seen = [], set()
 
     def add(kind, spec):
@@ -74,12 +75,12 @@ def build_plan(args, device: torch.device) -> list:
     for mode in [] if args.skip_model else args.modes:
         for dtype in dtypes:
             for impl in ("ours", "monai"):   # interleaved, so background load hits both alike
-                add("model", dict(base, kind="model", impl=impl, mode=mode, dtype=dtype, levers={}))
+                add("model", dict(mbase, kind="model", impl=impl, mode=mode, dtype=dtype, levers={}))
     for lv in [] if args.skip_model else parse_levers(args.levers):
         for dtype in dtypes:
-            add("model", dict(base, kind="model", impl="ours", mode=args.lever_mode, dtype=dtype, levers=lv))
+            add("model", dict(mbase, kind="model", impl="ours", mode=args.lever_mode, dtype=dtype, levers=lv))
             if peer_levers(lv):
-                add("model", dict(base, kind="model", impl="monai", mode=args.lever_mode, dtype=dtype,
+                add("model", dict(mbase, kind="model", impl="monai", mode=args.lever_mode, dtype=dtype,
                                   levers=peer_levers(lv)))
     if not args.skip_infer:
         ibase = dict(device=str(device), pfn=args.pfn, volume=list(args.volume), window=list(args.window or args.patch),

@@ -65,6 +65,9 @@ def _model_rows(results: list) -> list:
                                        ("cpu_median_s", "CPU-time median", "s"), ("peak_mb", "peak mem", "MiB")):
                 a, b = res[phase][field], m and m[phase][field]
                 rows.append((f"{phase} {label} {tag}", a, b, _ratio(a, b), unit))
+        for group, a in res.get("train_ops", {}).items():
+            b = m and m.get("train_ops", {}).get(group)
+            rows.append((f"train CPU time in {group} {tag}", a, b, _ratio(a, b), "s"))
     return rows
 
 
@@ -195,7 +198,7 @@ def format_table(rows) -> str:
 
 
 #: the figures of a section that its block in the notes keeps (the JSON keeps every figure)
-NOTE_FIGURES = {"models": ("CPU-time median", "peak mem"), "preset": ("CPU time", "peak mem", "first step",
+NOTE_FIGURES = {"models": ("CPU-time median", "peak mem", "CPU time in"), "preset": ("CPU time", "peak mem", "first step",
                                                                       "validation", "guard call"),
                 "scans": ("",)}
 

@@ -18,7 +18,7 @@ from ahnet.precision import to_channels_last
 
 from ahnet.bench.data_worker import work_data
 from ahnet.bench.layout import from_monai_layout, to_monai_layout
-from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, rss_mb, timed
+from ahnet.bench.measure import AMP_MODE, amp_settings, mem_peak, mem_reset, op_profile, rss_mb, timed
 from ahnet.bench.levers import our_levers
 from ahnet.bench.preset import work_guard_calls, work_step, work_validation
 from ahnet.bench.scans import work_scan
@@ -102,6 +102,8 @@ def work_model(spec: dict) -> dict:
     model.train()
     out["train"] = timed(step, device, spec["warmup"], spec["repeats"])
     out["train"].update(mem_peak(device, base))
+    if spec.get("op_profile"):
+        out["train_ops"] = op_profile(step, spec["repeats"])
     out["base_rss_mb"] = base
     return out
 

@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--data-samples", type=int, default=40)
     p.add_argument("--data-workers", type=int, default=2)
     p.add_argument("--skip-model", action="store_true", help="no forward / training-step rows")
+    p.add_argument("--op-profile", action="store_true",
+                   help="the model rows also say where a training step's CPU time goes (torch.profiler, grouped: "
+                        "convolutions, batch norm, pooling, copies; a CPU device only)")
     p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--skip-2d", action="store_true")
     p.add_argument("--skip-data", action="store_true")
@@ -196,6 +199,9 @@ def check_args(args) -> None:
         raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asks for CUDA, which this torch build or machine does not have")
+    if args.op_profile and (device.type != "cpu" or args.skip_model):
+        raise ValueError("--op-profile profiles the model rows' CPU steps: use it with --device cpu and without "
+                         "--skip-model")
 
 
 def preset_plan(args) -> list:

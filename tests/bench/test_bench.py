@@ -109,3 +109,38 @@ def test_worker_runs_in_a_subprocess():
     json.dumps(res)
     bad = bench.run_worker(dict(spec, impl="ours", mode="cubic"), timeout=300)
     assert "upsample must be one of" in " ".join(bad["error"])
+
+
+def test_op_profile_groups_a_steps_cpu_time():
+    """--op-profile's grouping: a conv3d step's time lands in the convolution groups, every operator in exactly one
+    group (the groups add up to "all"), per call of the function."""
+    from ahnet.bench.measure import OP_GROUPS, op_profile
+
+    conv = torch.nn.Conv3d(4, 8, 3, padding=1)
+    x = torch.rand(2, 4, 8, 16, 16)
+
+    def step():
+        conv.zero_grad()
+        torch.where(x > 0.5, x, 0.0)
+        conv(x).square().sum().backward()
+
+    once, twice = op_profile(step, 1), op_profile(step, 3)
+    for got in (once, twice):
+        assert set(got) == {name for name, _ in OP_GROUPS} | {"other", "all"}
+        assert got["convolution forward"] > 0 and got["convolution backward"] > 0 and got["where"] > 0
+        assert sum(v for k, v in got.items() if k != "all") == pytest.approx(got["all"])
+        assert got["max pooling"] == 0
+    assert twice["all"] < 2 * once["all"]                   # per call, not summed over the calls
+
+
+def test_op_profile_rows_compare_ours_with_monai_and_need_a_cpu():
+    def model(impl, conv):
+        t = {"median_s": 1.0, "min_s": 1.0, "cpu_median_s": 1.0, "peak_mb": 1.0}
+        r = {"params": 1, "forward": t, "train": t, "train_ops": {"convolution backward": conv, "all": 2 * conv}}
+        return {"spec": {"kind": "model", "impl": impl, "mode": "trilinear", "dtype": "bf16", "batch": 1,
+                         "levers": {}}, "result": r}
+    rows = {r[0]: r for r in bench.summarise([model("ours", 0.5), model("monai", 1.0)])}
+    assert rows["train CPU time in convolution backward trilinear/bf16/-"][1:4] == (0.5, 1.0, 0.5)
+    from ahnet.commands.bench import check_args
+    with pytest.raises(ValueError, match="--op-profile"):
+        check_args(_args("--op-profile", "--skip-model"))
