@@ -336,7 +336,8 @@ def test_second_stage_options_of_a_preset_are_checked_before_any_work():
                                                       "--max-cases 24 --overlap 0.25 --amp bf16")
     for preset in PRESETS.values():
         if preset.rescore is not None:
-            assert second_stage_config(preset, "bf16", 0, 2).seed == 2       # the k-th training's own seed
+            cfg = second_stage_config(preset, "bf16", 0, 2)
+            assert cfg.seed == 2 and cfg.amp == cfg.fit_amp == "bf16"      # the k-th training's seed, its precision
     bad = Preset(**{**PRESETS["paper"].__dict__, "rescore": {"epoch": 5}})
     with pytest.raises(ValueError, match="the preset's second-stage option 'epoch'"):
         second_stage_config(bad, "off", 0, 0)

@@ -138,12 +138,12 @@ def variant_config(variant: str, k: int, preset: Preset, dataset_json: Path, ep:
 
 
 def second_stage_config(preset: Preset, amp: str, seed: int, k: int) -> Optional[SecondStageConfig]:
-    """The k-th training's second stage (the preset's options, the runs' precision, seed ``seed + k``), checked;
-    None when the preset has none."""
+    """The k-th training's second stage (the preset's options, the runs' precision for its maps and its own
+    training, seed ``seed + k``), checked; None when the preset has none."""
     if preset.rescore is None:
         return None
     try:
-        return SecondStageConfig.from_dict({"seed": seed + k, **preset.rescore, "amp": amp})
+        return SecondStageConfig.from_dict({"seed": seed + k, **preset.rescore, "amp": amp, "fit_amp": amp})
     except ValueError as e:
         raise ValueError(f"the preset's {e}") from None
 
