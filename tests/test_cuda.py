@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when CUDA starts: before any CUDA work here
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -307,3 +308,21 @@ def test_two_gpus_with_sync_batchnorm_equal_one_gpu_with_the_whole_batch(tmp_pat
     a, b = (_tensors(load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")) for n in ("one", "two"))
     worst = max(float((a[k].double().cpu() - b[k].double().cpu()).abs().max()) for k in a)
     assert worst < 1e-4, worst
+
+
+# ------------------------------------------------------------------------------------------ second stage
+def test_the_second_stage_classifier_trains_on_the_device_in_its_amp(device):
+    """rescore.fit on the GPU under fp16 with a GradScaler (bf16 in the CPU rehearsal), as the presets run it:
+    finite losses, the net on the device, nodule crops scored above the rest."""
+    from ahnet.commands.rescore import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 2, 8, 32, 32)).astype(np.float32)
+    x[:64, 1] += 1.0
+    y = np.r_[np.ones(64), np.zeros(64)].astype(np.float32)
+    net, losses = fit(x, y, 10, 0, width=8, device=device, amp="fp16" if device.type == "cuda" else "bf16")
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert next(net.parameters()).device.type == device.type
+    with torch.no_grad():
+        p = torch.sigmoid(net(torch.from_numpy(x).to(device)).float()).cpu()
+    assert float(p[:64].mean()) > float(p[64:].mean()) + 0.2
