@@ -531,6 +531,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("rescore", "epochs 0", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--epochs", "0"], "argument --epochs"),
     ("rescore", "fit-amp unknown", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--fit-amp", "fp8"],
      "argument --fit-amp"),
+    ("rescore", "fit-amp fp16 on a CPU", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--fit-amp", "fp16",
+                                                    "--device", "cpu"], "--fit-amp fp16 needs a CUDA device"),
     ("rescore", "split without cases", lambda c: ["--run", c.w.run, "--data", c.w.ds, "--split", "nosuch"],
      "has no case with split 'nosuch'"),
     ("rescore", "run without a model", lambda c: (c.t / "empty").mkdir() or ["--run", c.t / "empty", "--data", c.w.ds],
