@@ -183,6 +183,14 @@ def guard_cpu_bf16_convs(model: nn.Module, mode: str = "pad") -> int:
     return n
 
 
+def guard_training(model: nn.Module, amp: AmpSettings, device: torch.device) -> int:
+    """What a training does before its first step: the depth guard on every Conv3d of ``model`` when it trains on
+    a CPU under bf16 (where the kernel bug lives), nothing otherwise; returns how many convs were turned."""
+    if device.type == "cpu" and amp.dtype == torch.bfloat16:
+        return guard_cpu_bf16_convs(model)
+    return 0
+
+
 def to_channels_last(obj):
     """A 5D tensor or a module with 5D parameters in channels-last 3D (modules in place, returned); 4D and
     other tensors unchanged."""

@@ -43,7 +43,7 @@ from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, 
 from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
 from ahnet.infer.windows import check_overlap
 from ahnet.nets.candidate_net import CandidateNet
-from ahnet.precision import AMP_MODES, guard_cpu_bf16_convs, resolve_amp, resolve_device, to_channels_last
+from ahnet.precision import AMP_MODES, guard_training, resolve_amp, resolve_device, to_channels_last
 
 PROG = "ahnet.rescore"
 BATCH = 32
@@ -104,8 +104,7 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     net = to_channels_last(CandidateNet(width=width).to(device))
-    if precision.dtype == torch.bfloat16 and device.type == "cpu":
-        guard_cpu_bf16_convs(net)
+    guard_training(net, precision, device)
     steps_per_epoch = max(1, len(y) // BATCH)
     opt = torch.optim.AdamW(net.parameters(), lr=lr / 2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)

@@ -24,7 +24,7 @@ from ahnet import paths
 from ahnet.failures import quiet
 from ahnet.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ahnet.train.config import TrainConfig, patience_spent, save_run_config, step_cap
-from ahnet.precision import AmpSettings, configure_kernels, guard_cpu_bf16_convs, resolve_amp, resolve_device
+from ahnet.precision import AmpSettings, configure_kernels, guard_training, resolve_amp, resolve_device
 
 from ahnet.train import dist
 
@@ -155,8 +155,7 @@ def start_session(cfg: TrainConfig, run: paths.RunPaths, device: torch.device, a
         model, kw, info = build_network(cfg, builder)
         name = cfg.model
     place_model(model, cfg, device)
-    if device.type == "cpu" and amp.dtype == torch.bfloat16:
-        guard_cpu_bf16_convs(model)                  # a CPU bf16 kernel bug (precision.DepthGuardedConv3d)
+    guard_training(model, amp, device)               # a CPU bf16 kernel bug (precision.DepthGuardedConv3d)
     net = dist.wrap_model(model, ctx, device, cfg.sync_bn)
     opt, sched, scaler, loss_fn = make_optimisation(model, cfg, device, amp)
     dist.global_batch_loss(loss_fn, ctx)
