@@ -86,9 +86,9 @@ def cpu_native_bf16() -> bool:
         return False
 
 
-def resolve_amp(amp: str | bool | None, device: torch.device) -> AmpSettings:
+def resolve_amp(amp: str | bool | None, device: torch.device, flag: str = "--amp") -> AmpSettings:
     """auto (or True): fp16 + scaler on CUDA, off on CPU; fp16 needs CUDA; bf16 on CPU or a bf16-capable GPU;
-    off (or False / None): float32. Raises ValueError with the fix in one sentence."""
+    off (or False / None): float32. Raises ValueError with the fix in one sentence, naming the option ``flag``."""
     if amp is True:
         amp = "auto"
     if amp is False or amp is None:
@@ -99,13 +99,13 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> AmpSettings:
         return AmpSettings(None, False)
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device (GradScaler); on CPU use --amp bf16 or --amp off.")
+            raise ValueError(f"{flag} fp16 needs a CUDA device (GradScaler); on CPU use {flag} bf16 or {flag} off.")
         return AmpSettings(torch.float16, True)
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off.")
+            raise ValueError(f"{flag} bf16: this GPU has no bfloat16 support; use {flag} fp16 or {flag} off.")
         return AmpSettings(torch.bfloat16, False)
-    raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}.")
+    raise ValueError(f"{flag} must be one of {', '.join(AMP_MODES)}, got {amp!r}.")
 
 
 def configure_kernels(device: torch.device, deterministic: bool = False) -> None:

@@ -210,10 +210,7 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
     if not data.is_file():
         raise ValueError(f"--data {data} does not exist (expected a dataset.json)")
     device = resolve_device(device)
-    try:
-        resolve_amp(cfg.fit_amp, device)                  # before the training scans are predicted
-    except ValueError as e:
-        raise ValueError(str(e).replace("--amp", "--fit-amp")) from None
+    resolve_amp(cfg.fit_amp, device, "--fit-amp")         # before the training scans are predicted
     out, settings = paths.run_paths(run).rescorer, cfg.settings()
     failures.check_output_file(out, "--run")
     if out.is_file() and not force:
