@@ -198,8 +198,8 @@ def format_table(rows) -> str:
 
 
 #: the figures of a section that its block in the notes keeps (the JSON keeps every figure)
-NOTE_FIGURES = {"models": ("CPU-time median", "peak mem", "CPU time in"), "preset": ("CPU time", "peak mem", "first step",
-                                                                      "validation", "guard call"),
+NOTE_FIGURES = {"models": ("CPU-time median", "peak mem", "CPU time in"),
+                "preset": ("CPU time", "peak mem", "first step", "validation", "guard call"),
                 "scans": ("",)}
 
 
