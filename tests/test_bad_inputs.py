@@ -522,6 +522,8 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "runs folder is a file", lambda c: c.file("runs") and ["--data", c.w.ds], "runs is a file"),
     ("experiment", "preset bogus", lambda c: ["--preset", "huge"], "argument --preset: invalid choice"),
     ("experiment", "unet3d transfer", lambda c: ["--variants", "unet3d-transfer"], "unet3d has no 2D counterpart"),
+    ("experiment", "evaluate-only untrained", lambda c: ["--evaluate-only"],
+     "--evaluate-only: runs/phantom-demo/mcgcn-2d holds no trained model (checkpoints/best.pt or last.pt)"),
     # --------------------------------------------------------------------------------------------- rescore
     ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),

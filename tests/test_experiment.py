@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -263,6 +264,19 @@ def test_two_trainings_side_by_side_in_their_own_processes(tmp_path, monkeypatch
             for v in ("ahnet-scratch", "unet3d-scratch")}
     assert experiment.main(argv) == 0
     assert {v: (_files(runs / v / "checkpoints"), _files(runs / v)["rescorer.pt"]) for v in done} == done
+
+    # --evaluate-only: second stages this call would train again (other settings, as an earlier commit's) are
+    # evaluated as they stand: nothing trains, the report is written again
+    monkeypatch.setitem(PRESETS, "demo", dataclasses.replace(tiny, rescore={"epochs": 3, "max_cases": 2}))
+    monkeypatch.setattr(experiment, "train_all", lambda *a, **k: pytest.fail("--evaluate-only trained"))
+    (runs / "report/report.json").unlink()
+    assert experiment.main(argv + ["--evaluate-only"]) == 0
+    assert {v: (_files(runs / v / "checkpoints"), _files(runs / v)["rescorer.pt"]) for v in done} == done
+    assert set(json.loads((runs / "report/report.json").read_text())["models"]) == {"ahnet-scratch", "unet3d-scratch"}
+    (runs / "unet3d-scratch/rescorer.pt").unlink()
+    with pytest.raises(ValueError, match=r"--evaluate-only: runs/phantom-demo/unet3d-scratch holds no second stage "
+                                         r"\(rescorer.pt\)"):
+        experiment.plan_experiment(experiment.build_parser().parse_args(argv + ["--evaluate-only"]))
 
 
 def test_a_failed_side_by_side_training_passes_its_exit_code_through_without_a_traceback(monkeypatch, capsys):

@@ -5,6 +5,7 @@
     python -m ahnet.experiment --preset cpu --seeds 3             # each model trained 3 times (resumes the first)
     python -m ahnet.experiment --preset cpu --seeds 3 --final     # the same models on the sealed final test set
     python -m ahnet.experiment --preset cpu --slice-spacing 5.0   # every phantom at 5 mm slices (runs/phantom-cpu-z5)
+    python -m ahnet.experiment --preset cpu --final --shifts all --evaluate-only   # the trained models, shifted sets
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
@@ -27,7 +28,9 @@ evaluates the same models on the sealed final test set instead (``data/<name>-fi
 no other phantom draws from, checked before it is read; every look appended to its looks.csv), and with
 ``--shifts`` on its shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
 ahnet.commands.phantoms.SHIFTS). ``--slice-spacing S`` renders every phantom at S mm slices over the same 100 mm
-(experiment ``<name>-z<S>``), the 3D patch over the same depth in mm.
+(experiment ``<name>-z<S>``), the 3D patch over the same depth in mm. ``--evaluate-only`` evaluates the runs as
+they stand, trained models and second stages untouched (a model trained by an earlier commit keeps its second
+stage even where this commit would train it differently); a run without them is an error before any work.
 
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
 preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
                    help="give every run its second stage (python -m ahnet.rescore with the preset's options) "
                         "and evaluate with it, or not (default: the preset's: cpu and paper yes, demo no)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training and no second-stage fit: evaluate every run as it stands (each must hold its "
+                        "trained model and, with --rescore, its second stage)")
     p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
     return p
@@ -139,7 +145,21 @@ def plan_experiment(args) -> Plan:
     for k in range(args.seeds):
         second_stage_config(preset, amp, args.seed, k)
     trainings = {ep.run(v, k).name: (v, k) for k in range(args.seeds) for v in variants}
+    if args.evaluate_only:
+        check_trained([ep.runs / name for name in trainings], preset.rescore is not None)
     return Plan(preset, name, ep, variants, trainings, shifts, amp)
+
+
+def check_trained(runs: List[Path], second_stage: bool) -> None:
+    """--evaluate-only: every run holds its trained model (and its second stage when the call rescores);
+    ValueError naming the first that does not."""
+    for run in runs:
+        if paths.trained_checkpoint(run) is None:
+            raise ValueError(f"--evaluate-only: {run} holds no trained model ({paths.CHECKPOINTS}/{paths.BEST} or "
+                             f"{paths.LAST}); train it first (the same command without --evaluate-only)")
+        if second_stage and not paths.run_paths(run).rescorer.is_file():
+            raise ValueError(f"--evaluate-only: {run} holds no second stage ({paths.RESCORER}); train it first "
+                             f"(the same command without --evaluate-only) or add --no-rescore")
 
 
 def _test_phantoms() -> dict:
@@ -179,7 +199,7 @@ def run_experiment(args) -> int:
         name: SecondStageJob(ep.runs / name, dataset_json, args.device,
                              second_stage_config(preset, plan.amp, args.seed, k))
         for name, (v, k) in plan.trainings.items()}
-    failed = train_all(configs, training_plan(plan.trainings), jobs, second, ctx.is_main)
+    failed = 0 if args.evaluate_only else train_all(configs, training_plan(plan.trainings), jobs, second, ctx.is_main)
     if failed or not ctx.is_main:
         return failed
     looks = evaluation_sets(plan, args)
