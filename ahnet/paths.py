@@ -8,6 +8,8 @@ Run folder (one training stage, ``python -m ahnet.train --out RUN``)::
     RUN/checkpoints/last.pt    written at every epoch end (and every --ckpt-every steps): --resume reads it
     RUN/checkpoints/best.pt    the epoch with the best validation score: what inference loads
     RUN/rescorer.pt            the run's second stage (python -m ahnet.rescore), with RUN/rescorer.json beside it
+    RUN/rescorer-crops.pt      a second stage in progress: the crops it collected, then its training after the
+    RUN/rescorer-fit.pt        last finished epoch (a killed one resumes from them; removed once rescorer.pt is)
     RUN/report/                an evaluation report (ahnet.evaluate): report.json, report.md, report.html, with
                                candidates/<run>.csv and evaluated/<run>.json (each run's evaluation and the
                                fingerprint it holds for: a rerun predicts only what changed)
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["CONFIG", "LOG", "PROGRESS", "CHECKPOINTS", "LAST", "BEST", "REPORT", "RESCORER", "RESCORER_JSON",
+           "RESCORER_CROPS", "RESCORER_FIT",
            "REPORT_JSON", "REPORT_MD", "REPORT_HTML", "DATASET", "ANNOTATIONS", "CANDIDATES_CSV", "CasePaths",
            "case_paths", "DATA_ROOT", "CACHE_ROOT", "RUNS_ROOT", "DEV_SUFFIX", "FINAL_SUFFIX", "FINAL_LOOKS",
            "REPORT_CANDIDATES", "ExperimentPaths", "experiment_name", "report_candidates",
@@ -61,6 +64,8 @@ BEST = "best.pt"
 REPORT = "report"
 RESCORER = "rescorer.pt"
 RESCORER_JSON = "rescorer.json"
+RESCORER_CROPS = "rescorer-crops.pt"
+RESCORER_FIT = "rescorer-fit.pt"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 REPORT_CANDIDATES = "candidates"        # <report>/candidates/<run>.csv: each evaluated run's candidates
 REPORT_EVALUATED = "evaluated"          # <report>/evaluated/<run>.json: each run's evaluation, kept for reuse
@@ -121,6 +126,14 @@ class RunPaths:
     @property
     def rescorer_json(self) -> Path:
         return self.root / RESCORER_JSON
+
+    @property
+    def rescorer_crops(self) -> Path:
+        return self.root / RESCORER_CROPS
+
+    @property
+    def rescorer_fit(self) -> Path:
+        return self.root / RESCORER_FIT
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,87 @@ def test_a_changed_training_precision_trains_the_second_stage_again(world, capsy
     assert r.settings["fit_amp"] == "bf16" and r.settings["fit_layout"] == "channels_last"
     saved = torch.load(world["run"] / RESCORER, weights_only=True)["state_dict"]
     assert all(t.is_contiguous() for t in saved.values())      # saved in the plain layout, whatever it trained in
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_fit_killed_after_an_epoch_resumes_to_the_same_bits():
+    """fit's state after epoch 1, saved and loaded as a weights_only file, continued: the same weights and losses
+    as three epochs without a stop (bf16, the cpu preset's precision, with its scaler and one-cycle schedule)."""
+    from ahnet.checkpoint import load_checkpoint, save_checkpoint
+    rng = np.random.default_rng(1)
+    x = rng.random((70, 2, 4, 8, 8)).astype(np.float32)
+    x[:30, 1] += 1.0
+    y = np.r_[np.ones(30), np.zeros(40)].astype(np.float32)
+    whole, losses = rs.fit(x, y, 3, 0, width=4, amp="bf16")
+    states = []
+
+    def stop_after_first(state):
+        states.append(state)
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        rs.fit(x, y, 3, 0, width=4, amp="bf16", on_epoch=stop_after_first)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint({"key": "k", **states[0]}, f"{d}/fit.pt")
+        state = load_checkpoint(f"{d}/fit.pt", required_keys=("key",))
+    resumed, losses2 = rs.fit(x, y, 3, 0, width=4, amp="bf16", resume=state)
+    assert state["epoch"] == 1 and losses2 == losses
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_second_stage_resumes_without_predicting_again(world, tmp_path, monkeypatch, capsys):
+    """Killed in its second epoch: the crops and the first epoch are kept (RUN/rescorer-crops.pt, rescorer-fit.pt);
+    the same command predicts nothing again, continues, writes the rescorer an uninterrupted call writes and
+    removes the partial files. Other settings do not take them over."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("rescorer*"))
+    argv = ["--run", str(run), "--data", str(world["ds"]), "--epochs", "3", "--width", "4", "--device", "cpu"]
+    real_fit = rs.fit
+
+    def killed_fit(*a, on_epoch=None, **kw):
+        def save_then_die(state):
+            on_epoch(state)
+            if state["epoch"] == 1:
+                raise KeyboardInterrupt
+        return real_fit(*a, on_epoch=save_then_die, **kw)
+
+    monkeypatch.setattr(rs, "fit", killed_fit)
+    assert rs.main(argv) == 130
+    assert (run / "rescorer-crops.pt").is_file() and (run / "rescorer-fit.pt").is_file()
+    assert not (run / RESCORER).exists()
+    monkeypatch.setattr(rs, "fit", real_fit)
+    monkeypatch.setattr(rs, "collect", lambda *a, **k: pytest.fail("the kept crops were predicted again"))
+    capsys.readouterr()
+    assert rs.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "not predicting again" in err and "resuming the classifier's training after epoch 1" in err
+    assert not (run / "rescorer-crops.pt").exists() and not (run / "rescorer-fit.pt").exists()
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    shutil.copytree(world["run"], whole, ignore=shutil.ignore_patterns("rescorer*"))
+    assert rs.main(["--run", str(whole)] + argv[2:]) == 0
+    a, b = load_rescorer(run).net.state_dict(), load_rescorer(whole).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = [json.loads((r / "rescorer.json").read_text()) for r in (run, whole)]
+    assert info[0]["loss_per_epoch"] == info[1]["loss_per_epoch"] and info[0]["crops"] == info[1]["crops"]
+    # work kept under other settings is not taken over; --force starts afresh
+    monkeypatch.setattr(rs, "fit", killed_fit)
+    assert rs.main(argv + ["--force"]) == 130
+    monkeypatch.undo()
+    (run / RESCORER).unlink()
+    capsys.readouterr()
+    assert rs.main(argv + ["--jitter", "1"]) == 0
+    assert "it holds the work of other settings" in capsys.readouterr().err
+    assert not (run / "rescorer-crops.pt").exists()
+    monkeypatch.setattr(rs, "fit", killed_fit)
+    assert rs.main(argv + ["--force"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert rs.main(argv + ["--force"]) == 0
+    assert "not predicting again" not in capsys.readouterr().err

@@ -14,7 +14,13 @@
    It trains on ``--device`` in channels-last 3D, in the precision ``--fit-amp`` names (bf16 on this CPU: ~0.4x
    the CPU time of float32, behind the depth guard of ahnet.precision).
 4. ``RUN/rescorer.pt`` (weights and settings) and ``RUN/rescorer.json`` (settings, counts, the loss per epoch,
-   the time), each written atomically: a killed training leaves nothing, and runs again from the start.
+   the time), each written atomically.
+
+Nothing is lost on a kill: the collected crops are kept in ``RUN/rescorer-crops.pt`` and the training after each
+epoch in ``RUN/rescorer-fit.pt`` (model, optimiser, schedule, scaler and random states), both under a key naming
+everything they depend on (the run's checkpoint and the scans byte for byte, the settings, device type, torch and
+the package's source); the same command resumes from them, and the resumed second stage equals an uninterrupted one
+to the bit. They are removed once rescorer.pt is written; a partial file under another key is not used.
 
 A run that already holds rescorer.pt trained with the same settings is left as it is (``--force`` trains it
 again). Evaluation uses it with ``python -m ahnet.evaluate --rescore``; paper_notes/candidates.md measures it.
@@ -22,13 +28,14 @@ The crops are held in memory: 66 kB a candidate at the default crop (about 0.15 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +45,9 @@ from ahnet import failures, paths
 from ahnet.atomic import write_text_atomic
 from ahnet.checkpoint import save_checkpoint
 from ahnet.data.io import load_dataset_json, read_annotations_csv
+from ahnet.checkpoint import CheckpointError, load_checkpoint
 from ahnet.evaluate import load_cases
+from ahnet.evaluate.store import code_digest, data_digest, run_fingerprint
 from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
 from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
 from ahnet.infer.windows import check_overlap
@@ -65,16 +74,22 @@ def labelled_crops(image01, prob, geometry, nodules, rows, jitter: int, rng, cro
     return np.concatenate([x, xj]), np.concatenate([y, np.ones(len(xj), np.float32)])
 
 
-def collect(run, data, split: str, jitter: int, seed: int, device, amp: str, max_cases: int = 0, crop=CROP,
-            overlap: float = 0.5):
-    """Predict the ``split`` cases of ``data`` with ``run`` (sliding windows at ``overlap``) and gather labelled
-    crops: (crops, labels, counts)."""
+def training_cases(data, split: str, max_cases: int = 0) -> tuple:
+    """(cases, images, annotations) of the ``split`` cases of ``data`` that the second stage learns from (the first
+    ``max_cases`` when > 0; ahnet.evaluate.load_cases)."""
     ann_csv = paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
-    ens = load_ensemble([run], device)
-    ens.check(None, amp)
     cases, images = load_cases(data, split, ann, ann_csv)
     cases = cases[:max_cases] if max_cases else cases
+    return cases, images, ann
+
+
+def collect(run, cases: list, images: dict, ann: list, jitter: int, seed: int, device, amp: str, crop=CROP,
+            overlap: float = 0.5):
+    """Predict ``cases`` with ``run`` (sliding windows at ``overlap``) and gather labelled crops: (crops, labels,
+    counts)."""
+    ens = load_ensemble([run], device)
+    ens.check(None, amp)
     rng = np.random.default_rng(seed)
     xs, ys, n_cand = [], [], 0
     for i, c in enumerate(cases, 1):
@@ -92,11 +107,13 @@ def collect(run, data, split: str, jitter: int, seed: int, device, amp: str, max
 
 
 def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, lr: float = 2e-3,
-        device: torch.device = torch.device("cpu"), amp: str = "off") -> tuple:
+        device: torch.device = torch.device("cpu"), amp: str = "off", resume: dict | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> tuple:
     """Train a CandidateNet on crops ``x`` (n, 2, D, H, W) with labels ``y`` (n,) on ``device`` in channels-last 3D,
     under ``amp`` (precision.AMP_MODES: bf16 autocast on this CPU takes ~0.4x the CPU time of float32, with the
     depth guard; fp16 with a GradScaler on CUDA); returns (net in eval mode on ``device``, mean loss per epoch).
-    Needs both classes; deterministic for a seed, precision, device and thread count."""
+    Needs both classes; deterministic for a seed, precision, device and thread count. ``on_epoch(state)`` gets the
+    training's state after each epoch; ``resume`` (such a state) continues from it, to the same bits."""
     if len(np.unique(y)) < 2:
         raise ValueError(f"the second stage needs nodules and false positives to learn from; got {len(y)} crops "
                          f"all {'nodules' if len(y) and y[0] else 'false positives'}")
@@ -111,8 +128,10 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     pos_weight = torch.tensor(float((1 - y.mean()) / y.mean()), device=device)
-    losses, t0 = [], time.time()
-    for epoch in range(epochs):
+    losses, t0, first = [], time.time(), 0
+    if resume is not None:
+        first, losses = restore_fit(resume, net, opt, sched, scaler, rng)
+    for epoch in range(first, epochs):
         net.train()
         order, total = rng.permutation(len(y)), 0.0
         for i in range(steps_per_epoch):
@@ -133,7 +152,55 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
         losses.append(total / steps_per_epoch)
         print(f"[rescore] epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({time.time() - t0:.0f} s)",
               file=sys.stderr, flush=True)
+        if on_epoch is not None:
+            on_epoch(fit_state(epoch + 1, losses, net, opt, sched, scaler, rng))
     return net.eval(), losses
+
+
+def fit_state(epoch: int, losses: list, net, opt, sched, scaler, rng) -> dict:
+    """What fit() needs to continue after ``epoch`` finished epochs: weights, optimiser, schedule, scaler, the
+    losses so far and both random states (plain values and CPU tensors, for a weights_only file)."""
+    return {"epoch": epoch, "losses": list(losses), "net": {k: v.detach().cpu().contiguous()
+                                                          for k, v in net.state_dict().items()},
+            "opt": opt.state_dict(), "sched": sched.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+
+def restore_fit(state: dict, net, opt, sched, scaler, rng) -> tuple:
+    """Put fit_state's ``state`` back into a freshly built training; returns (epochs done, losses so far)."""
+    net.load_state_dict(state["net"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    scaler.load_state_dict(state["scaler"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    print(f"[rescore] resuming the classifier's training after epoch {state['epoch']}", file=sys.stderr, flush=True)
+    return int(state["epoch"]), list(state["losses"])
+
+
+def partial_key(run, cases: list, images: dict, ann: list, settings: dict, device: torch.device) -> str:
+    """sha256 naming a second stage's work in progress: the run's checkpoint and the scans as read, byte for byte,
+    the annotations, the settings, the device type, torch and the package's source (ahnet.evaluate.store)."""
+    common = {"settings": settings, "device": device.type, "torch": torch.__version__, "code": code_digest(),
+              "data": data_digest(cases, images, ann)}
+    return hashlib.sha256(run_fingerprint(run, common).encode()).hexdigest()
+
+
+def load_partial(path: Path, key: str) -> dict | None:
+    """The partial file at ``path`` when it was written under ``key``; None (and a line saying why) when it is
+    missing, unreadable or another second stage's."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, required_keys=("key",))
+    except CheckpointError as e:
+        print(f"[rescore] not resuming from {path}: {e}", file=sys.stderr, flush=True)
+        return None
+    if state["key"] != key:
+        print(f"[rescore] not resuming from {path}: it holds the work of other settings, another model or other "
+              f"scans", file=sys.stderr, flush=True)
+        return None
+    return state
 
 
 @dataclass(frozen=True)
@@ -211,7 +278,8 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
         raise ValueError(f"--data {data} does not exist (expected a dataset.json)")
     device = resolve_device(device)
     resolve_amp(cfg.fit_amp, device, "--fit-amp")         # before the training scans are predicted
-    out, settings = paths.run_paths(run).rescorer, cfg.settings()
+    rp, settings = paths.run_paths(run), cfg.settings()
+    out = rp.rescorer
     failures.check_output_file(out, "--run")
     if out.is_file() and not force:
         have = load_rescorer(out).settings
@@ -219,16 +287,39 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
             print(f"[rescore] {out} already holds this second stage; --force trains it again")
             return out
     t0 = time.time()
-    x, y, counts = collect(run, data, cfg.split, cfg.jitter, cfg.seed, device, cfg.amp, cfg.max_cases,
-                           tuple(cfg.crop), cfg.overlap)
-    net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width, device=device, amp=cfg.fit_amp)
+    if force:
+        for p in (rp.rescorer_crops, rp.rescorer_fit):
+            p.unlink(missing_ok=True)
+    cases, images, ann = training_cases(data, cfg.split, cfg.max_cases)
+    key = partial_key(run, cases, images, ann, settings, device)
+    x, y, counts = collected_crops(run, cases, images, ann, cfg, device, key)
+    net, losses = fit(x, y, cfg.epochs, cfg.seed, cfg.width, device=device, amp=cfg.fit_amp,
+                      resume=load_partial(rp.rescorer_fit, key),
+                      on_epoch=lambda state: save_checkpoint({"key": key, **state}, rp.rescorer_fit))
     state = {k: v.cpu().contiguous() for k, v in net.state_dict().items()}
     save_checkpoint({"format": RESCORER_FORMAT, "state_dict": state, "settings": settings}, out)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
-    write_text_atomic(paths.run_paths(run).rescorer_json, json.dumps(info, indent=2) + "\n")
+    write_text_atomic(rp.rescorer_json, json.dumps(info, indent=2) + "\n")
+    for p in (rp.rescorer_crops, rp.rescorer_fit):
+        p.unlink(missing_ok=True)
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "
           f"nodule crops of {counts['crops']}, {cfg.epochs} epochs in {time.time() - t0:.0f} s")
     return out
+
+
+def collected_crops(run, cases: list, images: dict, ann: list, cfg: SecondStageConfig, device, key: str) -> tuple:
+    """(crops, labels, counts): those a killed call kept under ``key`` (RUN/rescorer-crops.pt), else collected
+    now and kept there."""
+    path = paths.run_paths(run).rescorer_crops
+    kept = load_partial(path, key)
+    if kept is not None:
+        print(f"[rescore] the crops collected before ({path}) hold for this call; not predicting again",
+              file=sys.stderr, flush=True)
+        return kept["x"].numpy(), kept["y"].numpy(), dict(kept["counts"])
+    x, y, counts = collect(run, cases, images, ann, cfg.jitter, cfg.seed, device, cfg.amp, tuple(cfg.crop),
+                           cfg.overlap)
+    save_checkpoint({"key": key, "x": torch.from_numpy(x), "y": torch.from_numpy(y), "counts": counts}, path)
+    return x, y, counts
 
 
 def build_parser() -> failures.Parser:
