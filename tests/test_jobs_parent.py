@@ -37,13 +37,35 @@ def test_a_job_of_a_killed_experiment_ends_with_it():
     assert not _gone(child), "the job ended before its parent was killed"
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120                     # a loaded machine may still be importing it
     while time.monotonic() < deadline:
         if _gone(child):
             return
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail(f"job {child} outlived its killed experiment")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_job_whose_experiment_died_while_it_started_ends_too():
+    """SIGKILL of the parent the moment the job is started, while the spawned child still imports (seconds, more
+    on a loaded machine), before it could ask for the signal: it finds itself orphaned and ends."""
+    code = ("import functools, time\n"
+            "from ahnet.commands.jobs import _Job, _rescore_in_child\n"
+            "j = _Job('sleeper', functools.partial(time.sleep, 600), 1, target=_rescore_in_child)\n"
+            "print(j.proc.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 120                     # its imports first
+    while time.monotonic() < deadline:
+        if _gone(child):
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail(f"job {child} outlived the experiment that died while it started")
 
 
 def test_every_job_child_asks_to_die_with_its_parent_first():
