@@ -170,18 +170,16 @@ def check_output_file(path, flag: str = "--out", access: Callable[[str, int], bo
     return path
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """In a child before it runs (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
     killed command leaves nothing running behind it (a Triton server, an experiment's trainings holding their run
-    folders' locks). A multiprocessing child whose parent died before this call (a spawned child imports for
-    seconds first) ends at once. Elsewhere: nothing."""
+    folders' locks). ``parent_pid``: that process's pid, when the child knows it (an experiment's spawned jobs,
+    which import for seconds first): a child orphaned before this call ends at once. Elsewhere: nothing."""
     import signal
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    import multiprocessing
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:    # orphaned before the prctl: no signal will come
+    if parent_pid is not None and os.getppid() != parent_pid:   # orphaned before the prctl: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)

@@ -70,4 +70,4 @@ def test_every_job_child_asks_to_die_with_its_parent_first():
     from ahnet.commands import jobs
     for fn in (jobs._train_in_child, jobs._rescore_in_child):
         body = inspect.getsource(fn).split('\n', 1)[1].lstrip()
-        assert body.startswith("failures.die_with_parent()"), fn.__name__
+        assert body.startswith("failures.die_with_parent(_started_by())"), fn.__name__

@@ -114,8 +114,16 @@ class _Job:
         self.proc.join()
 
 
+def _started_by() -> Optional[int]:
+    """The pid of the experiment that spawned this job (None outside a multiprocessing child)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None else None
+
+
 def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
-    failures.die_with_parent()                       # a killed experiment leaves no training behind
+    failures.die_with_parent(_started_by())          # a killed experiment leaves no training behind
     import torch
 
     torch.set_num_threads(threads)
@@ -128,7 +136,7 @@ def _train_in_child(variant: str, cfg: TrainConfig, threads: int) -> None:
 
 
 def _rescore_in_child(name: str, job: SecondStageJob, threads: int) -> None:
-    failures.die_with_parent()
+    failures.die_with_parent(_started_by())
     import torch
 
     torch.set_num_threads(threads)
