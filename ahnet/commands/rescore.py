@@ -28,7 +28,6 @@ The crops are held in memory: 66 kB a candidate at the default crop (about 0.15 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import sys
@@ -43,9 +42,9 @@ import torch.nn.functional as F
 
 from ahnet import failures, paths
 from ahnet.atomic import write_text_atomic
-from ahnet.checkpoint import save_checkpoint
 from ahnet.data.io import load_dataset_json, read_annotations_csv
-from ahnet.checkpoint import CheckpointError, load_checkpoint
+from ahnet.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+                              save_checkpoint)
 from ahnet.evaluate import load_cases
 from ahnet.evaluate.store import code_digest, data_digest, run_fingerprint
 from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
@@ -159,11 +158,12 @@ def fit(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, width: int = 16, l
 
 def fit_state(epoch: int, losses: list, net, opt, sched, scaler, rng) -> dict:
     """What fit() needs to continue after ``epoch`` finished epochs: weights, optimiser, schedule, scaler, the
-    losses so far and both random states (plain values and CPU tensors, for a weights_only file)."""
+    losses so far, its own generator's state and the process's (ahnet.checkpoint.capture_rng_state); plain values
+    and CPU tensors, for a weights_only file."""
     return {"epoch": epoch, "losses": list(losses), "net": {k: v.detach().cpu().contiguous()
                                                           for k, v in net.state_dict().items()},
             "opt": opt.state_dict(), "sched": sched.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+            "rng": rng.bit_generator.state, "process_rng": capture_rng_state()}
 
 
 def restore_fit(state: dict, net, opt, sched, scaler, rng) -> tuple:
@@ -173,17 +173,18 @@ def restore_fit(state: dict, net, opt, sched, scaler, rng) -> tuple:
     sched.load_state_dict(state["sched"])
     scaler.load_state_dict(state["scaler"])
     rng.bit_generator.state = state["rng"]
-    torch.set_rng_state(state["torch_rng"])
+    restore_rng_state(state["process_rng"])
     print(f"[rescore] resuming the classifier's training after epoch {state['epoch']}", file=sys.stderr, flush=True)
     return int(state["epoch"]), list(state["losses"])
 
 
 def partial_key(run, cases: list, images: dict, ann: list, settings: dict, device: torch.device) -> str:
     """sha256 naming a second stage's work in progress: the run's checkpoint and the scans as read, byte for byte,
-    the annotations, the settings, the device type, torch and the package's source (ahnet.evaluate.store)."""
+    the annotations, the settings, the device type, torch and the package's source (ahnet.evaluate.store's
+    run_fingerprint)."""
     common = {"settings": settings, "device": device.type, "torch": torch.__version__, "code": code_digest(),
               "data": data_digest(cases, images, ann)}
-    return hashlib.sha256(run_fingerprint(run, common).encode()).hexdigest()
+    return run_fingerprint(run, common)
 
 
 def load_partial(path: Path, key: str) -> dict | None:
@@ -279,7 +280,7 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
     device = resolve_device(device)
     resolve_amp(cfg.fit_amp, device, "--fit-amp")         # before the training scans are predicted
     rp, settings = paths.run_paths(run), cfg.settings()
-    out = rp.rescorer
+    out, partials = rp.rescorer, (rp.rescorer_crops, rp.rescorer_fit)
     failures.check_output_file(out, "--run")
     if out.is_file() and not force:
         have = load_rescorer(out).settings
@@ -288,7 +289,7 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
             return out
     t0 = time.time()
     if force:
-        for p in (rp.rescorer_crops, rp.rescorer_fit):
+        for p in partials:
             p.unlink(missing_ok=True)
     cases, images, ann = training_cases(data, cfg.split, cfg.max_cases)
     key = partial_key(run, cases, images, ann, settings, device)
@@ -300,7 +301,7 @@ def train_rescorer(run, data, device="auto", cfg: SecondStageConfig = SecondStag
     save_checkpoint({"format": RESCORER_FORMAT, "state_dict": state, "settings": settings}, out)
     info = dict(settings, **counts, loss_per_epoch=[round(v, 5) for v in losses], seconds=round(time.time() - t0, 1))
     write_text_atomic(rp.rescorer_json, json.dumps(info, indent=2) + "\n")
-    for p in (rp.rescorer_crops, rp.rescorer_fit):
+    for p in partials:
         p.unlink(missing_ok=True)
     print(f"[rescore] {out}: {counts['candidates']} candidates of {counts['cases']} cases, {counts['positives']} "
           f"nodule crops of {counts['crops']}, {cfg.epochs} epochs in {time.time() - t0:.0f} s")
