@@ -162,6 +162,13 @@ def test_no_file_over_600_lines():
     assert not big
 
 
+def test_no_test_file_over_600_lines():
+    """The tests keep the same size rule: a long table moves its helpers out (tests/_drill.py)."""
+    big = {p.relative_to(ROOT).as_posix(): n for p in sorted((ROOT / "tests").rglob("*.py"))
+           if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES}
+    assert not big
+
+
 def test_no_function_over_80_lines_unless_its_docstring_says_why():
     long = {}
     for rel, _, tree in _sizes():
