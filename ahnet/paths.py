@@ -35,8 +35,10 @@ An experiment named N (``python -m ahnet.experiment``)::
     data/N-dev/                the development set: every choice is made on it
     data/N-final/              the sealed final test set, with looks.csv (one row per evaluation of it)
     data/N-final-<shift>/      the final set rendered with one shift (noise, kernel, spacing, vessels, HU)
+    data/N-dev-<shift>/        dev rendered with one shift (where a lever that recovers a shift is chosen)
     runs/N/<variant>/          a variant's run (seed index 0); runs/N/<variant>-seed<k>/ its k-th retraining
     runs/N/report/             the report on dev; runs/N/report-final/ and report-final-<shift>/ on the final set
+    runs/N/report-<shift>/     the report on a shifted dev set; runs/N/report[-final]-shifts/ the shift summary
     runs/N/report-final-thickness/  the slice-thickness study over N and its N-z<S> siblings (other spacings)
 """
 from __future__ import annotations
@@ -269,23 +271,24 @@ class ExperimentPaths:
     def final(self) -> Path:
         return DATA_ROOT / f"{self.name}{FINAL_SUFFIX}"
 
-    def shifted_final(self, shift: str) -> Path:
-        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX}-{shift}"
+    def shifted(self, shift: str, final: bool) -> Path:
+        """The final set (``final``) or dev rendered with one shift."""
+        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX if final else DEV_SUFFIX}-{shift}"
 
     def run(self, variant: str, k: int = 0) -> Path:
         """The run folder of a variant's k-th training (k = 0: the variant's own name)."""
         return self.runs / (variant if k == 0 else f"{variant}-seed{k}")
 
     def report(self, final: bool = False, shift: str | None = None) -> Path:
-        name = REPORT + (FINAL_SUFFIX if final or shift else "") + (f"-{shift}" if shift else "")
-        return self.runs / name
+        """The report on dev or the final set (``final``), or on its rendering with ``shift``."""
+        return self.runs / (REPORT + (FINAL_SUFFIX if final else "") + (f"-{shift}" if shift else ""))
 
     def looks(self) -> Path:
         return self.final / FINAL_LOOKS
 
-    def shift_report(self) -> Path:
-        """Where the summary of every shift of the final set goes."""
-        return self.runs / f"{REPORT}{FINAL_SUFFIX}-shifts"
+    def shift_report(self, final: bool = True) -> Path:
+        """Where the summary of every shift of the final set (or of dev) goes."""
+        return self.runs / f"{REPORT}{FINAL_SUFFIX if final else ''}-shifts"
 
     def thickness_report(self) -> Path:
         """Where the slice-thickness study across this experiment's spacings goes (python -m ahnet.thickness)."""

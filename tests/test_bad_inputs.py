@@ -276,6 +276,9 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "unet3d transfer", lambda c: ["--variants", "unet3d-transfer"], "unet3d has no 2D counterpart"),
     ("experiment", "evaluate-only untrained", lambda c: ["--evaluate-only"],
      "--evaluate-only: runs/phantom-demo/mcgcn-2d holds no trained model (checkpoints/best.pt or last.pt)"),
+    ("experiment", "shifts of --data", lambda c: ["--data", c.w.ds, "--shifts", "noise2x"],
+     "--shifts renders a preset's generated dev or final phantom with shifts; it does not go with --data"),
+    ("experiment", "shift bogus", lambda c: ["--shifts", "noise9x"], "argument --shifts: invalid choice"),
     # --------------------------------------------------------------------------------------------- rescore
     ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),

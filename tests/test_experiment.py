@@ -70,8 +70,11 @@ def test_the_slice_spacing_study_keeps_the_patch_depth_in_mm_and_refuses_what_it
 def test_final_and_shifts_are_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parse = experiment.build_parser().parse_args
-    with pytest.raises(ValueError, match="--shifts renders the sealed final set with shifts; add --final"):
-        experiment.plan_experiment(parse(["--preset", "cpu", "--shifts", "noise2x"]))
+    with pytest.raises(ValueError, match="--shifts renders a preset's generated dev or final phantom with shifts; "
+                                         "it does not go with --data"):
+        experiment.plan_experiment(parse(["--preset", "cpu", "--shifts", "noise2x", "--data", "x/dataset.json"]))
+    with pytest.raises(ValueError, match="--shifts: the paper preset has no generated dev phantom"):
+        experiment.plan_experiment(parse(["--preset", "paper", "--shifts", "noise2x"]))
     with pytest.raises(ValueError, match="the demo preset has no sealed final test set"):
         experiment.plan_experiment(parse(["--preset", "demo", "--final"]))
     plan = experiment.plan_experiment(parse(["--preset", "cpu", "--final", "--shifts", "all", "--seeds", "3",
@@ -82,6 +85,31 @@ def test_final_and_shifts_are_checked_before_any_work(tmp_path, monkeypatch):
                                         "ahnet-transfer-pfn0", "mcgcn-2d-seed1"]
     assert plan.trainings["unet3d-scratch-seed2"] == ("unet3d-scratch", 2) and len(plan.trainings) == 15
 
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_shifts_render_dev_or_the_final_set_and_report_beside_it(tmp_path, monkeypatch, final):
+    """--shifts without --final renders dev with each shift (data/N-dev-<shift>, reports runs/N/report-<shift>),
+    where a lever is chosen; with --final the final set (data/N-final-<shift>, runs/N/report-final-<shift>). Each
+    rendering is the set's own test phantom with the shift's options on top."""
+    monkeypatch.chdir(tmp_path)
+    made = []
+    monkeypatch.setattr(experiment.phantoms, "ensure_held_out",
+                        lambda folder, name, seed, opts: made.append((Path(folder), name, opts)) or Path(folder))
+    monkeypatch.setattr(experiment.phantoms, "check_sealed", lambda final_json, others: 0)
+    args = experiment.build_parser().parse_args(["--preset", "cpu", "--shifts", "hu+30", "sharp"]
+                                                + (["--final"] if final else []))
+    looks = experiment.evaluation_sets(experiment.plan_experiment(args), args)
+    where, test_phantom = ("-final", "cpu-final") if final else ("-dev", "cpu")
+    assert [(str(d), str(r), s) for d, r, _, s in looks] == [
+        (f"data/phantom-cpu{where}", "runs/phantom-cpu/report" + ("-final" if final else ""), None),
+        (f"data/phantom-cpu{where}-hu+30", f"runs/phantom-cpu/report{where if final else ''}-hu+30", "hu+30"),
+        (f"data/phantom-cpu{where}-sharp", f"runs/phantom-cpu/report{where if final else ''}-sharp", "sharp")]
+    shifted = [(str(f), n, o) for f, n, o in made if "-hu+30" in str(f) or "-sharp" in str(f)]
+    assert shifted == [(f"data/phantom-cpu{where}-hu+30", test_phantom, {"hu_offset": 30.0}),
+                       (f"data/phantom-cpu{where}-sharp", test_phantom, {"psf_sigma": 0.25})]
+    assert str(experiment.paths.ExperimentPaths("phantom-cpu").shift_report(final)) == (
+        "runs/phantom-cpu/report" + ("-final" if final else "") + "-shifts")
 
 def _files(folder):
     """{relative path: (sha256, mtime_ns)} of every file under a folder."""

@@ -6,6 +6,7 @@
     python -m ahnet.experiment --preset cpu --seeds 3 --final     # the same models on the sealed final test set
     python -m ahnet.experiment --preset cpu --slice-spacing 5.0   # every phantom at 5 mm slices (runs/phantom-cpu-z5)
     python -m ahnet.experiment --preset cpu --final --shifts all --evaluate-only   # the trained models, shifted sets
+    python -m ahnet.experiment --preset cpu --shifts hu+30 --evaluate-only   # the same on dev (to choose a lever)
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
@@ -25,9 +26,10 @@ variation. A larger N reuses the trainings a smaller one finished.
 
 Evaluation sets: by default the development set (``data/<name>-dev``), on which every choice is made. ``--final``
 evaluates the same models on the sealed final test set instead (``data/<name>-final``: shapes from LIDC patients
-no other phantom draws from, checked before it is read; every look appended to its looks.csv), and with
-``--shifts`` on its shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
-ahnet.commands.phantoms.SHIFTS). ``--slice-spacing S`` renders every phantom at S mm slices over the same 100 mm
+no other phantom draws from, checked before it is read; every look appended to its looks.csv). ``--shifts``
+evaluates on the set's shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
+ahnet.commands.phantoms.SHIFTS), each paired against the unshifted set: the final set's with ``--final``, dev's
+without (where a training lever that recovers a shift is chosen). ``--slice-spacing S`` renders every phantom at S mm slices over the same 100 mm
 (experiment ``<name>-z<S>``), the 3D patch over the same depth in mm. ``--evaluate-only`` evaluates the runs as
 they stand, trained models and second stages untouched (a model trained by an earlier commit keeps its second
 stage even where this commit would train it differently); a run without them is an error before any work.
@@ -130,8 +132,9 @@ def plan_experiment(args) -> Plan:
     if any(parse_variant(v)[1] == "transfer" for v in variants) and "mcgcn-2d" not in variants:
         variants = ["mcgcn-2d"] + variants
     shifts = list(phantoms.SHIFTS) if args.shifts and "all" in args.shifts else list(dict.fromkeys(args.shifts or []))
-    if shifts and not args.final:
-        raise ValueError("--shifts renders the sealed final set with shifts; add --final")
+    if shifts and (args.data or not preset.test_phantom):
+        raise ValueError("--shifts renders a preset's generated dev or final phantom with shifts; it does not go with "
+                         "--data" if args.data else f"--shifts: the {args.preset} preset has no generated dev phantom")
     if args.final and (args.data or f"{preset.test_phantom}-final" not in _test_phantoms()):
         raise ValueError(f"--final: the {args.preset} preset has no sealed final test set" if not args.data else
                          "--final evaluates a preset's generated final set; it does not go with --data")
@@ -218,9 +221,22 @@ def _check_eval_sets(plan: Plan, args) -> None:
         phantoms.check_held_out(ep.dev, preset.test_phantom, args.seed, opts)
         if args.final:
             phantoms.check_held_out(ep.final, f"{preset.test_phantom}-final", args.seed, opts)
-            for s in plan.shifts:
-                phantoms.check_held_out(ep.shifted_final(s), f"{preset.test_phantom}-final", args.seed,
-                                        {**opts, **phantoms.SHIFTS[s]})
+        for s in plan.shifts:
+            phantoms.check_held_out(ep.shifted(s, args.final), _held_out_name(plan, args.final), args.seed,
+                                    {**opts, **phantoms.SHIFTS[s]})
+
+
+def _held_out_name(plan: Plan, final: bool) -> str:
+    """The test phantom (ahnet.data.phantom.TEST_PHANTOMS) of dev or of the final set."""
+    return plan.preset.test_phantom + ("-final" if final else "")
+
+
+def _shifted_looks(plan: Plan, args, opts: dict) -> list:
+    """[(dataset.json, report folder, label, shift)] of the evaluation set rendered with each of plan.shifts."""
+    where = "the final set" if args.final else "dev"
+    return [(phantoms.ensure_held_out(plan.ep.shifted(s, args.final), _held_out_name(plan, args.final), args.seed,
+                                      {**opts, **phantoms.SHIFTS[s]}),
+             plan.ep.report(final=args.final, shift=s), f"{where}, shifted: {s}", s) for s in plan.shifts]
 
 
 def _held_out_overrides(plan: Plan) -> dict:
@@ -247,7 +263,7 @@ def train_all(configs: dict, order: Dict[str, Optional[str]], jobs: int, second:
 
 
 def evaluation_sets(plan: Plan, args) -> list:
-    """[(dataset.json, report folder, label, shift)] this call evaluates: dev, or the final set and its shifts
+    """[(dataset.json, report folder, label, shift)] this call evaluates: dev or the final set, and its shifts
     (generated when missing; the final set's seal checked, each look logged)."""
     preset, ep, opts = plan.preset, plan.ep, _held_out_overrides(plan)
     if args.data:
@@ -259,18 +275,13 @@ def evaluation_sets(plan: Plan, args) -> list:
             dev = phantoms.ensure_generated_dev(ep.dev, preset.test_cases, preset.size, preset.phantom, args.seed)
         else:
             dev = ep.train / paths.DATASET
-        return [(dev, ep.report(), "the development set", None)]
-    final_name = f"{preset.test_phantom}-final"
-    final = phantoms.ensure_held_out(ep.final, final_name, args.seed, opts)
+        return [(dev, ep.report(), "the development set", None)] + _shifted_looks(plan, args, opts)
+    final = phantoms.ensure_held_out(ep.final, _held_out_name(plan, True), args.seed, opts)
     dev = phantoms.ensure_held_out(ep.dev, preset.test_phantom, args.seed, opts)
     n = phantoms.check_sealed(final, [ep.train / paths.DATASET, dev])
     print(f"[experiment] the final set {ep.final} holds shapes of {n} LIDC patients, none in training, validation "
           f"or dev", flush=True)
-    looks = [(final, ep.report(final=True), "the sealed final test set", None)]
-    for s in plan.shifts:
-        shifted = phantoms.ensure_held_out(ep.shifted_final(s), final_name, args.seed, {**opts, **phantoms.SHIFTS[s]})
-        looks.append((shifted, ep.report(shift=s), f"the final set, shifted: {s}", s))
-    return looks
+    return [(final, ep.report(final=True), "the sealed final test set", None)] + _shifted_looks(plan, args, opts)
 
 
 def evaluate_set(plan: Plan, args, data_json: Path, report: Path, label: str, shift: Optional[str]) -> dict:
@@ -308,9 +319,10 @@ def summarize_shifts(plan: Plan, args, looks: list) -> None:
     sets = {shift: read_evaluated_set(data_json, report, names) for data_json, report, _, shift in looks}
     groups = {v: [plan.ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants}
     summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
-    md = write_shift_report(summary, plan.ep.shift_report(), f"Shifts of the final set ({args.preset} preset, "
-                                                                f"{plan.name})")
-    print(f"[experiment] the final models under shifts: {md}", flush=True)
+    where = "the final set" if args.final else "dev"
+    md = write_shift_report(summary, plan.ep.shift_report(args.final), f"Shifts of {where} ({args.preset} preset, "
+                                                                         f"{plan.name})")
+    print(f"[experiment] the models under shifts of {where}: {md}", flush=True)
 
 
 if __name__ == "__main__":
