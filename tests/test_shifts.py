@@ -79,5 +79,6 @@ def test_the_shift_summary_flags_a_costly_shift_and_writes_its_report(tmp_path):
     assert "| noise2x | AH-Net after transfer |" in md and "costs > 0.05; decided" in md
     assert (tmp_path / "rep" / "shifts.png").stat().st_size > 1000
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["shifts"]["noise2x"]["unet3d-scratch"]
+    assert "on dev and on dev rendered with one change" in write_shift_report(s, tmp_path / "d", "s", "dev").read_text()
     with pytest.raises(ValueError, match="other scans"):
         shift_summary(base, {"x": (nods, worse[1], scans[:-1])}, groups, n_bootstrap=10)

@@ -320,8 +320,8 @@ def summarize_shifts(plan: Plan, args, looks: list) -> None:
     groups = {v: [plan.ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants}
     summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
     where = "the final set" if args.final else "dev"
-    md = write_shift_report(summary, plan.ep.shift_report(args.final), f"Shifts of {where} ({args.preset} preset, "
-                                                                         f"{plan.name})")
+    md = write_shift_report(summary, plan.ep.shift_report(args.final),
+                            f"Shifts of {where} ({args.preset} preset, {plan.name})", where)
     print(f"[experiment] the models under shifts of {where}: {md}", flush=True)
 
 

@@ -1,5 +1,5 @@
-"""The shift study's report: every model's CPM on each shifted rendering of the final test set beside the
-unshifted one, the paired difference with its interval (ahnet.evaluate.shifts.shift_summary), and a figure.
+"""The shift study's report: every model's CPM on each shifted rendering of the final test set (or of dev) beside
+the unshifted one, the paired difference with its interval (ahnet.evaluate.shifts.shift_summary), and a figure.
 Written atomically into one folder: report.json, report.md and shifts.png."""
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def _figure(summary: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_shift_report(summary: dict, out_dir, title: str) -> Path:
-    """report.json, report.md and shifts.png of a shift summary into ``out_dir``; returns the Markdown's path."""
+def write_shift_report(summary: dict, out_dir, title: str, where: str = "the final set") -> Path:
+    """report.json, report.md and shifts.png of a shift summary of ``where`` (the final set, or dev) into
+    ``out_dir``; returns the Markdown's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / FIGURE) as tmp:
         tmp.write_bytes(_figure(summary))
     pct = "95%"
     head = ["shift", "model", "CPM unshifted", "CPM shifted", f"diff [{pct} CI, scans and seeds]", "verdict"]
-    lines = [f"# {title}", "", f"Every model of the final set evaluated, without retraining, on the final set "
+    lines = [f"# {title}", "", f"Every model evaluated, without retraining, on {where} and on {where} "
              f"rendered with one change at a time; differences paired over {summary['n_bootstrap']} resamples of "
              f"scans and seeds. A shift costs too much when its point estimate is below -{summary['costly']:g}.", "",
              f"![shifts]({FIGURE})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
