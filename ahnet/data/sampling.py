@@ -8,7 +8,10 @@ i])`` and it decides, in order, positive or negative, the case, the centre, then
   "case", a case with nodules (uniform), then one of its instances (uniform, so small nodules count as much as
   large ones); with "inverse-diameter", any instance of any case with probability proportional to 1 / its
   equivalent-sphere diameter (from its voxel count and the case's spacing), so a 4 mm nodule is drawn 5 times
-  as often as a 20 mm one. The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
+  as often as a 20 mm one; with "inverse-diameter-contrast", proportional to 1 / (diameter x contrast), the
+  contrast being the nodule's mean HU minus the mean HU of a 2-voxel in-plane shell around it (other nodules
+  left out), floored at 50 HU: a faint ground-glass nodule, or one against the pleura or a vessel, is drawn
+  more often than a solid one of its size in open lung. The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
   always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
 - negative: any case (uniform); with probability ``hard_fraction`` the centre is one of the case's hard
   voxels (``hard_negative_index``: vessels, airway walls, fissures, pleura), else uniform over the volume's
@@ -32,7 +35,9 @@ from ahnet.data.cache import foreground_index
 
 
 #: how a positive patch picks its nodule (module docstring)
-POS_WEIGHTINGS = ("case", "inverse-diameter")
+POS_WEIGHTINGS = ("case", "inverse-diameter", "inverse-diameter-contrast")
+CONTRAST_FLOOR_HU = 50.0     # inverse-diameter-contrast: a lower (or negative) contrast counts as this
+CONTRAST_SHELL = 2           # in-plane voxels of the shell a nodule's contrast is measured against
 
 
 class PatchDataset(Dataset):
@@ -66,8 +71,13 @@ class PatchDataset(Dataset):
         # shared memory: set_epoch in the main process reaches persistent DataLoader workers too
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.jitter_max = np.array([int(jitter * ((s - 1) // 2)) for s in self.patch_size])
+        if pos_weighting not in POS_WEIGHTINGS:
+            raise ValueError(f"PatchDataset: pos_weighting {pos_weighting!r}; expected one of "
+                             f"{', '.join(POS_WEIGHTINGS)}.")
+        self.pos_weighting = pos_weighting
         self.shapes, self.spacings, self.nodules = [], [], []
         self._fg, self._inst = [], []  # per case: fg rows (n,4) sorted by label; [(start, stop)] per instance
+        self.contrast_hu = []          # inverse-diameter-contrast: per case, each instance's contrast (HU)
         for p in self.paths:
             try:
                 with h5py.File(p, "r") as f:
@@ -75,18 +85,16 @@ class PatchDataset(Dataset):
                     self.spacings.append(tuple(np.asarray(f.attrs.get("spacing", (1.0, 1.0, 1.0)), float)))
                     self.nodules.append(json.loads(f.attrs.get("nodules", "[]")))
                     fg = f["fg_voxels"][...] if "fg_voxels" in f else foreground_index(f["label"][...])
+                    fg = fg[np.argsort(fg[:, 3], kind="stable")] if len(fg) else fg
+                    starts = np.unique(fg[:, 3], return_index=True)[1] if len(fg) else []
+                    bounds = list(zip(starts, list(starts[1:]) + [len(fg)])) if len(fg) else []
+                    if pos_weighting == "inverse-diameter-contrast":
+                        self.contrast_hu.append(instance_contrast(f["image"][...], f["label"][...], fg, bounds))
             except (OSError, KeyError) as e:
                 raise ValueError(f"{p}: not a readable cache file ({e}); rebuild it with build_cache.") from e
-            fg = fg[np.argsort(fg[:, 3], kind="stable")] if len(fg) else fg
-            labs, starts = np.unique(fg[:, 3], return_index=True) if len(fg) else ([], [])
-            bounds = list(zip(starts, list(starts[1:]) + [len(fg)])) if len(fg) else []
             self._fg.append(fg[:, :3].astype(np.int64))
             self._inst.append(bounds)
         self.pos_cases = [k for k, b in enumerate(self._inst) if b]
-        if pos_weighting not in POS_WEIGHTINGS:
-            raise ValueError(f"PatchDataset: pos_weighting {pos_weighting!r}; expected one of "
-                             f"{', '.join(POS_WEIGHTINGS)}.")
-        self.pos_weighting = pos_weighting
         self._inst_flat, self._inst_p = self._instance_weights() if pos_weighting != "case" else ([], None)
         if not 0.0 <= hard_fraction <= 1.0:
             raise ValueError(f"PatchDataset: hard_fraction {hard_fraction}; expected a value in [0, 1].")
@@ -97,13 +105,17 @@ class PatchDataset(Dataset):
 
     def _instance_weights(self):
         """([(case k, instance j)], probabilities) over every nodule instance, each weighted by 1 / its
-        equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6); None when there is none."""
+        equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6), and with inverse-diameter-contrast
+        by 1 / max(its contrast, CONTRAST_FLOOR_HU) too; None when there is none."""
         flat, weights = [], []
         for k, bounds in enumerate(self._inst):
             voxel_mm3 = float(np.prod(self.spacings[k]))
             for j, (a, b) in enumerate(bounds):
                 flat.append((k, j))
-                weights.append((6.0 * (b - a) * voxel_mm3 / np.pi) ** (-1.0 / 3.0))
+                w = (6.0 * (b - a) * voxel_mm3 / np.pi) ** (-1.0 / 3.0)
+                if self.contrast_hu:
+                    w /= max(self.contrast_hu[k][j], CONTRAST_FLOOR_HU)
+                weights.append(w)
         if not flat:
             return [], None
         return flat, np.asarray(weights) / np.sum(weights)
@@ -195,6 +207,32 @@ class PatchDataset(Dataset):
             img, lab = self.augment(img, lab, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
                 "label": torch.from_numpy((np.asarray(lab) > 0).astype(np.float32))[None]}
+
+
+def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, bounds: list) -> list:
+    """Each instance's contrast in HU: its mean minus the mean of the voxels within CONTRAST_SHELL in-plane
+    voxels of it that belong to no nodule (0 when there are none). ``image`` scaled (D, H, W) as cached,
+    ``label`` (D, H, W) instances, ``fg`` (n, 4) rows (z, y, x, label) sorted by label, ``bounds`` each
+    instance's [start, stop) rows."""
+    from scipy import ndimage
+
+    from ahnet.data.preprocess import HU_MAX, HU_MIN
+
+    s = CONTRAST_SHELL
+    plane = np.zeros((1, 3, 3), bool)
+    plane[0] = True
+    out = []
+    for a, b in bounds:
+        zyx = fg[a:b, :3].astype(np.int64)
+        lo = np.maximum(zyx.min(0) - [0, s, s], 0)
+        hi = np.minimum(zyx.max(0) + [1, s + 1, s + 1], image.shape)
+        box = tuple(slice(i, j) for i, j in zip(lo, hi))
+        inside = np.zeros(hi - lo, bool)
+        inside[tuple((zyx - lo).T)] = True
+        shell = ndimage.binary_dilation(inside, structure=plane, iterations=s) & (label[box] == 0)
+        img = image[box]
+        out.append(float(img[inside].mean() - img[shell].mean()) * (HU_MAX - HU_MIN) if shell.any() else 0.0)
+    return out
 
 
 def hard_negative_index(path, dense_hu: float = -400.0, aerated_hu: float = -600.0, reach: int = 3,

@@ -106,9 +106,53 @@ def test_inverse_diameter_weighting_draws_small_nodules_more_often(cache, tmp_pa
     uniform = PatchDataset(cache, patch_size=(3, 16, 16), samples_per_epoch=20, pos_fraction=1.0)
     assert uniform.pos_weighting == "case" and [uniform.plan(i)[1:] for i in range(20)] != \
         [ds.plan(i)[1:] for i in range(20)]
-    with pytest.raises(ValueError, match="pos_weighting 'big'; expected one of case, inverse-diameter"):
+    with pytest.raises(ValueError, match="pos_weighting 'big'; expected one of case, inverse-diameter, inverse-diameter-contrast"):
         PatchDataset(cache, pos_weighting="big")
 
+
+
+def test_inverse_diameter_contrast_draws_faint_nodules_more_often(cache, tmp_path):
+    """With inverse-diameter-contrast each nodule's share of the positives matches 1 / (diameter x contrast), the
+    contrast (its mean HU minus that of a 2-voxel in-plane shell of non-nodule voxels, floored at 50 HU) computed
+    here over the whole volume; a nodule made faint (100 HU above its shell) is drawn several times as often as
+    before."""
+    from ahnet.data.preprocess import HU_MAX, HU_MIN
+    cache = [shutil.copy(p, tmp_path / Path(p).name) for p in cache]
+    plane = np.zeros((1, 3, 3), bool)
+    plane[0] = True
+    with h5py.File(cache[0], "r+") as f:      # nodule 1 of case 0: 100 HU above its surroundings
+        image, label = f["image"][...], f["label"][...]
+        nod = label == np.unique(label[label > 0])[0]
+        shell = ndimage.binary_dilation(nod, structure=plane, iterations=2) & (label == 0)
+        image[nod] = image[shell].mean() + 100.0 / (HU_MAX - HU_MIN)
+        f["image"][...] = image
+    weights, contrast = {}, {}
+    for k, path in enumerate(cache):
+        with h5py.File(path, "r") as f:
+            image, label = f["image"][...], f["label"][...]
+            voxel_mm3 = float(np.prod(f.attrs["spacing"]))
+        for lab in np.unique(label[label > 0]):
+            nod = label == lab
+            shell = ndimage.binary_dilation(nod, structure=plane, iterations=2) & (label == 0)
+            c = (image[nod].mean() - image[shell].mean()) * (HU_MAX - HU_MIN)
+            contrast[(k, int(lab))] = c
+            weights[(k, int(lab))] = (6 * nod.sum() * voxel_mm3 / np.pi) ** (-1 / 3) / max(c, 50.0)
+    faint = (0, int(min(k[1] for k in contrast if k[0] == 0)))
+    assert abs(contrast[faint] - 100.0) < 1.0 and min(v for k, v in contrast.items() if k != faint) > 300
+    n = 4000
+    ds = PatchDataset(cache, patch_size=(3, 16, 16), samples_per_epoch=n, pos_fraction=1.0, jitter=0.0,
+                      pos_weighting="inverse-diameter-contrast")
+    flat = [c for case in ds.contrast_hu for c in case]
+    assert np.allclose(sorted(flat), sorted(contrast.values()), atol=1e-3)
+    counts = dict.fromkeys(weights, 0)
+    for i in range(n):
+        _, k, centre, _ = ds.plan(i)
+        with h5py.File(cache[k], "r") as f:
+            counts[(k, int(f["label"][centre]))] += 1
+    total = sum(weights.values())
+    for key, w in weights.items():
+        assert abs(counts[key] / n - w / total) < 0.03, (key, counts[key] / n, w / total)
+    assert counts[faint] / n > 0.5
 
 def test_negatives_only_when_no_nodules(cache):
     ds = PatchDataset([cache[2]], patch_size=(4, 16, 16), samples_per_epoch=50, pos_fraction=0.9)
