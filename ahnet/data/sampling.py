@@ -8,10 +8,10 @@ i])`` and it decides, in order, positive or negative, the case, the centre, then
   "case", a case with nodules (uniform), then one of its instances (uniform, so small nodules count as much as
   large ones); with "inverse-diameter", any instance of any case with probability proportional to 1 / its
   equivalent-sphere diameter (from its voxel count and the case's spacing), so a 4 mm nodule is drawn 5 times
-  as often as a 20 mm one; with "inverse-diameter-contrast", proportional to 1 / (diameter x contrast), the
-  contrast being the nodule's mean HU minus the mean HU of a 2-voxel in-plane shell around it (other nodules
-  left out), floored at 50 HU: a faint ground-glass nodule, or one against the pleura or a vessel, is drawn
-  more often than a solid one of its size in open lung. The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
+  as often as a 20 mm one; with "inverse-diameter-contrast", proportional to 1 / (diameter x sqrt(contrast)),
+  the contrast being the nodule's mean HU minus the mean HU of a 2-voxel in-plane shell around it (other nodules
+  left out), floored at 50 HU: a faint ground-glass nodule (~100 HU), or one against the pleura or a vessel, is
+  drawn about twice as often as a solid one of its size in open lung (~500 HU). The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
   always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
 - negative: any case (uniform); with probability ``hard_fraction`` the centre is one of the case's hard
   voxels (``hard_negative_index``: vessels, airway walls, fissures, pleura), else uniform over the volume's
@@ -106,7 +106,7 @@ class PatchDataset(Dataset):
     def _instance_weights(self):
         """([(case k, instance j)], probabilities) over every nodule instance, each weighted by 1 / its
         equivalent-sphere diameter in mm (voxels x voxel volume = pi d^3 / 6), and with inverse-diameter-contrast
-        by 1 / max(its contrast, CONTRAST_FLOOR_HU) too; None when there is none."""
+        by 1 / sqrt(max(its contrast, CONTRAST_FLOOR_HU)) too; None when there is none."""
         flat, weights = [], []
         for k, bounds in enumerate(self._inst):
             voxel_mm3 = float(np.prod(self.spacings[k]))
@@ -114,7 +114,7 @@ class PatchDataset(Dataset):
                 flat.append((k, j))
                 w = (6.0 * (b - a) * voxel_mm3 / np.pi) ** (-1.0 / 3.0)
                 if self.contrast_hu:
-                    w /= max(self.contrast_hu[k][j], CONTRAST_FLOOR_HU)
+                    w /= np.sqrt(max(self.contrast_hu[k][j], CONTRAST_FLOOR_HU))
                 weights.append(w)
         if not flat:
             return [], None

@@ -97,8 +97,8 @@ class TrainConfig:
     pos_weighting: str = _f("case", "how a nodule patch picks its nodule: case = a case with nodules, then one "
                                     "of its nodules, uniformly; inverse-diameter = any nodule with probability "
                                     "proportional to 1 / its diameter (small nodules drawn more often); "
-                                    "inverse-diameter-contrast = 1 / (diameter x contrast against its "
-                                    "surroundings, floored at 50 HU: faint nodules drawn more often too)",
+                                    "inverse-diameter-contrast = 1 / (diameter x sqrt(contrast against its "
+                                    "surroundings, floored at 50 HU): faint nodules drawn more often too)",
                             POS_WEIGHTINGS)
     hard_fraction: float = _f(0.0, "fraction of the other (negative) patches centred on hard tissue: dense "
                                    "voxels (> -400 HU) within 3 in-plane voxels of aerated lung (< -600 HU) and "

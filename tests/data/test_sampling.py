@@ -112,10 +112,9 @@ def test_inverse_diameter_weighting_draws_small_nodules_more_often(cache, tmp_pa
 
 
 def test_inverse_diameter_contrast_draws_faint_nodules_more_often(cache, tmp_path):
-    """With inverse-diameter-contrast each nodule's share of the positives matches 1 / (diameter x contrast), the
+    """With inverse-diameter-contrast each nodule's share of the positives matches 1 / (diameter x sqrt(contrast)), the
     contrast (its mean HU minus that of a 2-voxel in-plane shell of non-nodule voxels, floored at 50 HU) computed
-    here over the whole volume; a nodule made faint (100 HU above its shell) is drawn several times as often as
-    before."""
+    here over the whole volume; a nodule made faint (100 HU above its shell) is drawn more often than before."""
     from ahnet.data.preprocess import HU_MAX, HU_MIN
     cache = [shutil.copy(p, tmp_path / Path(p).name) for p in cache]
     plane = np.zeros((1, 3, 3), bool)
@@ -136,7 +135,7 @@ def test_inverse_diameter_contrast_draws_faint_nodules_more_often(cache, tmp_pat
             shell = ndimage.binary_dilation(nod, structure=plane, iterations=2) & (label == 0)
             c = (image[nod].mean() - image[shell].mean()) * (HU_MAX - HU_MIN)
             contrast[(k, int(lab))] = c
-            weights[(k, int(lab))] = (6 * nod.sum() * voxel_mm3 / np.pi) ** (-1 / 3) / max(c, 50.0)
+            weights[(k, int(lab))] = (6 * nod.sum() * voxel_mm3 / np.pi) ** (-1 / 3) / np.sqrt(max(c, 50.0))
     faint = (0, int(min(k[1] for k in contrast if k[0] == 0)))
     assert abs(contrast[faint] - 100.0) < 1.0 and min(v for k, v in contrast.items() if k != faint) > 300
     n = 4000
@@ -152,7 +151,7 @@ def test_inverse_diameter_contrast_draws_faint_nodules_more_often(cache, tmp_pat
     total = sum(weights.values())
     for key, w in weights.items():
         assert abs(counts[key] / n - w / total) < 0.03, (key, counts[key] / n, w / total)
-    assert counts[faint] / n > 0.5
+    assert counts[faint] / n > 0.45
 
 def test_negatives_only_when_no_nodules(cache):
     ds = PatchDataset([cache[2]], patch_size=(4, 16, 16), samples_per_epoch=50, pos_fraction=0.9)
