@@ -82,7 +82,10 @@ class Augment:
 
     p_flip per axis (y, x); p_rot90 for a random k in {1, 2, 3} (odd k only when H == W); p_affine for a
     rotation in +-rotate_deg and a zoom in [scale_min, scale_max]; p_intensity for contrast (1 +- contrast),
-    shift (+- shift_max), gamma (in [gamma_min, gamma_max]); p_noise for Gaussian noise of sd up to noise_std.
+    shift (+- shift_max), gamma (in [gamma_min, gamma_max]); p_blur for an in-plane Gaussian blur of sigma up to
+    blur_max voxels (a softer reconstruction kernel or coarser pixels; off by default, and then no random number
+    is drawn for it, so the standard policy's draws are unchanged); p_noise for Gaussian noise of sd up to
+    noise_std.
     randaugment=(N, M): instead of the above, N ops drawn uniformly (with replacement) from RANDAUG_OPS, each
     at magnitude M on a 0..10 scale (M = 10 is each op's maximum below), sign random.
     """
@@ -98,6 +101,8 @@ class Augment:
     shift_max: float = 0.05
     gamma_min: float = 0.7
     gamma_max: float = 1.5
+    p_blur: float = 0.0
+    blur_max: float = 1.0
     p_noise: float = 0.2
     noise_std: float = 0.02
     randaugment: tuple | None = None
@@ -123,6 +128,8 @@ class Augment:
             image = contrast(image, rng.uniform(1 - self.contrast, 1 + self.contrast))
             image = shift(image, rng.uniform(-self.shift_max, self.shift_max))
             image = gamma(image, np.exp(rng.uniform(np.log(self.gamma_min), np.log(self.gamma_max))))
+        if self.p_blur > 0 and rng.random() < self.p_blur:
+            image = blur(image, rng.uniform(0, self.blur_max))
         if rng.random() < self.p_noise:
             image = noise(image, rng.uniform(0, self.noise_std), rng)
         return image, label

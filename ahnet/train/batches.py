@@ -36,6 +36,9 @@ def split_cases(cfg: TrainConfig, cases: list[dict]) -> tuple[list[str], list[st
     return train, val
 
 
+BLUR_P, BLUR_MAX_VOXELS = 0.3, 1.0    # --augment standard-blur: how often, and the largest in-plane sigma
+
+
 def make_augment(cfg: TrainConfig):
     """The training augmentation callable (image, label, rng) -> (image, label), or None."""
     if cfg.augment == "none":
@@ -43,6 +46,8 @@ def make_augment(cfg: TrainConfig):
     if cfg.augment == "randaugment":
         n, m = cfg.randaugment
         return Augment(randaugment=(int(n), float(m)))
+    if cfg.augment == "standard-blur":
+        return Augment(p_blur=BLUR_P, blur_max=BLUR_MAX_VOXELS)
     return Augment()
 
 

@@ -95,3 +95,32 @@ def test_randaugment_every_op_runs_and_magnitude_checked():
     # m = 0: geometric ops are flips/rot90 (exact) or identities; intensity ops are identities except noise sd 0
     ai, al = rand_augment(img, lab, np.random.default_rng(1), n=4, m=0)
     assert sorted(ai.ravel().round(6)) == sorted(img.ravel().round(6))
+
+
+def test_blur_is_off_by_default_without_a_draw_and_blurs_in_plane_when_on():
+    """p_blur = 0 (the standard policy) draws no random number for it, so every patch of an existing recipe is
+    unchanged; with p_blur = 1 the image is the standard policy's with its noise step after a Gaussian blur of
+    the drawn sigma, in-plane only (the slice axis never mixes), and the label untouched."""
+    from scipy import ndimage
+
+    from ahnet.train.batches import make_augment
+    from ahnet.train.config import TrainConfig
+
+    img, lab = marker(shape=(3, 24, 24), at=(1, 8, 12), r=3)
+    base, off = Augment(), Augment(p_blur=0.0, blur_max=1.0)
+    for seed in range(10):
+        a, b = base(img, lab, np.random.default_rng(seed)), off(img, lab, np.random.default_rng(seed))
+        np.testing.assert_array_equal(a[0], b[0])
+    geo = dict(p_flip=0.0, p_rot90=0.0, p_affine=0.0, p_intensity=0.0, p_noise=0.0)
+    rng = np.random.default_rng(3)
+    on, al = Augment(p_blur=1.0, blur_max=1.0, **geo)(img, lab, rng)
+    rng = np.random.default_rng(3)
+    rng.random(), rng.random(), rng.random(), rng.random(), rng.random()   # flip y, flip x, rot90, affine, intensity
+    assert rng.random() < 1.0
+    sigma = rng.uniform(0, 1.0)
+    want = ndimage.gaussian_filter(img, (0.0, sigma, sigma), mode="nearest")
+    np.testing.assert_allclose(on, want, atol=1e-6)
+    np.testing.assert_array_equal(al, lab)
+    assert sigma > 0.05 and np.all(on[0] == img[0]) and not np.array_equal(on[1], img[1])   # z not mixed
+    assert make_augment(TrainConfig(augment="standard-blur")).p_blur == 0.3
+    assert make_augment(TrainConfig()).p_blur == 0.0
