@@ -279,6 +279,10 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("experiment", "shifts of --data", lambda c: ["--data", c.w.ds, "--shifts", "noise2x"],
      "--shifts renders a preset's generated dev or final phantom with shifts; it does not go with --data"),
     ("experiment", "shift bogus", lambda c: ["--shifts", "noise9x"], "argument --shifts: invalid choice"),
+    ("experiment", "recipe without --name", lambda c: ["--recipe", "augment=standard-blur"],
+     "--recipe changes how every run trains; give the experiment its own --name"),
+    ("experiment", "recipe value bogus", lambda c: ["--name", "x", "--recipe", "pos_weighting=big"],
+     "pos_weighting must be one of"),
     # --------------------------------------------------------------------------------------------- rescore
     ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,30 @@ def test_shifts_render_dev_or_the_final_set_and_report_beside_it(tmp_path, monke
                        (f"data/phantom-cpu{where}-sharp", test_phantom, {"psf_sigma": 0.25})]
     assert str(experiment.paths.ExperimentPaths("phantom-cpu").shift_report(final)) == (
         "runs/phantom-cpu/report" + ("-final" if final else "") + "-shifts")
+
+
+def test_recipe_changes_every_run_and_is_checked_before_any_work(tmp_path, monkeypatch):
+    """--recipe KEY=VALUE changes the preset's recipe for every run's TrainConfig (values as JSON, else text), under
+    its own --name; keys the experiment owns, unknown keys and bad values are refused before any data work."""
+    monkeypatch.chdir(tmp_path)
+    parse = experiment.build_parser().parse_args
+    plan = experiment.plan_experiment(parse(["--preset", "cpu", "--name", "lever", "--recipe", "augment=standard-blur",
+                                             "hard-fraction=0.1", "--variants", "ahnet-transfer"]))
+    assert plan.preset.recipe == dict(PRESETS["cpu"].recipe, augment="standard-blur", hard_fraction=0.1)
+    cfgs = [variant_config(v, 0, plan.preset, Path("d/dataset.json"), plan.ep, 0, "cpu", [2.5, 0.7, 0.7])
+            for v in plan.variants]
+    assert [(c.stage, c.augment, c.hard_fraction, c.pos_weighting) for c in cfgs] == [
+        ("2d", "standard-blur", 0.1, "inverse-diameter"), ("3d", "standard-blur", 0.1, "inverse-diameter")]
+    assert PRESETS["cpu"].recipe["hard_fraction"] == 0.3 and "augment" not in PRESETS["cpu"].recipe
+    for argv, says in [(["--recipe", "augment=standard-blur"], "--recipe changes how every run trains; give the "
+                                                               "experiment its own --name"),
+                       (["--name", "x", "--recipe", "augment"], "--recipe 'augment': expected KEY=VALUE"),
+                       (["--name", "x", "--recipe", "seed=3"], "--recipe seed: the experiment sets it for each run"),
+                       (["--name", "x", "--recipe", "augment=blurry"], "augment must be one of"),
+                       (["--name", "x", "--recipe", "bogus=1"], "--recipe: unknown setting(s) ['bogus']")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            experiment.plan_experiment(parse(["--preset", "cpu", *argv]))
+    assert not Path("data").exists() and not Path("runs").exists()
 
 def _files(folder):
     """{relative path: (sha256, mtime_ns)} of every file under a folder."""

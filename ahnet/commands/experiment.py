@@ -7,6 +7,7 @@
     python -m ahnet.experiment --preset cpu --slice-spacing 5.0   # every phantom at 5 mm slices (runs/phantom-cpu-z5)
     python -m ahnet.experiment --preset cpu --final --shifts all --evaluate-only   # the trained models, shifted sets
     python -m ahnet.experiment --preset cpu --shifts hu+30 --evaluate-only   # the same on dev (to choose a lever)
+    python -m ahnet.experiment --preset cpu --name phantom-cpu-blur --recipe augment=standard-blur   # a lever
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
@@ -33,6 +34,9 @@ without (where a training lever that recovers a shift is chosen). ``--slice-spac
 (experiment ``<name>-z<S>``), the 3D patch over the same depth in mm. ``--evaluate-only`` evaluates the runs as
 they stand, trained models and second stages untouched (a model trained by an earlier commit keeps its second
 stage even where this commit would train it differently); a run without them is an error before any work.
+``--recipe KEY=VALUE`` changes the preset's training recipe for every run (a lever to measure: augmentation,
+sampling, loss), under its own ``--name`` so that its runs never mix with the preset's; its phantoms are
+generated again there, the same scans (the same generator and seeds).
 
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
 preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -61,6 +66,7 @@ from ahnet.evaluate.validation import make_validator
 from ahnet.precision import resolve_device
 from ahnet.report.claims import found_line
 from ahnet.train import TrainingDiverged, dist, train
+from ahnet.train.config import TrainConfig
 from ahnet.train.guard import preflight
 
 PROG = "ahnet.experiment"
@@ -93,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
                    help="give every run its second stage (python -m ahnet.rescore with the preset's options) "
                         "and evaluate with it, or not (default: the preset's: cpu and paper yes, demo no)")
+    p.add_argument("--recipe", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="change the preset's training recipe for every run, e.g. augment=standard-blur "
+                        "pos_weighting=inverse-diameter-contrast hard_fraction=0.1 (settings of python -m "
+                        "ahnet.train; values as JSON, else text); needs --name")
     p.add_argument("--evaluate-only", action="store_true",
                    help="no training and no second-stage fit: evaluate every run as it stands (each must hold its "
                         "trained model and, with --rescore, its second stage)")
@@ -120,10 +130,41 @@ class Plan:
     amp: str
 
 
+# TrainConfig settings a run's variant, seed, data and places decide: not a recipe's to change
+NOT_RECIPE = frozenset({"data", "cache_dir", "out", "resume", "seed", "device", "stage", "model", "init", "init_from",
+                        "encoder", "pfn_depth", "model_kwargs", "patch_size", "batch_size", "epochs",
+                        "steps_per_epoch", "amp", "channels_last", "sync_bn"})
+
+
+def with_recipe(preset: Preset, items: Optional[List[str]], name: Optional[str]) -> Preset:
+    """The preset with ``--recipe KEY=VALUE`` items over its recipe, each checked as a training setting."""
+    if not items:
+        return preset
+    if not name:
+        raise ValueError("--recipe changes how every run trains; give the experiment its own --name")
+    changes = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ValueError(f"--recipe {item!r}: expected KEY=VALUE, e.g. augment=standard-blur")
+        if key in NOT_RECIPE:
+            raise ValueError(f"--recipe {key}: the experiment sets it for each run (variant, seed, data); "
+                             f"not a recipe setting")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    recipe = {**preset.recipe, **changes}
+    TrainConfig.from_dict(recipe, "--recipe").resolved()
+    return dataclasses.replace(preset, recipe=recipe)
+
+
 def plan_experiment(args) -> Plan:
     """Every option of the call checked before any data work (ValueError, one sentence)."""
     phantoms.slice_options(args.slice_spacing)
     preset = at_slice_spacing(with_rescore(PRESETS[args.preset], args.rescore), args.slice_spacing)
+    preset = with_recipe(preset, args.recipe, args.name)
     name = args.name or paths.experiment_name(args.preset, args.slice_spacing)
     ep = paths.ExperimentPaths(name)
     variants = list(args.variants or preset.variants)
