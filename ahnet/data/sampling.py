@@ -7,12 +7,13 @@ i])`` and it decides, in order, positive or negative, the case, the centre, then
   (uniform), and the patch centre = that voxel + an integer jitter (below). The instance: with ``pos_weighting``
   "case", a case with nodules (uniform), then one of its instances (uniform, so small nodules count as much as
   large ones); with "inverse-diameter", any instance of any case with probability proportional to 1 / its
-  equivalent-sphere diameter (from its voxel count and the case's spacing), so a 4 mm nodule is drawn 5 times
-  as often as a 20 mm one; with "inverse-diameter-contrast", proportional to 1 / (diameter x sqrt(contrast)),
-  the contrast being the nodule's mean HU minus the mean HU of a 2-voxel in-plane shell around it (other nodules
-  left out), floored at 50 HU: a faint ground-glass nodule (~100 HU), or one against the pleura or a vessel, is
-  drawn about twice as often as a solid one of its size in open lung (~500 HU). The jitter is at most ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is
-  always inside the patch (for D = 3 the z jitter is 0, so the middle slice holds it).
+  equivalent-sphere diameter (from its voxel count and the case's spacing), so a 4 mm nodule is drawn 5 times as
+  often as a 20 mm one; with "inverse-diameter-contrast", proportional to 1 / (diameter x sqrt(contrast)), the
+  contrast being the nodule's mean HU minus the mean HU of a 2-voxel in-plane shell around it (other nodules left
+  out), floored at 50 HU: a faint ground-glass nodule (~100 HU), or one against the pleura or a vessel, is drawn
+  about twice as often as a solid one of its size in open lung (~500 HU). The jitter is at most
+  ``jitter * ((size - 1) // 2)`` per axis: the nodule voxel is always inside the patch (for D = 3 the z jitter is
+  0, so the middle slice holds it).
 - negative: any case (uniform); with probability ``hard_fraction`` the centre is one of the case's hard
   voxels (``hard_negative_index``: vessels, airway walls, fissures, pleura), else uniform over the volume's
   voxels. It may touch a nodule by chance.
