@@ -26,17 +26,17 @@ bootstrap): each model's mean and spread over its seeds, the claims as intervals
 variation. A larger N reuses the trainings a smaller one finished.
 
 Evaluation sets: by default the development set (``data/<name>-dev``), on which every choice is made. ``--final``
-evaluates the same models on the sealed final test set instead (``data/<name>-final``: shapes from LIDC patients
-no other phantom draws from, checked before it is read; every look appended to its looks.csv). ``--shifts``
-evaluates on the set's shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
+evaluates the same models on the sealed final test set instead (``data/<name>-final``: shapes from LIDC patients no
+other phantom draws from, checked before it is read; every look appended to its looks.csv). ``--shifts`` evaluates
+on the set's shifted renderings too (noise, reconstruction kernel, in-plane spacing, vessels, HU offset;
 ahnet.commands.phantoms.SHIFTS), each paired against the unshifted set: the final set's with ``--final``, dev's
-without (where a training lever that recovers a shift is chosen). ``--slice-spacing S`` renders every phantom at S mm slices over the same 100 mm
-(experiment ``<name>-z<S>``), the 3D patch over the same depth in mm. ``--evaluate-only`` evaluates the runs as
-they stand, trained models and second stages untouched (a model trained by an earlier commit keeps its second
-stage even where this commit would train it differently); a run without them is an error before any work.
-``--recipe KEY=VALUE`` changes the preset's training recipe for every run (a lever to measure: augmentation,
-sampling, loss), under its own ``--name`` so that its runs never mix with the preset's; its phantoms are
-generated again there, the same scans (the same generator and seeds).
+without (where a training lever that recovers a shift is chosen). ``--slice-spacing S`` renders every phantom at S
+mm slices over the same 100 mm (experiment ``<name>-z<S>``), the 3D patch over the same depth in mm.
+``--evaluate-only`` evaluates the runs as they stand, trained models and second stages untouched (a model trained
+by an earlier commit keeps its second stage even where this commit would train it differently); a run without them
+is an error before any work. ``--recipe KEY=VALUE`` changes the preset's training recipe for every run (a lever to
+measure: augmentation, sampling, loss), under its own ``--name`` so that its runs never mix with the preset's; its
+phantoms are generated again there, the same scans (the same generator and seeds).
 
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
 preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for

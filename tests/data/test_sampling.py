@@ -106,7 +106,8 @@ def test_inverse_diameter_weighting_draws_small_nodules_more_often(cache, tmp_pa
     uniform = PatchDataset(cache, patch_size=(3, 16, 16), samples_per_epoch=20, pos_fraction=1.0)
     assert uniform.pos_weighting == "case" and [uniform.plan(i)[1:] for i in range(20)] != \
         [ds.plan(i)[1:] for i in range(20)]
-    with pytest.raises(ValueError, match="pos_weighting 'big'; expected one of case, inverse-diameter, inverse-diameter-contrast"):
+    with pytest.raises(ValueError, match="pos_weighting 'big'; expected one of case, inverse-diameter, "
+                                         "inverse-diameter-contrast"):
         PatchDataset(cache, pos_weighting="big")
 
 
