@@ -272,9 +272,14 @@ def _held_out_name(plan: Plan, final: bool) -> str:
     return plan.preset.test_phantom + ("-final" if final else "")
 
 
+def _set_label(final: bool) -> str:
+    """How logs and the shift report name the evaluation set."""
+    return "the final set" if final else "dev"
+
+
 def _shifted_looks(plan: Plan, args, opts: dict) -> list:
     """[(dataset.json, report folder, label, shift)] of the evaluation set rendered with each of plan.shifts."""
-    where = "the final set" if args.final else "dev"
+    where = _set_label(args.final)
     return [(phantoms.ensure_held_out(plan.ep.shifted(s, args.final), _held_out_name(plan, args.final), args.seed,
                                       {**opts, **phantoms.SHIFTS[s]}),
              plan.ep.report(final=args.final, shift=s), f"{where}, shifted: {s}", s) for s in plan.shifts]
@@ -360,7 +365,7 @@ def summarize_shifts(plan: Plan, args, looks: list) -> None:
     sets = {shift: read_evaluated_set(data_json, report, names) for data_json, report, _, shift in looks}
     groups = {v: [plan.ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants}
     summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
-    where = "the final set" if args.final else "dev"
+    where = _set_label(args.final)
     md = write_shift_report(summary, plan.ep.shift_report(args.final),
                             f"Shifts of {where} ({args.preset} preset, {plan.name})", where)
     print(f"[experiment] the models under shifts of {where}: {md}", flush=True)

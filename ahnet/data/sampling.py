@@ -210,6 +210,12 @@ class PatchDataset(Dataset):
                 "label": torch.from_numpy((np.asarray(lab) > 0).astype(np.float32))[None]}
 
 
+def inplane_square(reach: int) -> np.ndarray:
+    """Structuring element (1, 2 reach + 1, 2 reach + 1), all True: every voxel within ``reach`` in-plane voxels
+    (Chebyshev distance) of a slice, none of another."""
+    return np.ones((1, 2 * reach + 1, 2 * reach + 1), bool)
+
+
 def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, bounds: list) -> list:
     """Each instance's contrast in HU: its mean minus the mean of the voxels within CONTRAST_SHELL in-plane
     voxels of it that belong to no nodule (0 when there are none). ``image`` scaled (D, H, W) as cached,
@@ -219,9 +225,7 @@ def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, boun
 
     from ahnet.data.preprocess import HU_MAX, HU_MIN
 
-    s = CONTRAST_SHELL
-    plane = np.zeros((1, 3, 3), bool)
-    plane[0] = True
+    s, plane = CONTRAST_SHELL, inplane_square(CONTRAST_SHELL)
     out = []
     for a, b in bounds:
         zyx = fg[a:b, :3].astype(np.int64)
@@ -230,7 +234,7 @@ def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, boun
         box = tuple(slice(i, j) for i, j in zip(lo, hi))
         inside = np.zeros(hi - lo, bool)
         inside[tuple((zyx - lo).T)] = True
-        shell = ndimage.binary_dilation(inside, structure=plane, iterations=s) & (label[box] == 0)
+        shell = ndimage.binary_dilation(inside, structure=plane) & (label[box] == 0)
         img = image[box]
         out.append(float(img[inside].mean() - img[shell].mean()) * (HU_MAX - HU_MIN) if shell.any() else 0.0)
     return out
@@ -254,9 +258,7 @@ def hard_negative_index(path, dense_hu: float = -400.0, aerated_hu: float = -600
     with h5py.File(path, "r") as f:
         img = f["image"][...]
         nodule = f["label"][...] > 0
-    plane = np.zeros((1, 2 * reach + 1, 2 * reach + 1), bool)
-    plane[0] = True
-    near_air = ndimage.binary_dilation(img < scaled(aerated_hu), structure=plane)
+    near_air = ndimage.binary_dilation(img < scaled(aerated_hu), structure=inplane_square(reach))
     cand = (img > scaled(dense_hu)) & near_air
     if nodule.any():
         cand &= ~ndimage.binary_dilation(nodule, iterations=margin)
