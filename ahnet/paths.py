@@ -290,6 +290,11 @@ class ExperimentPaths:
         """Where the summary of every shift of the final set (or of dev) goes."""
         return self.runs / f"{REPORT}{FINAL_SUFFIX if final else ''}-shifts"
 
+    def lever_report(self, base: str, final: bool = False) -> Path:
+        """Where this experiment (a lever, trained with --recipe) is compared with experiment ``base``
+        (python -m ahnet.lever), on dev or on the final set (``final``) and their shifted renderings."""
+        return self.runs / f"{REPORT}{FINAL_SUFFIX if final else ''}-vs-{base}"
+
     def thickness_report(self) -> Path:
         """Where the slice-thickness study across this experiment's spacings goes (python -m ahnet.thickness)."""
         return self.runs / f"{REPORT}{FINAL_SUFFIX}-thickness"

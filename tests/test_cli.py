@@ -63,7 +63,7 @@ def test_every_user_facing_command_has_a_console_script():
     scripts = dict(ln.split(" = ") for ln in lines)
     assert set(scripts) == {"ahnet-train", "ahnet-pipeline", "ahnet-experiment", "ahnet-evaluate", "ahnet-predict",
                             "ahnet-cache", "ahnet-phantom", "ahnet-transfer", "ahnet-bench", "ahnet-export",
-                            "ahnet-serve", "ahnet-client", "ahnet-rescore", "ahnet-thickness"}
+                            "ahnet-serve", "ahnet-client", "ahnet-rescore", "ahnet-thickness", "ahnet-lever"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
@@ -76,7 +76,8 @@ def test_every_user_facing_command_has_a_console_script():
     ("weights_transfer.__main__", "weights_transfer"), ("ahnet.commands.bench", "ahnet.bench"),
     ("ahnet.commands.export", "ahnet.export"), ("ahnet.commands.client", "ahnet.client"),
     ("ahnet.commands.serve", "ahnet.serve"), ("ahnet.commands.phantom", "ahnet.data.phantom"),
-    ("ahnet.commands.rescore", "ahnet.rescore")])
+    ("ahnet.commands.rescore", "ahnet.rescore"), ("ahnet.commands.thickness", "ahnet.thickness"),
+    ("ahnet.commands.lever", "ahnet.lever")])
 def test_usage_errors_are_one_line_with_the_program_name(module, prog, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:

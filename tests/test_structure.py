@@ -36,7 +36,8 @@ STAGE_OF = {
     "ahnet.evaluate": "evaluate", "ahnet.report": "report", "ahnet.serve": "serve", "ahnet.bench": "bench",
     "ahnet.gpucheck": "gpucheck", "ahnet.commands": "commands", "weights_transfer": "commands",
     "ahnet.predict": "entry", "ahnet.experiment": "entry", "ahnet.pipeline": "entry", "ahnet.rescore": "entry",
-    "ahnet.export": "entry", "ahnet.client": "entry", "ahnet.thickness": "entry", "ahnet.train.__main__": "entry",
+    "ahnet.export": "entry", "ahnet.client": "entry", "ahnet.thickness": "entry", "ahnet.lever": "entry",
+    "ahnet.train.__main__": "entry",
     "ahnet.evaluate.__main__": "entry", "ahnet.serve.__main__": "entry", "ahnet.bench.__main__": "entry",
     "ahnet.gpucheck.__main__": "entry", "ahnet.data.phantom.__main__": "entry",
 }

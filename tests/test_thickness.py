@@ -65,7 +65,7 @@ def test_the_summary_matches_direct_computations():
                             n_bootstrap=300, seed=0)
     ref = paired_bootstrap(nods, {"ahnet-transfer": rows["t"], "unet3d-scratch": rows["u"]}, scans, n_bootstrap=300,
                            seed=0)["pairs"][0]["overall"]
-    d = one["pairs"][0]["by_spacing"]["2.5"]["overall"]
+    d = one["pairs"][0]["by_set"]["2.5"]["overall"]
     assert d["value"] == pytest.approx(ref["diff"], abs=1e-12) and d["ci"] == pytest.approx(ref["ci"], abs=1e-12)
 
     pair = one["pairs"][0]
@@ -78,7 +78,7 @@ def test_the_summary_matches_direct_computations():
                                            - one["cpm"]["1.25"]["unet3d-scratch"]["overall"]["value"], abs=1e-12)
     assert worse["decided"] and worse["ci"][1] < 0
     moved = pair["interaction"]["5"]["overall"]                    # the U-Net much worse at 5 mm
-    want = (pair["by_spacing"]["5"]["overall"]["value"] - pair["by_spacing"]["1.25"]["overall"]["value"])
+    want = (pair["by_set"]["5"]["overall"]["value"] - pair["by_set"]["1.25"]["overall"]["value"])
     assert moved["value"] == pytest.approx(want, abs=1e-12) and moved["value"] > 0.1
     assert moved["decided"] and moved["ci"][0] > 0
 

@@ -1,71 +1,17 @@
 """The slice-thickness study's numbers: the same final test set rendered at several slice spacings (the same scans,
-nodules and schedule; thickness = spacing), each model trained and evaluated at every spacing. For every spacing:
-each model's CPM overall and per composition group (TYPE_GROUPS), and the paired differences between models; across
-spacings: how a difference between two models moves from one spacing to another (an interaction,
-(a - b at s) - (a - b at s0)), paired by scan.
-
-One bootstrap for everything: each resample draws the scans once (bootstrap_weights(n_scans, B, seed), the same
-draws at every spacing, since the scans are the same) and, for a model trained several times, its runs (a resample
-of its seeds, drawn with replacement, per spacing: seed k at one spacing and seed k at another are unrelated
-trainings). A difference's interval is the percentile interval of its per-resample values; resamples without a
-nodule of a group are left out of that group.
+nodules and schedule; thickness = spacing), each model trained and evaluated at every spacing: ahnet.evaluate.across
+with the spacings as its sets, the thinnest the reference (each model's CPM overall and per composition group, the
+paired differences between models at each spacing, and how a difference moves from the thinnest spacing, paired by
+scan; one bootstrap of scans and seeds for everything).
 """
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
+from ahnet.evaluate.across import GROUP_KEY, OVERALL, TYPE_GROUPS, across_sets, composition, with_composition
+from ahnet.evaluate.froc import FP_RATES, FROCInputError
 
-from ahnet.data.nodule_types import TYPE_CODES
-from ahnet.evaluate.froc import (FP_RATES, FROCInputError, bootstrap_weights, cpm_draws, match_candidates,
-                                 percentile_interval, point_cpm, seed_level)
-
-#: the four composition groups the study reports beside the overall CPM (types: ahnet.data.nodule_types)
-TYPE_GROUPS: Dict[str, Tuple[str, ...]] = {
-    "solid": ("T01", "T02", "T03", "T04", "T05", "T06"),
-    "part-solid": ("T07", "T08"),
-    "ground-glass": ("T09", "T10"),
-    "calcified": ("T11", "T12"),
-}
-GROUP_KEY = "composition"
-OVERALL = "overall"
-
-assert sorted(t for g in TYPE_GROUPS.values() for t in g) == list(TYPE_CODES)
-
-
-def composition(type_code) -> str | None:
-    """The composition group of a nodule type code ('T01'..'T12'); None for an unknown or missing code."""
-    for group, codes in TYPE_GROUPS.items():
-        if type_code in codes:
-            return group
-    return None
-
-
-def with_composition(nodules: Sequence[dict]) -> List[dict]:
-    """Copies of the annotation rows with their composition group under GROUP_KEY (from their 'type')."""
-    return [dict(n, **{GROUP_KEY: composition(n.get("type"))}) for n in nodules]
-
-
-def _estimate(point: float, draws: np.ndarray, confidence: float, difference: bool) -> dict:
-    """{"value", "ci"} (+ "decided": the interval excludes 0, for a difference)."""
-    value = None if np.isnan(point) else float(point)
-    out = {"value": value, "ci": percentile_interval(draws, confidence) if draws.size else None}
-    if difference:
-        out["decided"] = bool(out["ci"] is not None and value is not None and (out["ci"][0] > 0 or out["ci"][1] < 0))
-    return out
-
-
-def _model_on_set(nodules, runs: dict, scan_ids, W: np.ndarray, rng, fp_rates, chunk: int) -> Dict[str, tuple]:
-    """{group: (point CPM, (B,) draws)} of one model's runs {run: candidate rows} on one set: the point the mean
-    over its runs, each resample the mean over a resample of its runs (froc.seed_level; one run: its draws)."""
-    names = sorted(runs)
-    rows = with_composition(nodules)
-    match = [match_candidates(rows, runs[r], scan_ids, group_keys=(GROUP_KEY,)) for r in names]
-    labels = match[0].nod_groups[GROUP_KEY]
-    masks = {OVERALL: np.ones(labels.size, bool), **{g: labels == g for g in TYPE_GROUPS}}
-    points = [point_cpm(m, fp_rates, masks) for m in match]
-    draws = seed_level([cpm_draws(m, W, fp_rates, masks, chunk) for m in match], rng, W.shape[0])
-    return {g: (float(np.mean([p[g] for p in points])), draws[g]) for g in masks}
+__all__ = ["GROUP_KEY", "OVERALL", "TYPE_GROUPS", "composition", "with_composition", "thickness_summary"]
 
 
 def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pairs: Sequence[Tuple[str, str]],
@@ -74,48 +20,13 @@ def thickness_summary(sets: Dict[float, tuple], models: Dict[str, List[str]], pa
     """sets: {spacing mm: (annotations, {run name: candidate rows}, scan ids)}, the same scan ids at every spacing;
     models: {model: [its run names]} (the same names at every spacing); pairs: [(a, b)] the differences a - b.
 
-    Returns {"spacings", "models", "groups", "n_scans", "n_bootstrap", "seed", "confidence",
-    "runs_per_model": {model: n}, "cpm": {spacing: {model: {group: E}}}, "change": {spacing: {model: {group: D}}},
-    "pairs": [{"a", "b", "by_spacing": {spacing: {group: D}}, "interaction": {spacing: {group: D}}}]}, spacing
-    keys as strings ('2.5'); E = {"value", "ci"}, D = E + {"decided"}; for every spacing s after the first, s0:
-    change[s][m] = m at s - m at s0 and interaction[s] = (a - b at s) - (a - b at s0).
+    Returns across_sets' summary over the spacings in increasing order (set labels '2.5'), plus "spacings" (the
+    floats): "cpm", "change" (from the thinnest spacing) and "pairs" ("by_set", "interaction").
     """
     spacings = sorted(float(s) for s in sets)
     if len(spacings) < 2:
         raise FROCInputError(f"the thickness study needs two or more slice spacings; got {spacings}")
-    scans = [str(s) for s in sets[spacings[0]][2]]
-    for s in spacings[1:]:
-        if [str(x) for x in sets[s][2]] != scans:
-            raise FROCInputError(f"the final set at {s:g} mm holds other scans than at {spacings[0]:g} mm; the study "
-                                 f"pairs the same scans rendered at each spacing")
-    for a, b in pairs:
-        if a not in models or b not in models:
-            raise FROCInputError(f"pair {a} - {b}: both must be among the models {sorted(models)}")
-    W = bootstrap_weights(len(scans), n_bootstrap, seed) if n_bootstrap else np.zeros((0, len(scans)))
-    rng = np.random.default_rng([int(seed), 1])
-    est = {s: {m: _model_on_set(sets[s][0], {r: sets[s][1][r] for r in runs}, scans, W, rng, fp_rates, chunk)
-               for m, runs in models.items()} for s in spacings}
-    groups = [OVERALL, *TYPE_GROUPS]
-
-    def diff(s, a, b, g):
-        return est[s][a][g][0] - est[s][b][g][0], est[s][a][g][1] - est[s][b][g][1]
-
-    out_pairs = []
-    for a, b in pairs:
-        by_spacing = {f"{s:g}": {g: _estimate(*diff(s, a, b, g), confidence, True) for g in groups}
-                      for s in spacings}
-        inter = {}
-        for s in spacings[1:]:
-            inter[f"{s:g}"] = {}
-            for g in groups:
-                (p1, d1), (p0, d0) = diff(s, a, b, g), diff(spacings[0], a, b, g)
-                inter[f"{s:g}"][g] = _estimate(p1 - p0, d1 - d0, confidence, True)
-        out_pairs.append({"a": a, "b": b, "by_spacing": by_spacing, "interaction": inter})
-    change = {f"{s:g}": {m: {g: _estimate(est[s][m][g][0] - est[spacings[0]][m][g][0],
-                                          est[s][m][g][1] - est[spacings[0]][m][g][1], confidence, True)
-                             for g in groups} for m in models} for s in spacings[1:]}
-    return {"spacings": spacings, "models": list(models), "groups": groups, "n_scans": len(scans),
-            "n_bootstrap": int(n_bootstrap), "seed": int(seed), "confidence": confidence,
-            "cpm": {f"{s:g}": {m: {g: _estimate(*est[s][m][g], confidence, False) for g in groups}
-                               for m in models} for s in spacings},
-            "runs_per_model": {m: len(runs) for m, runs in models.items()}, "change": change, "pairs": out_pairs}
+    by_label = {f"{s:g}": sets[s] for s in spacings}
+    summary = across_sets(by_label, models, pairs, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
+                          fp_rates=fp_rates, chunk=chunk, what="slice spacing")
+    return dict(summary, spacings=spacings)

@@ -16,7 +16,8 @@ CPM_FIGURE = "thickness_cpm.png"
 PAIRS_FIGURE = "thickness_pairs.png"
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A figure as PNG bytes (90 dpi); closes it."""
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -61,7 +62,7 @@ def cpm_figure(summary: dict) -> bytes:
     axes[0].set_ylabel("CPM")
     axes[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def pairs_figure(summary: dict) -> bytes:
@@ -70,17 +71,18 @@ def pairs_figure(summary: dict) -> bytes:
     pairs, xs = summary["pairs"], summary["spacings"]
     for ax, g in zip(axes, summary["groups"]):
         for j, p in enumerate(pairs):
-            _errorbars(ax, xs, [p["by_spacing"][f"{s:g}"][g] for s in xs],
+            _errorbars(ax, xs, [p["by_set"][f"{s:g}"][g] for s in xs],
                        f"{display(p['a'])} - {display(p['b'])}", 0.06 * (j - (len(pairs) - 1) / 2))
         ax.axhline(0, color="k", lw=0.8)
         ax.set_title(g, fontsize=9)
     axes[0].set_ylabel("CPM difference")
     axes[0].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def _cell(e: dict, signed: bool) -> str:
+def cell(e: dict, signed: bool) -> str:
+    """A value [interval] as a table cell, signed for a difference, bold when decided; "-" for none."""
     if e["value"] is None:
         return "-"
     fmt = "{:+.3f}" if signed else "{:.3f}"
@@ -97,25 +99,25 @@ def summary_tables(summary: dict) -> list:
     rule = "|---|---|" + "---|" * len(groups)
     lines = ["## CPM [95% CI] per model", "", head.format("model"), rule]
     for m in summary["models"]:
-        lines += [f"| {display(m)} | {s} | " + " | ".join(_cell(summary["cpm"][s][m][g], False) for g in groups) + " |"
+        lines += [f"| {display(m)} | {s} | " + " | ".join(cell(summary["cpm"][s][m][g], False) for g in groups) + " |"
                   for s in spacings]
     first = spacings[0]
     lines += ["", f"## How each model moves with slice spacing: (model at s) - (model at {first} mm), paired by scan",
               "", head.format("model"), rule]
     for m in summary["models"]:
-        lines += [f"| {display(m)} | {s} vs {first} | " + " | ".join(_cell(summary["change"][s][m][g], True)
+        lines += [f"| {display(m)} | {s} vs {first} | " + " | ".join(cell(summary["change"][s][m][g], True)
                                                                  for g in groups) + " |" for s in spacings[1:]]
     lines += ["", "## Paired differences a - b at each spacing (bold: the interval excludes 0)", "",
               head.format("a - b"), rule]
     for p in summary["pairs"]:
         name = f"{display(p['a'])} - {display(p['b'])}"
-        lines += [f"| {name} | {s} | " + " | ".join(_cell(p["by_spacing"][s][g], True) for g in groups) + " |"
+        lines += [f"| {name} | {s} | " + " | ".join(cell(p["by_set"][s][g], True) for g in groups) + " |"
                   for s in spacings]
     lines += ["", f"## How each difference moves with slice spacing: (a - b at s) - (a - b at {first} mm)", "",
               head.format("a - b"), rule]
     for p in summary["pairs"]:
         name = f"{display(p['a'])} - {display(p['b'])}"
-        lines += [f"| {name} | {s} vs {first} | " + " | ".join(_cell(p["interaction"][s][g], True) for g in groups)
+        lines += [f"| {name} | {s} vs {first} | " + " | ".join(cell(p["interaction"][s][g], True) for g in groups)
                   + " |" for s in spacings[1:]]
     return lines
 
