@@ -17,6 +17,19 @@ HU_MIN, HU_MAX = -1000.0, 400.0
 MAX_VOXELS = 2 ** 30
 
 
+HU_SPAN = HU_MAX - HU_MIN            # HU per unit of the scaled image (a difference of scaled values times this)
+
+
+def scaled_from_hu(hu):
+    """An HU value (float or array) on clip_and_scale's default [0, 1] scale, unclipped: HU_MIN -> 0, HU_MAX -> 1."""
+    return (hu - HU_MIN) / HU_SPAN
+
+
+def hu_from_scaled(x):
+    """A value (float or array) of the scaled image back in HU: the inverse of scaled_from_hu."""
+    return HU_MIN + x * HU_SPAN
+
+
 def clip_and_scale(hu: np.ndarray, lo: float = HU_MIN, hi: float = HU_MAX) -> np.ndarray:
     """HU array -> float32 clipped to [lo, hi] and mapped linearly to [0, 1] (lo -> 0, hi -> 1)."""
     a = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)

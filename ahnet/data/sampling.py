@@ -223,7 +223,7 @@ def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, boun
     instance's [start, stop) rows."""
     from scipy import ndimage
 
-    from ahnet.data.preprocess import HU_MAX, HU_MIN
+    from ahnet.data.preprocess import HU_SPAN
 
     s, plane = CONTRAST_SHELL, inplane_square(CONTRAST_SHELL)
     out = []
@@ -236,7 +236,7 @@ def instance_contrast(image: np.ndarray, label: np.ndarray, fg: np.ndarray, boun
         inside[tuple((zyx - lo).T)] = True
         shell = ndimage.binary_dilation(inside, structure=plane) & (label[box] == 0)
         img = image[box]
-        out.append(float(img[inside].mean() - img[shell].mean()) * (HU_MAX - HU_MIN) if shell.any() else 0.0)
+        out.append(float(img[inside].mean() - img[shell].mean()) * HU_SPAN if shell.any() else 0.0)
     return out
 
 
@@ -250,10 +250,7 @@ def hard_negative_index(path, dense_hu: float = -400.0, aerated_hu: float = -600
     import h5py
     from scipy import ndimage
 
-    from ahnet.data.preprocess import HU_MAX, HU_MIN
-
-    def scaled(hu):
-        return (hu - HU_MIN) / (HU_MAX - HU_MIN)
+    from ahnet.data.preprocess import scaled_from_hu as scaled
 
     with h5py.File(path, "r") as f:
         img = f["image"][...]

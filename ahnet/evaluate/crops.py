@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ahnet.data.preprocess import HU_MAX, HU_MIN
+from ahnet.data.preprocess import hu_from_scaled
 from ahnet.evaluate.froc import found_at, match_candidates
 from ahnet.infer import world_to_voxel
 
@@ -48,7 +48,7 @@ def _crop(image01, label, geometry, centre_zyx, half_mm):
     hy, hx = (int(np.ceil(half_mm / sp[1])), int(np.ceil(half_mm / sp[2])))
     cy, cx = int(round(float(centre_zyx[1]))), int(round(float(centre_zyx[2])))
     img = np.pad(image01[z], ((hy, hy + 1), (hx, hx + 1)), constant_values=0.0)
-    hu = HU_MIN + img[cy:cy + 2 * hy + 1, cx:cx + 2 * hx + 1] * (HU_MAX - HU_MIN)
+    hu = hu_from_scaled(img[cy:cy + 2 * hy + 1, cx:cx + 2 * hx + 1])
     lab = None
     if label is not None:
         lab = np.pad(label[z], ((hy, hy + 1), (hx, hx + 1)))[cy:cy + 2 * hy + 1, cx:cx + 2 * hx + 1]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ahnet.atomic import atomic_path
-from ahnet.data.preprocess import HU_MAX, HU_MIN
+from ahnet.data.preprocess import scaled_from_hu
 
 TOP_SLICES = 4
 TOP_MARKED = 10
@@ -29,11 +29,6 @@ LUNG_WINDOW_HU = (-1350.0, 150.0)
 PROB_SHOWN = 0.1                     # the projection colours probabilities from here up
 ABOVE, BELOW = "#ff2a2a", "#ffd700"
 DPI = 100
-
-
-def _scaled(hu: float) -> float:
-    """An HU value on the [0, 1] scale of the predicted image (ahnet.data.preprocess.clip_and_scale)."""
-    return (hu - HU_MIN) / (HU_MAX - HU_MIN)
 
 
 def _slice_of(f, nz: int) -> int:
@@ -97,7 +92,7 @@ def _projection(ax, image01, prob, spacing, direction, findings, threshold):
 def _axial(ax, image01, z, spacing, findings, threshold, title):
     """One axial slice in the lung window with its findings circled and labelled '#rank p'."""
     _, sy, sx = spacing
-    ax.imshow(image01[z], cmap="gray", vmin=_scaled(LUNG_WINDOW_HU[0]), vmax=_scaled(LUNG_WINDOW_HU[1]),
+    ax.imshow(image01[z], cmap="gray", vmin=scaled_from_hu(LUNG_WINDOW_HU[0]), vmax=scaled_from_hu(LUNG_WINDOW_HU[1]),
               aspect=sy / sx, interpolation="bilinear")
     for f in findings:
         above = float(f["probability"]) >= threshold

@@ -11,13 +11,22 @@ import ahnet.data.cache as cache_mod
 from ahnet.commands import cache as cache_cmd
 from ahnet.data.cache import build_cache
 from ahnet.data.io import DataError, Volume, read_image, write_image
-from ahnet.data.preprocess import clip_and_scale, resample
+from ahnet.data.preprocess import clip_and_scale, hu_from_scaled, resample, scaled_from_hu
 
 
 def test_clip_and_scale_values():
     hu = np.array([-3000, -1000, -300, 400, 2000], np.float32)
     np.testing.assert_allclose(clip_and_scale(hu), [0, 0, 0.5, 1, 1], atol=1e-7)
     assert clip_and_scale(hu).dtype == np.float32
+
+
+def test_hu_and_the_scaled_image_convert_both_ways():
+    """The one conversion every reader of the scaled cache uses (samplers, overviews, gallery crops): equal to
+    clip_and_scale inside the window, linear beyond it, and undone by hu_from_scaled."""
+    hu = np.array([-1000, -600, -400, 0, 400], np.float64)
+    np.testing.assert_allclose(scaled_from_hu(hu), clip_and_scale(hu), atol=1e-7)
+    assert scaled_from_hu(-1350.0) == pytest.approx(-0.25) and scaled_from_hu(1100.0) == pytest.approx(1.5)
+    np.testing.assert_allclose(hu_from_scaled(scaled_from_hu(hu)), hu, atol=1e-9)
 
 
 def test_resample_inplane_keeps_z_and_world():
