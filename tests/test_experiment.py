@@ -113,6 +113,32 @@ def test_shifts_render_dev_or_the_final_set_and_report_beside_it(tmp_path, monke
         "runs/phantom-cpu/report" + ("-final" if final else "") + "-shifts")
 
 
+@pytest.mark.parametrize("final", [False, True])
+def test_data_only_renders_the_phantoms_and_stops(tmp_path, monkeypatch, capsys, final):
+    """--data-only renders the training phantom, dev (or the final set) and each shift, as a full call would, and
+    neither trains, evaluates nor logs a look; it does not go with --data or --evaluate-only."""
+    monkeypatch.chdir(tmp_path)
+    made = []
+    monkeypatch.setattr(experiment.phantoms, "prepare_training",
+                        lambda folder, *a: made.append(str(folder)) or Path(folder) / "dataset.json")
+    monkeypatch.setattr(experiment.phantoms, "ensure_held_out",
+                        lambda folder, name, seed, opts: made.append(str(folder)) or Path(folder) / "dataset.json")
+    monkeypatch.setattr(experiment.phantoms, "check_sealed", lambda final_json, others: 0)
+    for step in ("train_all", "evaluate_set", "summarize_shifts"):
+        monkeypatch.setattr(experiment, step, lambda *a, **k: pytest.fail("--data-only went past the phantoms"))
+    monkeypatch.setattr(experiment.phantoms, "log_look", lambda *a, **k: pytest.fail("--data-only logged a look"))
+    argv = ["--preset", "cpu", "--shifts", "smooth", "--data-only", "--device", "cpu"] + (["--final"] if final else [])
+    assert experiment.main(argv) == 0
+    held = "data/phantom-cpu-final" if final else "data/phantom-cpu-dev"
+    assert made[0] == "data/phantom-cpu" and made[-1] == f"{held}-smooth" and held in made
+    assert "phantoms rendered" in capsys.readouterr().out
+    parse = experiment.build_parser().parse_args
+    for extra, says in ((["--data", "x/dataset.json"], "does not go with --data"),
+                        (["--evaluate-only"], "does not go with --evaluate-only")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            experiment.plan_experiment(parse(["--preset", "cpu", "--data-only", *extra]))
+
+
 def test_recipe_changes_every_run_and_is_checked_before_any_work(tmp_path, monkeypatch):
     """--recipe KEY=VALUE changes the preset's recipe for every run's TrainConfig (values as JSON, else text), under
     its own --name; keys the experiment owns, unknown keys and bad values are refused before any data work."""

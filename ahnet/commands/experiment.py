@@ -8,6 +8,7 @@
     python -m ahnet.experiment --preset cpu --final --shifts all --evaluate-only   # the trained models, shifted sets
     python -m ahnet.experiment --preset cpu --shifts hu+30 --evaluate-only   # the same on dev (to choose a lever)
     python -m ahnet.experiment --preset cpu --name phantom-cpu-blur --recipe augment=standard-blur   # a lever
+    python -m ahnet.experiment --preset cpu --shifts smooth --data-only     # the phantoms alone, rendered again
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
 Models compared: the 2D MC-GCN applied slice by slice; the 3D AH-Net after transfer; the 3D AH-Net from scratch;
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-only", action="store_true",
                    help="no training and no second-stage fit: evaluate every run as it stands (each must hold its "
                         "trained model and, with --rescore, its second stage)")
+    p.add_argument("--data-only", action="store_true",
+                   help="render the experiment's phantoms (training, dev or with --final the final set, and the "
+                        "--shifts renderings) and stop: no training, no evaluation, no look at the final set")
     p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
     return p
@@ -179,6 +183,9 @@ def plan_experiment(args) -> Plan:
     if args.final and (args.data or f"{preset.test_phantom}-final" not in _test_phantoms()):
         raise ValueError(f"--final: the {args.preset} preset has no sealed final test set" if not args.data else
                          "--final evaluates a preset's generated final set; it does not go with --data")
+    if args.data_only and (args.data or args.evaluate_only):
+        raise ValueError("--data-only renders the preset's phantoms and stops; it does not go with "
+                         + ("--data" if args.data else "--evaluate-only"))
     resolve_device(args.device)
     failures.check_output_dir(ep.runs, "--name")
     if not args.data:
@@ -230,6 +237,10 @@ def run_experiment(args) -> int:
         _check_eval_sets(plan, args)
         dataset_json = ctx.main_first(lambda: phantoms.prepare_training(ep.train, preset.cases, preset.size,
                                                                         preset.phantom, args.seed))
+    if args.data_only:
+        held_out = [str(look[0].parent) for look in evaluation_sets(plan, args)]
+        print(f"[experiment] phantoms rendered: {dataset_json.parent}, {', '.join(held_out)}", flush=True)
+        return 0
     spacing = phantoms.data_spacing(dataset_json)
     configs = {name: variant_config(v, k, preset, dataset_json, ep, args.seed, args.device, spacing, args.sync_bn)
                for name, (v, k) in plan.trainings.items()}
