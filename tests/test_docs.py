@@ -34,3 +34,26 @@ def test_paper_notes_never_point_outside_the_repository():
     outside = [p.name for p in (ROOT / "paper_notes").glob("*.md")
                if re.search(r"\.\./shared|/work/|shared/design", p.read_text(encoding="utf-8"))]
     assert not outside
+
+
+def test_the_evidence_kept_in_git_reads_as_candidates_and_is_listed(tmp_path):
+    """paper_notes/evidence/ keeps runs' candidates (gzipped CSVs under runs/' names) so that a comparison can be
+    paired again after runs/ is gone: each file parses as the candidates an evaluation writes, covers every
+    scan's rows with probabilities in [0, 1], and each experiment folder is listed in the folder's README."""
+    import gzip
+
+    from ahnet.data.io import read_candidates_csv
+
+    root = ROOT / "paper_notes" / "evidence"
+    kept = sorted(root.glob("*/*/candidates/*.csv.gz"))
+    assert kept, "paper_notes/evidence/ keeps no candidates"
+    listed = (root / "README.md").read_text(encoding="utf-8")
+    for experiment in {p.relative_to(root).parts[0] for p in kept}:
+        assert f"| `{experiment}` |" in listed, f"{experiment} is not listed in paper_notes/evidence/README.md"
+    for p in kept:
+        text = gzip.decompress(p.read_bytes()).decode("utf-8")
+        assert text.startswith("seriesuid,coordX,coordY,coordZ,probability"), p
+        tmp = tmp_path / "_".join(p.relative_to(root).parts)[:-3]
+        tmp.write_text(text, encoding="utf-8")
+        rows = read_candidates_csv(tmp)
+        assert rows and all(0.0 <= r["probability"] <= 1.0 for r in rows), p
