@@ -25,6 +25,7 @@ from typing import Dict, List
 from ahnet import commit_label, failures, paths
 from ahnet.commands.phantoms import SHIFTS
 from ahnet.commands.presets import ALL_VARIANTS
+from ahnet.commands.thickness import add_reading_options
 from ahnet.evaluate.across import across_sets
 from ahnet.evaluate.shifts import read_evaluated_set
 from ahnet.report.lever import write_lever_report
@@ -43,10 +44,7 @@ def build_parser() -> failures.Parser:
                    help="shifted sets to compare on (default: every shift both experiments were evaluated on)")
     p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
                    help="models to compare (default: every model evaluated in both on every set)")
-    p.add_argument("--seeds", type=failures.number(int, 1, 100), default=1,
-                   help="runs per model to read (the experiments' --seeds; default 1)")
-    p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
-                   help="bootstrap resamples of scans and seeds (0 = no intervals)")
+    add_reading_options(p)
     p.add_argument("--out", type=Path, help="report folder (default runs/<lever>/report[-final]-vs-<base>)")
     return p
 

@@ -39,12 +39,17 @@ def build_parser() -> failures.Parser:
     p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
                    help=f"models to compare (default: those of {', '.join(STUDY_VARIANTS)} evaluated at every "
                         f"spacing); must include {REFERENCE}")
+    add_reading_options(p)
+    p.add_argument("--out", type=Path, help="report folder (default runs/phantom-<preset>/report-final-thickness)")
+    return p
+
+
+def add_reading_options(p) -> None:
+    """--seeds and --bootstrap of a command that reads evaluated runs' candidates (this one, ahnet.lever)."""
     p.add_argument("--seeds", type=failures.number(int, 1, 100), default=1,
                    help="runs per model to read (the experiment's --seeds; default 1)")
     p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of scans and seeds (0 = no intervals)")
-    p.add_argument("--out", type=Path, help="report folder (default runs/phantom-<preset>/report-final-thickness)")
-    return p
 
 
 def _run_names(ep: paths.ExperimentPaths, variant: str, seeds: int) -> List[str]:
