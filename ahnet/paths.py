@@ -279,6 +279,10 @@ class ExperimentPaths:
         """The run folder of a variant's k-th training (k = 0: the variant's own name)."""
         return self.runs / (variant if k == 0 else f"{variant}-seed{k}")
 
+    def run_names(self, variant: str, seeds: int) -> list:
+        """The run folder names of a variant's first ``seeds`` trainings (the same in every experiment)."""
+        return [self.run(variant, k).name for k in range(seeds)]
+
     def report(self, final: bool = False, shift: str | None = None) -> Path:
         """The report on dev or the final set (``final``), or on its rendering with ``shift``."""
         return self.runs / (REPORT + (FINAL_SUFFIX if final else "") + (f"-{shift}" if shift else ""))

@@ -345,7 +345,7 @@ def evaluate_set(plan: Plan, args, data_json: Path, report: Path, label: str, sh
     """Every run on one evaluation set, the models compared over their seeds; the report into ``report``."""
     preset, ep = plan.preset, plan.ep
     runs = [ep.runs / name for name in plan.trainings]
-    groups = {v: [ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants} if args.seeds > 1 else None
+    groups = {v: ep.run_names(v, args.seeds) for v in plan.variants} if args.seeds > 1 else None
     if args.final:
         n = phantoms.log_look(ep.looks(), args.preset, plan.name, runs, shift)
         print(f"[experiment] look {n} at the sealed final set (logged in {ep.looks()})", flush=True)
@@ -374,7 +374,7 @@ def summarize_shifts(plan: Plan, args, looks: list) -> None:
     from ahnet.report.shifts import write_shift_report
     names = list(plan.trainings)
     sets = {shift: read_evaluated_set(data_json, report, names) for data_json, report, _, shift in looks}
-    groups = {v: [plan.ep.run(v, k).name for k in range(args.seeds)] for v in plan.variants}
+    groups = {v: plan.ep.run_names(v, args.seeds) for v in plan.variants}
     summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
     where = _set_label(args.final)
     md = write_shift_report(summary, plan.ep.shift_report(args.final),

@@ -60,11 +60,6 @@ def _evaluated(ep: paths.ExperimentPaths, final: bool, shift: str | None, runs: 
     return data.is_file() and all(paths.report_candidates(report, r).is_file() for r in runs)
 
 
-def _run_names(variant: str, seeds: int) -> List[str]:
-    """The run folder names of a variant's first ``seeds`` trainings (the same in every experiment)."""
-    return [paths.ExperimentPaths(PROG).run(variant, k).name for k in range(seeds)]
-
-
 def plan_comparison(args) -> tuple:
     """(base paths, lever paths, [shift], [variant], out folder), every option checked (ValueError, one sentence)."""
     if args.base == args.lever:
@@ -76,23 +71,27 @@ def plan_comparison(args) -> tuple:
         if not data.is_file() or not report.is_dir():
             raise ValueError(f"{flag} {ep.name}: no evaluation on its {where} ({report}); run python -m "
                              f"ahnet.experiment --name {ep.name}" + (" --final" if args.final else ""))
-    both = lambda shift, runs: all(_evaluated(ep, args.final, shift, runs) for ep in eps.values())  # noqa: E731
-    variants = list(dict.fromkeys(args.variants or [v for v in ALL_VARIANTS if both(None, _run_names(v, args.seeds))]))
-    for v in variants:
-        if not both(None, _run_names(v, args.seeds)):
+    base = eps["--base"]
+
+    def both(shift, runs):
+        return all(_evaluated(ep, args.final, shift, runs) for ep in eps.values())
+
+    variants = [v for v in dict.fromkeys(args.variants or ALL_VARIANTS) if both(None, base.run_names(v, args.seeds))]
+    for v in args.variants or []:
+        if v not in variants:
             raise ValueError(f"--variants {v}: its {args.seeds} run(s) are not evaluated on the {where} of both "
                              f"{args.base} and {args.lever}")
     if not variants:
         raise ValueError(f"no model is evaluated on the {where} of both {args.base} and {args.lever}")
-    runs = [r for v in variants for r in _run_names(v, args.seeds)]
-    shifts = list(dict.fromkeys(args.shifts or [s for s in SHIFTS if both(s, runs)]))
-    for s in shifts:
-        if not both(s, runs):
+    runs = [r for v in variants for r in base.run_names(v, args.seeds)]
+    shifts = [s for s in dict.fromkeys(args.shifts or SHIFTS) if both(s, runs)]
+    for s in args.shifts or []:
+        if s not in shifts:
             raise ValueError(f"--shifts {s}: not evaluated for every model in both experiments; run python -m "
                              f"ahnet.experiment --name <each> --shifts {s}" + (" --final" if args.final else ""))
     out = args.out or eps["--lever"].lever_report(args.base, args.final)
     failures.check_output_dir(out, "--out")
-    return eps["--base"], eps["--lever"], shifts, variants, out
+    return base, eps["--lever"], shifts, variants, out
 
 
 def _same_set(a: tuple, b: tuple, label: str) -> None:
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
 
 def run_comparison(args, argv) -> int:
     base, lever, shifts, variants, out = plan_comparison(args)
-    runs = {v: _run_names(v, args.seeds) for v in variants}
+    runs = {v: base.run_names(v, args.seeds) for v in variants}
     sets = read_sets(base, lever, args.final, shifts, [r for rs in runs.values() for r in rs])
     models = {f"{ep.name}/{v}": [f"{ep.name}/{r}" for r in runs[v]] for v in variants for ep in (base, lever)}
     pairs = [(f"{lever.name}/{v}", f"{base.name}/{v}") for v in variants]

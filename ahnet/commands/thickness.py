@@ -52,13 +52,8 @@ def add_reading_options(p) -> None:
                    help="bootstrap resamples of scans and seeds (0 = no intervals)")
 
 
-def _run_names(ep: paths.ExperimentPaths, variant: str, seeds: int) -> List[str]:
-    """The run folder names of a variant's first ``seeds`` trainings (the same at every spacing)."""
-    return [ep.run(variant, k).name for k in range(seeds)]
-
-
 def _evaluated(ep: paths.ExperimentPaths, variant: str, seeds: int) -> bool:
-    return all(paths.report_candidates(ep.report(final=True), r).is_file() for r in _run_names(ep, variant, seeds))
+    return all(paths.report_candidates(ep.report(final=True), r).is_file() for r in ep.run_names(variant, seeds))
 
 
 def plan_study(args) -> tuple:
@@ -102,7 +97,7 @@ def main(argv=None) -> int:
 def run_study(args, argv) -> int:
     exps, variants, out = plan_study(args)
     ep0 = next(iter(exps.values()))
-    runs: Dict[str, List[str]] = {v: _run_names(ep0, v, args.seeds) for v in variants}
+    runs: Dict[str, List[str]] = {v: ep0.run_names(v, args.seeds) for v in variants}
     names = [r for rs in runs.values() for r in rs]
     sets = {s: read_evaluated_set(ep.final / paths.DATASET, ep.report(final=True), names) for s, ep in exps.items()}
     pairs = [(REFERENCE, v) for v in ("unet3d-scratch", "ahnet-scratch", "mcgcn-2d") if v in variants]
