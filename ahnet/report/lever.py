@@ -10,7 +10,7 @@ from pathlib import Path
 from ahnet import paths
 from ahnet.atomic import atomic_path, write_text_atomic
 from ahnet.report.claims import display
-from ahnet.report.thickness import cell, png_bytes
+from ahnet.report.thickness import cell, png_bytes, values_and_errors
 
 CPM_FIGURE = "lever_cpm.png"
 
@@ -26,12 +26,8 @@ def cpm_figure(summary: dict) -> bytes:
                              (3.4 * len(variants), 3.2), squeeze=False)
     for ax, v in zip(axes[0], variants):
         for j, exp in enumerate((summary["base"], summary["lever"])):
-            es = [summary["cpm"][s][f"{exp}/{v}"]["overall"] for s in sets]
-            y = np.array([np.nan if e["value"] is None else e["value"] for e in es])
-            lo = [0 if not e["ci"] or e["value"] is None else e["value"] - e["ci"][0] for e in es]
-            hi = [0 if not e["ci"] or e["value"] is None else e["ci"][1] - e["value"] for e in es]
-            ax.errorbar(np.arange(len(sets)) + 0.15 * (2 * j - 1), y, yerr=[lo, hi], fmt="o", ms=4, capsize=2,
-                        label=exp)
+            y, yerr = values_and_errors([summary["cpm"][s][f"{exp}/{v}"]["overall"] for s in sets])
+            ax.errorbar(np.arange(len(sets)) + 0.15 * (2 * j - 1), y, yerr=yerr, fmt="o", ms=4, capsize=2, label=exp)
         ax.set_xticks(range(len(sets)), sets, rotation=30, fontsize=8)
         ax.set_xlim(-0.5, len(sets) - 0.5)
         ax.set_ylim(0, 1)

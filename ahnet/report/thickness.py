@@ -25,14 +25,20 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def values_and_errors(entries) -> tuple:
+    """(values, [below, above]) of estimates {"value", "ci"} for matplotlib's errorbar: NaN for a missing value,
+    0 error where there is no interval."""
+    y = [float("nan") if e["value"] is None else e["value"] for e in entries]
+    lo = [0 if not e["ci"] or e["value"] is None else e["value"] - e["ci"][0] for e in entries]
+    hi = [0 if not e["ci"] or e["value"] is None else e["ci"][1] - e["value"] for e in entries]
+    return y, [lo, hi]
+
+
 def _errorbars(ax, xs, entries, label, offset):
     """One model's (or pair's) values with their intervals against spacing, points nudged by ``offset`` (log x)."""
     import numpy as np
-    x = np.asarray(xs) * 2 ** offset
-    y = [np.nan if e["value"] is None else e["value"] for e in entries]
-    lo = [0 if not e["ci"] or e["value"] is None else e["value"] - e["ci"][0] for e in entries]
-    hi = [0 if not e["ci"] or e["value"] is None else e["ci"][1] - e["value"] for e in entries]
-    ax.errorbar(x, y, yerr=[lo, hi], marker="o", ms=4, capsize=2, lw=1, label=label)
+    y, yerr = values_and_errors(entries)
+    ax.errorbar(np.asarray(xs) * 2 ** offset, y, yerr=yerr, marker="o", ms=4, capsize=2, lw=1, label=label)
 
 
 def _panels(summary: dict, n: int):
