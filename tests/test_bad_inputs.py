@@ -283,6 +283,10 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
      "--recipe changes how every run trains; give the experiment its own --name"),
     ("experiment", "recipe value bogus", lambda c: ["--name", "x", "--recipe", "pos_weighting=big"],
      "pos_weighting must be one of"),
+    ("experiment", "phantom without --name", lambda c: ["--phantom", "psf_sigma=[0.25,1.0]"],
+     "--phantom changes the scans every run trains on; give the experiment its own --name"),
+    ("experiment", "phantom key bogus", lambda c: ["--name", "x", "--phantom", "slices=8"],
+     "--phantom slices: not a phantom option a lever may change"),
     # --------------------------------------------------------------------------------------------- rescore
     ("rescore", "run missing", lambda c: ["--run", c.t / "none", "--data", c.w.ds], "is not a run folder"),
     ("rescore", "data missing", lambda c: ["--run", c.w.run, "--data", c.t / "none.json"], "does not exist"),

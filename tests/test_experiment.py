@@ -162,6 +162,26 @@ def test_recipe_changes_every_run_and_is_checked_before_any_work(tmp_path, monke
             experiment.plan_experiment(parse(["--preset", "cpu", *argv]))
     assert not Path("data").exists() and not Path("runs").exists()
 
+
+def test_phantom_lever_changes_the_training_phantom_alone_and_is_checked_before_any_work(tmp_path, monkeypatch):
+    """--phantom KEY=VALUE changes the training phantom's options (under its own --name); the dev, final and
+    shifted sets keep theirs; keys outside the levers and bad values are refused before any data work."""
+    monkeypatch.chdir(tmp_path)
+    parse = experiment.build_parser().parse_args
+    plan = experiment.plan_experiment(parse(["--preset", "cpu", "--name", "kernels", "--phantom",
+                                             "psf_sigma=[0.25,1.0]", "--shifts", "smooth"]))
+    assert plan.preset.phantom == dict(PRESETS["cpu"].phantom, psf_sigma=[0.25, 1.0])
+    assert "psf_sigma" not in experiment._held_out_overrides(plan) and "psf_sigma" not in PRESETS["cpu"].phantom
+    for argv, says in [(["--phantom", "psf_sigma=[0.25,1.0]"], "--phantom changes the scans every run trains on; "
+                                                                "give the experiment its own --name"),
+                       (["--name", "x", "--phantom", "psf_sigma"], "--phantom 'psf_sigma': expected KEY=VALUE"),
+                       (["--name", "x", "--phantom", "size=64"], "--phantom size: not a phantom option a lever"),
+                       (["--name", "x", "--phantom", "psf_sigma=[1.0,0.2]"], "--phantom: psf_sigma must be a sigma"),
+                       (["--name", "x", "--phantom", "noise=loud"], "--phantom: noise must be (min, max) HU")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            experiment.plan_experiment(parse(["--preset", "cpu", *argv]))
+    assert not Path("data").exists() and not Path("runs").exists()
+
 def _files(folder):
     """{relative path: (sha256, mtime_ns)} of every file under a folder."""
     import hashlib

@@ -8,6 +8,7 @@
     python -m ahnet.experiment --preset cpu --final --shifts all --evaluate-only   # the trained models, shifted sets
     python -m ahnet.experiment --preset cpu --shifts hu+30 --evaluate-only   # the same on dev (to choose a lever)
     python -m ahnet.experiment --preset cpu --name phantom-cpu-blur --recipe augment=standard-blur   # a lever
+    python -m ahnet.experiment --preset cpu --name phantom-cpu-kernels --phantom 'psf_sigma=[0.25,1.0]'  # another
     python -m ahnet.experiment --preset cpu --shifts smooth --data-only     # the phantoms alone, rendered again
     python -m ahnet.experiment --preset paper    # the same at the paper's size (ResNet50, GPU)
 
@@ -37,7 +38,9 @@ mm slices over the same 100 mm (experiment ``<name>-z<S>``), the 3D patch over t
 by an earlier commit keeps its second stage even where this commit would train it differently); a run without them
 is an error before any work. ``--recipe KEY=VALUE`` changes the preset's training recipe for every run (a lever to
 measure: augmentation, sampling, loss), under its own ``--name`` so that its runs never mix with the preset's; its
-phantoms are generated again there, the same scans (the same generator and seeds).
+phantoms are generated again there, the same scans (the same generator and seeds). ``--phantom KEY=VALUE`` changes
+the training phantom the same way (noise, reconstruction kernel, vessels, HU offset: a randomised-phantom lever),
+never the sets it is evaluated on.
 
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
 preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for
@@ -104,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change the preset's training recipe for every run, e.g. augment=standard-blur "
                         "pos_weighting=inverse-diameter-contrast hard_fraction=0.1 (settings of python -m "
                         "ahnet.train; values as JSON, else text); needs --name")
+    p.add_argument("--phantom", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="change the training phantom (training and validation scans; dev, final and shifted sets "
+                        "stay as they are), e.g. psf_sigma=[0.25,1.0] (a kernel drawn per scan); any of "
+                        f"{', '.join(sorted(PHANTOM_LEVERS))}; values as JSON; needs --name")
     p.add_argument("--evaluate-only", action="store_true",
                    help="no training and no second-stage fit: evaluate every run as it stands (each must hold its "
                         "trained model and, with --rescore, its second stage)")
@@ -140,35 +147,67 @@ NOT_RECIPE = frozenset({"data", "cache_dir", "out", "resume", "seed", "device", 
                         "steps_per_epoch", "amp", "channels_last", "sync_bn"})
 
 
+def _key_values(items: List[str], flag: str, example: str) -> dict:
+    """{key: value} of ``KEY=VALUE`` items (keys with - as _, values as JSON, else text); ValueError otherwise."""
+    changes = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    return changes
+
+
 def with_recipe(preset: Preset, items: Optional[List[str]], name: Optional[str]) -> Preset:
     """The preset with ``--recipe KEY=VALUE`` items over its recipe, each checked as a training setting."""
     if not items:
         return preset
     if not name:
         raise ValueError("--recipe changes how every run trains; give the experiment its own --name")
-    changes = {}
-    for item in items:
-        key, eq, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key:
-            raise ValueError(f"--recipe {item!r}: expected KEY=VALUE, e.g. augment=standard-blur")
+    changes = _key_values(items, "--recipe", "augment=standard-blur")
+    for key in changes:
         if key in NOT_RECIPE:
             raise ValueError(f"--recipe {key}: the experiment sets it for each run (variant, seed, data); "
                              f"not a recipe setting")
-        try:
-            changes[key] = json.loads(text)
-        except ValueError:
-            changes[key] = text
     recipe = {**preset.recipe, **changes}
     TrainConfig.from_dict(recipe, "--recipe").resolved()
     return dataclasses.replace(preset, recipe=recipe)
+
+
+# the training phantom's options a lever may change (ahnet.data.phantom.PhantomOptions): how scans are acquired
+# and what vessels they hold; sizes, slices, splits and the nodule schedule belong to the preset
+PHANTOM_LEVERS = frozenset({"noise", "psf_sigma", "hu_offset", "vessel_density", "vessel_radius"})
+
+
+def with_phantom(preset: Preset, items: Optional[List[str]], name: Optional[str]) -> Preset:
+    """The preset with ``--phantom KEY=VALUE`` items over its training phantom's options, each checked."""
+    if not items:
+        return preset
+    if not name:
+        raise ValueError("--phantom changes the scans every run trains on; give the experiment its own --name")
+    changes = _key_values(items, "--phantom", "psf_sigma=[0.25,1.0]")
+    for key in changes:
+        if key not in PHANTOM_LEVERS:
+            raise ValueError(f"--phantom {key}: not a phantom option a lever may change; choose from "
+                             f"{', '.join(sorted(PHANTOM_LEVERS))}")
+    from ahnet.data.phantom.options import PhantomOptions
+    phantom = {**preset.phantom, **changes}
+    try:
+        PhantomOptions(**phantom).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--phantom: {e}") from None
+    return dataclasses.replace(preset, phantom=phantom)
 
 
 def plan_experiment(args) -> Plan:
     """Every option of the call checked before any data work (ValueError, one sentence)."""
     phantoms.slice_options(args.slice_spacing)
     preset = at_slice_spacing(with_rescore(PRESETS[args.preset], args.rescore), args.slice_spacing)
-    preset = with_recipe(preset, args.recipe, args.name)
+    preset = with_phantom(with_recipe(preset, args.recipe, args.name), args.phantom, args.name)
     name = args.name or paths.experiment_name(args.preset, args.slice_spacing)
     ep = paths.ExperimentPaths(name)
     variants = list(args.variants or preset.variants)

@@ -74,6 +74,23 @@ def blur(image, sigma: float):
     return ndimage.gaussian_filter(image.astype(np.float32), (0.0, sigma, sigma), mode="nearest")
 
 
+def coarsen(image, factor: float):
+    """In-plane pixels ``factor`` (>= 1) times coarser and back to this grid: what a scan acquired at coarser
+    pixels looks like after resampling (an anti-aliasing Gaussian of sigma (factor - 1) / 2 voxels, linear down
+    to round(H / factor) x round(W / factor), linear back up; the slice axis untouched). Shape kept."""
+    if factor < 1.0:
+        raise ValueError(f"coarsen factor {factor}: expected >= 1 (coarser pixels)")
+    img = np.asarray(image, np.float32)
+    d, h, w = img.shape
+    hs, ws = max(2, int(round(h / factor))), max(2, int(round(w / factor)))
+    if (hs, ws) == (h, w):
+        return img.copy()
+    smooth = ndimage.gaussian_filter(img, (0.0, (factor - 1) / 2, (factor - 1) / 2), mode="nearest")
+    small = ndimage.zoom(smooth, (1, hs / h, ws / w), order=1, mode="nearest", grid_mode=True)
+    back = ndimage.zoom(small, (1, h / hs, w / ws), order=1, mode="nearest", grid_mode=True)
+    return back.astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------- policies
 
 @dataclass
@@ -84,7 +101,8 @@ class Augment:
     rotation in +-rotate_deg and a zoom in [scale_min, scale_max]; p_intensity for contrast (1 +- contrast),
     shift (+- shift_max), gamma (in [gamma_min, gamma_max]); p_blur for an in-plane Gaussian blur of sigma up to
     blur_max voxels (a softer reconstruction kernel or coarser pixels; off by default, and then no random number
-    is drawn for it, so the standard policy's draws are unchanged); p_noise for Gaussian noise of sd up to
+    is drawn for it, so the standard policy's draws are unchanged); p_coarsen for pixels up to coarsen_max times
+    coarser and back (``coarsen``; off by default in the same way); p_noise for Gaussian noise of sd up to
     noise_std.
     randaugment=(N, M): instead of the above, N ops drawn uniformly (with replacement) from RANDAUG_OPS, each
     at magnitude M on a 0..10 scale (M = 10 is each op's maximum below), sign random.
@@ -103,6 +121,8 @@ class Augment:
     gamma_max: float = 1.5
     p_blur: float = 0.0
     blur_max: float = 1.0
+    p_coarsen: float = 0.0
+    coarsen_max: float = 1.4
     p_noise: float = 0.2
     noise_std: float = 0.02
     randaugment: tuple | None = None
@@ -130,6 +150,8 @@ class Augment:
             image = gamma(image, np.exp(rng.uniform(np.log(self.gamma_min), np.log(self.gamma_max))))
         if self.p_blur > 0 and rng.random() < self.p_blur:
             image = blur(image, rng.uniform(0, self.blur_max))
+        if self.p_coarsen > 0 and rng.random() < self.p_coarsen:
+            image = coarsen(image, rng.uniform(1.0, self.coarsen_max))
         if rng.random() < self.p_noise:
             image = noise(image, rng.uniform(0, self.noise_std), rng)
         return image, label

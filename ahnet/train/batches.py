@@ -37,6 +37,7 @@ def split_cases(cfg: TrainConfig, cases: list[dict]) -> tuple[list[str], list[st
 
 
 BLUR_P, BLUR_MAX_VOXELS = 0.3, 1.0    # --augment standard-blur: how often, and the largest in-plane sigma
+COARSEN_P, COARSEN_MAX = 0.3, 1.4     # --augment standard-coarsen: how often, and the coarsest pixels (x this grid's)
 
 
 def make_augment(cfg: TrainConfig):
@@ -48,6 +49,8 @@ def make_augment(cfg: TrainConfig):
         return Augment(randaugment=(int(n), float(m)))
     if cfg.augment == "standard-blur":
         return Augment(p_blur=BLUR_P, blur_max=BLUR_MAX_VOXELS)
+    if cfg.augment == "standard-coarsen":
+        return Augment(p_coarsen=COARSEN_P, coarsen_max=COARSEN_MAX)
     return Augment()
 
 

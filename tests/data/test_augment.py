@@ -124,3 +124,37 @@ def test_blur_is_off_by_default_without_a_draw_and_blurs_in_plane_when_on():
     assert sigma > 0.05 and np.all(on[0] == img[0]) and not np.array_equal(on[1], img[1])   # z not mixed
     assert make_augment(TrainConfig(augment="standard-blur")).p_blur == 0.3
     assert make_augment(TrainConfig()).p_blur == 0.0
+
+
+def test_coarsen_is_off_by_default_and_resamples_in_plane_when_on():
+    """p_coarsen = 0 draws nothing (existing recipes unchanged); coarsen keeps the shape, keeps a linear ramp
+    exactly away from the border, damps pixel-scale detail more the coarser it goes, never mixes slices; with
+    p_coarsen = 1 the policy applies coarsen at the drawn factor; a factor below 1 is refused."""
+    from ahnet.data.augment import coarsen
+    from ahnet.train.batches import make_augment
+    from ahnet.train.config import TrainConfig
+
+    img, lab = marker(shape=(3, 24, 24), at=(1, 8, 12), r=3)
+    base, off = Augment(), Augment(p_coarsen=0.0)
+    for seed in range(10):
+        np.testing.assert_array_equal(base(img, lab, np.random.default_rng(seed))[0],
+                                      off(img, lab, np.random.default_rng(seed))[0])
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (2, 64, 1))
+    assert coarsen(ramp, 1.3).shape == ramp.shape
+    np.testing.assert_allclose(coarsen(ramp, 1.3)[:, 8:-8, 8:-8], ramp[:, 8:-8, 8:-8], atol=1e-5)
+    stripes = np.tile((0.5 + 0.5 * np.sin(2 * np.pi * np.arange(64) / 5)).astype(np.float32), (2, 64, 1))
+    amp = [float(np.abs(coarsen(stripes, f) - 0.5)[:, 8:-8, 8:-8].mean()) for f in (1.0, 1.2, 1.4)]
+    assert amp[0] > amp[1] > amp[2] and amp[0] == pytest.approx(0.3046, abs=1e-3)   # 5-px stripes fade
+    one = coarsen(img, 1.4)
+    assert np.all(one[0] == img[0]) and not np.array_equal(one[1], img[1])     # the marker's slice alone moves
+    geo = dict(p_flip=0.0, p_rot90=0.0, p_affine=0.0, p_intensity=0.0, p_noise=0.0)
+    on, al = Augment(p_coarsen=1.0, coarsen_max=1.4, **geo)(img, lab, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    for _ in range(6):                                   # flip y, flip x, rot90, affine, intensity, coarsen?
+        rng.random()
+    np.testing.assert_allclose(on, coarsen(img, rng.uniform(1.0, 1.4)), atol=1e-6)
+    np.testing.assert_array_equal(al, lab)
+    with pytest.raises(ValueError, match="expected >= 1"):
+        coarsen(img, 0.8)
+    assert make_augment(TrainConfig(augment="standard-coarsen")).p_coarsen == 0.3
+    assert make_augment(TrainConfig()).p_coarsen == 0.0

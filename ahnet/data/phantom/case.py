@@ -139,18 +139,28 @@ def _insert_exact(rng, anat: Anatomy, inst: np.ndarray, types, locations, source
 
 
 def acquire(rng, opts: PhantomOptions, anat: Anatomy):
-    """Thick-slice image (slices, size, size) float32 HU from the fine HU; returns (image, noise std)."""
+    """Thick-slice image (slices, size, size) float32 HU from the fine HU; returns (image, noise std, PSF sigma).
+
+    The PSF blurs the anatomy, not the noise (a reconstruction kernel's edge, the noise texture kept). A
+    psf_sigma range is drawn per scan after the noise, so a phantom with a range holds the same anatomy,
+    nodules and noise as one with a fixed sigma: only each scan's kernel differs."""
     hu = anat.hu
     img = hu.reshape(opts.slices, anat.k, *hu.shape[1:]).mean(1)
-    if opts.psf_sigma > 0:
-        img = ndi.gaussian_filter(img, sigma=(0, opts.psf_sigma, opts.psf_sigma), mode="nearest")
     lo, hi = opts.noise
     noise_std = float(rng.uniform(lo, hi)) if hi > 0 else 0.0
+    texture = None
     if noise_std > 0:
         wn = rng.normal(0, 1, size=img.shape).astype(np.float32)
         wn = ndi.gaussian_filter(wn, sigma=(0, 0.8, 0.8), mode="wrap")
-        img += wn * (noise_std / max(float(wn.std()), 1e-6))
-    return np.clip(np.round(img + opts.hu_offset), -1024, 3071).astype(np.float32), noise_std
+        texture = wn * (noise_std / max(float(wn.std()), 1e-6))
+    psf = opts.psf_sigma
+    if isinstance(psf, tuple):
+        psf = float(rng.uniform(*psf))
+    if psf > 0:
+        img = ndi.gaussian_filter(img, sigma=(0, psf, psf), mode="nearest")
+    if texture is not None:
+        img += texture
+    return np.clip(np.round(img + opts.hu_offset), -1024, 3071).astype(np.float32), noise_std, float(psf)
 
 
 def output_label(inst: np.ndarray, nodules: Sequence[dict], slices: int, k: int) -> np.ndarray:
@@ -218,12 +228,12 @@ def generate_case(case_id: str, seed, opts: Optional[PhantomOptions] = None, n_n
         nodules = _insert_exact(rng, anat, inst, types, locations, sources, split, pool, case_id)
     else:
         nodules = _insert_nodules(rng, anat, inst, types, locations, split, pool, case_id)
-    img, noise_std = acquire(rng, opts, anat)
+    img, noise_std, psf = acquire(rng, opts, anat)
     label = output_label(inst, nodules, opts.slices, anat.k)
     sz, sp = opts.thickness, opts.spacing
     origin = (-(opts.size - 1) / 2 * sp, -(opts.size - 1) / 2 * sp, -(opts.slices - 1) / 2 * sz)
     case = Case(case_id, img, label, (sz, sp, sp), origin, [], anat.lab, anat.hu, anat.dz, noise_std,
-                anat.vessels)
+                anat.vessels, psf)
     case.nodules = [annotation_row(case, nd) for nd in nodules]
     return case
 

@@ -172,7 +172,8 @@ def generate_dataset(out_dir, n_cases: int, seed: int = 0, previews: int = 3, **
             write_case(case, out)
             rows += case.nodules
             entries.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz",
-                            "case_id": cid, "split": splits[i]})
+                            "case_id": cid, "split": splits[i],
+                            **({"psf_sigma": round(case.psf_sigma, 4)} if isinstance(opts.psf_sigma, tuple) else {})})
             if i < previews:
                 save_preview(case, out / "preview" / f"{cid}.png")
             log.info("%s: %d nodules (%s) %.1f s", cid, len(case.nodules), splits[i], time.perf_counter() - t0)

@@ -35,7 +35,8 @@ class PhantomOptions:
     split: Tuple[float, float, float] = (0.7, 0.15, 0.15)
     exact: bool = False                 # see the class docstring
     shape_pool: str = "split"           # LIDC shapes from each case's split ("split") or the sealed "final" pool
-    psf_sigma: float = 0.5              # in-plane PSF (reconstruction kernel) sigma, pixels: smaller = sharper
+    psf_sigma: float = 0.5              # in-plane PSF (reconstruction kernel) sigma, px: smaller = sharper;
+    #                                     (min, max): drawn per scan (randomised kernels)
     hu_offset: float = 0.0              # HU added to every voxel after acquisition (a calibration shift)
     vessel_radius: float = 1.0          # scales every vessel's radius (< 1: finer vessels)
 
@@ -45,7 +46,7 @@ class PhantomOptions:
             self.nodules_per_case = (int(npc), int(npc))
         elif isinstance(npc, list):
             self.nodules_per_case = tuple(npc)
-        for name in ("noise", "split"):
+        for name in ("noise", "split", "psf_sigma"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
 
@@ -75,9 +76,11 @@ class PhantomOptions:
             raise ValueError(f"vessel_density must be in [0, 10], got {self.vessel_density}")
         if self.shape_pool not in ("split", "final"):
             raise ValueError(f"shape_pool must be 'split' or 'final', got {self.shape_pool!r}")
-        if not 0.0 <= self.psf_sigma <= 3.0 or not -200.0 <= self.hu_offset <= 200.0:
-            raise ValueError(f"psf_sigma must be in [0, 3] px and hu_offset in [-200, 200] HU, got {self.psf_sigma}, "
-                             f"{self.hu_offset}")
+        psf = self.psf_sigma if isinstance(self.psf_sigma, tuple) else (self.psf_sigma,)
+        if not (len(psf) in (1, 2) and all(isinstance(v, (int, float)) and 0.0 <= v <= 3.0 for v in psf)
+                and psf[0] <= psf[-1]) or not -200.0 <= self.hu_offset <= 200.0:
+            raise ValueError(f"psf_sigma must be a sigma or a (min, max) range in [0, 3] px and hu_offset in "
+                             f"[-200, 200] HU, got {self.psf_sigma}, {self.hu_offset}")
         if not 0.2 <= self.vessel_radius <= 3.0:
             raise ValueError(f"vessel_radius must be in [0.2, 3], got {self.vessel_radius}")
         sp = self.split
@@ -100,6 +103,7 @@ class Case:
     fine_dz: float
     noise_std: float
     vessel_segments: List[tuple] = field(default_factory=list)
+    psf_sigma: float = 0.0                       # this scan's in-plane PSF sigma, px
 
     def voxel_to_world(self, zyx: np.ndarray) -> np.ndarray:
         """(n, 3) voxel (z, y, x) -> (n, 3) world LPS mm (identity direction)."""
