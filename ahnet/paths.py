@@ -265,15 +265,20 @@ class ExperimentPaths:
 
     @property
     def dev(self) -> Path:
-        return DATA_ROOT / f"{self.name}{DEV_SUFFIX}"
+        return self.held_out()
 
     @property
     def final(self) -> Path:
-        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX}"
+        return self.held_out(final=True)
 
     def shifted(self, shift: str, final: bool) -> Path:
         """The final set (``final``) or dev rendered with one shift."""
-        return DATA_ROOT / f"{self.name}{FINAL_SUFFIX if final else DEV_SUFFIX}-{shift}"
+        return self.held_out(final, shift)
+
+    def held_out(self, final: bool = False, shift: str | None = None) -> Path:
+        """The data folder of dev or the final set (``final``), or of its rendering with ``shift``; the one rule
+        (``report`` names the evaluation of each the same way)."""
+        return DATA_ROOT / (self.name + (FINAL_SUFFIX if final else DEV_SUFFIX) + (f"-{shift}" if shift else ""))
 
     def run(self, variant: str, k: int = 0) -> Path:
         """The run folder of a variant's k-th training (k = 0: the variant's own name)."""

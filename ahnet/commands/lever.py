@@ -51,8 +51,7 @@ def build_parser() -> failures.Parser:
 
 def _set_paths(ep: paths.ExperimentPaths, final: bool, shift: str | None) -> tuple:
     """(dataset.json, report folder) of an experiment's evaluation on dev or the final set, or a shift of it."""
-    folder = ep.shifted(shift, final) if shift else (ep.final if final else ep.dev)
-    return folder / paths.DATASET, ep.report(final, shift)
+    return ep.held_out(final, shift) / paths.DATASET, ep.report(final, shift)
 
 
 def _evaluated(ep: paths.ExperimentPaths, final: bool, shift: str | None, runs: List[str]) -> bool:
