@@ -70,6 +70,7 @@ def test_the_comparison_matches_direct_computations(tmp_path, monkeypatch):
     assert lo <= cost["value"] <= hi
     md = (out / paths.REPORT_MD).read_text()
     assert "python -m ahnet.lever --base base --lever blur --bootstrap 50" in md
+    assert "What the lever changes: not read here" in md and s["changes"] is None
     assert "| smooth |" in md and "recovered by the lever" in md
     assert (out / "lever_cpm.png").stat().st_size > 2000
 
@@ -107,3 +108,25 @@ def test_the_command_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ahnet.lever: error:") and message in err[0], err
     assert not any(p.name.startswith("report-vs") for p in (tmp_path / "runs").rglob("*"))
+
+
+def test_the_report_says_what_the_lever_changes(tmp_path, monkeypatch):
+    """Read from the first model's runs: each training setting and training phantom option that differs, base ->
+    lever, and nothing about the folders that name the experiments."""
+    monkeypatch.chdir(tmp_path)
+    _two_experiments(tmp_path)
+    for name, augment, psf in (("base", "standard", 0.5), ("blur", "standard-coarsen", [0.25, 1.0])):
+        ep = paths.ExperimentPaths(name)
+        data = ep.train / paths.DATASET
+        data.parent.mkdir(parents=True)
+        data.write_text(json.dumps({"options": {"psf_sigma": psf, "noise": [10.0, 40.0]}}))
+        run = paths.run_paths(ep.run("mcgcn-2d"))
+        run.root.mkdir(parents=True)
+        run.config.write_text(json.dumps({"config": {"data": str(data), "out": str(run.root), "augment": augment,
+                                                     "lr": 0.001}}))
+    assert cmd.main(["--base", "base", "--lever", "blur", "--bootstrap", "0"]) == 0
+    out = tmp_path / paths.ExperimentPaths("blur").lever_report("base")
+    s = json.loads((out / paths.REPORT_JSON).read_text())
+    assert s["changes"] == ['augment: "standard" -> "standard-coarsen"', "phantom psf_sigma: 0.5 -> [0.25, 1.0]"]
+    assert ('What the lever changes (mcgcn-2d runs\' settings and training phantoms): `augment: "standard" -> '
+            '"standard-coarsen"`; `phantom psf_sigma: 0.5 -> [0.25, 1.0]`.') in (out / paths.REPORT_MD).read_text()

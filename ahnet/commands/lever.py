@@ -17,6 +17,7 @@ computation.
 from __future__ import annotations
 
 import datetime
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -112,6 +113,34 @@ def read_sets(base, lever, final: bool, shifts: List[str], runs: List[str]) -> D
     return sets
 
 
+# a run's settings that name its experiment's folders, not how it trains
+_PLACES = frozenset({"data", "cache_dir", "out", "init_from"})
+
+
+def _training(run: Path) -> tuple:
+    """(training settings of a run's config.json, its training phantom's options) or None where either is
+    absent or unreadable (an evidence copy holds candidates alone)."""
+    try:
+        cfg = json.loads(paths.run_paths(run).config.read_text())["config"]
+        phantom = json.loads(Path(cfg["data"]).read_text()).get("options", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {k: v for k, v in cfg.items() if k not in _PLACES}, phantom
+
+
+def lever_changes(base: paths.ExperimentPaths, lever: paths.ExperimentPaths, variant: str) -> List[str] | None:
+    """What the lever changes against the base, read from one model's runs: "setting: base -> lever" for each
+    training setting and each training phantom option that differ; None where a run's files are not here."""
+    got = [_training(ep.run(variant)) for ep in (base, lever)]
+    if None in got:
+        return None
+    out = []
+    for what, a, b in (("", got[0][0], got[1][0]), ("phantom ", got[0][1], got[1][1])):
+        out += [f"{what}{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return failures.run(PROG, lambda: run_comparison(args, argv))
@@ -124,7 +153,8 @@ def run_comparison(args, argv) -> int:
     models = {f"{ep.name}/{v}": [f"{ep.name}/{r}" for r in runs[v]] for v in variants for ep in (base, lever)}
     pairs = [(f"{lever.name}/{v}", f"{base.name}/{v}") for v in variants]
     summary = across_sets(sets, models, pairs, n_bootstrap=args.bootstrap, seed=0)
-    summary.update(base=base.name, lever=lever.name, variants=variants)
+    summary.update(base=base.name, lever=lever.name, variants=variants,
+                   changes=lever_changes(base, lever, variants[0]), changes_of=variants[0])
     command = "python -m ahnet.lever " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     provenance = (f"Command: `{command}`; from `{base.report(args.final)}` and `{lever.report(args.final)}` and "
                   f"their shifted reports; code {commit_label()}; {datetime.date.today().isoformat()}.")

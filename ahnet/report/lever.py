@@ -64,6 +64,18 @@ def variant_table(summary: dict, v: str) -> list:
     return lines + [""]
 
 
+def changes_line(summary: dict) -> str:
+    """The report's sentence on what the lever changes (its training settings and training phantom's options)."""
+    changes, of = summary.get("changes"), summary.get("changes_of", "the first model")
+    if changes is None:
+        return (f"What the lever changes: not read here (the {of} runs' config.json or training phantoms are "
+                f"absent, as in a copy kept as evidence).")
+    if not changes:
+        return f"What the lever changes: nothing in the {of} runs' training settings or training phantom."
+    return f"What the lever changes ({of} runs' settings and training phantoms): " + "; ".join(
+        f"`{c}`" for c in changes) + "."
+
+
 def write_lever_report(summary: dict, out_dir, title: str, provenance: str = "") -> Path:
     """report.json, report.md and the figure of a lever summary into ``out_dir``; returns report.md."""
     out = Path(out_dir)
@@ -82,7 +94,7 @@ def write_lever_report(summary: dict, out_dir, title: str, provenance: str = "")
              f"T07-T08, ground-glass T09-T10, calcified T11-T12.", ""]
     if provenance:
         lines += [provenance, ""]
-    lines += [f"![CPM with and without the lever]({CPM_FIGURE})", ""]
+    lines += [changes_line(summary), "", f"![CPM with and without the lever]({CPM_FIGURE})", ""]
     for v in summary["variants"]:
         lines += variant_table(summary, v)
     write_text_atomic(out / paths.REPORT_JSON, json.dumps(summary, indent=1, allow_nan=False))
