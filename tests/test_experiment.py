@@ -139,9 +139,9 @@ def test_data_only_renders_the_phantoms_and_stops(tmp_path, monkeypatch, capsys,
             experiment.plan_experiment(parse(["--preset", "cpu", "--data-only", *extra]))
 
 
-def test_recipe_changes_every_run_and_is_checked_before_any_work(tmp_path, monkeypatch):
+def test_recipe_changes_every_run(tmp_path, monkeypatch):
     """--recipe KEY=VALUE changes the preset's recipe for every run's TrainConfig (values as JSON, else text), under
-    its own --name; keys the experiment owns, unknown keys and bad values are refused before any data work."""
+    its own --name."""
     monkeypatch.chdir(tmp_path)
     parse = experiment.build_parser().parse_args
     plan = experiment.plan_experiment(parse(["--preset", "cpu", "--name", "lever", "--recipe", "augment=standard-blur",
@@ -152,35 +152,42 @@ def test_recipe_changes_every_run_and_is_checked_before_any_work(tmp_path, monke
     assert [(c.stage, c.augment, c.hard_fraction, c.pos_weighting) for c in cfgs] == [
         ("2d", "standard-blur", 0.1, "inverse-diameter"), ("3d", "standard-blur", 0.1, "inverse-diameter")]
     assert PRESETS["cpu"].recipe["hard_fraction"] == 0.3 and "augment" not in PRESETS["cpu"].recipe
-    for argv, says in [(["--recipe", "augment=standard-blur"], "--recipe changes how every run trains; give the "
-                                                               "experiment its own --name"),
-                       (["--name", "x", "--recipe", "augment"], "--recipe 'augment': expected KEY=VALUE"),
-                       (["--name", "x", "--recipe", "seed=3"], "--recipe seed: the experiment sets it for each run"),
-                       (["--name", "x", "--recipe", "augment=blurry"], "augment must be one of"),
-                       (["--name", "x", "--recipe", "bogus=1"], "--recipe: unknown setting(s) ['bogus']")]:
-        with pytest.raises(ValueError, match=re.escape(says)):
-            experiment.plan_experiment(parse(["--preset", "cpu", *argv]))
     assert not Path("data").exists() and not Path("runs").exists()
 
 
-def test_phantom_lever_changes_the_training_phantom_alone_and_is_checked_before_any_work(tmp_path, monkeypatch):
+@pytest.mark.parametrize("argv, says", [
+    (["--recipe", "augment=standard-blur"], "--recipe changes how every run trains; give the experiment its own "
+                                            "--name"),
+    (["--name", "x", "--recipe", "augment"], "--recipe 'augment': expected KEY=VALUE"),
+    (["--name", "x", "--recipe", "seed=3"], "--recipe seed: the experiment sets it for each run"),
+    (["--name", "x", "--recipe", "augment=blurry"], "augment must be one of"),
+    (["--name", "x", "--recipe", "bogus=1"], "--recipe: unknown setting(s) ['bogus']"),
+    (["--phantom", "psf_sigma=[0.25,1.0]"], "--phantom changes the scans every run trains on; give the experiment its "
+                                            "own --name"),
+    (["--name", "x", "--phantom", "psf_sigma"], "--phantom 'psf_sigma': expected KEY=VALUE"),
+    (["--name", "x", "--phantom", "size=64"], "--phantom size: not a phantom option a lever"),
+    (["--name", "x", "--phantom", "psf_sigma=[1.0,0.2]"], "--phantom: psf_sigma must be a sigma"),
+    (["--name", "x", "--phantom", "noise=loud"], "--phantom: noise must be (min, max) HU")])
+def test_a_lever_is_refused_before_any_work(tmp_path, monkeypatch, argv, says):
+    """--recipe and --phantom: a missing --name, an item that is not KEY=VALUE, a key the experiment owns or no
+    lever may change, and a bad value are each one sentence before any data work."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        experiment.plan_experiment(experiment.build_parser().parse_args(["--preset", "cpu", *argv]))
+    assert not Path("data").exists() and not Path("runs").exists()
+
+
+def test_phantom_lever_changes_the_training_phantom_alone(tmp_path, monkeypatch):
     """--phantom KEY=VALUE changes the training phantom's options (under its own --name); the dev, final and
-    shifted sets keep theirs; keys outside the levers and bad values are refused before any data work."""
+    shifted sets keep theirs."""
     monkeypatch.chdir(tmp_path)
     parse = experiment.build_parser().parse_args
     plan = experiment.plan_experiment(parse(["--preset", "cpu", "--name", "kernels", "--phantom",
                                              "psf_sigma=[0.25,1.0]", "--shifts", "smooth"]))
     assert plan.preset.phantom == dict(PRESETS["cpu"].phantom, psf_sigma=[0.25, 1.0])
     assert "psf_sigma" not in experiment._held_out_overrides(plan) and "psf_sigma" not in PRESETS["cpu"].phantom
-    for argv, says in [(["--phantom", "psf_sigma=[0.25,1.0]"], "--phantom changes the scans every run trains on; "
-                                                                "give the experiment its own --name"),
-                       (["--name", "x", "--phantom", "psf_sigma"], "--phantom 'psf_sigma': expected KEY=VALUE"),
-                       (["--name", "x", "--phantom", "size=64"], "--phantom size: not a phantom option a lever"),
-                       (["--name", "x", "--phantom", "psf_sigma=[1.0,0.2]"], "--phantom: psf_sigma must be a sigma"),
-                       (["--name", "x", "--phantom", "noise=loud"], "--phantom: noise must be (min, max) HU")]:
-        with pytest.raises(ValueError, match=re.escape(says)):
-            experiment.plan_experiment(parse(["--preset", "cpu", *argv]))
     assert not Path("data").exists() and not Path("runs").exists()
+
 
 def _files(folder):
     """{relative path: (sha256, mtime_ns)} of every file under a folder."""

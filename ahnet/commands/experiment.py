@@ -147,8 +147,13 @@ NOT_RECIPE = frozenset({"data", "cache_dir", "out", "resume", "seed", "device", 
                         "steps_per_epoch", "amp", "channels_last", "sync_bn"})
 
 
-def _key_values(items: List[str], flag: str, example: str) -> dict:
-    """{key: value} of ``KEY=VALUE`` items (keys with - as _, values as JSON, else text); ValueError otherwise."""
+def _key_values(items: Optional[List[str]], name: Optional[str], flag: str, what: str, example: str) -> dict:
+    """{key: value} of a lever's ``KEY=VALUE`` items (keys with - as _, values as JSON, else text; {} without
+    items); ValueError for an item that is not KEY=VALUE, or items without the experiment's own --name."""
+    if not items:
+        return {}
+    if not name:
+        raise ValueError(f"{flag} changes {what}; give the experiment its own --name")
     changes = {}
     for item in items:
         key, eq, text = item.partition("=")
@@ -164,11 +169,9 @@ def _key_values(items: List[str], flag: str, example: str) -> dict:
 
 def with_recipe(preset: Preset, items: Optional[List[str]], name: Optional[str]) -> Preset:
     """The preset with ``--recipe KEY=VALUE`` items over its recipe, each checked as a training setting."""
-    if not items:
+    changes = _key_values(items, name, "--recipe", "how every run trains", "augment=standard-blur")
+    if not changes:
         return preset
-    if not name:
-        raise ValueError("--recipe changes how every run trains; give the experiment its own --name")
-    changes = _key_values(items, "--recipe", "augment=standard-blur")
     for key in changes:
         if key in NOT_RECIPE:
             raise ValueError(f"--recipe {key}: the experiment sets it for each run (variant, seed, data); "
@@ -185,11 +188,9 @@ PHANTOM_LEVERS = frozenset({"noise", "psf_sigma", "hu_offset", "vessel_density",
 
 def with_phantom(preset: Preset, items: Optional[List[str]], name: Optional[str]) -> Preset:
     """The preset with ``--phantom KEY=VALUE`` items over its training phantom's options, each checked."""
-    if not items:
+    changes = _key_values(items, name, "--phantom", "the scans every run trains on", "psf_sigma=[0.25,1.0]")
+    if not changes:
         return preset
-    if not name:
-        raise ValueError("--phantom changes the scans every run trains on; give the experiment its own --name")
-    changes = _key_values(items, "--phantom", "psf_sigma=[0.25,1.0]")
     for key in changes:
         if key not in PHANTOM_LEVERS:
             raise ValueError(f"--phantom {key}: not a phantom option a lever may change; choose from "
