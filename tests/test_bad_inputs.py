@@ -39,6 +39,7 @@ ROWS: list[tuple[str, str, Callable[[Ctx], list], str]] = [
     ("phantom", "out is a file", lambda c: ph(c, "--out", c.file()), "is a file"),
     ("phantom", "out not writable", lambda c: ph(c, "--out", c.read_only()), "permission denied"),
     ("phantom", "noise negative", lambda c: ph(c, "--noise", "-5"), "noise must be (min, max) HU"),
+    ("phantom", "kernel range reversed", lambda c: ph(c, "--psf-sigma", "1.0,0.2"), "psf_sigma must be a sigma or a"),
     ("phantom", "thickness nan", lambda c: ph(c, "--thickness", "nan"), "argument --thickness"),
     ("phantom", "vessel density inf", lambda c: ph(c, "--vessel-density", "inf"), "argument --vessel-density"),
     ("phantom", "z extent negative", lambda c: ph(c, "--z-extent", "-1"), "argument --z-extent"),

@@ -19,7 +19,7 @@ from ahnet.data.phantom.heldout import TEST_PHANTOMS, generate_test_phantom, hel
 PROG = "ahnet.data.phantom"
 DEFAULTS = dict(cases=16, seed=0, size=192, slices=None, z_extent=100.0, thickness=2.5, spacing=0.7,
                 nodules_per_case=(1, 3), negatives=0.15, shapes="lidc", noise=(10.0, 40.0), vessel_density=1.0,
-                no_balance=False, previews=3, split=(0.7, 0.15, 0.15), exact=False)
+                psf_sigma=(0.5, 0.5), no_balance=False, previews=3, split=(0.7, 0.15, 0.15), exact=False)
 MAX_CASES = 100_000
 # CLI destinations that a --test-phantom fixes (the options of heldout.HELD_OUT)
 FIXED_BY_TEST_PHANTOM = {"split": "--split", "negatives": "--negatives", "no_balance": "--no-balance",
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shapes", choices=["lidc", "procedural"], help="nodule shape source (default lidc)")
     add("--noise", type=_pair, metavar="N|MIN,MAX", help="noise std in HU, 0 = off (default 10,40)")
     add("--vessel-density", type=number(float, 0, 10), help="scales the number of vessel segments (default 1)")
+    add("--psf-sigma", type=_pair, metavar="S|MIN,MAX",
+        help="in-plane reconstruction kernel (Gaussian PSF) sigma in pixels, or a range drawn per scan (randomised "
+             "kernels; each scan's sigma recorded in dataset.json) (default 0.5)")
     add("--no-balance", action="store_const", const=True, help="draw types at random instead of balanced")
     add("--split", type=_split, metavar="TRAIN,VAL,TEST",
         help="fractions of cases per split, e.g. 0,0,1 for a test-only phantom (default 0.7,0.15,0.15)")
@@ -106,10 +109,11 @@ def _options(a, ap) -> Tuple[dict, dict]:
         if v[name] > MAX_CASES:
             ap.error(f"--{name} must be <= {MAX_CASES}, got {v[name]}")
     slices = v["slices"] if v["slices"] else max(4, int(round(v["z_extent"] / v["thickness"])))
+    psf = v["psf_sigma"][0] if v["psf_sigma"][0] == v["psf_sigma"][1] else v["psf_sigma"]
     return dict(n_cases=v["cases"], seed=v["seed"], previews=v["previews"], size=v["size"], slices=slices,
                 thickness=v["thickness"], spacing=v["spacing"], nodules_per_case=v["nodules_per_case"],
                 negatives=v["negatives"], shapes=v["shapes"], noise=v["noise"],
-                vessel_density=v["vessel_density"], balance=not v["no_balance"], split=v["split"],
+                vessel_density=v["vessel_density"], psf_sigma=psf, balance=not v["no_balance"], split=v["split"],
                 exact=v["exact"]), given
 
 
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
         if a.test_phantom:
             keep = {"cases": "n_cases", "size": "size", "slices": "slices", "z_extent": "slices",
                     "thickness": "thickness", "spacing": "spacing", "nodules_per_case": "nodules_per_case",
-                    "shapes": "shapes", "noise": "noise", "vessel_density": "vessel_density"}
+                    "shapes": "shapes", "noise": "noise", "vessel_density": "vessel_density",
+                    "psf_sigma": "psf_sigma"}
             overrides = {keep[k]: kw[keep[k]] for k in given if k in keep}
             p = generate_test_phantom(a.out, a.test_phantom, seed=kw["seed"], previews=kw["previews"],
                                       **overrides)

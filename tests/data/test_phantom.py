@@ -183,7 +183,7 @@ def test_procedural_fallback_types():
 def test_a_kernel_range_draws_one_kernel_per_scan_and_changes_nothing_else(tmp_path):
     """psf_sigma=(min, max) (the randomised-kernel lever): each scan's sigma is drawn in the range after its
     noise, so the scan equals, voxel for voxel, the one a fixed sigma of that value renders (same anatomy,
-    nodules, noise); dataset.json records each scan's sigma (and only for a range)."""
+    nodules, noise); dataset.json records each scan's sigma (and only for a range); the CLI's --psf-sigma."""
     ranged = ph.generate_case("k", 5, small_opts(psf_sigma=(0.25, 1.0)), n_nodules=2)
     assert 0.25 <= ranged.psf_sigma <= 1.0 and ranged.psf_sigma not in (0.25, 0.5, 1.0)
     fixed = ph.generate_case("k", 5, small_opts(psf_sigma=ranged.psf_sigma), n_nodules=2)
@@ -191,15 +191,17 @@ def test_a_kernel_range_draws_one_kernel_per_scan_and_changes_nothing_else(tmp_p
     np.testing.assert_array_equal(ranged.image, fixed.image)
     assert ranged.nodules == usual.nodules and ranged.noise_std == usual.noise_std and usual.psf_sigma == 0.5
     assert np.array_equal(ranged.label, usual.label) and not np.array_equal(ranged.image, usual.image)
-    p = ph.generate_dataset(tmp_path / "k", 3, seed=1, previews=0, nodules_per_case=(1, 1), psf_sigma=[0.3, 0.9],
-                            shapes="procedural", **SMALL)
-    doc = json.loads(p.read_text())
+    from ahnet.commands.phantom import main as phantom_cli
+    small = ["--cases", "3", "--seed", "1", "--previews", "0", "--nodules-per-case", "1", "--shapes", "procedural",
+             "--size", "96", "--slices", "12", "--spacing", "1.2"]
+    assert phantom_cli(["--out", str(tmp_path / "k"), "--psf-sigma", "0.3,0.9", *small]) == 0
+    doc = json.loads((tmp_path / "k" / "dataset.json").read_text())
     sigmas = [e["psf_sigma"] for e in doc["training"]]
     assert len(set(sigmas)) == 3 and all(0.3 <= s <= 0.9 for s in sigmas) and doc["options"][
         "psf_sigma"] == [0.3, 0.9]
-    q = ph.generate_dataset(tmp_path / "f", 1, seed=1, previews=0, nodules_per_case=(1, 1), shapes="procedural",
-                            **SMALL)
-    assert "psf_sigma" not in json.loads(q.read_text())["training"][0]
+    assert phantom_cli(["--out", str(tmp_path / "f"), "--psf-sigma", "0.5", *small]) == 0
+    doc = json.loads((tmp_path / "f" / "dataset.json").read_text())
+    assert doc["options"]["psf_sigma"] == 0.5 and "psf_sigma" not in doc["training"][0]
     for bad in ((1.0, 0.5), (0.5, 4.0), (0.1, 0.2, 0.3), -0.5):
         with pytest.raises(ValueError, match="psf_sigma must be a sigma or a"):
             small_opts(psf_sigma=bad).validate()
@@ -216,7 +218,7 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "ahnet.data.phantom", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     for flag in ("--out", "--cases", "--seed", "--size", "--slices", "--thickness", "--spacing",
-                 "--nodules-per-case", "--negatives", "--shapes", "--noise"):
+                 "--nodules-per-case", "--negatives", "--shapes", "--noise", "--psf-sigma"):
         assert flag in r.stdout
 
 
