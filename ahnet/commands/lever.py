@@ -1,6 +1,6 @@
-"""``python -m ahnet.lever``: does a training lever pay? One experiment trained with ``--recipe`` (the lever)
-against the experiment without it (the base), on the same evaluation sets: dev (or, with ``--final``, the final
-set) and every shifted rendering both were evaluated on.
+"""``python -m ahnet.lever``: does a training lever pay? One experiment trained with ``--recipe`` or ``--phantom``
+(the lever) against the experiment without it (the base), on the same evaluation sets: dev (or, with ``--final``,
+the final set) and every shifted rendering both were evaluated on.
 
     python -m ahnet.experiment --preset cpu --name phantom-cpu-main --shifts smooth inplane0.9
     python -m ahnet.experiment --preset cpu --name phantom-cpu-blur --recipe augment=standard-blur --shifts smooth inplane0.9
@@ -38,7 +38,7 @@ def build_parser() -> failures.Parser:
     p = failures.Parser(PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="the experiment without the lever (its --name, e.g. phantom-cpu)")
     p.add_argument("--lever", required=True,
-                   help="the experiment trained with the lever (--recipe ... under its own --name)")
+                   help="the experiment trained with the lever (--recipe or --phantom ... under its own --name)")
     p.add_argument("--final", action="store_true",
                    help="compare on the final set and its shifts (default: dev, where a lever is chosen)")
     p.add_argument("--shifts", nargs="+", choices=sorted(SHIFTS),
