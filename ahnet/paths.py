@@ -271,10 +271,6 @@ class ExperimentPaths:
     def final(self) -> Path:
         return self.held_out(final=True)
 
-    def shifted(self, shift: str, final: bool) -> Path:
-        """The final set (``final``) or dev rendered with one shift."""
-        return self.held_out(final, shift)
-
     def held_out(self, final: bool = False, shift: str | None = None) -> Path:
         """The data folder of dev or the final set (``final``), or of its rendering with ``shift``; the one rule
         (``report`` names the evaluation of each the same way)."""

@@ -20,7 +20,7 @@ def _evaluated(root, name, shift, skills, seed, phantom_seed=0):
     root/data, and the candidates its evaluation would have written under root/runs: {run: detector skill}.
     Returns {run: candidate rows}, the annotations and the scan ids."""
     ep = paths.ExperimentPaths(name)
-    folder = root / (ep.shifted(shift, False) if shift else ep.dev)
+    folder = root / ep.held_out(False, shift)
     cached = root / f"phantom-{phantom_seed}"
     if not cached.is_dir():
         generate_test_phantom(cached, "demo", seed=phantom_seed, **SMALL)

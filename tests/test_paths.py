@@ -74,7 +74,7 @@ def test_experiment_held_out_sets_and_their_reports_share_one_naming():
     d = paths.DATA_ROOT
     assert (ep.dev, ep.final) == (d / "phantom-cpu-dev", d / "phantom-cpu-final")
     assert ep.held_out() == ep.dev and ep.held_out(final=True) == ep.final
-    assert ep.shifted("smooth", False) == ep.held_out(False, "smooth") == d / "phantom-cpu-dev-smooth"
+    assert ep.held_out(False, "smooth") == d / "phantom-cpu-dev-smooth"
     assert ep.held_out(True, "hu+30") == d / "phantom-cpu-final-hu+30"
     assert [ep.report(f, s).name for f, s in ((False, None), (True, None), (True, "smooth"))] == [
         "report", "report-final", "report-final-smooth"]

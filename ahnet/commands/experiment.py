@@ -314,7 +314,7 @@ def _check_eval_sets(plan: Plan, args) -> None:
         if args.final:
             phantoms.check_held_out(ep.final, f"{preset.test_phantom}-final", args.seed, opts)
         for s in plan.shifts:
-            phantoms.check_held_out(ep.shifted(s, args.final), _held_out_name(plan, args.final), args.seed,
+            phantoms.check_held_out(ep.held_out(args.final, s), _held_out_name(plan, args.final), args.seed,
                                     {**opts, **phantoms.SHIFTS[s]})
 
 
@@ -331,7 +331,7 @@ def _set_label(final: bool) -> str:
 def _shifted_looks(plan: Plan, args, opts: dict) -> list:
     """[(dataset.json, report folder, label, shift)] of the evaluation set rendered with each of plan.shifts."""
     where = _set_label(args.final)
-    return [(phantoms.ensure_held_out(plan.ep.shifted(s, args.final), _held_out_name(plan, args.final), args.seed,
+    return [(phantoms.ensure_held_out(plan.ep.held_out(args.final, s), _held_out_name(plan, args.final), args.seed,
                                       {**opts, **phantoms.SHIFTS[s]}),
              plan.ep.report(final=args.final, shift=s), f"{where}, shifted: {s}", s) for s in plan.shifts]
 
