@@ -158,3 +158,24 @@ def test_coarsen_is_off_by_default_and_resamples_in_plane_when_on():
         coarsen(img, 0.8)
     assert make_augment(TrainConfig(augment="standard-coarsen")).p_coarsen == 0.3
     assert make_augment(TrainConfig()).p_coarsen == 0.0
+
+
+def test_zoom_lever_widens_the_zoom_and_shrinks_a_nodule_as_coarser_pixels_would():
+    """--augment standard-zoom: the standard policy with the rotate/zoom more often and zooms down to 0.7, so a
+    nodule is drawn as small in voxels as 0.9 mm pixels make it (0.7 / 0.9 = 0.78 of its 0.7 mm size)."""
+    from ahnet.train.batches import ZOOM_MAX, ZOOM_MIN, ZOOM_P, make_augment
+    from ahnet.train.config import TrainConfig
+
+    zoom, std = make_augment(TrainConfig(augment="standard-zoom")), make_augment(TrainConfig())
+    assert (zoom.p_affine, zoom.scale_min, zoom.scale_max) == (ZOOM_P, ZOOM_MIN, ZOOM_MAX) == (0.5, 0.7, 1.3)
+    assert (std.p_affine, std.scale_min, std.scale_max) == (0.3, 0.85, 1.15)
+    assert ZOOM_MIN < 0.7 / 0.9 < std.scale_min                       # the shift lies inside the lever only
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    disc = (yy ** 2 + xx ** 2 <= 10.0 ** 2)
+    lab = np.zeros((3, 64, 64), np.int16)
+    lab[1][disc] = 2
+    img = lab.astype(np.float32) / 2
+    _, small = affine_inplane(img, lab, 0.0, 0.7 / 0.9)
+    area = (small[1] == 2).sum() / disc.sum()                          # areas scale with the zoom squared
+    assert area == pytest.approx((0.7 / 0.9) ** 2, rel=0.05)
+    assert np.all(small[[0, 2]] == 0)
