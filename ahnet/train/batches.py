@@ -40,6 +40,10 @@ BLUR_P, BLUR_MAX_VOXELS = 0.3, 1.0    # --augment standard-blur: how often, and 
 COARSEN_P, COARSEN_MAX = 0.3, 1.4     # --augment standard-coarsen: how often, and the coarsest pixels (x this grid's)
 ZOOM_P, ZOOM_MIN, ZOOM_MAX = 0.5, 0.7, 1.3   # --augment standard-zoom: how often, and the zoom range (< 1: the
                                              # nodules smaller in voxels, as in 0.9 mm pixels against 0.7 mm: 0.78)
+#: --augment standard-<lever>: the Augment settings each lever changes from the standard policy's
+STANDARD_LEVERS = {"standard-blur": dict(p_blur=BLUR_P, blur_max=BLUR_MAX_VOXELS),
+                   "standard-coarsen": dict(p_coarsen=COARSEN_P, coarsen_max=COARSEN_MAX),
+                   "standard-zoom": dict(p_affine=ZOOM_P, scale_min=ZOOM_MIN, scale_max=ZOOM_MAX)}
 
 
 def make_augment(cfg: TrainConfig):
@@ -49,13 +53,7 @@ def make_augment(cfg: TrainConfig):
     if cfg.augment == "randaugment":
         n, m = cfg.randaugment
         return Augment(randaugment=(int(n), float(m)))
-    if cfg.augment == "standard-blur":
-        return Augment(p_blur=BLUR_P, blur_max=BLUR_MAX_VOXELS)
-    if cfg.augment == "standard-coarsen":
-        return Augment(p_coarsen=COARSEN_P, coarsen_max=COARSEN_MAX)
-    if cfg.augment == "standard-zoom":
-        return Augment(p_affine=ZOOM_P, scale_min=ZOOM_MIN, scale_max=ZOOM_MAX)
-    return Augment()
+    return Augment(**STANDARD_LEVERS.get(cfg.augment, {}))
 
 
 def _cache_paths_by_case(cache_paths: Sequence[Path]) -> dict[str, Path]:

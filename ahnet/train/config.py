@@ -108,8 +108,9 @@ class TrainConfig:
                                   "rot90, rotate/zoom, intensity, noise; standard-blur = the same plus, in 3 of 10 "
                                   "patches, an in-plane Gaussian blur of sigma up to 1 voxel (softer kernels); "
                                   "standard-coarsen = the standard plus, in 3 of 10 patches, pixels up to 1.4 x "
-                                  "coarser and back (coarser scans); standard-zoom = the standard with the rotate/zoom in 5 of 10 "
-                                  "patches and zooms of 0.7-1.3 instead of 0.85-1.15 (other pixel spacings); "
+                                  "coarser and back (coarser scans); standard-zoom = the standard with the "
+                                  "rotate/zoom in 5 of 10 patches and zooms of 0.7-1.3 instead of 0.85-1.15 (other "
+                                  "pixel spacings); "
                                   "randaugment = N ops at magnitude M; none",
                       ["standard", "standard-blur", "standard-coarsen", "standard-zoom", "randaugment", "none"])
     randaugment: list = _f([2, 5], "--augment randaugment: N ops per patch and magnitude M (0..10)")
