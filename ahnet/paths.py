@@ -284,16 +284,18 @@ class ExperimentPaths:
         """The run folder names of a variant's first ``seeds`` trainings (the same in every experiment)."""
         return [self.run(variant, k).name for k in range(seeds)]
 
-    def report(self, final: bool = False, shift: str | None = None) -> Path:
-        """The report on dev or the final set (``final``), or on its rendering with ``shift``."""
-        return self.runs / (REPORT + (FINAL_SUFFIX if final else "") + (f"-{shift}" if shift else ""))
+    def report(self, final: bool = False, shift: str | None = None, pixels: str | None = None) -> Path:
+        """The report on dev or the final set (``final``), or on its rendering with ``shift``; ``pixels``: the
+        label of a prediction spacing other than the default (ahnet.infer.spacing: "0.7mm", "native")."""
+        return self.runs / (REPORT + (FINAL_SUFFIX if final else "") + (f"-{shift}" if shift else "")
+                            + (f"-at{pixels}" if pixels else ""))
 
     def looks(self) -> Path:
         return self.final / FINAL_LOOKS
 
-    def shift_report(self, final: bool = True) -> Path:
-        """Where the summary of every shift of the final set (or of dev) goes."""
-        return self.runs / f"{REPORT}{FINAL_SUFFIX if final else ''}-shifts"
+    def shift_report(self, final: bool = True, pixels: str | None = None) -> Path:
+        """Where the summary of every shift of the final set (or of dev) goes (``pixels`` as for report)."""
+        return self.runs / f"{REPORT}{FINAL_SUFFIX if final else ''}-shifts{f'-at{pixels}' if pixels else ''}"
 
     def lever_report(self, base: str, final: bool = False) -> Path:
         """Where this experiment (a lever, trained with --recipe) is compared with experiment ``base``

@@ -28,12 +28,12 @@ def world(tmp_path, monkeypatch):
     torch.save({"model": m.state_dict(), "model_name": "unet3d", "model_kwargs": m.config,
                 "config": {"patch_size": [4, 32, 32]}}, other / "checkpoints" / "best.pt")
     predicted = []
-    real = evaluate.predict_runs
+    real = evaluate.predict_run_rows
 
-    def counting(runs, *a, **k):
-        predicted.extend(r.name for r in map(__import__("pathlib").Path, runs))
-        return real(runs, *a, **k)
-    monkeypatch.setattr(evaluate, "predict_runs", counting)
+    def counting(run, *a, **k):
+        predicted.append(__import__("pathlib").Path(run).name)
+        return real(run, *a, **k)
+    monkeypatch.setattr(evaluate, "predict_run_rows", counting)
     return js, run, other, predicted
 
 

@@ -10,7 +10,10 @@ from ahnet.train.config import TrainConfig
 from ahnet.train import train
 from ahnet.commands.train import main
 
-from .data._pipeline_synth import make_dataset
+from ahnet.infer import load_ensemble
+from ahnet.infer.spacing import training_inplane
+
+from .data._pipeline_synth import SPACING, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,9 @@ def test_2d_stage_then_transfer_then_3d_stage(dataset):
     ck3 = load_checkpoint(root / "r-3d" / "checkpoints" / "last.pt")
     assert ck3["model_name"] == "ahnet" and ck3["init"]["from"].endswith("best.pt")
     assert ck3["model_kwargs"]["pfn_depth"] == 2 and ck3["model_kwargs"]["encoder"] == "resnet18"
+    # the training scans' spacing, which inference resamples a scan of other pixels to (ahnet.infer.spacing)
+    assert ck3["data_spacing"] == pytest.approx(list(SPACING)) == ck2["data_spacing"]
+    assert training_inplane(load_ensemble([root / "r-3d"])) == pytest.approx(SPACING[1:])
     # the checkpoint rebuilds with build_model and its model_kwargs
     from ahnet.nets import build_model
     m = build_model(ck3["model_name"], **ck3["model_kwargs"])

@@ -22,7 +22,8 @@ from ahnet.data.budget import add_limit_argument, scan_limit
 from ahnet.infer import WindowSettings, add_candidate_arguments, add_window_arguments, rule_from_arguments
 from ahnet.infer.outputs import add_output_arguments, check_outputs, outputs_from_arguments
 from ahnet.infer.scans import CheckedInput, check_scan_sizes, find_cases
-from ahnet.serve.client import ClientError, Connection, model_info, run_cases
+from ahnet.infer.spacing import add_inplane_argument
+from ahnet.serve.client import ClientError, Connection, model_info, run_cases, served_inplane
 
 PROG = "ahnet.client"
 
@@ -37,6 +38,7 @@ def build_parser() -> failures.Parser:
                                                   "<name>-fold<k> for one fold)")
     add_window_arguments(ap, batch_flag="--batch", batch_default=4, batch_help="windows per request",
                          window_help="3D window (default: the served model's window, as ahnet.commands.predict)")
+    add_inplane_argument(ap)
     ap.add_argument("--tta", action="store_true", help="mean over the 4 in-plane flips")
     ap.add_argument("--threshold", type=float, default=0.5, help="mask threshold on probability, in [0, 1]")
     add_candidate_arguments(ap)
@@ -71,11 +73,15 @@ def _main(a) -> int:
     outputs = check_outputs(cases, outputs_from_arguments(a, "ahnet"))              # before any connection
     conn = Connection(a.url, a.protocol, a.retries, a.retry_wait, a.timeout)
     conn.ready()
-    model = a.model or model_info(conn)["name"]
+    meta = model_info(conn)
+    model = a.model or meta["name"]
     conn.call(f"model {model}", lambda: conn.client.get_model_metadata(model))   # served? before the first scan
     outputs = replace(outputs, algorithm=replace(outputs.algorithm, name=f"ahnet {model}"))   # named in SEG/SR
+    inplane = served_inplane(meta, a.inplane_spacing)
+    if inplane is not None:                         # the grids the scans are predicted on, before the first
+        headers = check_scan_sizes(cases, limit, inplane=inplane)
     res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
-                    candidates=rule_from_arguments(a), checked=CheckedInput(limit, headers, outputs))  # not again
+                    candidates=rule_from_arguments(a), checked=CheckedInput(limit, headers, outputs, inplane))
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}; {res['overviews']} overview picture(s)"
           + (f"; DICOM SEG and SR for {len(res['dicom'])} case(s)" if res["dicom"] else ""))

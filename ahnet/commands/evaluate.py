@@ -22,6 +22,7 @@ from ahnet.data.io import candidates_csv_text, load_dataset_json, read_annotatio
 from ahnet.infer import CandidateRule, WindowSettings, add_candidate_arguments, add_window_arguments, candidate_rule
 from ahnet.infer import load_ensemble, rule_from_arguments
 from ahnet.infer.second_stage import load_run_rescorer
+from ahnet.infer.spacing import add_inplane_argument, resolve_inplane
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
@@ -44,6 +45,7 @@ def build_parser() -> failures.Parser:
     ap.add_argument("--out", default=paths.REPORT, help="output folder")
     ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
     add_window_arguments(ap)
+    add_inplane_argument(ap)
     ap.add_argument("--tta", action="store_true", help="in-plane flip test-time augmentation")
     ap.add_argument("--amp", choices=AMP_MODES, default="auto",
                     help="autocast: auto = float16 on CUDA, float32 on a CPU; bf16; fp16 (CUDA); off")
@@ -75,7 +77,8 @@ def _main(a) -> int:
                         threshold=a.threshold, candidates=rule_from_arguments(a), n_bootstrap=a.bootstrap,
                         seed=a.seed, title=a.title, **WindowSettings.from_arguments(a).kwargs(), tta=a.tta,
                         amp=a.amp, channels_last=a.channels_last, rescore=a.rescore,
-                        rescore_any_rule=a.rescore_any_rule, max_scan_voxels=a.max_scan_voxels)
+                        rescore_any_rule=a.rescore_any_rule, max_scan_voxels=a.max_scan_voxels,
+                        inplane_spacing=a.inplane_spacing)
     return 0
 
 
@@ -83,7 +86,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
                         threshold: float = 0.5, candidates: CandidateRule | None = None, n_bootstrap: int = 1000,
                         seed: int = 0, title: str = "AH-Net per-type evaluation", rescore: bool = False,
                         rescore_any_rule: bool = False, groups: dict | None = None,
-                        max_scan_voxels: int | None = None, **predict_kw) -> dict:
+                        max_scan_voxels: int | None = None, inplane_spacing="auto", **predict_kw) -> dict:
     """Evaluate ``runs`` on the ``split`` cases of dataset.json ``data`` and write candidates and the report into
     ``out``; returns the report dict. Every option, run, the annotations and the scans are checked before the
     first prediction, and nothing is written before then. threshold: the masks'; candidates: the candidate rule
@@ -92,7 +95,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     overlap, sw_batch (ahnet.infer.WindowSettings, checked first), tta, amp, channels_last (predict_volume).
     groups: {model: [run names]} for models trained several times (seeds): the comparisons and claims are the
     models', over seeds and scans. max_scan_voxels: the voxels of the split's scans together (default:
-    evaluation_limit from the memory available)."""
+    evaluation_limit from the memory available). inplane_spacing: auto, native or mm (ahnet.infer.spacing): the
+    pixel spacing each run predicts the scans at, its maps brought back to their grids for the masks."""
     out = failures.check_output_dir(out, "--out")
     windows = WindowSettings.take(predict_kw)
     device = resolve_device(device)
@@ -101,9 +105,11 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     if int(n_bootstrap) < 0:
         raise ValueError(f"--bootstrap {n_bootstrap} must be >= 0 (0 = no intervals)")
     rule = candidate_rule(candidates)
-    run_names(runs)
-    for run in runs:                                            # each run loads and takes the window and --amp
-        load_ensemble([run], device).check(windows.window, predict_kw.get("amp", "auto"))
+    inplanes = {}
+    for name, run in zip(run_names(runs), runs):                # each run loads and takes the window and --amp
+        ens = load_ensemble([run], device)
+        ens.check(windows.window, predict_kw.get("amp", "auto"))
+        inplanes[name] = resolve_inplane(inplane_spacing, ens)
     rescorers = {name: load_run_rescorer(run, device, rule, rescore_any_rule)
                  for name, run in zip(run_names(runs), runs)} if rescore else None
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
@@ -113,7 +119,7 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
         results = evaluate_runs(runs, cases, images, ann, out, device, threshold, rule, n_bootstrap, seed, rescorers,
-                                {**windows.kwargs(), **predict_kw})
+                                {**windows.kwargs(), **predict_kw}, inplanes)
         stage1 = ["probability_stage1"] if rescorers else []
         csvs = {paths.report_candidates(out, name).relative_to(out): candidates_csv_text(r["candidates"], stage1)
                 for name, r in results.items()}                 # written with the report, all or none

@@ -40,7 +40,9 @@ is an error before any work. ``--recipe KEY=VALUE`` changes the preset's trainin
 measure: augmentation, sampling, loss), under its own ``--name`` so that its runs never mix with the preset's; its
 phantoms are generated again there, the same scans (the same generator and seeds). ``--phantom KEY=VALUE`` changes
 the training phantom the same way (noise, reconstruction kernel, vessels, HU offset: a randomised-phantom lever),
-never the sets it is evaluated on.
+never the sets it is evaluated on. ``--inplane-spacing MM`` (or ``native``) predicts every evaluated scan at that
+pixel spacing instead of the runs' recorded training spacing (ahnet.infer.spacing; for runs trained before
+checkpoints recorded it), its reports in ``report...-at<MM>mm`` and its looks logged with it.
 
 Every stage resumes: run the command again after an interruption and finished runs are skipped. On a CPU the cpu
 preset trains two runs at a time, each in its own process on one core (``--jobs``), a transferred run waiting for
@@ -67,6 +69,7 @@ from ahnet.commands.presets import (ALL_VARIANTS, PRESETS, Preset, at_slice_spac
                                     parse_variant, second_stage_config, variant_config)
 from ahnet.data.cache import cache_dataset
 from ahnet.evaluate.validation import make_validator
+from ahnet.infer.spacing import add_inplane_argument
 from ahnet.precision import resolve_device
 from ahnet.report.claims import found_line
 from ahnet.train import TrainingDiverged, dist, train
@@ -119,7 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--shifts renderings) and stop: no training, no evaluation, no look at the final set")
     p.add_argument("--bootstrap", type=failures.number(int, 0, 10 ** 6), default=1000,
                    help="bootstrap resamples of the report's intervals (0 = none)")
+    add_inplane_argument(p)
     return p
+
+
+def pixels_label(args) -> Optional[str]:
+    """The report folders' suffix for a prediction spacing other than auto ("0.7mm", "native"), else None."""
+    s = args.inplane_spacing
+    return None if s == "auto" else ("native" if s == "native" else f"{float(s):g}mm")
 
 
 def with_rescore(preset: Preset, rescore: Optional[bool]) -> Preset:
@@ -333,7 +343,7 @@ def _shifted_looks(plan: Plan, args, opts: dict) -> list:
     where = _set_label(args.final)
     return [(phantoms.ensure_held_out(plan.ep.held_out(args.final, s), _held_out_name(plan, args.final), args.seed,
                                       {**opts, **phantoms.SHIFTS[s]}),
-             plan.ep.report(final=args.final, shift=s), f"{where}, shifted: {s}", s) for s in plan.shifts]
+             plan.ep.report(args.final, s, pixels_label(args)), f"{where}, shifted: {s}", s) for s in plan.shifts]
 
 
 def _held_out_overrides(plan: Plan) -> dict:
@@ -364,7 +374,7 @@ def evaluation_sets(plan: Plan, args) -> list:
     (generated when missing; the final set's seal checked, each look logged)."""
     preset, ep, opts = plan.preset, plan.ep, _held_out_overrides(plan)
     if args.data:
-        return [(Path(args.data), ep.report(), "its own test split", None)]
+        return [(Path(args.data), ep.report(pixels=pixels_label(args)), "its own test split", None)]
     if not args.final:
         if preset.test_phantom:
             dev = phantoms.ensure_held_out(ep.dev, preset.test_phantom, args.seed, opts)
@@ -372,13 +382,15 @@ def evaluation_sets(plan: Plan, args) -> list:
             dev = phantoms.ensure_generated_dev(ep.dev, preset.test_cases, preset.size, preset.phantom, args.seed)
         else:
             dev = ep.train / paths.DATASET
-        return [(dev, ep.report(), "the development set", None)] + _shifted_looks(plan, args, opts)
+        return [(dev, ep.report(pixels=pixels_label(args)), "the development set", None)] + \
+            _shifted_looks(plan, args, opts)
     final = phantoms.ensure_held_out(ep.final, _held_out_name(plan, True), args.seed, opts)
     dev = phantoms.ensure_held_out(ep.dev, preset.test_phantom, args.seed, opts)
     n = phantoms.check_sealed(final, [ep.train / paths.DATASET, dev])
     print(f"[experiment] the final set {ep.final} holds shapes of {n} LIDC patients, none in training, validation "
           f"or dev", flush=True)
-    return [(final, ep.report(final=True), "the sealed final test set", None)] + _shifted_looks(plan, args, opts)
+    return [(final, ep.report(True, pixels=pixels_label(args)), "the sealed final test set", None)] + \
+        _shifted_looks(plan, args, opts)
 
 
 def evaluate_set(plan: Plan, args, data_json: Path, report: Path, label: str, shift: Optional[str]) -> dict:
@@ -387,18 +399,20 @@ def evaluate_set(plan: Plan, args, data_json: Path, report: Path, label: str, sh
     runs = [ep.runs / name for name in plan.trainings]
     groups = {v: ep.run_names(v, args.seeds) for v in plan.variants} if args.seeds > 1 else None
     if args.final:
-        n = phantoms.log_look(ep.looks(), args.preset, plan.name, runs, shift)
+        n = phantoms.log_look(ep.looks(), args.preset, plan.name, runs, shift, args.inplane_spacing)
         print(f"[experiment] look {n} at the sealed final set (logged in {ep.looks()})", flush=True)
     flags = ["--runs", *map(str, runs), "--data", str(data_json), "--out", str(report), "--device", args.device,
              "--bootstrap", str(args.bootstrap)] + (
         ["--window", *map(str, preset.window)] if preset.window else []) + (
         ["--amp", plan.amp, "--channels-last"] if plan.amp != "off" else []) + (
-        ["--rescore"] if preset.rescore is not None else [])
+        ["--rescore"] if preset.rescore is not None else []) + (
+        ["--inplane-spacing", str(args.inplane_spacing)] if args.inplane_spacing != "auto" else [])
     print(f"\n[experiment] evaluation on {label}: python -m ahnet.evaluate "
           f"{' '.join(shlex.quote(f) for f in flags)}", flush=True)
     rep = evaluate_and_report(runs, data_json, report, device=args.device, n_bootstrap=args.bootstrap,
                               window=preset.window, amp=plan.amp, channels_last=plan.amp != "off",
                               rescore=preset.rescore is not None, groups=groups,
+                              inplane_spacing=args.inplane_spacing,
                               title=f"AH-Net per-type evaluation ({args.preset} preset, {plan.name}, {label})")
     print(f"[experiment] report on {label}: {report / paths.REPORT_HTML} (also {paths.REPORT_MD}, "
           f"{paths.REPORT_JSON})", flush=True)
@@ -417,7 +431,7 @@ def summarize_shifts(plan: Plan, args, looks: list) -> None:
     groups = {v: plan.ep.run_names(v, args.seeds) for v in plan.variants}
     summary = shift_summary(sets.pop(None), sets, groups, n_bootstrap=args.bootstrap, seed=0)
     where = _set_label(args.final)
-    md = write_shift_report(summary, plan.ep.shift_report(args.final),
+    md = write_shift_report(summary, plan.ep.shift_report(args.final, pixels_label(args)),
                             f"Shifts of {where} ({args.preset} preset, {plan.name})", where)
     print(f"[experiment] the models under shifts of {where}: {md}", flush=True)
 

@@ -149,16 +149,18 @@ def check_sealed(final_json: Path, others: List[Path]) -> int:
     return len(final)
 
 
-def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optional[str] = None) -> int:
-    """Append one row to the final set's looks.csv (date, commit, preset, experiment, shift, runs); returns how
-    many looks it has had, this one included. The file is rewritten atomically."""
+def log_look(looks: Path, preset: str, name: str, runs: List[Path], shift: Optional[str] = None,
+             pixels="auto") -> int:
+    """Append one row to the final set's looks.csv (date, commit, preset, experiment, shift, runs, pixels: the
+    prediction's --inplane-spacing); returns how many looks it has had, this one included. The file is rewritten
+    atomically."""
     rows = []
     if looks.is_file():
         with open(looks, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "commit": commit_label(with_changes=False), "preset": preset, "experiment": name,
-                 "shift": shift or "", "runs": " ".join(r.name for r in runs)})
+                 "shift": shift or "", "runs": " ".join(r.name for r in runs), "pixels": str(pixels)})
     cols = list(rows[-1])
     text = ",".join(cols) + "\n" + "".join(",".join(str(r.get(c, "")).replace(",", ";") for c in cols) + "\n"
                                            for r in rows)

@@ -15,7 +15,9 @@ ensemble (ahnet.infer): the mean of their sigmoid probabilities. 3D models run b
 windows, 2D models (registry dims 2, e.g. mcgcn) slice by slice on ``in_slices``-slice stacks. Mixing 2D and 3D
 models is refused unless ``--allow-mixed``, which then averages them, each model weighted equally.
 
-Per case: HU clipped to [-1000, 400] and scaled to [0, 1] (as the training cache), native spacing; writes
+Per case: HU clipped to [-1000, 400] and scaled to [0, 1] (as the training cache); a scan whose pixels differ from
+the models' training spacing (recorded in their checkpoints) by more than 1% is resampled in-plane to it, predicted
+there and its maps brought back to its own grid (``--inplane-spacing``, ahnet.infer.spacing; slices never); writes
 ``<out>/<case_id>_prob.nii.gz`` (float32) and ``<out>/<case_id>_mask.nii.gz`` (uint8, prob >= threshold) with the
 input's spacing, origin and direction, then drops the case's arrays before the next one. ``<out>/candidates.csv``
 holds seriesuid,coordX,coordY,coordZ,probability (world LPS mm) for the whole set, by the candidate rule of
@@ -59,6 +61,7 @@ from ahnet.infer import rule_from_arguments
 from ahnet.infer.outputs import add_output_arguments, check_outputs, outputs_from_arguments
 from ahnet.infer.scans import PredictInputError, find_cases, predict_cases
 from ahnet.infer.second_stage import load_run_rescorer
+from ahnet.infer.spacing import add_inplane_argument
 from ahnet.precision import AMP_MODES
 
 PROG = "ahnet.predict"
@@ -72,6 +75,7 @@ def build_parser() -> failures.Parser:
                     help="run folders, checkpoint files, or cross-validations (X for X-fold<k>); ensemble mean")
     ap.add_argument("--out", required=True, help="output folder")
     add_window_arguments(ap)
+    add_inplane_argument(ap)
     ap.add_argument("--workers", type=failures.number(int, 1, 256), default=1,
                     help="threads predicting 3D windows side by side, one intra-op thread each (on an N-core CPU, N "
                          "uses the cores better than one forward on N threads; the same result)")
@@ -117,7 +121,8 @@ def _main(a) -> int:
         rescorer = load_run_rescorer(a.runs[0], ens.device, rule, a.rescore_any_rule)
     res = predict_cases(cases, ens, a.out, windows, tta=a.tta, amp=a.amp, threshold=a.threshold, candidates=rule,
                         channels_last=a.channels_last, skip_bad=a.skip_bad, rescorer=rescorer,
-                        limit=scan_limit("predict", a.max_scan_voxels), outputs=outputs, workers=a.workers)
+                        limit=scan_limit("predict", a.max_scan_voxels), outputs=outputs, workers=a.workers,
+                        inplane=a.inplane_spacing)
     print(f"{len(res['cases'])} case(s), {ens.n_models} model(s) -> {Path(a.out)}; "
           f"{res['candidates']} candidates in {res['csv']}; {res['overviews']} overview picture(s)"
           + (f"; DICOM SEG and SR for {len(res['dicom'])} case(s)" if res["dicom"] else ""))

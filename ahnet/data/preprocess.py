@@ -71,20 +71,32 @@ def resample(vol: Volume, target_spacing, order: int = 1) -> Volume:
     take the nearest edge value. Returns a new Volume with the same origin and direction.
     """
     new_shape, new_spacing = target_grid(vol.shape, vol.spacing, target_spacing)
-    if new_shape == vol.shape and np.allclose(new_spacing, vol.spacing):
+    return resample_onto(vol, new_shape, new_spacing, order)
+
+
+def resample_onto(vol: Volume, shape, spacing, order: int = 1) -> Volume:
+    """``vol`` sampled on the grid of ``shape`` (z, y, x) and ``spacing`` (sz, sy, sx) mm that shares its origin
+    (voxel 0's centre) and direction: new index i lies at old index i * spacing / vol.spacing. The way back from a
+    resampled grid to the scan's own (a probability map predicted at another spacing). order 0 (nearest, dtype kept)
+    or 1 (linear, float32); outside the old grid the nearest edge value. The same grid returns the array as it is."""
+    shape = tuple(int(n) for n in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or len(spacing) != 3 or min(shape) < 1 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"resample_onto: shape {shape} and spacing {spacing} must be 3 sizes >= 1 and 3 values > 0 mm")
+    if shape == vol.shape and np.allclose(spacing, vol.spacing, rtol=1e-6, atol=0.0):
         return Volume(vol.array, vol.spacing, vol.origin, vol.direction)
-    scale = np.asarray(new_spacing) / np.asarray(vol.spacing)  # old index per new index
+    scale = np.asarray(spacing) / np.asarray(vol.spacing)  # old index per new index
     src = vol.array
     if order == 0:
-        out = np.empty(new_shape, dtype=src.dtype)
+        out = np.empty(shape, dtype=src.dtype)
         idx = [np.clip(np.rint(np.arange(n) * f), 0, m - 1).astype(np.intp)
-               for n, f, m in zip(new_shape, scale, src.shape)]
+               for n, f, m in zip(shape, scale, src.shape)]
         out[...] = src[np.ix_(*idx)]
     else:
         a = src.astype(np.float32, copy=False)
-        out = ndimage.affine_transform(a, scale, offset=0.0, output_shape=new_shape, order=order,
+        out = ndimage.affine_transform(a, scale, offset=0.0, output_shape=shape, order=order,
                                        mode="nearest", prefilter=order > 1).astype(np.float32)
-    return Volume(out, new_spacing, vol.origin, vol.direction)
+    return Volume(out, spacing, vol.origin, vol.direction)
 
 
 def check_label(label: np.ndarray, path) -> np.ndarray:

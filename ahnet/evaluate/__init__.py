@@ -3,7 +3,8 @@
 
 For each run (``--runs``; a cross-validation ``X`` = the ensemble of its ``X-fold<k>`` runs): the model(s) through
 the inference stage (ahnet.infer: load_ensemble, predict_volume with its window rule) on every case of the chosen
-split (HU clipped to [-1000, 400] and scaled to [0, 1] as the cache does; native spacing); then candidates
+split (HU clipped to [-1000, 400] and scaled to [0, 1] as the cache does; each scan resampled in-plane to the
+run's training spacing where it differs, ahnet.infer.spacing, the maps brought back to its own grid); then candidates
 (ahnet.infer.candidates, by a CandidateRule, default DEFAULT_RULE) in world mm, FROC/CPM per type and location
 (ahnet.evaluate.froc) against the dataset's annotations and Dice/HD95 per nodule (ahnet.evaluate.segmetrics, mask = probability >=
 threshold, nodule k = instance label k of the label file, joined to the annotation row whose ``label`` is k).
@@ -25,11 +26,12 @@ from ahnet.data.preprocess import clip_and_scale
 from ahnet.evaluate.froc import evaluate_detection, paired_bootstrap
 from ahnet.infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
 from ahnet.infer.second_stage import rescore_candidates
+from ahnet.infer.spacing import PredictionGrid
 from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
-__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_runs",
-           "evaluate_predictions", "run_rows", "summarise_run", "compare_models", "gallery_crops"]
+__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_run_rows",
+           "evaluate_predictions", "run_rows", "case_seg_rows", "summarise_run", "compare_models", "gallery_crops"]
 
 
 #: mm of margin around each nodule's box in which its segmentation metrics are computed (segmetrics)
@@ -97,18 +99,27 @@ def run_names(runs) -> list[str]:
     return names
 
 
-def predict_runs(runs, images: dict, device="cpu", **predict_kw) -> dict:
-    """{run name: {case_id: (z, y, x) probabilities}}; each run (a run folder, checkpoint or cross-validation) is
-    one ensemble (ahnet.infer.load_ensemble) named by its folder; ``predict_kw`` go to predict_volume (window,
-    overlap, sw_batch, tta, amp, channels_last)."""
-    probs: dict = {}
-    for name, run in zip(run_names(runs), runs):
-        ens = load_ensemble([run], device)
-        probs[name] = {}
-        for cid, img in images.items():
-            probs[name][cid] = predict_volume(ens, img, **predict_kw)
-            print(f"[evaluate] {name}: {cid} done", file=sys.stderr)
-    return probs
+def predict_run_rows(run, cases: list, images: dict, ann: list, device="cpu", threshold: float = 0.5,
+                     rule: CandidateRule | None = None, margin_mm: float = SEG_MARGIN_MM, rescorer=None,
+                     inplane: tuple | None = None, **predict_kw) -> tuple[list, list]:
+    """One run's (candidate rows, per-nodule segmentation rows) on ``cases`` (load_cases; ``images`` their scans
+    scaled to [0, 1]), one case's maps in memory at a time: the run (a run folder, checkpoint or cross-validation)
+    as one ensemble through predict_volume (``predict_kw``: window, overlap, sw_batch, tta, amp, channels_last) on
+    each scan resampled in-plane to ``inplane`` (sy, sx) mm (ahnet.infer.spacing; None: its own grid); candidates
+    and the second stage ``rescorer`` on that grid, the mask and Dice on the scan's (run_rows' rules)."""
+    ens = load_ensemble([run], device)
+    cands, seg_rows = [], []
+    for c in cases:
+        grid = PredictionGrid.for_scan(c["geometry"], inplane)
+        work = grid.working(images[c["case_id"]])
+        prob = predict_volume(ens, work.array, **predict_kw)
+        found = extract_candidates(prob, work, seriesuid=c["case_id"], rule=candidate_rule(rule))
+        if rescorer is not None:
+            found = rescore_candidates(rescorer, found, work.array, prob, work)
+        cands += found
+        seg_rows += case_seg_rows(grid.to_native(prob), c, ann, threshold, margin_mm)
+        print(f"[evaluate] {Path(run).name}: {c['case_id']} done", file=sys.stderr)
+    return cands, seg_rows
 
 
 def evaluate_predictions(probs: dict, cases: list, annotations: list, threshold: float = 0.5,
@@ -151,16 +162,23 @@ def run_rows(by_case: dict, cases: list, ann: list, threshold: float, rule: Cand
         if rescorer is not None:
             found = rescore_candidates(rescorer, found, images[c["case_id"]], p, c["geometry"])
         cands += found
-        if c.get("label") is None:
-            continue
-        rows = [a for a in ann if str(a["seriesuid"]) == c["case_id"] and a.get("label") not in (None, "")]
-        if not rows:
-            continue
-        res = nodule_seg_metrics(p >= threshold, c["label"], c["geometry"].spacing, margin_mm=margin_mm,
-                                 labels=[int(a["label"]) for a in rows])
-        for a, r in zip(rows, res):
-            seg_rows.append(dict(r, seriesuid=c["case_id"], type=a.get("type"), location=a.get("location")))
+        seg_rows += case_seg_rows(p, c, ann, threshold, margin_mm)
     return cands, seg_rows
+
+
+def case_seg_rows(prob: np.ndarray, case: dict, ann: list, threshold: float,
+                  margin_mm: float = SEG_MARGIN_MM) -> list:
+    """Per-nodule segmentation rows of one case (load_cases' dict) from its (z, y, x) probabilities on its own
+    grid: mask = prob >= threshold against each annotated nodule's instance label; [] without a label."""
+    if case.get("label") is None:
+        return []
+    rows = [a for a in ann if str(a["seriesuid"]) == case["case_id"] and a.get("label") not in (None, "")]
+    if not rows:
+        return []
+    res = nodule_seg_metrics(prob >= threshold, case["label"], case["geometry"].spacing, margin_mm=margin_mm,
+                             labels=[int(a["label"]) for a in rows])
+    return [dict(r, seriesuid=case["case_id"], type=a.get("type"), location=a.get("location"))
+            for a, r in zip(rows, res)]
 
 
 def summarise_run(cands: list, seg_rows: list, ann: list, scan_ids: list, n_bootstrap: int = 1000,

@@ -4,9 +4,9 @@ evaluation killed part way, or run again with one more run, predicts only the ru
 
 The fingerprint (sha256) covers: the run's checkpoint files and, when rescoring, its second stage, byte for byte;
 the split's scans as evaluated (scaled arrays, grids, label masks); the split's annotation rows; every setting that
-changes a number (window settings, tta, precision, layout, mask threshold, candidate rule, rescore options); the
-device type, the torch version and the package's source (every module of ahnet, so a change of code, committed or
-not, predicts again; documentation and tests do not). A stored file whose fingerprint differs is recomputed and
+changes a number (window settings, tta, precision, layout, mask threshold, candidate rule, rescore options, the
+in-plane spacing the scans are predicted at); the device type, the torch version and the package's source (every
+module of ahnet, so a change of code, committed or not, predicts again; documentation and tests do not). A stored file whose fingerprint differs is recomputed and
 replaced.
 """
 from __future__ import annotations
@@ -56,11 +56,13 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(run, common: dict, rescorer=None) -> str:
+def run_fingerprint(run, common: dict, rescorer=None, inplane: tuple | None = None) -> str:
     """sha256 naming one run's evaluation (module docstring): ``common``, what every run of the evaluation shares
-    (version, data digest, settings, device, torch, code digest), then the run's own files."""
+    (version, data digest, settings, device, torch, code digest), the in-plane spacing it predicts at, then the
+    run's own files."""
     h = hashlib.sha256()
-    h.update(json.dumps(dict(common, rescore=rescorer is not None), sort_keys=True, default=str).encode())
+    h.update(json.dumps(dict(common, rescore=rescorer is not None, inplane=inplane), sort_keys=True,
+                        default=str).encode())
     for f in paths.resolve_checkpoints(run):
         _feed_file(h, f)
     if rescorer is not None:
@@ -93,13 +95,15 @@ def store_evaluated(out, name: str, key: str, candidates: list, seg_rows: list) 
 
 
 def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, device: torch.device, threshold: float,
-                  rule, n_bootstrap: int, seed: int, rescorers: dict | None, predict_kw: dict) -> dict:
-    """evaluate_predictions' result for ``runs``, one run at a time (its maps freed before the next): a run whose
+                  rule, n_bootstrap: int, seed: int, rescorers: dict | None, predict_kw: dict,
+                  inplanes: dict | None = None) -> dict:
+    """evaluate_predictions' result for ``runs``, one run at a time (ahnet.evaluate.predict_run_rows; each at
+    ``inplanes[name]``, the (sy, sx) mm its scans are predicted at, None or absent: their own grids): a run whose
     evaluation is stored in ``out`` under the same fingerprint is read back, the others are predicted, evaluated
     and stored as soon as each is done (a killed evaluation keeps the runs it finished)."""
     import sys
 
-    from ahnet.evaluate import SEG_MARGIN_MM, predict_runs, run_names, run_rows, summarise_run
+    import ahnet.evaluate as evaluate
 
     scan_ids = [c["case_id"] for c in cases]
     known = set(scan_ids)
@@ -107,20 +111,19 @@ def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, devic
     common = {"version": VERSION, "data": data_digest(cases, images, ann), "device": device.type,
               "torch": torch.__version__, "code": code_digest(),
               "settings": {"predict": predict_kw, "threshold": threshold, "rule": rule.to_dict(),
-                           "margin_mm": SEG_MARGIN_MM}}
+                           "margin_mm": evaluate.SEG_MARGIN_MM}}
     results = {}
-    for name, run in zip(run_names(runs), runs):
-        rescorer = (rescorers or {}).get(name)
-        key = run_fingerprint(run, common, rescorer)
+    for name, run in zip(evaluate.run_names(runs), runs):
+        rescorer, inplane = (rescorers or {}).get(name), (inplanes or {}).get(name)
+        key = run_fingerprint(run, common, rescorer, inplane)
         rows = load_evaluated(out, name, key)
         if rows is not None:
             print(f"[evaluate] {name}: the evaluation stored in {paths.report_evaluated(out, name)} holds for it; "
                   f"reused", file=sys.stderr)
             cands, seg_rows = rows["candidates"], rows["seg_rows"]
         else:
-            maps = predict_runs([run], images, device, **predict_kw)[name]
-            cands, seg_rows = run_rows(maps, cases, ann, threshold, rule, SEG_MARGIN_MM, rescorer, images)
-            del maps
+            cands, seg_rows = evaluate.predict_run_rows(run, cases, images, ann, device, threshold, rule,
+                                                        evaluate.SEG_MARGIN_MM, rescorer, inplane, **predict_kw)
             store_evaluated(out, name, key, cands, seg_rows)
-        results[name] = summarise_run(cands, seg_rows, ann, scan_ids, n_bootstrap, seed)
+        results[name] = evaluate.summarise_run(cands, seg_rows, ann, scan_ids, n_bootstrap, seed)
     return results

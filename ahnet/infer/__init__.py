@@ -14,7 +14,8 @@ The API (shapes: arrays (z, y, x); tensors (N, C, D, H, W); world coordinates LP
   ``CandidateRule`` (default ``DEFAULT_RULE``: local maxima, NMS in mm, merging, sub-voxel centres).
 - The drivers under them, on tensors: ``sliding_window_predict``, ``slicewise_predict`` (``windows``).
 
-Modules: ``ensemble`` (loading, the window rule, predict_volume), ``windows`` (the drivers), ``candidates``.
+Modules: ``ensemble`` (loading, the window rule, predict_volume), ``windows`` (the drivers), ``candidates``,
+``spacing`` (scans predicted at the training pixel spacing, maps brought back to their grid).
 """
 from ahnet.infer.candidates import (DEFAULT_RULE, CandidateInputError, CandidateRule, add_candidate_arguments, candidate_rule,
                          extract_candidates, find_peaks, rule_from_arguments, voxel_to_world, world_to_voxel)

@@ -48,6 +48,7 @@ class Member:
     kwargs: dict         # model_kwargs: build_model(name, **kwargs) rebuilds it
     config: dict         # the training settings saved in the checkpoint ({} when there are none)
     path: Path           # the checkpoint file
+    data_spacing: tuple | None = None   # (sz, sy, sx) mm: the training scans' median spacing, where recorded
 
     @property
     def in_slices(self) -> int:
@@ -93,7 +94,22 @@ def load_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> M
         raise InferenceInputError(f"checkpoint {path} has in_channels {kw.get('in_channels')}; a CT volume gives 1")
     model = model.to(device).eval()
     fold_batchnorm(model)                         # inference only: BN folded into the conv before it (nets.fold)
-    return Member(model, name, spec.dims, kw, dict(ck.get("config") or {}), path)
+    return Member(model, name, spec.dims, kw, dict(ck.get("config") or {}), path, _data_spacing(ck, path))
+
+
+def _data_spacing(ck: dict, path: Path) -> tuple | None:
+    """A checkpoint's ``data_spacing`` (sz, sy, sx) mm, None when it has none; InferenceInputError when it is not
+    three values > 0."""
+    raw = ck.get("data_spacing")
+    if raw is None:
+        return None
+    try:
+        spacing = tuple(float(v) for v in raw)
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise InferenceInputError(f"checkpoint {path} records data_spacing {raw!r}; expected three spacings > 0 mm")
+    return spacing
 
 
 @dataclass

@@ -6,6 +6,7 @@ imports the inference stage only, never the evaluation modules."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule,
 from ahnet.infer.outputs import (CaseOutputs, check_outputs, dicom_sources, ranked_findings, write_dicom_files,
                                  write_overview_file)
 from ahnet.infer.second_stage import Rescorer, rescore_candidates
+from ahnet.infer.spacing import PredictionGrid, grid_at, resolve_inplane
 
 
 
@@ -130,15 +132,18 @@ def check_options(cases, ens: Ensemble, out, window=None, amp: bool | str = "aut
 class CheckedInput:
     """What the up-front checks learnt, for write_predictions to use instead of checking again: the ScanLimit
     the scans passed, each scan's header by image path (check_scan_sizes; none for a bad scan that skip_bad left
-    to its turn) and the output options as ahnet.infer.outputs.check_outputs returned them."""
+    to its turn), the output options as ahnet.infer.outputs.check_outputs returned them, and the in-plane spacing
+    (sy, sx) mm the scans are predicted at (ahnet.infer.spacing; None: each on its own grid)."""
     limit: ScanLimit
     headers: dict
     outputs: CaseOutputs
+    inplane: tuple | None = None
 
 
-def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> dict:
+def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False, inplane: tuple | None = None) -> dict:
     """Every scan's header read once and checked against ``limit`` before any scan is read or anything written
-    (PredictInputError naming the case); with ``skip_bad`` a bad one is left for its turn (skipped then).
+    (PredictInputError naming the case), at the larger of its own grid and the grid it is predicted on
+    (``inplane``, ahnet.infer.spacing); with ``skip_bad`` a bad one is left for its turn (skipped then).
     Returns {image Path: ScanHeader} of the scans that passed, for their reading (io.read_scan's ``header``)."""
     headers: dict[Path, ScanHeader] = {}
     for case in cases:
@@ -146,7 +151,10 @@ def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> dict:
             continue
         try:
             head = read_header(case.image)
-            limit.check(head)
+            voxels = head.voxels
+            if inplane is not None and head.spacing is not None and len(head.shape) == 3:
+                voxels = max(voxels, math.prod(grid_at(head.shape, head.spacing, inplane)[0]))
+            limit.check(head, voxels)
             headers[Path(case.image)] = head
         except ValueError as e:
             if not skip_bad:
@@ -157,18 +165,23 @@ def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False) -> dict:
 
 def _predict_case(case: Case, out: Path, probability, threshold: float, rule: CandidateRule,
                   rescorer: Rescorer | None, outputs: CaseOutputs, limit: ScanLimit | None = None,
-                  header: ScanHeader | None = None) -> tuple:
+                  header: ScanHeader | None = None, inplane: tuple | None = None) -> tuple:
     """One scan (its ``header`` as read up front, else read here) -> its files (ahnet.paths.case_paths: _prob and
     _mask written atomically together, the overview, for a DICOM series the SEG and SR; each written atomically)
-    and its candidate rows (rescored by the second stage when ``rescorer`` is given). Returns (rows,
-    {"overview": bool, "dicom": bool})."""
+    and its candidate rows (rescored by the second stage when ``rescorer`` is given), predicted at in-plane
+    spacing ``inplane`` (ahnet.infer.spacing: candidates on that grid, the maps back on the scan's). Returns
+    (rows, {"overview": bool, "dicom": bool})."""
     vol = io.read_scan(case.image, limit=limit, header=header)
     dicom = dicom_sources(case, vol, outputs)              # the source headers before the work: fails early
     scale_in_place(vol.array)
-    prob = probability(vol.array)
-    rows = extract_candidates(prob, vol, seriesuid=case.case_id, rule=rule)
+    grid = PredictionGrid.for_scan(vol, inplane)
+    work = grid.working(vol.array)
+    prob_work = probability(work.array)
+    rows = extract_candidates(prob_work, work, seriesuid=case.case_id, rule=rule)
     if rescorer is not None:
-        rows = rescore_candidates(rescorer, rows, vol.array, prob, vol)
+        rows = rescore_candidates(rescorer, rows, work.array, prob_work, work)
+    prob = grid.to_native(prob_work)
+    del work, prob_work
     files = paths.case_paths(out, case.case_id)
     findings = ranked_findings(rows, prob, vol, outputs)
     wrote = {"overview": write_overview_file(files.overview, case.case_id, vol.array, prob, vol, findings, outputs)}
@@ -183,13 +196,15 @@ def _predict_case(case: Case, out: Path, probability, threshold: float, rule: Ca
 
 def write_predictions(cases, out, probability, threshold: float = 0.5, candidates: CandidateRule | None = None,
                       skip_bad: bool = False, rescorer: Rescorer | None = None, limit: ScanLimit | None = None,
-                      outputs: CaseOutputs | None = None, checked: CheckedInput | None = None) -> dict:
+                      outputs: CaseOutputs | None = None, checked: CheckedInput | None = None,
+                      inplane: tuple | None = None) -> dict:
     """Every Case through ``probability`` (a (z, y, x) image scaled to [0, 1] -> (z, y, x) float32 probabilities),
     writing per case <out>/<case_id>_prob.nii.gz, _mask.nii.gz (prob >= threshold), _overview.png and for a
     DICOM series _seg.dcm and _sr.dcm (``outputs``, ahnet.infer.outputs.CaseOutputs: default all of them), and
     <out>/candidates.csv (by the rule ``candidates``, default ahnet.infer.DEFAULT_RULE; rescored by
     ``rescorer``, the run's second stage, when given, the first stage's score kept as probability_stage1), with
-    --out locked. The output options are checked before anything is written.
+    --out locked. Each scan is predicted at in-plane spacing ``inplane`` (sy, sx) mm (ahnet.infer.spacing; None:
+    on its own grid; inside ``checked`` when that is given). The output options are checked before anything is written.
 
     One case in memory at a time; every scan's header checked against ``limit`` (default: ahnet.data.budget's
     "predict" limit) before the first is read, and each read once. ``checked``: what the caller's up-front checks
@@ -202,9 +217,9 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
     if checked is None:
         outputs = check_outputs(cases, outputs)
         limit = limit or scan_limit("predict")
-        checked = CheckedInput(limit, check_scan_sizes(cases, limit, skip_bad), outputs)
-    elif limit is not None or outputs is not None:
-        raise TypeError("write_predictions takes limit and outputs inside checked, not beside it")
+        checked = CheckedInput(limit, check_scan_sizes(cases, limit, skip_bad, inplane), outputs, inplane)
+    elif limit is not None or outputs is not None or inplane is not None:
+        raise TypeError("write_predictions takes limit, outputs and inplane inside checked, not beside it")
     out, rule, outputs, limit = Path(out), candidate_rule(candidates), checked.outputs, checked.limit
     rows, done, failed, dicom, overviews = [], [], [], [], 0
     with folder_lock(out, "--out"):
@@ -212,7 +227,7 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
         for case in _progress(cases, desc="predict", unit="case"):
             try:
                 case_rows, wrote = _predict_case(case, out, probability, threshold, rule, rescorer, outputs, limit,
-                                                 checked.headers.get(Path(case.image)))
+                                                 checked.headers.get(Path(case.image)), checked.inplane)
             except DiskFull:
                 raise                                        # not the scan's fault: no --skip-bad past it
             except (ValueError, OSError) as e:
@@ -241,15 +256,18 @@ def write_predictions(cases, out, probability, threshold: float = 0.5, candidate
 def predict_cases(cases, ens: Ensemble, out, windows: WindowSettings = WindowSettings(), tta: bool = False,
                   amp: bool | str = "auto", threshold: float = 0.5, candidates: CandidateRule | None = None,
                   channels_last: bool = False, skip_bad: bool = False, rescorer: Rescorer | None = None,
-                  limit: ScanLimit | None = None, outputs: CaseOutputs | None = None, workers: int = 1) -> dict:
+                  limit: ScanLimit | None = None, outputs: CaseOutputs | None = None, workers: int = 1,
+                  inplane="auto") -> dict:
     """Predict every Case with the ensemble (ahnet.infer.predict_volume with ``windows``, ``workers`` threads;
-    accumulators inside ahnet.infer) and write its files (write_predictions, scans up to ``limit``), the options
-    checked first (check_options)."""
+    accumulators inside ahnet.infer) at in-plane spacing ``inplane`` (auto, native or mm: ahnet.infer.spacing)
+    and write its files (write_predictions, scans up to ``limit``), the options checked first (check_options)."""
     out = check_options(cases, ens, out, windows.window, amp, threshold, skip_bad)
+    inplane = resolve_inplane(inplane, ens)
     if rescorer is not None:                  # the second stage computes as the first: precision, layout, threads
         rescorer = dataclasses.replace(rescorer, amp=amp, channels_last=channels_last, workers=workers)
 
     def probability(image01):
         return predict_volume(ens, image01, **windows.kwargs(), tta=tta, amp=amp, channels_last=channels_last,
                               workers=workers)
-    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit, outputs)
+    return write_predictions(cases, out, probability, threshold, candidates, skip_bad, rescorer, limit, outputs,
+                             inplane=inplane)

@@ -163,14 +163,25 @@ def remote_probability(remote: RemoteWindows, default_window, windows: WindowSet
     return probability
 
 
+def served_inplane(meta: dict, setting="auto") -> tuple | None:
+    """The (sy, sx) mm the client predicts scans at under ``setting`` (auto, native or mm, ahnet.infer.spacing):
+    auto = the served model.json's ``spacing.training_inplane_mm`` (null or absent: each scan's own grid)."""
+    if setting == "auto":
+        got = (meta.get("spacing") or {}).get("training_inplane_mm")
+        if got is not None and (len(got) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in got)):
+            raise ClientError(f"the served model.json has spacing.training_inplane_mm {got!r}; expected 2 values > 0")
+        return tuple(float(v) for v in got) if got is not None else None
+    return None if setting == "native" else (float(setting), float(setting))
+
+
 def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
               threshold: float = 0.5, candidates: CandidateRule | None = None, limit: ScanLimit | None = None,
-              outputs: CaseOutputs | None = None, checked: CheckedInput | None = None) -> dict:
+              outputs: CaseOutputs | None = None, checked: CheckedInput | None = None, inplane="auto") -> dict:
     """Predict every case through the server and write ahnet.commands.predict's files (candidates by the rule
     ``candidates``, default ahnet.infer.DEFAULT_RULE, and the overview and DICOM files by ``outputs``, as
     ahnet.commands.predict; scans up to ``limit``, default ahnet.data.budget's "client" limit; or ``checked``,
-    the up-front checks' CheckedInput, instead of ``limit`` and ``outputs``: not checked again); returns
-    write_predictions' dict."""
+    the up-front checks' CheckedInput, instead of ``limit``, ``outputs`` and ``inplane``: not checked again), each
+    scan at in-plane spacing ``inplane`` (served_inplane); returns write_predictions' dict."""
     meta = model_info(conn)
     multiple = tuple(int(m) for m in meta["input_multiple"])
     if windows.window is not None:
@@ -179,5 +190,6 @@ def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings,
     probability = remote_probability(remote, meta["window"], windows, tta)
     if checked is None:
         limit = limit or scan_limit("client")
-    return write_predictions(cases, out, probability, threshold, candidates, limit=limit, outputs=outputs,
-                             checked=checked)
+        return write_predictions(cases, out, probability, threshold, candidates, limit=limit, outputs=outputs,
+                                 inplane=served_inplane(meta, inplane))
+    return write_predictions(cases, out, probability, threshold, candidates, checked=checked)

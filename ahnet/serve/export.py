@@ -50,6 +50,7 @@ import torch
 from ahnet import failures
 from ahnet.data.preprocess import HU_MAX, HU_MIN
 from ahnet.infer import Ensemble, Member, load_ensemble
+from ahnet.infer.spacing import training_inplane
 from ahnet.nets.blocks import PyramidPooling
 from ahnet.serve import store
 
@@ -157,6 +158,7 @@ def check_verified(what: str, diff: dict, tol: float) -> None:
 def _model_json(name: str, ens: Ensemble, window, opset, fold_entries) -> dict:
     members = ens.members
     spacing = sorted({tuple(m.kwargs["spacing"]) for m in members if m.kwargs.get("spacing")})
+    inplane = training_inplane(ens)
     return {
         "schema": store.SCHEMA, "name": name,
         "architecture": [{"model_name": m.name, "model_kwargs": m.kwargs} for m in members],
@@ -166,7 +168,10 @@ def _model_json(name: str, ens: Ensemble, window, opset, fold_entries) -> dict:
                        "multiple of input_multiple), else window; rounded up to input_multiple and capped at the "
                        "volume's shape rounded up to it",
         "overlap_default": 0.5, "blend": "gaussian, sigma = window / 8 (ahnet.infer.sliding_window_predict)",
-        "spacing": {"inference": "native spacing of each scan, no resampling (as ahnet.commands.predict)",
+        "spacing": {"inference": "each scan resampled in-plane to training_inplane_mm where its pixels differ by more "
+                                 "than 1%, its maps brought back to its grid (ahnet.infer.spacing, as "
+                                 "ahnet.commands.predict); null: each scan's own grid",
+                    "training_inplane_mm": list(inplane) if inplane is not None else None,
                     "model_spacing_mm": [list(s) for s in spacing]},
         "intensity": {"clip_hu": [HU_MIN, HU_MAX], "scale_to": [0.0, 1.0],
                       "rule": "(clip(hu, lo, hi) - lo) / (hi - lo), float32 (ahnet.data.preprocess.clip_and_scale)"},

@@ -6,8 +6,9 @@
 
 model.json: ``name``; ``architecture`` (model_name, model_kwargs of every fold); ``input_multiple`` (D, H, W: every
 window size must divide by it); ``window`` (D, H, W: the default window, the runs' training patch_size or
-ahnet.infer.DEFAULT_WINDOW, rounded up to the input multiple) and ``window_rule``; ``spacing`` (the scans' native
-spacing is used, as ahnet.commands.predict does; the spacing the model's z-pooling schedule was built for); ``intensity``
+ahnet.infer.DEFAULT_WINDOW, rounded up to the input multiple) and ``window_rule``; ``spacing`` (``training_inplane_mm``:
+the pixel spacing scans are resampled to, as ahnet.commands.predict does, or null; the spacing the model's
+z-pooling schedule was built for); ``intensity``
 (HU clipped to [lo, hi] and scaled to [0, 1]); ``input`` / ``output`` (tensor names, dtype, layout); ``opset``;
 ``folds`` (files, checkpoint, training config hash and the verification per format: ``max_abs_diff`` in
 probability, ``max_abs_logit_diff`` and the largest |logit| ``max_abs_logit``); ``config_hash`` (sha256 over the

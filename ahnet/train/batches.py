@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ahnet import paths
@@ -87,6 +88,15 @@ def make_datasets(cfg: TrainConfig):
                               samples_per_epoch=cfg.val_patches, pos_fraction=0.5, augment=None,
                               seed=mix_seed(cfg.seed, 99) % (2 ** 31))
     return train_ds, val_ds
+
+
+def median_spacing(ds) -> tuple | None:
+    """(sz, sy, sx) mm: the median spacing over a PatchDataset's cases, which a checkpoint records and inference
+    resamples scans to (ahnet.infer.spacing); None for a dataset that keeps no spacings."""
+    spacings = getattr(ds, "spacings", None)
+    if not spacings:
+        return None
+    return tuple(float(v) for v in np.median(np.asarray(spacings, float), axis=0))
 
 
 def split_batch_2d(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from ahnet.precision import AmpSettings, configure_kernels, guard_training, reso
 
 from ahnet.train import dist
 
-from ahnet.train.batches import make_datasets, prepare_batch
+from ahnet.train.batches import make_datasets, median_spacing, prepare_batch
 from ahnet.train.errors import TrainError, TrainingDiverged
 from ahnet.train.guard import check_finite, check_resume, preflight, run_lock
 from ahnet.train.model import Builder, build_network, place_model, restore_network
@@ -85,6 +85,7 @@ class Session:
     dist: dist.DistContext = field(default_factory=dist.DistContext)
     net: nn.Module | None = None          # what a step calls: DDP around model under torchrun, else model
     ema: WeightAverage | None = None      # --ema-decay: the weight average, validated and saved as the model
+    data_spacing: tuple | None = None     # (sz, sy, sx) mm, the training scans' median: inference resamples to it
 
     @property
     def trainer(self) -> nn.Module:
@@ -114,6 +115,8 @@ class Session:
             "step": self.step, "rng": rng[0], "config": self.cfg.to_dict(),
             "metrics": dataclasses.asdict(self.progress), "init": self.init_info, "stage": self.cfg.stage,
             "amp": self.amp.name, "format": 1}
+        if self.data_spacing is not None:            # what ahnet.infer.spacing resamples a scan to
+            ck["data_spacing"] = [float(v) for v in self.data_spacing]
         if self.ema is not None:                     # the trained weights, which --resume continues from
             ck["train_model"] = _cpu_state(self.model)
         if self.dist.enabled:
@@ -439,6 +442,7 @@ def _train(cfg: TrainConfig, datasets, builder: Builder | None, on_step: Callabl
     validator = validator_for(cfg) if validator_for is not None else None
     cfg = resolve_validation(cfg, validator)
     s = start_session(cfg, run, device, amp, resume_ck, builder, ctx)          # 4. model, optimiser, loss
+    s.data_spacing = median_spacing(train_ds)
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
     if ctx.is_main:                                                            # 6. the run folder
         run.root.mkdir(parents=True, exist_ok=True)
