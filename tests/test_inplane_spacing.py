@@ -162,6 +162,9 @@ def test_evaluation_predicts_at_the_setting_and_keys_its_store_by_it(tmp_path, m
     assert shapes == [(12, 48, 48), (12, 64, 64)]                   # a new setting predicted again, on its grid
     again = evaluate_and_report([run], js, out, device="cpu", n_bootstrap=20, inplane_spacing=finer)
     assert len(shapes) == 2                                         # the store keyed by it: reused
+    same = evaluate_and_report([run], js, out, device="cpu", n_bootstrap=20, inplane_spacing=SPACING[1])
+    assert len(shapes) == 3 and shapes[-1] == (12, 48, 48)          # the scans' own spacing: native's numbers
+    assert json.dumps(same["models"], sort_keys=True) == json.dumps(native["models"], sort_keys=True)
     assert json.dumps(again["models"], sort_keys=True) == json.dumps(resampled["models"], sort_keys=True)
     seg = [resampled["models"]["run"]["dice"], native["models"]["run"]["dice"]]
     assert all(s is not None for s in seg)                          # Dice on the scan's own label grid
