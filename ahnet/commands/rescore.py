@@ -48,6 +48,7 @@ from ahnet.checkpoint import (CheckpointError, capture_rng_state, load_checkpoin
 from ahnet.evaluate import load_cases
 from ahnet.evaluate.store import code_digest, data_digest, run_fingerprint
 from ahnet.infer import DEFAULT_RULE, add_window_arguments, extract_candidates, load_ensemble, predict_volume
+from ahnet.infer.spacing import PredictionGrid, resolve_inplane
 from ahnet.infer.second_stage import CROP, RESCORER_FORMAT, candidate_crops, load_rescorer
 from ahnet.infer.windows import check_overlap
 from ahnet.nets.candidate_net import CandidateNet
@@ -85,17 +86,20 @@ def training_cases(data, split: str, max_cases: int = 0) -> tuple:
 
 def collect(run, cases: list, images: dict, ann: list, jitter: int, seed: int, device, amp: str, crop=CROP,
             overlap: float = 0.5):
-    """Predict ``cases`` with ``run`` (sliding windows at ``overlap``) and gather labelled crops: (crops, labels,
-    counts)."""
+    """Predict ``cases`` with ``run`` (sliding windows at ``overlap``; each scan at the run's recorded training
+    spacing, as predict and evaluate do: ahnet.infer.spacing) and gather labelled crops on that grid: (crops,
+    labels, counts)."""
     ens = load_ensemble([run], device)
     ens.check(None, amp)
+    inplane = resolve_inplane("auto", ens)
     rng = np.random.default_rng(seed)
     xs, ys, n_cand = [], [], 0
     for i, c in enumerate(cases, 1):
-        cid, img = c["case_id"], images[c["case_id"]]
-        prob = predict_volume(ens, img, overlap=overlap, amp=amp, channels_last=amp != "off")
-        rows = extract_candidates(prob, c["geometry"], seriesuid=cid, rule=DEFAULT_RULE)
-        x, y = labelled_crops(img, prob, c["geometry"], [a for a in ann if str(a["seriesuid"]) == cid], rows,
+        cid = c["case_id"]
+        work = PredictionGrid.for_scan(c["geometry"], inplane).working(images[cid])
+        prob = predict_volume(ens, work.array, overlap=overlap, amp=amp, channels_last=amp != "off")
+        rows = extract_candidates(prob, work, seriesuid=cid, rule=DEFAULT_RULE)
+        x, y = labelled_crops(work.array, prob, work, [a for a in ann if str(a["seriesuid"]) == cid], rows,
                               jitter, rng, crop)
         xs.append(x), ys.append(y)
         n_cand += len(rows)
