@@ -185,3 +185,12 @@ def test_the_experiment_reports_another_spacing_apart_and_logs_it(tmp_path):
     assert phantoms.log_look(looks, "cpu", "x", [tmp_path / "a"], "inplane0.9", 0.7) == 2
     rows = list(csv.DictReader(open(looks)))
     assert [r["pixels"] for r in rows] == ["", "0.7"] and rows[1]["shift"] == "inplane0.9"
+
+
+def test_the_client_takes_the_spacing_the_served_model_records():
+    from ahnet.serve.client import ClientError, served_inplane
+    meta = {"spacing": {"training_inplane_mm": [0.7, 0.7]}}
+    assert served_inplane(meta) == (0.7, 0.7) and served_inplane(meta, "native") is None
+    assert served_inplane(meta, 0.8) == (0.8, 0.8) and served_inplane({"spacing": {}}) is None
+    with pytest.raises(ClientError, match="training_inplane_mm"):
+        served_inplane({"spacing": {"training_inplane_mm": [0.7]}})
