@@ -5,6 +5,7 @@ PatchDataset items {"image", "label"} of shape (1, D, H, W), pure in (seed, epoc
 """
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -96,6 +97,15 @@ def test_run_folder_contents(tmp_path):
         torch.load(run / "checkpoints" / name, weights_only=True)
     # cosine schedule: the logged lr is the factor at the step reached
     assert float(rows[0]["lr"]) == pytest.approx(1e-2 * lr_factor(2, 4))
+
+
+def test_a_finished_run_entered_again_keeps_its_record(tmp_path):
+    cfg = _cfg(tmp_path)
+    train(cfg, datasets=_data(cfg), builder=builder)
+    record = (tmp_path / "run" / "config.json").read_bytes()
+    time.sleep(1.1)                                  # a rewrite would carry another "created" second
+    res = train(TrainConfig(**{**cfg.to_dict(), "resume": True}), datasets=_data(cfg), builder=builder)
+    assert res["step"] == 4 and (tmp_path / "run" / "config.json").read_bytes() == record
 
 
 def _all_tensors(ck):

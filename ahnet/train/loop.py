@@ -379,6 +379,11 @@ def end_epoch(s: Session, val_loader, validator: Validator | None = None) -> Non
           f"skipped {row['skipped_steps']} {row['samples_per_s']:.1f} samples/s", flush=True)
 
 
+def finished(s: Session) -> bool:
+    """True when the run has nothing left to train: its epochs, its step cap, or its patience spent."""
+    return s.epoch >= s.cfg.epochs or s.step >= s.total_steps or early_stop(s) is not None
+
+
 def early_stop(s: Session) -> str | None:
     """The stop reason when --patience epochs in a row have not beaten the best score (a pure function of the
     saved counters, so a resumed run decides as the uninterrupted one did), else None."""
@@ -446,7 +451,8 @@ def _train(cfg: TrainConfig, datasets, builder: Builder | None, on_step: Callabl
     restore_or_seed(s, resume_ck)                                              # 5. state of a resumed run
     if ctx.is_main:                                                            # 6. the run folder
         run.root.mkdir(parents=True, exist_ok=True)
-        save_run_config(cfg, run.root)
+        if resume_ck is None or not finished(s):     # a finished run entered again keeps its trainer's record
+            save_run_config(cfg, run.root)
     sampler = EpochSampler(len(train_ds), num_samples=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed,
                            rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size)
     val_loader = validation_loader(val_ds, cfg, ctx) if validator is None else None
