@@ -79,7 +79,7 @@ def _main(a) -> int:
     outputs = replace(outputs, algorithm=replace(outputs.algorithm, name=f"ahnet {model}"))   # named in SEG/SR
     inplane = served_inplane(meta, a.inplane_spacing)
     if inplane is not None:                         # the grids the scans are predicted on, before the first
-        headers = check_scan_sizes(cases, limit, inplane=inplane)
+        headers = check_scan_sizes(cases, limit, inplane=inplane, known=headers)
     res = run_cases(conn, model, cases, a.out, WindowSettings.from_arguments(a), tta=a.tta, threshold=a.threshold,
                     candidates=rule_from_arguments(a), checked=CheckedInput(limit, headers, outputs, inplane))
     print(f"{len(res['cases'])} case(s) via {a.url} model {model} -> {Path(a.out)}; "

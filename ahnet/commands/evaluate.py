@@ -22,7 +22,7 @@ from ahnet.data.io import candidates_csv_text, load_dataset_json, read_annotatio
 from ahnet.infer import CandidateRule, WindowSettings, add_candidate_arguments, add_window_arguments, candidate_rule
 from ahnet.infer import load_ensemble, rule_from_arguments
 from ahnet.infer.second_stage import load_run_rescorer
-from ahnet.infer.spacing import PredictionGrid, add_inplane_argument, resolve_inplane
+from ahnet.infer.spacing import add_inplane_argument, resolve_inplane
 from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
@@ -116,8 +116,6 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     # one run's maps in memory at a time (ahnet.evaluate.store.evaluate_runs), however many runs
     cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(1, max_scan_voxels))
-    inplanes = {name: sp if any(PredictionGrid.for_scan(c["geometry"], sp).resamples for c in cases) else None
-                for name, sp in inplanes.items()}               # a spacing that resamples no scan changes nothing
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
         results = evaluate_runs(runs, cases, images, ann, out, device, threshold, rule, n_bootstrap, seed, rescorers,

@@ -30,8 +30,9 @@ from ahnet.infer.spacing import PredictionGrid
 from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
-__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names", "predict_run_rows",
-           "evaluate_predictions", "run_rows", "case_seg_rows", "summarise_run", "compare_models", "gallery_crops"]
+__all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names",
+           "predict_run_rows", "evaluate_predictions", "run_rows", "case_rows", "case_seg_rows", "summarise_run",
+           "compare_models", "gallery_crops"]
 
 
 #: mm of margin around each nodule's box in which its segmentation metrics are computed (segmetrics)
@@ -113,11 +114,10 @@ def predict_run_rows(run, cases: list, images: dict, ann: list, device="cpu", th
         grid = PredictionGrid.for_scan(c["geometry"], inplane)
         work = grid.working(images[c["case_id"]])
         prob = predict_volume(ens, work.array, **predict_kw)
-        found = extract_candidates(prob, work, seriesuid=c["case_id"], rule=candidate_rule(rule))
-        if rescorer is not None:
-            found = rescore_candidates(rescorer, found, work.array, prob, work)
+        found, segs = case_rows(prob, work.array, work, grid.to_native(prob), c, ann, threshold,
+                                candidate_rule(rule), margin_mm, rescorer)
         cands += found
-        seg_rows += case_seg_rows(grid.to_native(prob), c, ann, threshold, margin_mm)
+        seg_rows += segs
         print(f"[evaluate] {Path(run).name}: {c['case_id']} done", file=sys.stderr)
     return cands, seg_rows
 
@@ -158,12 +158,22 @@ def run_rows(by_case: dict, cases: list, ann: list, threshold: float, rule: Cand
     cands, seg_rows = [], []
     for c in cases:
         p = by_case[c["case_id"]]
-        found = extract_candidates(p, c["geometry"], seriesuid=c["case_id"], rule=rule)
-        if rescorer is not None:
-            found = rescore_candidates(rescorer, found, images[c["case_id"]], p, c["geometry"])
+        image = images[c["case_id"]] if rescorer is not None else None
+        found, segs = case_rows(p, image, c["geometry"], p, c, ann, threshold, rule, margin_mm, rescorer)
         cands += found
-        seg_rows += case_seg_rows(p, c, ann, threshold, margin_mm)
+        seg_rows += segs
     return cands, seg_rows
+
+
+def case_rows(prob: np.ndarray, image, geometry, native_prob: np.ndarray, case: dict, ann: list, threshold: float,
+              rule: CandidateRule, margin_mm: float = SEG_MARGIN_MM, rescorer=None) -> tuple[list, list]:
+    """One case's (candidate rows, segmentation rows): candidates from ``prob`` on the grid of ``geometry`` (the
+    grid it was predicted on), rescored by ``rescorer`` from ``image`` on that grid when given; segmentation rows
+    from ``native_prob``, the map on the case's own grid (case_seg_rows)."""
+    found = extract_candidates(prob, geometry, seriesuid=case["case_id"], rule=rule)
+    if rescorer is not None:
+        found = rescore_candidates(rescorer, found, image, prob, geometry)
+    return found, case_seg_rows(native_prob, case, ann, threshold, margin_mm)
 
 
 def case_seg_rows(prob: np.ndarray, case: dict, ann: list, threshold: float,

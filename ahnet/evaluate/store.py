@@ -5,9 +5,9 @@ evaluation killed part way, or run again with one more run, predicts only the ru
 The fingerprint (sha256) covers: the run's checkpoint files and, when rescoring, its second stage, byte for byte;
 the split's scans as evaluated (scaled arrays, grids, label masks); the split's annotation rows; every setting that
 changes a number (window settings, tta, precision, layout, mask threshold, candidate rule, rescore options, the
-in-plane spacing the scans are predicted at); the device type, the torch version and the package's source (every
-module of ahnet, so a change of code, committed or not, predicts again; documentation and tests do not). A stored file whose fingerprint differs is recomputed and
-replaced.
+in-plane spacing the scans are predicted at, when it resamples any of them); the device type, the torch version
+and the package's source (every module of ahnet, so a change of code, committed or not, predicts again;
+documentation and tests do not). A stored file whose fingerprint differs is recomputed and replaced.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import ahnet
 from ahnet import paths
 from ahnet.atomic import write_text_atomic
+from ahnet.infer.spacing import PredictionGrid
 
 VERSION = 1
 
@@ -115,6 +116,8 @@ def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, devic
     results = {}
     for name, run in zip(evaluate.run_names(runs), runs):
         rescorer, inplane = (rescorers or {}).get(name), (inplanes or {}).get(name)
+        if inplane is not None and not any(PredictionGrid.for_scan(c["geometry"], inplane).resamples for c in cases):
+            inplane = None                  # a spacing that resamples none of the scans: their own grids, one key
         key = run_fingerprint(run, common, rescorer, inplane)
         rows = load_evaluated(out, name, key)
         if rows is not None:

@@ -140,17 +140,19 @@ class CheckedInput:
     inplane: tuple | None = None
 
 
-def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False, inplane: tuple | None = None) -> dict:
+def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False, inplane: tuple | None = None,
+                     known: dict | None = None) -> dict:
     """Every scan's header read once and checked against ``limit`` before any scan is read or anything written
     (PredictInputError naming the case), at the larger of its own grid and the grid it is predicted on
     (``inplane``, ahnet.infer.spacing); with ``skip_bad`` a bad one is left for its turn (skipped then).
-    Returns {image Path: ScanHeader} of the scans that passed, for their reading (io.read_scan's ``header``)."""
+    ``known``: headers an earlier call returned, used instead of reading them again. Returns {image Path:
+    ScanHeader} of the scans that passed, for their reading (io.read_scan's ``header``)."""
     headers: dict[Path, ScanHeader] = {}
     for case in cases:
         if skip_bad and not Path(case.image).exists():
             continue
         try:
-            head = read_header(case.image)
+            head = (known or {}).get(Path(case.image)) or read_header(case.image)
             voxels = head.voxels
             if inplane is not None and head.spacing is not None and len(head.shape) == 3:
                 voxels = max(voxels, math.prod(grid_at(head.shape, head.spacing, inplane)[0]))

@@ -11,7 +11,8 @@ Dice and the files. Slices are never resampled: thick slices are what AH-Net is 
 - ``add_inplane_argument(ap)``: ``--inplane-spacing auto|native|MM``; ``parse_inplane`` is its type.
 - ``training_inplane(ens)`` -> (sy, sx) mm or None: the training scans' median in-plane spacing that every
   member's checkpoint records (``data_spacing``); None when none records it (trained before it was recorded).
-- ``resolve_inplane(setting, ens)`` -> (sy, sx) or None (no resampling).
+- ``resolve_inplane(setting, ens)`` -> (sy, sx) or None (no resampling); ``inplane_from(setting, recorded)`` the
+  same for a recorded spacing from elsewhere (a served model.json).
 - ``PredictionGrid.for_scan(geometry, inplane)``: the grid a scan is predicted on; ``working(image)`` the image
   there as a Volume, ``to_native(prob)`` a map back on the scan's grid; ``grid_at`` the same from a header's
   shape and spacing (memory checks before a scan is read).
@@ -34,7 +35,7 @@ AUTO, NATIVE = "auto", "native"
 
 
 def parse_inplane(text) -> str | float:
-    """``auto``, ``native`` or a spacing in mm in (0, 100] (argparse type; InferenceInputError-free)."""
+    """``auto``, ``native`` or a spacing in mm in (0, 100] (an argparse type: ArgumentTypeError otherwise)."""
     s = str(text).strip().lower()
     if s in (AUTO, NATIVE):
         return s
@@ -70,15 +71,21 @@ def training_inplane(ens) -> tuple | None:
     return known.pop()
 
 
-def resolve_inplane(setting, ens) -> tuple | None:
-    """The (sy, sx) mm scans are predicted at under ``setting`` (auto, native, or mm; None = native) for the
-    ensemble ``ens``; None: each scan on its own grid (also "auto" for checkpoints that record no spacing)."""
+def inplane_from(setting, recorded: tuple | None) -> tuple | None:
+    """The (sy, sx) mm scans are predicted at under ``setting`` (auto, native, or mm; None = native), auto taking
+    ``recorded`` (the models' training spacing, as training_inplane or a served model.json gives it); None: each
+    scan on its own grid."""
     if setting is None or setting == NATIVE:
         return None
     if setting == AUTO:
-        return training_inplane(ens)
+        return recorded
     v = float(parse_inplane(setting))
     return (v, v)
+
+
+def resolve_inplane(setting, ens) -> tuple | None:
+    """inplane_from for the ensemble ``ens``: auto = its checkpoints' record (none recorded: each scan's own grid)."""
+    return inplane_from(setting, training_inplane(ens) if setting == AUTO else None)
 
 
 def grid_at(shape, spacing, inplane: tuple | None) -> tuple:

@@ -29,6 +29,7 @@ from ahnet.data.budget import ScanLimit, scan_limit
 from ahnet.infer.outputs import CaseOutputs
 from ahnet.infer.scans import CheckedInput, write_predictions
 from ahnet.infer import CandidateRule, WindowSettings, sliding_window_predict, window_for
+from ahnet.infer.spacing import AUTO, inplane_from
 from ahnet.serve import store
 
 PROG = "ahnet.client"
@@ -164,14 +165,13 @@ def remote_probability(remote: RemoteWindows, default_window, windows: WindowSet
 
 
 def served_inplane(meta: dict, setting="auto") -> tuple | None:
-    """The (sy, sx) mm the client predicts scans at under ``setting`` (auto, native or mm, ahnet.infer.spacing):
-    auto = the served model.json's ``spacing.training_inplane_mm`` (null or absent: each scan's own grid)."""
-    if setting == "auto":
-        got = (meta.get("spacing") or {}).get("training_inplane_mm")
-        if got is not None and (len(got) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in got)):
-            raise ClientError(f"the served model.json has spacing.training_inplane_mm {got!r}; expected 2 values > 0")
-        return tuple(float(v) for v in got) if got is not None else None
-    return None if setting == "native" else (float(setting), float(setting))
+    """The (sy, sx) mm the client predicts scans at under ``setting`` (auto, native or mm: ahnet.infer.spacing's
+    inplane_from), auto taking the served model.json's ``spacing.training_inplane_mm`` (null or absent: each scan's
+    own grid)."""
+    got = (meta.get("spacing") or {}).get("training_inplane_mm") if setting == AUTO else None
+    if got is not None and (len(got) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in got)):
+        raise ClientError(f"the served model.json has spacing.training_inplane_mm {got!r}; expected 2 values > 0")
+    return inplane_from(setting, tuple(float(v) for v in got) if got is not None else None)
 
 
 def run_cases(conn: Connection, model: str, cases, out, windows: WindowSettings, tta: bool = False,
