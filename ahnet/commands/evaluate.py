@@ -115,7 +115,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
     ann_csv = Path(annotations) if annotations else paths.annotations_csv(data)
     ann = read_annotations_csv(ann_csv, [e["case_id"] for e in load_dataset_json(data)], data)
     # one run's maps in memory at a time (ahnet.evaluate.store.evaluate_runs), however many runs
-    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(1, max_scan_voxels))
+    cases, images = load_cases(data, split, ann, ann_csv, evaluation_limit(1, max_scan_voxels),
+                               inplanes=list(inplanes.values()))
     with folder_lock(out, "--out"):                             # one evaluation at a time writes into --out
         remove_temps(out, recursive=True, only_dead=False)
         results = evaluate_runs(runs, cases, images, ann, out, device, threshold, rule, n_bootstrap, seed, rescorers,

@@ -26,7 +26,7 @@ from ahnet.data.preprocess import clip_and_scale
 from ahnet.evaluate.froc import evaluate_detection, paired_bootstrap
 from ahnet.infer import CandidateRule, candidate_rule, extract_candidates, load_ensemble, predict_volume
 from ahnet.infer.second_stage import rescore_candidates
-from ahnet.infer.spacing import PredictionGrid
+from ahnet.infer.spacing import PredictionGrid, prediction_voxels
 from ahnet.evaluate.segmetrics import aggregate_seg, nodule_seg_metrics
 from ahnet.evaluate.crops import gallery_crops
 
@@ -51,16 +51,19 @@ def evaluation_limit(n_runs: int = 1, override: int | None = None) -> ScanLimit:
     return scan_limit("evaluate", override, bytes_per_voxel=bpv)
 
 
-def check_split_size(entries, limit: ScanLimit, what: str) -> None:
+def check_split_size(entries, limit: ScanLimit, what: str, inplanes=()) -> None:
     """The headers of every entry's image and label against ``limit`` before any scan is read: an evaluation
-    holds every scan at once (limit.bytes_per_voxel each) and the one it predicts twice over (evaluate_in_hand)."""
+    holds every scan at once (limit.bytes_per_voxel each) and the one it predicts twice over (evaluate_in_hand),
+    at the largest of its own grid and its prediction grids at ``inplanes`` ((sy, sx) mm or None each)."""
     heads = [read_header(e["image"]) for e in entries]
     total = sum(h.voxels for h in heads)
-    biggest = max(heads, key=lambda h: h.voxels)
-    in_hand = BYTES_PER_VOXEL["evaluate_in_hand"]
+    work = [prediction_voxels(h, inplanes) for h in heads]
+    i = max(range(len(heads)), key=lambda k: work[k])
+    biggest, in_hand = heads[i], BYTES_PER_VOXEL["evaluate_in_hand"]
+    grid = f", predicted on {work[i]:.3g} voxels" if work[i] > biggest.voxels else ""
     limit.check(biggest, total, f"{what}: its {len(heads)} scan(s) hold {total:.3g} voxels together (the largest "
-                                f"{biggest.path.name}, {biggest.describe()}) and the evaluation keeps them all",
-                need=total * limit.bytes_per_voxel + biggest.voxels * in_hand,
+                                f"{biggest.path.name}, {biggest.describe()}{grid}) and the evaluation keeps them all",
+                need=total * limit.bytes_per_voxel + work[i] * in_hand,
                 how=f"{limit.bytes_per_voxel:g} B per voxel of them all and {in_hand:g} more of the one it predicts")
     for e in entries:
         if e.get("label"):
@@ -68,17 +71,18 @@ def check_split_size(entries, limit: ScanLimit, what: str) -> None:
 
 
 def load_cases(dataset_json, split: str = "test", annotations: list | None = None,
-               annotations_csv=None, limit: ScanLimit | None = None) -> tuple[list, dict]:
+               annotations_csv=None, limit: ScanLimit | None = None, inplanes=()) -> tuple[list, dict]:
     """(cases, images) of one split of a dataset.json: cases [{"case_id", "geometry" (the image Volume),
     "label" ((z, y, x) int32 instance mask or None)}], images {case_id: (z, y, x) float32 scaled to [0, 1]}.
     The headers first: the split's voxels together against ``limit`` (default: evaluation_limit() of one run).
     Each scan is checked for sense as CT (ahnet.data.checks); with ``annotations`` (rows of ``annotations_csv``),
-    each case's nodules must lie inside its scan."""
+    each case's nodules must lie inside its scan. ``inplanes``: the in-plane spacings the runs predict at
+    (ahnet.infer.spacing), so the scan in hand is counted at its largest prediction grid."""
     entries = [e for e in load_dataset_json(dataset_json) if e.get("split") == split]
     if not entries:
         raise EvaluateInputError(f"{dataset_json} has no case with split {split!r}")
     limit = limit or evaluation_limit()
-    check_split_size(entries, limit, f"split {split!r} of {dataset_json}")
+    check_split_size(entries, limit, f"split {split!r} of {dataset_json}", inplanes)
     cases, images = [], {}
     for e in entries:
         vol = read_scan(e["image"], limit=limit)

@@ -6,7 +6,6 @@ imports the inference stage only, never the evaluation modules."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from ahnet.infer import CandidateRule, Ensemble, WindowSettings, candidate_rule,
 from ahnet.infer.outputs import (CaseOutputs, check_outputs, dicom_sources, ranked_findings, write_dicom_files,
                                  write_overview_file)
 from ahnet.infer.second_stage import Rescorer, rescore_candidates
-from ahnet.infer.spacing import PredictionGrid, grid_at, resolve_inplane
+from ahnet.infer.spacing import PredictionGrid, prediction_voxels, resolve_inplane
 
 
 
@@ -153,10 +152,7 @@ def check_scan_sizes(cases, limit: ScanLimit, skip_bad: bool = False, inplane: t
             continue
         try:
             head = (known or {}).get(Path(case.image)) or read_header(case.image)
-            voxels = head.voxels
-            if inplane is not None and head.spacing is not None and len(head.shape) == 3:
-                voxels = max(voxels, math.prod(grid_at(head.shape, head.spacing, inplane)[0]))
-            limit.check(head, voxels)
+            limit.check(head, prediction_voxels(head, [inplane]))
             headers[Path(case.image)] = head
         except ValueError as e:
             if not skip_bad:

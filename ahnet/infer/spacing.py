@@ -15,7 +15,8 @@ Dice and the files. Slices are never resampled: thick slices are what AH-Net is 
   same for a recorded spacing from elsewhere (a served model.json).
 - ``PredictionGrid.for_scan(geometry, inplane)``: the grid a scan is predicted on; ``working(image)`` the image
   there as a Volume, ``to_native(prob)`` a map back on the scan's grid; ``grid_at`` the same from a header's
-  shape and spacing (memory checks before a scan is read).
+  shape and spacing, ``prediction_voxels`` the voxels a header's scan is held at (memory checks before a scan is
+  read).
 """
 from __future__ import annotations
 
@@ -97,6 +98,16 @@ def grid_at(shape, spacing, inplane: tuple | None) -> tuple:
     keep = [None if abs(s / t - 1.0) <= RTOL else float(t) for s, t in zip(spacing[1:], inplane)]
     new_shape, new_spacing = target_grid(shape, spacing, keep)
     return tuple(new_shape), tuple(new_spacing)
+
+
+def prediction_voxels(header, inplanes=()) -> int:
+    """The voxels a scan of ``header`` (ahnet.data.header.ScanHeader) is held at while predicted at each of
+    ``inplanes`` ((sy, sx) mm or None): the larger of its own grid and every prediction grid."""
+    voxels = int(header.voxels)
+    if header.spacing is None or len(header.shape) != 3:
+        return voxels
+    grids = [math.prod(grid_at(header.shape, header.spacing, p)[0]) for p in inplanes if p is not None]
+    return max([voxels] + grids)
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,24 @@ def test_an_evaluation_counts_every_scan_of_the_split_and_the_one_it_predicts(tm
                                            r"largest b.nii.gz, 6 x 20 x 24 int16\) .*holds about 20 B per voxel of "
                                            r"them all and 36 more of the one it predicts"):
         check_split_size(entries, ScanLimit("evaluate", 20, need - 1, "MemAvailable"), "split 'test'")
+
+
+def test_an_evaluation_counts_the_scan_in_hand_at_its_finest_prediction_grid(tmp_path):
+    """A model trained at finer pixels than the scans predicts each scan on a larger grid (ahnet.infer.spacing):
+    the evaluation's budget holds that grid for the scan in hand, not the scan's own voxels."""
+    from ahnet.data.budget import ScanLimit
+    from ahnet.evaluate import check_split_size
+    small = write_image(tmp_path / "a.nii.gz", ARR[:3], spacing=(2.5, 0.7, 0.8), dtype=np.int16)
+    big = write_image(tmp_path / "b.nii.gz", ARR, spacing=(2.5, 0.7, 0.8), dtype=np.int16)
+    entries = [{"image": str(small)}, {"image": str(big)}]
+    held = (ARR.size // 2 + ARR.size) * 20
+    fine = 6 * 40 * 48                                                   # 20 x 24 pixels at half their size
+    need = held + fine * 36
+    inplanes = [None, (1.4, 1.6), (0.35, 0.4)]                          # native, coarser, finer: the finest counts
+    check_split_size(entries, ScanLimit("evaluate", 20, need, "MemAvailable"), "split 'test'", inplanes)
+    with pytest.raises(ScanTooLarge, match=r"\(the largest b.nii.gz, 6 x 20 x 24 int16, predicted on 1.15e\+04 "
+                                           r"voxels\) and the evaluation keeps them all"):
+        check_split_size(entries, ScanLimit("evaluate", 20, need - 1, "MemAvailable"), "split 'test'", inplanes)
+    coarser = [None, (1.4, 1.6)]                                         # a coarser grid holds less than the scan
+    check_split_size(entries, ScanLimit("evaluate", 20, held + ARR.size * 36, "MemAvailable"), "split 'test'",
+                     coarser)
