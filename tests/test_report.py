@@ -246,3 +246,69 @@ def test_each_gallery_row_is_named_by_its_type_and_an_untyped_row_says_so():
     assert row_names(gallery, TYPE_NAMES) == [f"T04 {TYPE_NAMES['T04']}", "untyped (no type in the annotations)"]
     assert list(gallery_json(gallery)["types"]) == ["untyped", "T04"]
     assert row_names(gallery_json(gallery), TYPE_NAMES) == row_names(gallery, TYPE_NAMES)   # what report.json keeps
+
+
+def _rescored(cands, seed=5):
+    """Each row rescored as a second stage does: the first stage's score kept as probability_stage1."""
+    rng = np.random.default_rng(seed)
+    return {m: [dict(r, probability=float(np.sqrt(r["probability"] * rng.random())),
+                     probability_stage1=r["probability"]) for r in rows] for m, rows in cands.items()}
+
+
+@pytest.mark.parametrize("seeds", [False, True])
+def test_the_report_puts_each_first_stage_beside_its_system_with_paired_intervals(tmp_path, seeds):
+    """With a second stage the report states each network alone (the first stage's scores, kept in the candidate
+    rows) beside its system, "system - first stage" and the paper's claims on the first stages, each point
+    estimate equal to evaluate_detection on those rows (seeds: the mean over a model's runs)."""
+    from ahnet.evaluate import compare_stages
+    nod, cands, scans = _three_models()
+    system = _rescored(cands)
+    results = {m: {"candidates": rows} for m, rows in system.items()}
+    groups = None
+    if seeds:                                                  # two runs a model: the second a copy, shifted
+        results.update({m + "-seed1": {"candidates": _rescored(cands, seed=9)[m]} for m in cands})
+        groups = {m: [m, m + "-seed1"] for m in cands}
+    cases = [{"case_id": s} for s in scans]
+    comp = compare_stages(results, cases, nod, n_bootstrap=200, seed=0, groups=groups)
+    res = {m: {"detection": evaluate_detection(nod, system[m], scans, n_bootstrap=0), "segmentation": None}
+           for m in cands}
+    rep = build_report(res, tmp_path / "rep", stages=comp)
+
+    def cpm(rows, stage1=False):
+        rows = [dict(r, probability=r["probability_stage1"]) for r in rows] if stage1 else rows
+        return evaluate_detection(nod, rows, scans, n_bootstrap=0)["cpm"]
+
+    def mean(m, stage1=False):
+        runs = groups[m] if seeds else [m]
+        return np.mean([cpm(results[r]["candidates"], stage1) for r in runs])
+
+    st = rep["stages"]
+    for m in cands:
+        s = st["models"][m]
+        assert s["cpm_first"] == pytest.approx(mean(m, True)) and s["cpm"] == pytest.approx(mean(m))
+        assert s["added"]["diff"] == pytest.approx(mean(m) - mean(m, True))
+        lo, hi = s["added"]["ci"]
+        assert lo <= s["added"]["diff"] <= hi
+        assert s["added"]["winner"] == ("system" if lo > 0 else "first stage" if hi < 0 else None)
+    claim = {(c["a"], c["b"]): c["overall"] for c in st["claims"]}
+    d = claim[("ahnet-transfer", "mcgcn-2d")]
+    assert d["diff"] == pytest.approx(mean("ahnet-transfer", True) - mean("mcgcn-2d", True))
+    assert d["winner"] in (None, "ahnet-transfer", "mcgcn-2d")
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    assert "## The first stage alone and what each model's second stage adds" in md
+    assert "## The paper's claims on the networks alone" in md
+    s = st["models"]["ahnet-transfer"]
+    assert f"| AH-Net after transfer | {s['cpm_first']:.3f} [{s['ci_first'][0]:.3f}, {s['ci_first'][1]:.3f}] |" in md
+    assert json.loads((tmp_path / "rep" / "report.json").read_text(encoding="utf-8"))["stages"] == \
+        json.loads(json.dumps(st))
+
+
+def test_without_a_second_stage_the_report_has_no_stage_section(tmp_path):
+    from ahnet.evaluate import compare_stages
+    nod, cands, scans = _three_models()
+    assert compare_stages({m: {"candidates": c} for m, c in cands.items()}, [{"case_id": s} for s in scans],
+                          nod) is None
+    res = {m: {"detection": evaluate_detection(nod, c, scans, n_bootstrap=0), "segmentation": None}
+           for m, c in cands.items()}
+    build_report(res, tmp_path / "rep")
+    assert "first stage alone" not in (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")

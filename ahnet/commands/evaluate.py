@@ -27,7 +27,7 @@ from ahnet.precision import AMP_MODES, resolve_device
 from ahnet.report import build_report
 from ahnet.report.claims import claim_sentence, found_line
 from ahnet.data.budget import add_limit_argument
-from ahnet.evaluate import compare_models, evaluation_limit, gallery_crops, load_cases, run_names
+from ahnet.evaluate import compare_models, compare_stages, evaluation_limit, gallery_crops, load_cases, run_names
 from ahnet.evaluate.store import evaluate_runs
 
 PROG = "ahnet.evaluate"
@@ -128,6 +128,8 @@ def evaluate_and_report(runs, data, out, annotations=None, split: str = "test", 
                             for k, v in results.items()}, out, title=title,
                            comparisons=compare_models(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed,
                                                       groups=groups),
+                           stages=compare_stages(results, cases, ann, n_bootstrap=n_bootstrap, seed=seed,
+                                                 groups=groups) if rescorers else None,
                            runs=dict(zip(run_names(runs), runs)), gallery=gallery_crops(results, cases, images, ann),
                            candidates=rule.describe() + (SECOND_STAGE if rescorers else ""), extra_files=csvs)
     for m in rep["model_order"]:

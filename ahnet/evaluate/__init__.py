@@ -32,7 +32,7 @@ from ahnet.evaluate.crops import gallery_crops
 
 __all__ = ["EvaluateInputError", "evaluation_limit", "check_split_size", "load_cases", "run_names",
            "predict_run_rows", "evaluate_predictions", "run_rows", "case_rows", "case_seg_rows", "summarise_run",
-           "compare_models", "gallery_crops"]
+           "compare_models", "compare_stages", "gallery_crops"]
 
 
 #: mm of margin around each nodule's box in which its segmentation metrics are computed (segmetrics)
@@ -220,3 +220,29 @@ def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: i
     known = set(scan_ids)
     ann = [a for a in annotations if str(a["seriesuid"]) in known]
     return paired_bootstrap(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed)
+
+
+FIRST = ":first"          # suffix of a model's first-stage entry in compare_stages
+
+
+def compare_stages(results: dict, cases: list, annotations: list, n_bootstrap: int = 1000, seed: int = 0,
+                   groups: dict | None = None) -> dict | None:
+    """Each model's first stage alone beside its system, when a second stage rescored every run (each candidate
+    row keeps the first stage's score as ``probability_stage1``): one paired_bootstrap over every system and
+    every first stage (``<model>:first``), on the scan resamples of compare_models, so "system - first" and the
+    first stages' own pairs come with paired intervals. ``groups`` as for compare_models. None when some row has
+    no first-stage score (no second stage) or no run has a candidate."""
+    rows = [c for r in results.values() for c in r["candidates"]]
+    if not rows or any("probability_stage1" not in c for c in rows):
+        return None
+    first = {k: [dict(c, probability=c["probability_stage1"]) for c in v["candidates"]] for k, v in results.items()}
+    if groups is None:
+        cands = {**{k: v["candidates"] for k, v in results.items()}, **{k + FIRST: first[k] for k in results}}
+    else:
+        cands = {**{m: {r: results[r]["candidates"] for r in rs} for m, rs in groups.items()},
+                 **{m + FIRST: {r: first[r] for r in rs} for m, rs in groups.items()}}
+    scan_ids = [c["case_id"] for c in cases]
+    known = set(scan_ids)
+    ann = [a for a in annotations if str(a["seriesuid"]) in known]
+    return paired_bootstrap(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed)
+

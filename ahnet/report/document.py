@@ -6,7 +6,8 @@ Optional inputs of ``build_report`` add sections: ``comparisons`` (ahnet.evaluat
 models: the paper's claims with paired intervals, a type won only where the interval excludes 0; module
 ``claims``), ``runs`` ({model: run folder}: learning curves from each log.csv; module ``curves``), ``gallery``
 (ahnet.evaluate.gallery_crops: crops of hits, misses and false positives; module ``gallery``) and ``candidates``
-(the candidate rule, one line). Every model's "found" entry says how many nodules it finds at 1 FP/scan.
+(the candidate rule, one line) and ``stages`` (ahnet.evaluate.compare_stages: each first stage alone beside its
+system; module ``stages``). Every model's "found" entry says how many nodules it finds at 1 FP/scan.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.report.claims import claim_sentence, comparison_tables, found_line
 from ahnet.report.curves import budget_table, curves_figure, read_curves
 from ahnet.report.gallery import gallery_figures, row_names
+from ahnet.report.stages import stage_tables
 from ahnet.report.summary import TIE_TOL, summarize
 
 
@@ -220,6 +222,7 @@ def _blocks(rep, figs) -> list:
         blocks.append(("text", ["Gallery rows, top to bottom: "
                                 + "; ".join(row_names(rep["gallery"], rep["type_names"])) + "."]))
     blocks += [("table", *t) for t in comparison_tables(rep["comparisons"], rep["type_names"])]
+    blocks += [("table", *t) for t in stage_tables(rep.get("stages"))]
     blocks.append(("figures", "Learning curves", fig("learning_curves.png")))
     budget = budget_table(rep["learning_curves"])
     if budget:
@@ -266,14 +269,15 @@ def _html(rep, figs, title) -> str:
 
 def build_report(results: dict, out_dir, title: str = "AH-Net per-type evaluation", types=TYPE_CODES,
                  tie_tol: float = TIE_TOL, comparisons: dict | None = None, runs: dict | None = None,
-                 gallery: dict | None = None, candidates: str | None = None, extra_files: dict | None = None) -> dict:
+                 gallery: dict | None = None, candidates: str | None = None, extra_files: dict | None = None,
+                 stages: dict | None = None) -> dict:
     """Write report.json, report.md (with PNGs beside it) and a self-contained report.html into out_dir, with
     ``extra_files`` ({path relative to out_dir: text or bytes}, e.g. the candidate CSVs), all renamed into place
     together once every one is written (a kill or a full disk leaves the old report whole). Returns the
     report.json content. See the module docstring for the inputs and the rules.
     """
     rep = summarize(results, types=types, tie_tol=tie_tol, comparisons=comparisons, curves=read_curves(runs),
-                    gallery=gallery, candidates=candidates)
+                    gallery=gallery, candidates=candidates, stages=stages)
     out = Path(out_dir)
     figs = _figures(rep, gallery)
     files = {**figs, paths.REPORT_JSON: json.dumps(rep, indent=1, allow_nan=False),

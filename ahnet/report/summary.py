@@ -16,6 +16,7 @@ import numpy as np
 
 from ahnet.data.nodule_types import LOCATIONS, TYPE_CODES, TYPE_NAMES
 from ahnet.report.claims import found_summary, summarize_comparisons
+from ahnet.report.stages import summarize_stages
 from ahnet.report.gallery import gallery_json
 
 TIE_TOL = 1e-9
@@ -57,8 +58,9 @@ def pick_winners(scores: dict, tie_tol: float = TIE_TOL) -> dict:
 
 def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: float = TIE_TOL,
               comparisons: dict | None = None, curves: dict | None = None, gallery: dict | None = None,
-              candidates: str | None = None) -> dict:
-    """The report.json content (see the module docstring for the winner and tie rules and the optional parts)."""
+              candidates: str | None = None, stages: dict | None = None) -> dict:
+    """The report.json content (see the module docstring for the winner and tie rules and the optional parts;
+    ``stages``: ahnet.evaluate.compare_stages's result, the first stages beside the systems)."""
     if not results:
         raise ReportInputError("results is empty; give {model_name: {'detection': ..., 'segmentation': ...}}")
     fp_rates = None
@@ -95,6 +97,7 @@ def summarize(results: dict, types=TYPE_CODES, locations=LOCATIONS, tie_tol: flo
             "wins_outright": outright, "n_types_with_winner": sum(bool(w["models"]) for w in winners.values()),
             "overall_winner": pick_winners({m: models[m]["cpm"] for m in names}, tie_tol),
             "candidates": candidates, "comparisons": summarize_comparisons(comparisons, types, locations),
+            "stages": summarize_stages(stages),
             "learning_curves": curves or {}, "gallery": gallery_json(gallery),
             "rules": {"winner": "highest per-type CPM (point estimate); ties within %g share the type and each "
                                 "counts it in wins; no nodules, or every model at 0 -> no winner" % tie_tol,
