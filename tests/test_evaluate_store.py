@@ -78,7 +78,7 @@ def test_what_changes_a_number_predicts_again(world, tmp_path, monkeypatch):
     assert predicted == ["run"] * 4 and paths.report_evaluated(out, "run").is_file()
     predicted.clear()
     digest = store.code_digest()
-    monkeypatch.setattr(store, "code_digest", lambda: digest[::-1])       # a source file changed
+    monkeypatch.setattr(store, "code_digest", lambda *a: digest[::-1])       # a source file changed
     _evaluate(js, [run], out, threshold=0.4)
     assert predicted == ["run"]
 
@@ -91,3 +91,26 @@ def test_a_damaged_store_is_recomputed(world, tmp_path):
     second = _evaluate(js, [run], out)
     assert predicted == ["run", "run"]
     assert json.dumps(second["models"]["run"], sort_keys=True) == json.dumps(first["models"]["run"], sort_keys=True)
+
+
+def test_the_code_an_evaluation_depends_on_is_the_stages_it_can_import(tmp_path):
+    """The store's code digest covers the top-level modules and the data .. evaluate folders: editing one of them
+    predicts again; editing the report (a later stage, which evaluate never imports) does not."""
+    pkg = tmp_path / "ahnet"
+    files = {"paths.py": "A = 1\n", "infer/windows.py": "B = 2\n", "evaluate/froc.py": "C = 3\n",
+             "report/stages.py": "D = 4\n", "commands/evaluate.py": "E = 5\n"}
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+
+    def digests():
+        return store.code_digest(store.EVALUATION_SOURCES, root=pkg), store.code_digest(root=pkg)
+
+    before = digests()
+    for name, moves in (("report/stages.py", False), ("commands/evaluate.py", False), ("paths.py", True),
+                        ("infer/windows.py", True), ("evaluate/froc.py", True)):
+        (pkg / name).write_text(files[name] + "# changed\n")
+        now = digests()
+        assert (now[0] != before[0]) == moves, name
+        assert now[1] != before[1], name                       # the whole package's digest sees every change
+        before = now

@@ -207,3 +207,12 @@ def test_the_layout_is_spelled_in_ahnet_paths_only():
     run_sh = (ROOT / "run.sh").read_text(encoding="utf-8")
     found += [("run.sh", w) for w in LAYOUT_WORDS if w in run_sh]
     assert not found
+
+
+def test_the_evaluation_store_digests_exactly_the_stages_evaluate_may_import():
+    """ahnet.evaluate.store keys stored evaluations by the source of the folders evaluate may import (and the
+    top-level base modules); that list is this file's stage order up to evaluate, each stage its own folder."""
+    from ahnet.evaluate.store import EVALUATION_SOURCES
+    allowed = STAGES[1:STAGES.index("evaluate") + 1]
+    assert EVALUATION_SOURCES == allowed
+    assert all(STAGE_OF[f"ahnet.{s}"] == s for s in allowed)

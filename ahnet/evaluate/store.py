@@ -6,8 +6,10 @@ The fingerprint (sha256) covers: the run's checkpoint files and, when rescoring,
 the split's scans as evaluated (scaled arrays, grids, label masks); the split's annotation rows; every setting that
 changes a number (window settings, tta, precision, layout, mask threshold, candidate rule, rescore options, the
 in-plane spacing the scans are predicted at, when it resamples any of them); the device type, the torch version
-and the package's source (every module of ahnet, so a change of code, committed or not, predicts again;
-documentation and tests do not). A stored file whose fingerprint differs is recomputed and replaced.
+and the source of every stage an evaluation can import (ahnet's top-level modules and data, nets, train, infer and
+evaluate: a change there, committed or not, predicts again; a change of the report, serving, benchmarks or
+commands does not, since the one-way house keeps them out of evaluate's imports, and documentation and tests do
+not). A stored file whose fingerprint differs is recomputed and replaced.
 """
 from __future__ import annotations
 
@@ -47,12 +49,22 @@ def data_digest(cases: list, images: dict, annotations: list) -> str:
     return h.hexdigest()
 
 
-def code_digest() -> str:
-    """sha256 of the package's source: every ahnet/**/*.py by its path in the package and its bytes."""
-    root = Path(ahnet.__file__).resolve().parent
+#: the folders of ahnet whose source an evaluation's numbers can depend on, with the package's top-level modules:
+#: by the one-way house (tests/test_structure.py) evaluate imports these stages only, never report, serve, bench,
+#: gpucheck or the commands, so a change there (a report's new table) does not predict every run again
+EVALUATION_SOURCES = ("data", "nets", "train", "infer", "evaluate")
+
+
+def code_digest(folders: tuple | None = None, root: Path | None = None) -> str:
+    """sha256 of the package's source: every ahnet/**/*.py by its path in the package and its bytes; with
+    ``folders``, the top-level modules and those folders' only. ``root``: the package folder (default ahnet's)."""
+    root = Path(root) if root is not None else Path(ahnet.__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        rel = f.relative_to(root)
+        if folders is not None and len(rel.parts) > 1 and rel.parts[0] not in folders:
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
         _feed_file(h, f)
     return h.hexdigest()
 
@@ -110,7 +122,7 @@ def evaluate_runs(runs, cases: list, images: dict, annotations: list, out, devic
     known = set(scan_ids)
     ann = [a for a in annotations if str(a["seriesuid"]) in known]
     common = {"version": VERSION, "data": data_digest(cases, images, ann), "device": device.type,
-              "torch": torch.__version__, "code": code_digest(),
+              "torch": torch.__version__, "code": code_digest(EVALUATION_SOURCES),
               "settings": {"predict": predict_kw, "threshold": threshold, "rule": rule.to_dict(),
                            "margin_mm": evaluate.SEG_MARGIN_MM}}
     results = {}
