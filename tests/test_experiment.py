@@ -497,3 +497,28 @@ def test_seeds_train_each_variant_n_times_and_the_report_compares_models_over_th
     assert experiment.main(["--preset", "demo", "--bootstrap", "20", "--device", "cpu"]) == 0
     assert _files(runs / "ahnet-scratch" / "checkpoints") == done
     assert json.loads((runs / "report/report.json").read_text())["comparisons"]["seeds"] is None
+
+
+def test_evaluate_only_refuses_a_run_that_has_not_finished_training(tmp_path):
+    """A run still training has last.pt (and a best.pt) already: --evaluate-only must not evaluate it (on the final
+    set it would spend a look on a half-trained model); finished by its step cap or by its patience, it may."""
+    from ahnet.train.config import save_run_config
+    run = tmp_path / "runs" / "ahnet-transfer-seed1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    save_run_config(TrainConfig(out=str(run), epochs=6, steps_per_epoch=10, patience=3), run)
+
+    def log(*vals):                                    # one validation score per epoch
+        rows = [f"{e},{10 * e},0.5,{v}" for e, v in enumerate(vals, 1)]
+        (run / "log.csv").write_text("epoch,step,loss,val_cpm\n" + "\n".join(rows) + "\n", encoding="utf-8")
+
+    log(.3, .4)
+    with pytest.raises(ValueError, match=r"--evaluate-only: .*ahnet-transfer-seed1 has not finished training \(20 of "
+                                         r"60 steps, patience not spent\); let it finish first"):
+        experiment.check_trained([run], second_stage=False)
+    log(.3, .4, .5, .6, .7, .8)                        # the step cap
+    experiment.check_trained([run], second_stage=False)
+    log(.3, .6, .5, .4, .2)                            # three epochs without a better score: patience
+    experiment.check_trained([run], second_stage=False)
+    (run / "log.csv").unlink()                         # a run from elsewhere, no log: its checkpoint is taken
+    experiment.check_trained([run], second_stage=False)

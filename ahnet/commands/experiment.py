@@ -72,6 +72,7 @@ from ahnet.evaluate.validation import make_validator
 from ahnet.infer.spacing import add_inplane_argument
 from ahnet.precision import resolve_device
 from ahnet.report.claims import found_line
+from ahnet.report.curves import read_curve
 from ahnet.train import TrainingDiverged, dist, train
 from ahnet.train.config import TrainConfig
 from ahnet.train.guard import preflight
@@ -252,12 +253,18 @@ def plan_experiment(args) -> Plan:
 
 
 def check_trained(runs: List[Path], second_stage: bool) -> None:
-    """--evaluate-only: every run holds its trained model (and its second stage when the call rescores);
-    ValueError naming the first that does not."""
+    """--evaluate-only: every run holds its trained model, finished by its own rule (step cap or patience, read
+    from its log.csv and config.json: a run still training is not evaluated, least of all on the final set), and
+    its second stage when the call rescores; ValueError naming the first that does not."""
     for run in runs:
         if paths.trained_checkpoint(run) is None:
             raise ValueError(f"--evaluate-only: {run} holds no trained model ({paths.CHECKPOINTS}/{paths.BEST} or "
                              f"{paths.LAST}); train it first (the same command without --evaluate-only)")
+        budget = (read_curve(run) or {}).get("budget")
+        if budget and budget["stopped_by"] == "not finished":
+            raise ValueError(f"--evaluate-only: {run} has not finished training ({budget['steps_run']} of "
+                             f"{budget['cap']} steps, patience not spent); let it finish first (the same command "
+                             f"without --evaluate-only resumes it)")
         if second_stage and not paths.run_paths(run).rescorer.is_file():
             raise ValueError(f"--evaluate-only: {run} holds no second stage ({paths.RESCORER}); train it first "
                              f"(the same command without --evaluate-only) or add --no-rescore")
