@@ -216,6 +216,11 @@ def compare_models(results: dict, cases: list, annotations: list, n_bootstrap: i
         cands = {m: {r: results[r]["candidates"] for r in rs} for m, rs in groups.items()}
     if len(cands) < 2:
         return None
+    return _paired(cands, cases, annotations, n_bootstrap, seed)
+
+
+def _paired(cands: dict, cases: list, annotations: list, n_bootstrap: int, seed: int) -> dict:
+    """paired_bootstrap of ``cands`` on the cases' scans and the annotations of those scans."""
     scan_ids = [c["case_id"] for c in cases]
     known = set(scan_ids)
     ann = [a for a in annotations if str(a["seriesuid"]) in known]
@@ -241,8 +246,4 @@ def compare_stages(results: dict, cases: list, annotations: list, n_bootstrap: i
     else:
         cands = {**{m: {r: results[r]["candidates"] for r in rs} for m, rs in groups.items()},
                  **{m + FIRST: {r: first[r] for r in rs} for m, rs in groups.items()}}
-    scan_ids = [c["case_id"] for c in cases]
-    known = set(scan_ids)
-    ann = [a for a in annotations if str(a["seriesuid"]) in known]
-    return paired_bootstrap(ann, cands, scan_ids, n_bootstrap=n_bootstrap, seed=seed)
-
+    return _paired(cands, cases, annotations, n_bootstrap, seed)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from ahnet.evaluate import FIRST
 from ahnet.report.claims import CLAIMS, _d, _decision, _entry, _pair, display
 
+VERDICT = {"system": "the second stage helps", "first stage": "the second stage harms", None: "no decision"}
+
 
 def summarize_stages(comp: dict | None) -> dict | None:
     """{"n_bootstrap", "confidence", "models": {model: {"cpm_first", "ci_first", "cpm", "ci", "added"
@@ -23,7 +25,8 @@ def summarize_stages(comp: dict | None) -> dict | None:
     for m in systems:
         pair, swap = _pair(comp, m, m + FIRST)
         added = _entry(pair["overall"], swap)
-        models[m] = {"cpm_first": comp["cpm"][m + FIRST]["overall"], "ci_first": comp["cpm_ci"][m + FIRST]["overall"],
+        models[m] = {"cpm_first": comp["cpm"][m + FIRST]["overall"],
+                     "ci_first": comp["cpm_ci"][m + FIRST]["overall"],
                      "cpm": comp["cpm"][m]["overall"], "ci": comp["cpm_ci"][m]["overall"],
                      "added": dict(added, winner=None if added["winner"] is None else
                                    ("system" if added["winner"] == m else "first stage"))}
@@ -50,10 +53,7 @@ def stage_tables(stages: dict | None) -> list:
     pct = f"{100 * stages['confidence']:g}%"
     rows = []
     for m, s in stages["models"].items():
-        w = s["added"]["winner"]
-        verdict = "no interval" if s["added"]["ci"] is None else {"system": "the second stage helps",
-                                                                  "first stage": "the second stage harms"}.get(
-            w, "no decision")
+        verdict = "no interval" if s["added"]["ci"] is None else VERDICT[s["added"]["winner"]]
         rows.append([display(m), _cpm(s["cpm_first"], s["ci_first"]), _cpm(s["cpm"], s["ci"]), _d(s["added"]),
                      verdict])
     out = [(f"The first stage alone and what each model's second stage adds (CPM; system - first stage paired, "
