@@ -69,7 +69,8 @@ def test_every_user_facing_command_has_a_console_script():
         assert callable(getattr(importlib.import_module(module), func)), target
 
 
-@pytest.mark.parametrize("module, prog", [
+# every user-facing command: (the module whose main(argv) runs it, the program name its messages carry)
+COMMANDS = [
     ("ahnet.commands.train", "ahnet.train"), ("ahnet.commands.pipeline", "ahnet.pipeline"),
     ("ahnet.commands.experiment", "ahnet.experiment"), ("ahnet.commands.evaluate", "ahnet.evaluate"),
     ("ahnet.commands.predict", "ahnet.predict"), ("ahnet.commands.cache", "ahnet.commands.cache"),
@@ -77,7 +78,10 @@ def test_every_user_facing_command_has_a_console_script():
     ("ahnet.commands.export", "ahnet.export"), ("ahnet.commands.client", "ahnet.client"),
     ("ahnet.commands.serve", "ahnet.serve"), ("ahnet.commands.phantom", "ahnet.data.phantom"),
     ("ahnet.commands.rescore", "ahnet.rescore"), ("ahnet.commands.thickness", "ahnet.thickness"),
-    ("ahnet.commands.lever", "ahnet.lever")])
+    ("ahnet.commands.lever", "ahnet.lever")]
+
+
+@pytest.mark.parametrize("module, prog", COMMANDS)
 def test_usage_errors_are_one_line_with_the_program_name(module, prog, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:
@@ -86,3 +90,14 @@ def test_usage_errors_are_one_line_with_the_program_name(module, prog, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("unrecognized arguments: --no-such-flag" in err or "are required" in err)
     assert err.startswith(prog + ": error:")
+
+
+@pytest.mark.parametrize("module, prog", COMMANDS)
+def test_help_prints_every_option_and_exits_zero(module, prog, capsys):
+    """--help renders every option's help (argparse %-formats help text: a bare % in one crashed --help)."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and prog in out.splitlines()[0]

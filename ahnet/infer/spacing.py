@@ -55,7 +55,7 @@ def add_inplane_argument(ap) -> None:
                     help="predict each scan resampled in-plane to this pixel spacing (mm), its maps brought back "
                          "to its own grid: auto (default) = the models' training spacing recorded in their "
                          "checkpoints (none recorded: native); native = each scan's own grid; slices are never "
-                         f"resampled; a scan within {RTOL:.0%} of the target is left as it is")
+                         f"resampled; a scan within {RTOL * 100:g}%% of the target is left as it is")
 
 
 def training_inplane(ens) -> tuple | None:
