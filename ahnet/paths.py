@@ -307,9 +307,10 @@ class ExperimentPaths:
         return self.runs / f"{REPORT}{FINAL_SUFFIX}-thickness"
 
 
-def experiment_name(preset: str, slice_spacing: float = 2.5) -> str:
-    """An experiment's default name: phantom-<preset>, with -z<S> at a slice spacing other than 2.5 mm."""
-    return f"phantom-{preset}" + (f"-z{slice_spacing:g}" if slice_spacing != 2.5 else "")
+def experiment_name(preset: str, slice_spacing: float = 2.5, base: str | None = None) -> str:
+    """The name of an experiment at a slice spacing: ``base`` (default phantom-<preset>) at 2.5 mm, with -z<S> at
+    another spacing S (phantom-cpu-z5; the thickness study reads phantom-cpu-main and phantom-cpu-main-z5 as one)."""
+    return (base or f"phantom-{preset}") + (f"-z{slice_spacing:g}" if slice_spacing != 2.5 else "")
 
 
 def report_candidates(report_dir, run_name: str) -> Path:

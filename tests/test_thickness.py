@@ -98,10 +98,10 @@ def test_the_summary_refuses_sets_it_cannot_pair():
 SMALL = dict(n_cases=2, size=96, spacing=1.2, nodules_per_case=4)
 
 
-def _final_set(root, spacing, skills, seed=0):
+def _final_set(root, spacing, skills, seed=0, name=None):
     """A real tiny final set at ``spacing`` under root/data and the candidates its evaluation would have written
-    under root/runs, one CSV per run: {run name: detector skill}."""
-    ep = paths.ExperimentPaths(paths.experiment_name("cpu", spacing))
+    under root/runs, one CSV per run: {run name: detector skill}; ``name``: the 2.5 mm experiment's --name."""
+    ep = paths.ExperimentPaths(paths.experiment_name("cpu", spacing, name))
     ds = generate_test_phantom(root / ep.final, "demo", seed=0, **SMALL, thickness=slice_options(spacing)["thickness"],
                                slices=int(round(60 / spacing)))
     ann = read_annotations_csv(paths.annotations_csv(ds))
@@ -126,6 +126,19 @@ def test_the_command_writes_the_study_from_two_spacings(tmp_path, monkeypatch, c
     assert "python -m ahnet.thickness --preset cpu --spacings 2.5 5 --bootstrap 50" in md
     for fig in ("thickness_cpm.png", "thickness_pairs.png"):
         assert (out / fig).stat().st_size > 2000
+
+
+def test_the_command_reads_a_named_experiment_at_each_spacing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _final_set(tmp_path, 2.5, {"ahnet-transfer": 0.9, "unet3d-scratch": 0.7}, name="phantom-cpu-main")
+    _final_set(tmp_path, 5.0, {"ahnet-transfer": 0.9, "unet3d-scratch": 0.4}, seed=7, name="phantom-cpu-main")
+    assert cmd.main(["--preset", "cpu", "--spacings", "2.5", "5", "--bootstrap", "0"]) == 2   # no phantom-cpu
+    err = capsys.readouterr().err
+    assert "no final evaluation at 2.5 mm" in err and "--name phantom-cpu --final" in err
+    assert cmd.main(["--preset", "cpu", "--name", "phantom-cpu-main", "--spacings", "2.5", "5", "--bootstrap", "0"]) == 0
+    out = tmp_path / paths.ExperimentPaths("phantom-cpu-main").thickness_report()
+    assert set(json.loads((out / paths.REPORT_JSON).read_text())["cpm"]) == {"2.5", "5"}
+    assert "runs/phantom-cpu-main-z5/report-final" in (out / paths.REPORT_MD).read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,6 +3,7 @@
     python -m ahnet.experiment --preset cpu --final                      # 2.5 mm: runs/phantom-cpu/report-final
     python -m ahnet.experiment --preset cpu --final --slice-spacing 5    # 5 mm: runs/phantom-cpu-z5/report-final
     python -m ahnet.thickness --preset cpu --spacings 2.5 5              # -> runs/phantom-cpu/report-final-thickness
+    python -m ahnet.thickness --name phantom-cpu-main --spacings 2.5 5   # phantom-cpu-main and phantom-cpu-main-z5
 
 Reads the candidates each final evaluation wrote (no prediction, no new look at the final set) and writes, with
 ahnet.evaluate.thickness and ahnet.report.thickness: every model's CPM against slice spacing, overall and per
@@ -39,8 +40,10 @@ def build_parser() -> failures.Parser:
     p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
                    help=f"models to compare (default: those of {', '.join(STUDY_VARIANTS)} evaluated at every "
                         f"spacing); must include {REFERENCE}")
+    p.add_argument("--name", help="the 2.5 mm experiment's --name; at another spacing S the study reads <name>-z<S> "
+                                  "(default phantom-<preset>: phantom-cpu, phantom-cpu-z5)")
     add_reading_options(p)
-    p.add_argument("--out", type=Path, help="report folder (default runs/phantom-<preset>/report-final-thickness)")
+    p.add_argument("--out", type=Path, help="report folder (default runs/<the 2.5 mm experiment>/report-final-thickness)")
     return p
 
 
@@ -61,12 +64,12 @@ def plan_study(args) -> tuple:
     spacings = sorted(set(args.spacings))
     if len(spacings) < 2:
         raise ValueError(f"--spacings: the study compares two or more slice spacings; got {spacings}")
-    exps = {s: paths.ExperimentPaths(paths.experiment_name(args.preset, s)) for s in spacings}
+    exps = {s: paths.ExperimentPaths(paths.experiment_name(args.preset, s, args.name)) for s in spacings}
     for s, ep in exps.items():
         final_json = ep.final / paths.DATASET
         if not final_json.is_file() or not ep.report(final=True).is_dir():
             raise ValueError(f"--spacings {s:g}: no final evaluation at {s:g} mm ({ep.report(final=True)}); run "
-                             f"python -m ahnet.experiment --preset {args.preset} --final"
+                             f"python -m ahnet.experiment --preset {args.preset} --name {ep.name} --final"
                              + (f" --slice-spacing {s:g}" if s != 2.5 else ""))
         held = data_spacing(final_json)[0]
         if abs(held - s) > 1e-6:
