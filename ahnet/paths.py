@@ -280,6 +280,12 @@ class ExperimentPaths:
         """The run folder of a variant's k-th training (k = 0: the variant's own name)."""
         return self.runs / (variant if k == 0 else f"{variant}-seed{k}")
 
+    @staticmethod
+    def variant_of(run_name: str) -> str:
+        """The variant a run folder's name trains (``run``'s inverse): ahnet-transfer-seed2 -> ahnet-transfer."""
+        head, sep, k = run_name.rpartition("-seed")
+        return head if sep and head and k.isdigit() and int(k) > 0 else run_name
+
     def run_names(self, variant: str, seeds: int) -> list:
         """The run folder names of a variant's first ``seeds`` trainings (the same in every experiment)."""
         return [self.run(variant, k).name for k in range(seeds)]

@@ -14,6 +14,7 @@ CT) is ahnet.data.checks'.
 from __future__ import annotations
 
 import csv
+import gzip
 import io as _io
 import json
 import logging
@@ -402,7 +403,13 @@ def _read_csv(path, required: Sequence[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found.")
-    with _io.StringIO(decode_utf8(path.read_bytes(), path), newline="") as f:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":                     # the candidates kept in paper_notes/evidence are gzipped
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+    with _io.StringIO(decode_utf8(raw, path), newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
