@@ -206,10 +206,10 @@ def test_report_sections_claims_curves_found_and_gallery(tmp_path):
     assert f["n"] == len(nod) and f["n_found"] == res["ahnet-transfer"]["detection"]["found"]["n_found"]
     assert "image" not in j["gallery"]["types"]["T01"][0] and j["gallery"]["types"]["T01"][0]["kind"] == "hit"
     d = tmp_path / "rep"
-    for name in ("learning_curves.png", "gallery_types.png", "gallery_false_positives.png"):
+    for name in ("learning_curves.png", "gallery_types.png", "gallery_false_positives.png", "claims.png"):
         assert (d / name).stat().st_size > 0
     html = (d / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 8
+    assert html.count("data:image/png;base64,") == 9
     md = (d / "report.md").read_text(encoding="utf-8")
     want = (f"AH-Net after transfer: {f['n_found']} of {f['n']} nodules found at 1 false positive per scan, every "
             f"type at least once: {'yes' if f['every_type'] else 'no'}")
@@ -312,3 +312,35 @@ def test_without_a_second_stage_the_report_has_no_stage_section(tmp_path):
            for m, c in cands.items()}
     build_report(res, tmp_path / "rep")
     assert "first stage alone" not in (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_comparison_at_a_glance_draws_the_reports_own_numbers(tmp_path):
+    """claims.png: each model's mean over seeds with its interval and each seed's CPM, its first stage, and every
+    claim's paired difference coloured by what its interval decides; absent with one model."""
+    from ahnet.evaluate import compare_models, compare_stages
+    from ahnet.report.forest import FIGURE, claim_points, model_points
+    nod, cands, scans = _three_models()
+    results = {m: {"candidates": rows} for m, rows in _rescored(cands).items()}
+    results.update({m + "-seed1": {"candidates": _rescored(cands, seed=9)[m]} for m in cands})
+    groups = {m: [m, m + "-seed1"] for m in cands}
+    cases = [{"case_id": s} for s in scans]
+    res = {r: {"detection": evaluate_detection(nod, v["candidates"], scans, n_bootstrap=0), "segmentation": None}
+           for r, v in results.items()}
+    rep = build_report(res, tmp_path / "rep", comparisons=compare_models(results, cases, nod, 200, 0, groups),
+                       stages=compare_stages(results, cases, nod, 200, 0, groups))
+    points = {p[0]: p for p in model_points(rep)}
+    assert set(points) == set(cands)
+    for m, (_, cpm, ci, runs, first, first_ci) in points.items():
+        assert sorted(runs) == sorted(res[r]["detection"]["cpm"] for r in groups[m])
+        assert cpm == pytest.approx(np.mean(runs)) and ci[0] <= cpm <= ci[1]
+        assert (first, first_ci) == (rep["stages"]["models"][m]["cpm_first"], rep["stages"]["models"][m]["ci_first"])
+    drawn = claim_points(rep)
+    claims = rep["comparisons"]["claims"] + rep["stages"]["claims"]
+    assert [d[1] for d in drawn] == [c["overall"]["diff"] for c in claims]
+    for (_, diff, (lo, hi), side), c in zip(drawn, claims):
+        assert side == ("a" if lo > 0 else "b" if hi < 0 else None)
+    assert (tmp_path / "rep" / FIGURE).stat().st_size > 5000
+    assert f"![{FIGURE}]({FIGURE})" in (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    one = {"ahnet-transfer": res["ahnet-transfer"]}
+    build_report(one, tmp_path / "one")
+    assert not (tmp_path / "one" / FIGURE).exists()

@@ -24,6 +24,7 @@ from ahnet.atomic import atomic_paths
 from ahnet.data.nodule_types import TYPE_CODES
 from ahnet.report.claims import claim_sentence, comparison_tables, found_line
 from ahnet.report.curves import budget_table, curves_figure, read_curves
+from ahnet.report.forest import FIGURE as CLAIMS_FIGURE, claims_figure
 from ahnet.report.gallery import gallery_figures, row_names
 from ahnet.report.stages import stage_tables
 from ahnet.report.summary import TIE_TOL, summarize
@@ -148,7 +149,7 @@ def _bar_figure(plt, names, get, ylabel, title, groups, group_labels):
 
 def _figures(rep, gallery=None) -> dict:
     """{file name: PNG bytes} made with matplotlib (Agg): FROC, per-type CPM, sensitivity and Dice, location CPM,
-    learning curves and the gallery (when the report has them)."""
+    learning curves, the gallery and the comparison at a glance (when the report has them)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -184,6 +185,9 @@ def _figures(rep, gallery=None) -> dict:
     if rep["learning_curves"]:
         made["learning_curves.png"] = curves_figure(plt, rep["learning_curves"])
     made.update(gallery_figures(plt, gallery, rep["type_names"]))
+    glance = claims_figure(plt, rep)
+    if glance is not None:
+        made[CLAIMS_FIGURE] = glance
     figs = {}
     for name, fig in made.items():
         buf = io.BytesIO()
@@ -221,6 +225,7 @@ def _blocks(rep, figs) -> list:
     if "gallery_types.png" in figs:
         blocks.append(("text", ["Gallery rows, top to bottom: "
                                 + "; ".join(row_names(rep["gallery"], rep["type_names"])) + "."]))
+    blocks.append(("figures", "The comparison at a glance", fig(CLAIMS_FIGURE)))
     blocks += [("table", *t) for t in comparison_tables(rep["comparisons"], rep["type_names"])]
     blocks += [("table", *t) for t in stage_tables(rep.get("stages"))]
     blocks.append(("figures", "Learning curves", fig("learning_curves.png")))
