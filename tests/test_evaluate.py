@@ -272,6 +272,7 @@ def test_kept_candidates_of_several_seeds_are_compared_over_seeds_and_stages(tmp
     ("ok", ["--tta", "--overlap", "0.3"], "--overlap, --tta: no effect with --from-candidates"),
     ("empty", [], "no <run>.csv or <run>.csv.gz in it"),
     ("ok", ["--candidate-threshold", "0.5"], "--candidate-threshold: no effect"),
+    ("no score", [], "missing columns ['probability']"),
 ])
 def test_from_candidates_refuses_bad_input_in_one_line(tmp_path, capsys, setup, extra, want):
     from ahnet.data.io import candidates_csv_text
@@ -282,6 +283,8 @@ def test_from_candidates_refuses_bad_input_in_one_line(tmp_path, capsys, setup, 
     good = _rows(rows, ["c0"], 0.8, 0)
     if setup in ("ok", "stray", "uneven"):
         (kept / "a.csv").write_text(candidates_csv_text(good, ["probability_stage1"]))
+    if setup == "no score":
+        (kept / "a.csv").write_text("seriesuid,coordX,coordY,coordZ\nc0,1,2,3\n")
     if setup == "stray":
         (kept / "b.csv").write_text(candidates_csv_text([dict(good[0], seriesuid="elsewhere")]))
     if setup == "uneven":

@@ -439,7 +439,7 @@ def read_annotations_csv(path, case_ids: Iterable[str] | None = None, dataset=No
 
 def read_candidates_csv(path) -> list[dict]:
     """LUNA16 candidates (seriesuid, coordX, coordY, coordZ, probability) plus any extra columns (e.g. class)."""
-    return _read_csv(path, ("seriesuid", "coordX", "coordY", "coordZ"))
+    return _read_csv(path, ("seriesuid", "coordX", "coordY", "coordZ", "probability"))
 
 
 def candidates_csv_text(rows: Iterable[dict], extra_columns: Sequence[str] = ()) -> str:
