@@ -30,7 +30,7 @@ def display(model: str) -> str:
     return DISPLAY.get(model, model)
 
 
-def _entry(d: dict | None, swap: bool) -> dict | None:
+def oriented(d: dict | None, swap: bool) -> dict | None:
     """A paired_bootstrap difference, turned round when the claim names the pair the other way."""
     if d is None or not swap:
         return d
@@ -39,7 +39,8 @@ def _entry(d: dict | None, swap: bool) -> dict | None:
             "ci": ci}
 
 
-def _pair(comparisons: dict, a: str, b: str):
+def find_pair(comparisons: dict, a: str, b: str):
+    """(the pair of a and b in a paired_bootstrap result or None, whether it is named b - a there)."""
     for p in comparisons["pairs"]:
         if (p["a"], p["b"]) in ((a, b), (b, a)):
             return p, p["a"] != a
@@ -52,16 +53,16 @@ def summarize_comparisons(comparisons: dict | None, types, locations) -> dict | 
         return None
     claims = []
     for a, b, claim in CLAIMS:
-        p, swap = _pair(comparisons, a, b)
+        p, swap = find_pair(comparisons, a, b)
         if p is None:
             continue
         groups = p["groups"]
-        by_type = {t: _entry(groups.get("type", {}).get(t), swap) for t in types}
-        by_loc = {loc: _entry(groups.get("location", {}).get(loc), swap) for loc in locations
+        by_type = {t: oriented(groups.get("type", {}).get(t), swap) for t in types}
+        by_loc = {loc: oriented(groups.get("location", {}).get(loc), swap) for loc in locations
                   if loc in groups.get("location", {})}
         won = [t for t, d in by_type.items() if d and d["winner"] == a]
         lost = [t for t, d in by_type.items() if d and d["winner"] == b]
-        claims.append({"claim": claim, "a": a, "b": b, "overall": _entry(p["overall"], swap), "types": by_type,
+        claims.append({"claim": claim, "a": a, "b": b, "overall": oriented(p["overall"], swap), "types": by_type,
                        "locations": by_loc, "types_won_a": won, "types_won_b": lost,
                        "types_no_decision": [t for t, d in by_type.items() if d and d["winner"] is None]})
     best_types = {t: comparisons["best"]["groups"].get("type", {}).get(t) for t in types}
@@ -139,14 +140,16 @@ def found_line(model: str, f: dict) -> str:
             f"({f['types_found']} of {f['types_present']} types)")
 
 
-def _d(d, nd=3):
+def diff_cell(d, nd=3):
+    """A difference with its interval as a table cell: +0.012 [-0.010, +0.034]."""
     if not d or d["diff"] is None:
         return "–"
     ci = "" if not d["ci"] else f" [{d['ci'][0]:+.{nd}f}, {d['ci'][1]:+.{nd}f}]"
     return f"{d['diff']:+.{nd}f}{ci}"
 
 
-def _decision(d, a, b):
+def decision_cell(d, a, b):
+    """Whom a difference's interval decides for, as a table cell (a reader's model name or no decision)."""
     if not d or d["diff"] is None:
         return "no nodules"
     if d["ci"] is None:
@@ -162,7 +165,7 @@ def comparison_tables(comp: dict | None, type_names: dict) -> list:
     pct = f"{100 * comp['confidence']:g}%"
     out = seed_tables(comp.get("seeds"), type_names, pct)
     over = "seed and scan" if comp.get("seeds") else "scan"
-    rows = [[c["claim"], f"{c['a']} - {c['b']}", _d(c["overall"]), _decision(c["overall"], c["a"], c["b"]),
+    rows = [[c["claim"], f"{c['a']} - {c['b']}", diff_cell(c["overall"]), decision_cell(c["overall"], c["a"], c["b"]),
              str(len(c["types_won_a"])), str(len(c["types_won_b"])), str(len(c["types_no_decision"]))]
             for c in comp["claims"]]
     out.append((f"Paired comparisons: the paper's claims (CPM difference, paired {pct} bootstrap interval over the "
@@ -170,11 +173,11 @@ def comparison_tables(comp: dict | None, type_names: dict) -> list:
                 ["claim", "pair (a - b)", f"overall diff [{pct} CI]", "decision", "types won by a",
                  "types won by b", "no decision"], rows))
     for c in comp["claims"]:
-        rows = [["all", _f(c["overall"], "cpm_a"), _f(c["overall"], "cpm_b"), _d(c["overall"]),
-                 _decision(c["overall"], c["a"], c["b"])]]
-        rows += [[f"{t} {type_names.get(t, t)}", _f(d, "cpm_a"), _f(d, "cpm_b"), _d(d), _decision(d, c["a"], c["b"])]
+        rows = [["all", _f(c["overall"], "cpm_a"), _f(c["overall"], "cpm_b"), diff_cell(c["overall"]),
+                 decision_cell(c["overall"], c["a"], c["b"])]]
+        rows += [[f"{t} {type_names.get(t, t)}", _f(d, "cpm_a"), _f(d, "cpm_b"), diff_cell(d), decision_cell(d, c["a"], c["b"])]
                  for t, d in c["types"].items()]
-        rows += [[loc, _f(d, "cpm_a"), _f(d, "cpm_b"), _d(d), _decision(d, c["a"], c["b"])]
+        rows += [[loc, _f(d, "cpm_a"), _f(d, "cpm_b"), diff_cell(d), decision_cell(d, c["a"], c["b"])]
                  for loc, d in c["locations"].items()]
         out.append((f"{display(c['a'])} vs {display(c['b'])} ({c['claim']})",
                     ["group", f"CPM {c['a']}", f"CPM {c['b']}", f"diff [{pct} CI]", "decision"], rows))

@@ -9,7 +9,7 @@ stages alone.
 from __future__ import annotations
 
 from ahnet.evaluate import FIRST
-from ahnet.report.claims import CLAIMS, _d, _decision, _entry, _pair, display
+from ahnet.report.claims import CLAIMS, decision_cell, diff_cell, display, find_pair, oriented
 
 VERDICT = {"system": "the second stage helps", "first stage": "the second stage harms", None: "no decision"}
 
@@ -23,8 +23,8 @@ def summarize_stages(comp: dict | None) -> dict | None:
     systems = [m for m in comp["models"] if not m.endswith(FIRST)]
     models = {}
     for m in systems:
-        pair, swap = _pair(comp, m, m + FIRST)
-        added = _entry(pair["overall"], swap)
+        pair, swap = find_pair(comp, m, m + FIRST)
+        added = oriented(pair["overall"], swap)
         models[m] = {"cpm_first": comp["cpm"][m + FIRST]["overall"],
                      "ci_first": comp["cpm_ci"][m + FIRST]["overall"],
                      "cpm": comp["cpm"][m]["overall"], "ci": comp["cpm_ci"][m]["overall"],
@@ -32,9 +32,9 @@ def summarize_stages(comp: dict | None) -> dict | None:
                                    ("system" if added["winner"] == m else "first stage"))}
     claims = []
     for a, b, claim in CLAIMS:
-        pair, swap = _pair(comp, a + FIRST, b + FIRST)
+        pair, swap = find_pair(comp, a + FIRST, b + FIRST)
         if pair is not None:
-            o = _entry(pair["overall"], swap)
+            o = oriented(pair["overall"], swap)
             w = o["winner"]
             claims.append({"claim": claim, "a": a, "b": b,
                            "overall": dict(o, winner=None if w is None else w[:-len(FIRST)])})
@@ -54,14 +54,14 @@ def stage_tables(stages: dict | None) -> list:
     rows = []
     for m, s in stages["models"].items():
         verdict = "no interval" if s["added"]["ci"] is None else VERDICT[s["added"]["winner"]]
-        rows.append([display(m), _cpm(s["cpm_first"], s["ci_first"]), _cpm(s["cpm"], s["ci"]), _d(s["added"]),
+        rows.append([display(m), _cpm(s["cpm_first"], s["ci_first"]), _cpm(s["cpm"], s["ci"]), diff_cell(s["added"]),
                      verdict])
     out = [(f"The first stage alone and what each model's second stage adds (CPM; system - first stage paired, "
             f"{pct} bootstrap interval over the same {stages['n_bootstrap']} resamples)",
             ["model", f"first stage alone [{pct} CI]", f"with its second stage [{pct} CI]",
              f"second stage adds [{pct} CI]", "decision"], rows)]
     if stages["claims"]:
-        rows = [[c["claim"], f"{c['a']} - {c['b']}", _d(c["overall"]), _decision(c["overall"], c["a"], c["b"])]
+        rows = [[c["claim"], f"{c['a']} - {c['b']}", diff_cell(c["overall"]), decision_cell(c["overall"], c["a"], c["b"])]
                 for c in stages["claims"]]
         out.append((f"The paper's claims on the networks alone (first stages, before any second stage; paired "
                     f"{pct} interval)", ["claim", "pair (a - b)", f"overall diff [{pct} CI]", "decision"], rows))
