@@ -295,3 +295,13 @@ def test_from_candidates_refuses_bad_input_in_one_line(tmp_path, capsys, setup, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ahnet.evaluate: error:") and want in err[0], err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_kept_runs_come_in_the_experiments_order():
+    """The experiment's variants first, in its order, then other models by name, each model's seeds by number
+    (seed 10 after seed 2): the order the hierarchical bootstrap draws seeds in."""
+    names = ["unet3d-scratch-seed1", "zeta", "ahnet-transfer-seed10", "mcgcn-2d", "ahnet-transfer-seed2", "alpha",
+             "ahnet-transfer", "unet3d-scratch"]
+    assert sorted(names, key=ev_cli._run_order) == [
+        "mcgcn-2d", "ahnet-transfer", "ahnet-transfer-seed2", "ahnet-transfer-seed10", "unet3d-scratch",
+        "unet3d-scratch-seed1", "alpha", "zeta"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ahnet import failures, paths
 from ahnet.atomic import folder_lock, remove_temps
+from ahnet.commands.presets import ALL_VARIANTS
 from ahnet.data.io import candidates_csv_text, load_dataset_json, read_annotations_csv, read_candidates_csv
 from ahnet.infer import CandidateRule, WindowSettings, add_candidate_arguments, add_window_arguments, candidate_rule
 from ahnet.infer import load_ensemble, rule_from_arguments
@@ -223,8 +224,8 @@ def report_from_candidates(folder, data, out, annotations=None, split: str = "te
 
 
 def _read_candidate_folder(folder: Path) -> dict:
-    """{run name: candidate rows} of every <run>.csv and <run>.csv.gz in ``folder``, by name; ValueError when it holds
-    none or the same run twice."""
+    """{run name: candidate rows} of every <run>.csv and <run>.csv.gz in ``folder``, in _run_order; ValueError
+    when it holds none or the same run twice."""
     if not folder.is_dir():
         raise ValueError(f"--from-candidates {folder}: not a folder")
     files = sorted(folder.glob("*.csv")) + sorted(folder.glob("*.csv.gz"))
@@ -233,7 +234,17 @@ def _read_candidate_folder(folder: Path) -> dict:
         raise ValueError(f"--from-candidates {folder}: no <run>.csv or <run>.csv.gz in it")
     if len(set(names)) < len(names):
         raise ValueError(f"--from-candidates {folder}: a run with both a .csv and a .csv.gz file")
-    return {n: read_candidates_csv(f) for n, f in sorted(zip(names, files))}
+    return {n: read_candidates_csv(f) for n, f in sorted(zip(names, files), key=lambda nf: _run_order(nf[0]))}
+
+
+def _run_order(name: str) -> tuple:
+    """Where a run goes in the report: the experiment's variant order (presets.ALL_VARIANTS), then other models by
+    name, each model's runs by seed. The hierarchical bootstrap draws each model's seeds in this order, so a
+    report of an experiment's candidates gets the experiment's own intervals."""
+    variant = paths.ExperimentPaths.variant_of(name)
+    k = int(name[len(variant) + len("-seed"):]) if name != variant else 0
+    known = ALL_VARIANTS.index(variant) if variant in ALL_VARIANTS else len(ALL_VARIANTS)
+    return known, variant, k
 
 
 def _seed_groups(names: list) -> dict:
