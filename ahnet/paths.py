@@ -281,10 +281,11 @@ class ExperimentPaths:
         return self.runs / (variant if k == 0 else f"{variant}-seed{k}")
 
     @staticmethod
-    def variant_of(run_name: str) -> str:
-        """The variant a run folder's name trains (``run``'s inverse): ahnet-transfer-seed2 -> ahnet-transfer."""
+    def run_seed(run_name: str) -> tuple:
+        """(variant, k) of a run folder's name, ``run``'s inverse: ahnet-transfer-seed2 -> (ahnet-transfer, 2); a
+        name that is no retraining's is its own variant, k = 0."""
         head, sep, k = run_name.rpartition("-seed")
-        return head if sep and head and k.isdigit() and int(k) > 0 else run_name
+        return (head, int(k)) if sep and head and k.isdigit() and int(k) > 0 else (run_name, 0)
 
     def run_names(self, variant: str, seeds: int) -> list:
         """The run folder names of a variant's first ``seeds`` trainings (the same in every experiment)."""

@@ -83,6 +83,6 @@ def test_experiment_held_out_sets_and_their_reports_share_one_naming():
 def test_a_run_name_gives_back_its_variant():
     ep = paths.ExperimentPaths("phantom-cpu")
     for v in ("mcgcn-2d", "ahnet-transfer", "ahnet-transfer-pfn0", "unet3d-scratch"):
-        assert {paths.ExperimentPaths.variant_of(n) for n in ep.run_names(v, 4)} == {v}
+        assert [paths.ExperimentPaths.run_seed(n) for n in ep.run_names(v, 4)] == [(v, k) for k in range(4)]
     for odd in ("a-seed0", "a-seedx", "-seed2", "seed3"):        # not a retraining's name: the name itself
-        assert paths.ExperimentPaths.variant_of(odd) == odd
+        assert paths.ExperimentPaths.run_seed(odd) == (odd, 0)

@@ -135,7 +135,8 @@ def test_the_command_reads_a_named_experiment_at_each_spacing(tmp_path, monkeypa
     assert cmd.main(["--preset", "cpu", "--spacings", "2.5", "5", "--bootstrap", "0"]) == 2   # no phantom-cpu
     err = capsys.readouterr().err
     assert "no final evaluation at 2.5 mm" in err and "--name phantom-cpu --final" in err
-    assert cmd.main(["--preset", "cpu", "--name", "phantom-cpu-main", "--spacings", "2.5", "5", "--bootstrap", "0"]) == 0
+    argv = ["--preset", "cpu", "--name", "phantom-cpu-main", "--spacings", "2.5", "5", "--bootstrap", "0"]
+    assert cmd.main(argv) == 0
     out = tmp_path / paths.ExperimentPaths("phantom-cpu-main").thickness_report()
     assert set(json.loads((out / paths.REPORT_JSON).read_text())["cpm"]) == {"2.5", "5"}
     assert "runs/phantom-cpu-main-z5/report-final" in (out / paths.REPORT_MD).read_text()

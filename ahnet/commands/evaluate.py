@@ -241,8 +241,7 @@ def _run_order(name: str) -> tuple:
     """Where a run goes in the report: the experiment's variant order (presets.ALL_VARIANTS), then other models by
     name, each model's runs by seed. The hierarchical bootstrap draws each model's seeds in this order, so a
     report of an experiment's candidates gets the experiment's own intervals."""
-    variant = paths.ExperimentPaths.variant_of(name)
-    k = int(name[len(variant) + len("-seed"):]) if name != variant else 0
+    variant, k = paths.ExperimentPaths.run_seed(name)
     known = ALL_VARIANTS.index(variant) if variant in ALL_VARIANTS else len(ALL_VARIANTS)
     return known, variant, k
 
@@ -251,7 +250,7 @@ def _seed_groups(names: list) -> dict:
     """{model: [its runs]} from run names (<model>, <model>-seed<k>); ValueError when models differ in seeds."""
     groups: dict = {}
     for n in names:
-        groups.setdefault(paths.ExperimentPaths.variant_of(n), []).append(n)
+        groups.setdefault(paths.ExperimentPaths.run_seed(n)[0], []).append(n)
     counts = {m: len(rs) for m, rs in groups.items()}
     if len(set(counts.values())) > 1:
         raise ValueError(f"--group-seeds: the models hold different numbers of runs ({counts}); compare "

@@ -43,7 +43,8 @@ def build_parser() -> failures.Parser:
     p.add_argument("--name", help="the 2.5 mm experiment's --name; at another spacing S the study reads <name>-z<S> "
                                   "(default phantom-<preset>: phantom-cpu, phantom-cpu-z5)")
     add_reading_options(p)
-    p.add_argument("--out", type=Path, help="report folder (default runs/<the 2.5 mm experiment>/report-final-thickness)")
+    p.add_argument("--out", type=Path,
+                   help="report folder (default runs/<the 2.5 mm experiment>/report-final-thickness)")
     return p
 
 

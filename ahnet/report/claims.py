@@ -175,7 +175,8 @@ def comparison_tables(comp: dict | None, type_names: dict) -> list:
     for c in comp["claims"]:
         rows = [["all", _f(c["overall"], "cpm_a"), _f(c["overall"], "cpm_b"), diff_cell(c["overall"]),
                  decision_cell(c["overall"], c["a"], c["b"])]]
-        rows += [[f"{t} {type_names.get(t, t)}", _f(d, "cpm_a"), _f(d, "cpm_b"), diff_cell(d), decision_cell(d, c["a"], c["b"])]
+        rows += [[f"{t} {type_names.get(t, t)}", _f(d, "cpm_a"), _f(d, "cpm_b"), diff_cell(d),
+                  decision_cell(d, c["a"], c["b"])]
                  for t, d in c["types"].items()]
         rows += [[loc, _f(d, "cpm_a"), _f(d, "cpm_b"), diff_cell(d), decision_cell(d, c["a"], c["b"])]
                  for loc, d in c["locations"].items()]

@@ -72,7 +72,7 @@ def claims_figure(plt, rep: dict):
     right.set_yticks(range(len(claims)), [c[0] for c in reversed(claims)], fontsize=8)
     right.yaxis.tick_right()
     right.set_xlabel("CPM difference a - b (paired 95% interval)")
-    right.set_title(("The paper's claims" if (rep.get("comparisons") or {}).get("claims") else "Every pair")
+    right.set_title(("The paper's claims" if rep["comparisons"].get("claims") else "Every pair")
                     + " (green: decided for a, red: for b, grey: no decision)", fontsize=10, pad=20)
     right.grid(axis="x", alpha=0.3)
     fig.tight_layout()

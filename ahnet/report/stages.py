@@ -61,7 +61,8 @@ def stage_tables(stages: dict | None) -> list:
             ["model", f"first stage alone [{pct} CI]", f"with its second stage [{pct} CI]",
              f"second stage adds [{pct} CI]", "decision"], rows)]
     if stages["claims"]:
-        rows = [[c["claim"], f"{c['a']} - {c['b']}", diff_cell(c["overall"]), decision_cell(c["overall"], c["a"], c["b"])]
+        rows = [[c["claim"], f"{c['a']} - {c['b']}", diff_cell(c["overall"]),
+                 decision_cell(c["overall"], c["a"], c["b"])]
                 for c in stages["claims"]]
         out.append((f"The paper's claims on the networks alone (first stages, before any second stage; paired "
                     f"{pct} interval)", ["claim", "pair (a - b)", f"overall diff [{pct} CI]", "decision"], rows))
